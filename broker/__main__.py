@@ -1,0 +1,29 @@
+"""``python -m broker``: TF Serving's flags in, a running broker with its workers and frontends out."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from broker.config import ServerConfig
+from broker.flags import add_dataclass_flags, dataclass_from_args
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m broker",
+        description="tfbroker: one copy of each TensorFlow model, many HTTP frontends, dynamic batching. "
+                    "With no model flags it makes demo models and serves them.")
+    add_dataclass_flags(parser, ServerConfig)
+    args = parser.parse_args(argv)
+    try:
+        config = dataclass_from_args(ServerConfig, args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    from broker.app import run
+
+    sys.exit(run(config))
+
+
+if __name__ == "__main__":
+    main()

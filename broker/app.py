@@ -1,0 +1,87 @@
+"""Start-up and shut-down of the broker process around broker.server.Broker."""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import subprocess
+import sys
+
+import zmq
+
+from broker.config import BatchingParameters, ModelConfig, ServerConfig
+from broker.config_files import load_batching_parameters, load_model_config
+from broker.process import EXIT_BOOT_ERROR, EXIT_OK, set_title, setup_logging
+from broker.server import Broker
+
+log = logging.getLogger("tfbroker.broker")
+
+DEMO_MODELS = ("half_plus_two", "mlp")
+
+
+def run(config: ServerConfig) -> int:
+    set_title("broker")
+    setup_logging(config.log_level, "broker")
+    try:
+        models = resolve_models(config)
+        batching = (load_batching_parameters(config.batching_parameters_file)
+                    if config.batching_parameters_file else BatchingParameters())
+        lock = lock_runtime_dir(config.resolved_runtime_dir)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return EXIT_BOOT_ERROR
+    broker = Broker(config, models, batching)
+    try:
+        broker.bind()
+    except zmq.ZMQError as exc:
+        log.error("cannot bind the broker's sockets: %s", exc)
+        return EXIT_BOOT_ERROR
+    try:
+        broker.run_forever()
+    except OSError as exc:  # the HTTP port is taken, say
+        log.error("%s", exc)
+        broker.fleet.stop()
+        return EXIT_BOOT_ERROR
+    finally:
+        broker.close()
+        lock.close()
+    return EXIT_OK
+
+
+def resolve_models(config: ServerConfig) -> list[ModelConfig]:
+    if config.model_config_file:
+        return load_model_config(config.model_config_file)
+    if config.model_name:
+        return [ModelConfig(name=config.model_name, base_path=config.model_base_path)]
+    demo_dir = config.demo_models_dir or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tfbroker", "demo_models")
+    make_demo_models(demo_dir)
+    return [ModelConfig(name=name, base_path=os.path.join(demo_dir, name)) for name in DEMO_MODELS]
+
+
+def make_demo_models(directory: str) -> None:
+    """Build the demo SavedModels with TensorFlow, in a child so the broker never imports it."""
+    if all(os.path.isdir(os.path.join(directory, name, "1")) for name in DEMO_MODELS):
+        return
+    log.info("making demo models in %s (once)", directory)
+    result = subprocess.run([sys.executable, "-m", "workers.demo_models", directory], check=False)
+    if result.returncode != 0:
+        raise ValueError(f"could not make the demo models in {directory}")
+
+
+def lock_runtime_dir(runtime_dir: str) -> object:
+    """One broker per runtime directory: a second would take over the first one's sockets."""
+    os.makedirs(runtime_dir, mode=0o700, exist_ok=True)
+    fh = open(os.path.join(runtime_dir, "broker.lock"), "a+")  # noqa: SIM115 - held for the lifetime
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        fh.close()
+        raise ValueError(f"another broker is running with runtime directory {runtime_dir}; "
+                         "stop it or pass --runtime_dir") from exc
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"{os.getpid()}\n")
+    fh.flush()
+    return fh

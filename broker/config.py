@@ -1,0 +1,165 @@
+"""Configuration as plain frozen dataclasses, with TF Serving's names where it has one.
+
+Each field is documented once, in its ``help`` metadata: the command line (broker/flags.py)
+is generated from these classes, so a setting is spelled in one place.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class BatchingParameters:
+    """TF Serving's BatchingParameters; defaults tuned for online serving.
+
+    A batch closes when it holds ``max_batch_size`` rows or when its first request has
+    waited ``batch_timeout_micros``. A worker with nothing in flight takes whatever is
+    queued at once, so a lone request never waits for a batch to fill; batches form from
+    what piles up while the worker is busy.
+    """
+
+    max_batch_size: int = field(default=64, metadata=_help(
+        "Largest batch, in rows, handed to the model; a larger request gets HTTP 400."))
+    batch_timeout_micros: int = field(default=1000, metadata=_help(
+        "Close an underfull batch once its first request has waited this long."))
+    max_enqueued_batches: int = field(default=100, metadata=_help(
+        "Queue bound in batches per (model, version, signature); overflow gets HTTP 503."))
+    allowed_batch_sizes: tuple[int, ...] = field(default=(), metadata=_help(
+        "Pad each batch up to the next of these sizes; increasing, last == max_batch_size."))
+    num_batch_threads: int = field(default=1, metadata=_help(
+        "Accepted for TF Serving's files; one worker process per model runs the batches."))
+    pad_variable_length_inputs: bool = field(default=False, metadata=_help(
+        "Accepted for TF Serving's files; not supported (requests must share inner shapes)."))
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.batch_timeout_micros < 0:
+            raise ValueError(f"batch_timeout_micros must be >= 0, got {self.batch_timeout_micros}")
+        if self.max_enqueued_batches < 1:
+            raise ValueError(f"max_enqueued_batches must be >= 1, got {self.max_enqueued_batches}")
+        sizes = self.allowed_batch_sizes
+        if sizes:
+            if any(b <= a for a, b in zip(sizes, sizes[1:])) or sizes[0] < 1:
+                raise ValueError(f"allowed_batch_sizes must be positive and increasing, got {list(sizes)}")
+            if sizes[-1] != self.max_batch_size:
+                raise ValueError(
+                    f"allowed_batch_sizes must end with max_batch_size ({self.max_batch_size}), "
+                    f"got {list(sizes)}")
+
+    def padded_size(self, rows: int) -> int:
+        """The batch size the model runs for ``rows`` rows: the next allowed size, if any."""
+        for size in self.allowed_batch_sizes:
+            if size >= rows:
+                return size
+        return rows
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ModelConfig:
+    """One entry of TF Serving's model_config_list."""
+
+    name: str
+    base_path: str
+    model_platform: str = "tensorflow"
+    version_labels: tuple[tuple[str, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name or ":" in self.name:
+            raise ValueError(f"model name must be non-empty without '/' or ':', got {self.name!r}")
+        if self.model_platform != "tensorflow":
+            raise ValueError(f"model {self.name}: model_platform {self.model_platform!r} is not supported")
+
+
+def default_runtime_dir() -> str:
+    """Where the broker's ipc:// sockets live unless --runtime_dir says otherwise."""
+    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+    return os.path.join(base, f"tfbroker-{os.getuid()}")
+
+
+def ipc_address(runtime_dir: str, name: str) -> str:
+    return f"ipc://{os.path.join(runtime_dir, name)}"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ServerConfig:
+    """What ``python -m broker`` runs: TF Serving's flags first, then ours."""
+
+    model_name: str = field(default="", metadata=_help(
+        "Name of the single model to serve (with --model_base_path)."))
+    model_base_path: str = field(default="", metadata=_help(
+        "Directory holding numeric version subdirectories of one SavedModel."))
+    model_config_file: str = field(default="", metadata=_help(
+        "TF Serving text-protobuf ModelServerConfig (model_config_list) for several models."))
+    rest_api_port: int = field(default=8501, metadata=_help(
+        "HTTP port of the REST API served by the frontends."))
+    rest_api_timeout_in_ms: int = field(default=30000, metadata=_help(
+        "Deadline of a REST request; past it the answer is HTTP 504."))
+    enable_batching: bool = field(default=True, metadata=_help(
+        "Batch requests per (model, version, signature); false runs each request alone."))
+    batching_parameters_file: str = field(default="", metadata=_help(
+        "TF Serving text-protobuf BatchingParameters; unset fields keep our defaults."))
+    # --- ours ---
+    frontends: int = field(default=2, metadata=_help(
+        "HTTP frontend processes to run; 0 runs none (start them under gunicorn instead)."))
+    rest_api_host: str = field(default="0.0.0.0", metadata=_help(
+        "Address the frontends listen on."))
+    runtime_dir: str = field(default="", metadata=_help(
+        "Directory for the ipc:// sockets and the lock file (default: $XDG_RUNTIME_DIR/tfbroker-UID)."))
+    frontend_address: str = field(default="", metadata=_help(
+        "ZeroMQ address frontends and clients connect to (default: ipc://RUNTIME_DIR/frontend.sock; "
+        "tcp://HOST:PORT for frontends on other hosts)."))
+    backend_address: str = field(default="", metadata=_help(
+        "ZeroMQ address workers connect to (default: ipc://RUNTIME_DIR/backend.sock)."))
+    batches_in_flight: int = field(default=2, metadata=_help(
+        "Batches handed to a worker before it answers, so the device never waits on Python."))
+    heartbeat_interval_s: float = field(default=1.0, metadata=_help(
+        "Seconds between heartbeats when a peer has sent nothing else."))
+    heartbeat_liveness: int = field(default=10, metadata=_help(
+        "Missed intervals before a peer is dead. interval x liveness must exceed the slowest batch."))
+    worker_load_timeout_s: float = field(default=600.0, metadata=_help(
+        "Longest a worker may take to load and warm up its model before it is killed."))
+    shutdown_grace_s: float = field(default=10.0, metadata=_help(
+        "On SIGTERM, how long children get to finish before SIGKILL."))
+    demo_models_dir: str = field(default="", metadata=_help(
+        "Where the demo models are made when no model is named (default: ~/.cache/tfbroker/demo_models)."))
+    log_level: str = field(default="info", metadata=_help("debug, info, warning or error."))
+
+    def __post_init__(self) -> None:
+        if self.model_config_file and (self.model_name or self.model_base_path):
+            raise ValueError("use either --model_config_file or --model_name/--model_base_path, not both")
+        if bool(self.model_name) != bool(self.model_base_path):
+            raise ValueError("--model_name and --model_base_path go together")
+        if self.frontends < 0:
+            raise ValueError(f"frontends must be >= 0, got {self.frontends}")
+        if not 0 <= self.rest_api_port < 65536:
+            raise ValueError(f"rest_api_port must be 0..65535, got {self.rest_api_port}")
+        if self.rest_api_timeout_in_ms <= 0:
+            raise ValueError(f"rest_api_timeout_in_ms must be > 0, got {self.rest_api_timeout_in_ms}")
+        if self.batches_in_flight < 1:
+            raise ValueError(f"batches_in_flight must be >= 1, got {self.batches_in_flight}")
+        if self.heartbeat_interval_s <= 0 or self.heartbeat_liveness < 2:
+            raise ValueError("heartbeat_interval_s must be > 0 and heartbeat_liveness >= 2")
+
+    @property
+    def resolved_runtime_dir(self) -> str:
+        return self.runtime_dir or default_runtime_dir()
+
+    @property
+    def resolved_frontend_address(self) -> str:
+        return self.frontend_address or ipc_address(self.resolved_runtime_dir, "frontend.sock")
+
+    @property
+    def resolved_backend_address(self) -> str:
+        return self.backend_address or ipc_address(self.resolved_runtime_dir, "backend.sock")
+
+    @property
+    def heartbeat_expiry_s(self) -> float:
+        return self.heartbeat_interval_s * self.heartbeat_liveness

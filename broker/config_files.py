@@ -1,0 +1,106 @@
+"""TF Serving's text-protobuf config files, parsed by protobuf into our dataclasses.
+
+``--model_config_file`` uses TF Serving's own ``ModelServerConfig`` (from
+tensorflow-serving-api, which imports without TensorFlow). ``BatchingParameters`` is not in
+that package, so its message is defined here with TF Serving's field names and numbers
+(session_bundle_config.proto) and built at import time.
+"""
+
+from __future__ import annotations
+
+from google.protobuf import descriptor_pb2, descriptor_pool, text_format
+from google.protobuf import wrappers_pb2  # noqa: F401  (registers google/protobuf/wrappers.proto)
+from google.protobuf.message_factory import GetMessageClass
+
+from broker.config import BatchingParameters, ModelConfig
+
+
+def _batching_parameters_message() -> type:
+    fdp = descriptor_pb2.FileDescriptorProto(
+        name="tfbroker/batching_parameters.proto",
+        package="tensorflow.serving",
+        syntax="proto3",
+        dependency=["google/protobuf/wrappers.proto"],
+    )
+    msg = fdp.message_type.add(name="BatchingParameters")
+    F = descriptor_pb2.FieldDescriptorProto
+    for name, number, wrapper in [
+        ("max_batch_size", 1, ".google.protobuf.Int64Value"),
+        ("batch_timeout_micros", 2, ".google.protobuf.Int64Value"),
+        ("max_enqueued_batches", 3, ".google.protobuf.Int64Value"),
+        ("num_batch_threads", 4, ".google.protobuf.Int64Value"),
+        ("thread_pool_name", 5, ".google.protobuf.StringValue"),
+    ]:
+        msg.field.add(name=name, number=number, type=F.TYPE_MESSAGE, type_name=wrapper,
+                      label=F.LABEL_OPTIONAL)
+    msg.field.add(name="allowed_batch_sizes", number=6, type=F.TYPE_INT64, label=F.LABEL_REPEATED)
+    msg.field.add(name="pad_variable_length_inputs", number=7, type=F.TYPE_BOOL, label=F.LABEL_OPTIONAL)
+    pool = descriptor_pool.DescriptorPool()
+    pool.AddSerializedFile(descriptor_pb2.FileDescriptorProto.FromString(
+        wrappers_pb2.DESCRIPTOR.serialized_pb).SerializeToString())
+    pool.AddSerializedFile(fdp.SerializeToString())
+    return GetMessageClass(pool.FindMessageTypeByName("tensorflow.serving.BatchingParameters"))
+
+
+BatchingParametersProto = _batching_parameters_message()
+
+
+def _read(path: str, what: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read()
+    except OSError as exc:
+        raise ValueError(f"cannot read {what} {path}: {exc.strerror}") from exc
+
+
+def parse_batching_parameters(text: str, *, source: str = "batching parameters") -> BatchingParameters:
+    """BatchingParameters from TF Serving's text format; unset fields keep our defaults."""
+    proto = BatchingParametersProto()
+    try:
+        text_format.Parse(text, proto)
+    except text_format.ParseError as exc:
+        raise ValueError(f"{source}: {exc}") from exc
+    values: dict[str, object] = {}
+    for name in ("max_batch_size", "batch_timeout_micros", "max_enqueued_batches", "num_batch_threads"):
+        if proto.HasField(name):
+            values[name] = getattr(proto, name).value
+    if proto.allowed_batch_sizes:
+        values["allowed_batch_sizes"] = tuple(proto.allowed_batch_sizes)
+    values["pad_variable_length_inputs"] = proto.pad_variable_length_inputs
+    return BatchingParameters(**values)  # type: ignore[arg-type]
+
+
+def load_batching_parameters(path: str) -> BatchingParameters:
+    return parse_batching_parameters(_read(path, "batching parameters file"), source=path)
+
+
+def parse_model_config(text: str, *, source: str = "model config") -> list[ModelConfig]:
+    """The models of a ModelServerConfig's model_config_list."""
+    from tensorflow_serving.config import model_server_config_pb2
+
+    proto = model_server_config_pb2.ModelServerConfig()
+    try:
+        text_format.Parse(text, proto)
+    except text_format.ParseError as exc:
+        raise ValueError(f"{source}: {exc}") from exc
+    if proto.WhichOneof("config") != "model_config_list":
+        raise ValueError(f"{source}: only model_config_list is supported")
+    models = []
+    for entry in proto.model_config_list.config:
+        models.append(ModelConfig(
+            name=entry.name,
+            base_path=entry.base_path,
+            model_platform=entry.model_platform or "tensorflow",
+            version_labels=tuple(sorted(entry.version_labels.items())),
+        ))
+    names = [m.name for m in models]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{source}: model names repeat: {names}")
+    if not models:
+        raise ValueError(f"{source}: model_config_list names no model")
+    return models
+
+
+def load_model_config(path: str) -> list[ModelConfig]:
+    return parse_model_config(_read(path, "model config file"), source=path)
+

@@ -1,0 +1,75 @@
+"""Command-line flags generated from config dataclasses, in TF Serving's ``--name=value`` style."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from typing import Any, Sequence, TypeVar
+
+T = TypeVar("T")
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def parse_int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, *, skip: Sequence[str] = ()) -> None:
+    """One ``--field`` per dataclass field, typed and documented from the field."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        kind = hints[f.name]
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        default = None if required else f.default
+        helptext = f.metadata.get("help", "")
+        if required:
+            parser.add_argument(f"--{f.name}", type=kind, required=True, help=helptext)
+            continue
+        if kind is bool:
+            parser.add_argument(f"--{f.name}", type=parse_bool, nargs="?", const=True,
+                                default=default, metavar="BOOL", help=f"{helptext} (default: {default})")
+        elif kind == tuple[int, ...]:
+            parser.add_argument(f"--{f.name}", type=parse_int_list, default=default, metavar="N,N,...",
+                                help=helptext)
+        else:
+            parser.add_argument(f"--{f.name}", type=kind, default=default,
+                                help=f"{helptext} (default: {default!r})")
+
+
+def dataclass_from_args(cls: type[T], args: argparse.Namespace, **overrides: Any) -> T:
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    values = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    values.update(overrides)
+    return cls(**values)
+
+
+def dataclass_to_argv(instance: Any) -> list[str]:
+    """The flags that rebuild ``instance`` through add_dataclass_flags (for spawned children)."""
+    argv = []
+    for f in dataclasses.fields(instance):
+        value = getattr(instance, f.name)
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, tuple):
+            text = ",".join(str(v) for v in value)
+        else:
+            text = str(value)
+        argv.append(f"--{f.name}={text}")
+    return argv

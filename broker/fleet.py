@@ -1,0 +1,248 @@
+"""The broker's children: one worker per model version, and the HTTP frontends.
+
+``manage`` runs in the broker's housekeeping tick: reap exited children, kill silent or
+stuck workers, restart what died (with back-off), send heartbeats. A worker that exits with
+EXIT_MODEL_LOAD_ERROR is not restarted: its version goes to END with the error in status.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+from broker.errors import Unavailable
+from broker.flags import dataclass_to_argv
+from broker.models import ServedVersion, VersionState, WorkerLink, find_versions
+from broker.process import EXIT_MODEL_LOAD_ERROR
+from broker.supervisor import (Child, murder_child, reap_children, restartable, schedule_restart,
+                               spawn_child, stop_children)
+from workers.config import WorkerConfig
+
+if TYPE_CHECKING:
+    from broker.server import Broker
+
+log = logging.getLogger("tfbroker.fleet")
+
+FRONTEND_INDEX_ENV = "TFBROKER_FRONTEND_INDEX"
+ADDRESS_ENV = "TFBROKER_ADDRESS"
+TIMEOUT_ENV = "TFBROKER_TIMEOUT_MS"
+
+
+class Fleet:
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        self.config = broker.config
+        self.serving: list[ServedVersion] = []  # versions that have (or are getting) a worker
+        self._links: dict[bytes, WorkerLink] = {}
+        self._frontends: list[Child] = []
+        self._listener: socket.socket | None = None
+        self._announced = False
+
+    # --- start and stop ---
+
+    def start(self) -> None:
+        for model in self.broker.models.values():
+            versions = find_versions(model.config.base_path)
+            if not versions:
+                log.error("No versions of servable %s found under base path %s", model.name,
+                          model.config.base_path)
+                continue
+            latest = max(versions)
+            served = ServedVersion(model.name, latest, versions[latest])
+            model.versions[latest] = served
+            self.serving.append(served)
+            self._spawn_worker(served)
+        if self.config.frontends:
+            self._listener = bind_http(self.config.rest_api_host, self.config.rest_api_port)
+            for index in range(1, self.config.frontends + 1):
+                child = Child(
+                    name=f"frontend:{index}",
+                    argv=["-m", "frontend", f"--fd={self._listener.fileno()}", f"--index={index}",
+                          f"--log_level={self.config.log_level}"],
+                    env={ADDRESS_ENV: self.config.resolved_frontend_address,
+                         TIMEOUT_ENV: str(self.config.rest_api_timeout_in_ms)},
+                    pass_fds=(self._listener.fileno(),))
+                self._frontends.append(child)
+                spawn_child(child)
+            log.info("%d frontends on http://%s:%d", self.config.frontends, self.config.rest_api_host,
+                     self.http_port)
+
+    @property
+    def http_port(self) -> int:
+        return self._listener.getsockname()[1] if self._listener else self.config.rest_api_port
+
+    def stop_frontends(self) -> None:
+        stop_children(self._frontends, self.config.shutdown_grace_s)
+        if self._listener is not None:
+            self._listener.close()
+
+    def stop(self) -> None:
+        """Frontends first (they finish their requests), then the workers."""
+        self.stop_frontends()
+        for served in self.serving:
+            if served.worker is not None and served.worker.ready:
+                self.broker.send_disconnect(served.worker)
+                served.state = VersionState.UNLOADING
+        stop_children([s.worker.child for s in self.serving if s.worker], self.config.shutdown_grace_s)
+        for served in self.serving:
+            served.state = VersionState.END
+
+    def link(self, identity: bytes) -> WorkerLink | None:
+        return self._links.get(identity)
+
+    # --- messages from workers ---
+
+    def on_ready(self, link: WorkerLink, header: dict[str, Any]) -> None:
+        served = self._version_of(link)
+        if served is None:
+            return
+        served.signatures = header.get("signatures", {})
+        served.signature_def = header.get("signature_def", {})
+        served.state = VersionState.AVAILABLE
+        served.error = ""
+        link.ready = True
+        log.info("serving model %s version %d (pid %s, signatures %s)", served.model, served.version,
+                 header.get("pid"), sorted(served.signatures))
+        self._announce()
+
+    def on_disconnect(self, link: WorkerLink, header: dict[str, Any]) -> None:
+        served = self._version_of(link)
+        if served is not None and header.get("error"):
+            served.error = str(header["error"])
+
+    # --- the housekeeping tick ---
+
+    def manage(self, now: float) -> None:
+        self._reap_workers(now)
+        self._murder_workers(now)
+        self._restart_due(now)
+        for served in self.serving:
+            link = served.worker
+            if link is not None and link.ready and now - link.last_sent >= self.config.heartbeat_interval_s:
+                self.broker.send_heartbeat(link, now)
+        for child, code in reap_children(self._frontends):
+            log.error("%s (pid %s) exited with code %d; restarting", child.name, child.pid, code)
+            schedule_restart(child, now)
+
+    # --- implementation ---
+
+    def _spawn_worker(self, served: ServedVersion) -> None:
+        params = self.broker.batching
+        warmup = params.allowed_batch_sizes or tuple(sorted({1, params.max_batch_size}))
+        config = WorkerConfig(
+            model_name=served.model, version=served.version, path=served.path,
+            backend_address=self.config.resolved_backend_address,
+            heartbeat_interval_s=self.config.heartbeat_interval_s,
+            heartbeat_liveness=self.config.heartbeat_liveness,
+            warmup_batch_sizes=warmup, log_level=self.config.log_level)
+        child = Child(name=f"worker:{served.model}:{served.version}",
+                      argv=["-m", "workers", *dataclass_to_argv(config)])
+        if served.worker is not None:  # a restart keeps the back-off state
+            child.restarts = served.worker.child.restarts
+            self._links.pop(served.worker.identity, None)
+        spawn_child(child)
+        identity = f"{served.model}:{served.version}:{child.pid}".encode()
+        served.worker = WorkerLink(child, identity, last_heard=time.monotonic())
+        served.state = VersionState.LOADING
+        self._links[identity] = served.worker
+
+    def _reap_workers(self, now: float) -> None:
+        links = {s.worker.child.pid: s for s in self.serving if s.worker is not None}
+        for child, code in reap_children([s.worker.child for s in links.values() if s.worker]):
+            served = links[child.pid]
+            was_ready = served.worker is not None and served.worker.ready
+            from broker.server import fail_version
+
+            fail_version(self.broker, served, Unavailable(
+                f"model {served.model} version {served.version} is unavailable: its worker exited "
+                f"(code {code}) and is restarting"))
+            if served.worker is not None:
+                served.worker.ready = False
+            if code == EXIT_MODEL_LOAD_ERROR or not restartable(code):
+                served.state = VersionState.END
+                served.error = served.error or f"worker exited with code {code} while loading"
+                log.error("model %s version %d failed to load: %s", served.model, served.version, served.error)
+                continue
+            served.state = VersionState.LOADING
+            log.error("worker for model %s version %d (pid %s) exited with code %d%s; restarting",
+                      served.model, served.version, child.pid, code, " while serving" if was_ready else "")
+            schedule_restart(child, now)
+
+    def _murder_workers(self, now: float) -> None:
+        expiry_s = self.config.heartbeat_expiry_s
+        for served in self.serving:
+            link = served.worker
+            if link is None or not link.child.running:
+                continue
+            if link.ready and now - link.last_heard > expiry_s:
+                reason = f"no heartbeat for {now - link.last_heard:.1f} s"
+            elif not link.ready and now - link.child.started_at > self.config.worker_load_timeout_s:
+                reason = f"not ready after {self.config.worker_load_timeout_s:.0f} s"
+                served.error = f"loading took longer than {self.config.worker_load_timeout_s:.0f} s"
+            else:
+                continue
+            murder_child(link.child, reason)
+
+    def _restart_due(self, now: float) -> None:
+        for served in self.serving:
+            link = served.worker
+            if link is not None and link.child.restart_at and now >= link.child.restart_at:
+                self._spawn_worker(served)
+        for child in self._frontends:
+            if child.restart_at and now >= child.restart_at:
+                spawn_child(child)
+
+    def _version_of(self, link: WorkerLink) -> ServedVersion | None:
+        for served in self.serving:
+            if served.worker is link:
+                return served
+        return None
+
+    def _announce(self) -> None:
+        """Tell the person who started the broker how to call it, once everything is up."""
+        if self._announced or any(s.state is not VersionState.AVAILABLE for s in self.serving):
+            return
+        self._announced = True
+        if not self.config.frontends:
+            print(f"tfbroker: serving {len(self.serving)} model(s); clients connect to "
+                  f"{self.config.resolved_frontend_address}", flush=True)
+            return
+        host = "localhost" if self.config.rest_api_host in ("0.0.0.0", "::") else self.config.rest_api_host
+        lines = ["tfbroker: ready. Try:"]
+        for served in self.serving:
+            base = f"http://{host}:{self.http_port}/v1/models/{served.model}"
+            lines.append(f"  curl {base}")
+            example = _example_body(served)
+            if example:
+                lines.append(f"  curl -d '{example}' {base}:predict")
+        print("\n".join(lines), file=sys.stdout, flush=True)
+
+
+def bind_http(host: str, port: int) -> socket.socket:
+    """The listening socket the frontends share, as gunicorn's arbiter does."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    os.set_inheritable(sock.fileno(), True)
+    return sock
+
+
+def _example_body(served: ServedVersion) -> str:
+    signature = served.signatures.get("serving_default")
+    if not signature or len(signature["inputs"]) != 1:
+        return ""
+    dtype, shape = next(iter(signature["inputs"].values()))
+    if dtype == "string":
+        return ""
+    width = 1
+    for d in (shape or [])[1:]:
+        width *= d if d > 0 else 1
+    row = "1.0" if width == 1 and (shape is None or len(shape) <= 2) else "[" + ", ".join(["1.0"] * width) + "]"
+    return f'{{"instances": [{row}, {row}]}}' if len(shape or []) <= 2 else ""

@@ -1,0 +1,56 @@
+"""What every tfbroker process does first: its title, its logging, and dying with its parent."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import sys
+
+import setproctitle
+
+PARENT_PID_ENV = "TFBROKER_PARENT_PID"
+
+# Exit codes a supervisor reads (gunicorn's WORKER_BOOT_ERROR idea): no restart loops.
+EXIT_OK = 0
+EXIT_BOOT_ERROR = 3
+EXIT_MODEL_LOAD_ERROR = 4
+
+_PR_SET_PDEATHSIG = 1
+
+
+def set_title(role: str) -> None:
+    """``tfbroker: ROLE`` in ps and top, so operators and tests find a process by its role."""
+    setproctitle.setproctitle(f"tfbroker: {role}")
+
+
+def setup_logging(level: str, role: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format=f"%(asctime)s %(levelname)s [{role} %(process)d] %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+def die_with_parent() -> None:
+    """Ask the kernel for SIGTERM when the spawning broker dies, and exit if it already has.
+
+    Only for processes the broker spawned (it sets TFBROKER_PARENT_PID); a frontend under
+    gunicorn has gunicorn as its parent and gunicorn's own supervision.
+    """
+    expected = os.environ.get(PARENT_PID_ENV)
+    if not expected:
+        return
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != int(expected):
+        sys.exit(EXIT_BOOT_ERROR)
+
+
+def parent_alive() -> bool:
+    """False once the broker that spawned this process is gone (we were re-parented)."""
+    expected = os.environ.get(PARENT_PID_ENV)
+    return not expected or os.getppid() == int(expected)

@@ -1,0 +1,337 @@
+"""The broker: one ROUTER for clients, one for workers, one poll loop with a fixed rhythm.
+
+Per tick: handle ready sockets (frontend requests, worker messages), hand due batches to
+workers with a free slot, then, every HOUSEKEEPING_S, reap and restart children, expire
+silent peers and overdue requests, and send heartbeats. The poll timeout is the nearest of
+the next batch deadline and the next housekeeping, never infinite.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import signal
+import time
+from typing import Any
+
+import zmq
+
+from broker import protocol
+from broker.batching import Batch, BatchQueue, Task
+from broker.config import BatchingParameters, ModelConfig, ServerConfig
+from broker.errors import DeadlineExceeded, NotFound, ProtocolError, TFBrokerError, Unavailable
+from broker.fleet import Fleet
+from broker.models import ServedModel, ServedVersion, VersionState, WorkerLink, check_inputs
+
+log = logging.getLogger("tfbroker.broker")
+
+HOUSEKEEPING_S = 0.05
+RECV_BURST = 512  # messages taken from one socket before the other gets its turn
+
+
+class Pending:
+    """A request in the broker: who asked, and the frames to forward (header, then tensors)."""
+
+    __slots__ = ("client", "request_id", "frames")
+
+    def __init__(self, client: bytes, request_id: Any, frames: list[Any]) -> None:
+        self.client = client
+        self.request_id = request_id
+        self.frames = frames
+
+
+class Broker:
+    def __init__(self, config: ServerConfig, models: list[ModelConfig], batching: BatchingParameters) -> None:
+        self.config = config
+        self.batching = batching
+        self.models = {m.name: ServedModel(m) for m in models}
+        self.signals: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self.fleet = Fleet(self)
+        self.batches_formed = 0
+        self.rows_dispatched = 0
+        self._batch_ids = itertools.count(1)
+        self._stopping = False
+        self._context = zmq.Context()
+        self.frontend = self._context.socket(zmq.ROUTER)
+        self.backend = self._context.socket(zmq.ROUTER)
+        self._poller = zmq.Poller()
+        self._next_housekeeping = 0.0
+
+    # --- life cycle ---
+
+    def handle_signal(self, signum: int, frame: Any) -> None:
+        self.signals.put(signum)  # only enqueue: the loop acts on it
+
+    def bind(self) -> None:
+        for sock, address in ((self.frontend, self.config.resolved_frontend_address),
+                              (self.backend, self.config.resolved_backend_address)):
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, 0)
+            sock.setsockopt(zmq.RCVHWM, 0)
+            sock.bind(address)
+            self._poller.register(sock, zmq.POLLIN)
+        log.info("frontend socket %s, backend socket %s", self.config.resolved_frontend_address,
+                 self.config.resolved_backend_address)
+
+    def run_forever(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self.handle_signal)
+        self.fleet.start()
+        while not self._stopping:
+            events = dict(self._poller.poll(self._poll_timeout_ms()))
+            if self.frontend in events:
+                self._process_frontend()
+            if self.backend in events:
+                self._process_backend()
+            now = time.monotonic()
+            self._dispatch(now)
+            if now >= self._next_housekeeping:
+                self._housekeeping(now)
+            self._handle_signals()
+        self._shutdown()
+
+    def close(self) -> None:
+        self._context.destroy(linger=0)
+
+    # --- clients ---
+
+    def _process_frontend(self) -> None:
+        for _ in range(RECV_BURST):
+            try:
+                frames = self.frontend.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            client = frames[0]
+            try:
+                message = protocol.decode(frames[1:])
+            except ProtocolError as exc:
+                log.warning("malformed message from a client: %s", exc)
+                self._reply_error(client, None, Unavailable(f"protocol error: {exc}"))
+                continue
+            command = message.command
+            if command == protocol.REQUEST:
+                self._admit(client, message, frames[3:])
+            elif command == protocol.HEARTBEAT:
+                self.frontend.send_multipart([client, protocol.TAG, protocol.HEARTBEAT, b"\x80"])
+            elif command == protocol.METADATA:
+                self._answer(client, message.header, self._metadata)
+            elif command == protocol.STATUS:
+                self._answer(client, message.header, self._status)
+
+    def _admit(self, client: bytes, message: protocol.Message, frames: list[Any]) -> None:
+        header = message.header
+        request_id = header.get("id")
+        try:
+            served = self._resolve(header)
+            signature = header.get("signature") or "serving_default"
+            rows = check_inputs(served, signature, header.get("inputs"), message.frames)
+            timeout_ms = header.get("timeout_ms") or self.config.rest_api_timeout_in_ms
+            now = time.monotonic()
+            task = Task(rows, now + timeout_ms / 1000.0, Pending(client, request_id, frames))
+            queue_ = served.queues.get(signature)
+            if queue_ is None:
+                queue_ = served.queues[signature] = BatchQueue(self.batching, batching=self.config.enable_batching)
+            queue_.schedule(task, now)
+        except TFBrokerError as exc:
+            self._reply_error(client, request_id, exc)
+
+    def _resolve(self, header: dict[str, Any]) -> ServedVersion:
+        name = header.get("model")
+        model = self.models.get(name) if isinstance(name, str) else None
+        if model is None:
+            raise NotFound(f"Servable not found for request: Latest({name})")
+        version = header.get("version")
+        return model.resolve(int(version) if version is not None else None, header.get("label"))
+
+    def _answer(self, client: bytes, header: dict[str, Any], handler: Any) -> None:
+        try:
+            body = handler(header)
+        except TFBrokerError as exc:
+            self._reply_error(client, header.get("id"), exc)
+            return
+        body["id"] = header.get("id")
+        self.frontend.send_multipart([client, protocol.TAG, protocol.REPLY, protocol.packb(body)])
+
+    def _metadata(self, header: dict[str, Any]) -> dict[str, Any]:
+        served = self._resolve(header)
+        return {"model": served.model, "version": served.version, "signature_def": served.signature_def,
+                "signatures": served.signatures}
+
+    def _status(self, header: dict[str, Any]) -> dict[str, Any]:
+        name = header.get("model")
+        model = self.models.get(name) if isinstance(name, str) else None
+        if model is None or not model.versions:
+            raise NotFound(f"Could not find any versions of model {name}")
+        versions = list(model.versions.values())
+        wanted = header.get("version")
+        if header.get("label"):
+            labels = dict(model.config.version_labels)
+            if header["label"] not in labels:
+                raise NotFound(f"Unrecognized servable version label: {header['label']}")
+            wanted = labels[header["label"]]
+        if wanted is not None:
+            versions = [v for v in versions if v.version == int(wanted)]
+            if not versions:
+                raise NotFound(f"Could not find version {wanted} of model {name}")
+        versions.sort(key=lambda v: v.version, reverse=True)
+        return {"model": name, "model_version_status": [v.status_json() for v in versions]}
+
+    def _reply_error(self, client: bytes, request_id: Any, error: TFBrokerError) -> None:
+        body = protocol.packb({"id": request_id, "code": error.http_status, "message": error.message})
+        self.frontend.send_multipart([client, protocol.TAG, protocol.ERROR, body])
+
+    def fail_tasks(self, tasks: Any, error: TFBrokerError) -> None:
+        for task in tasks:
+            pending: Pending = task.payload
+            self._reply_error(pending.client, pending.request_id, error)
+
+    # --- workers ---
+
+    def _process_backend(self) -> None:
+        for _ in range(RECV_BURST):
+            try:
+                frames = self.backend.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            identity = frames[0].bytes
+            link = self.fleet.link(identity)
+            if link is None:
+                log.warning("message from unknown worker %r; telling it to stop", identity)
+                self._send_worker(identity, protocol.DISCONNECT, {})
+                continue
+            link.last_heard = time.monotonic()
+            try:
+                message = protocol.decode(frames[1:])
+            except ProtocolError as exc:
+                log.error("malformed message from worker %r: %s", identity, exc)
+                continue
+            if message.command == protocol.RESULT:
+                self._deliver(link, message)
+            elif message.command == protocol.READY:
+                self.fleet.on_ready(link, message.header)
+            elif message.command == protocol.DISCONNECT:
+                self.fleet.on_disconnect(link, message.header)
+
+    def _deliver(self, link: WorkerLink, message: protocol.Message) -> None:
+        tasks = link.in_flight.pop(message.header.get("batch"), None)
+        if tasks is None:
+            log.warning("result for an unknown batch from %r", link.identity)
+            return
+        counts = message.header.get("counts", [])
+        if len(counts) != len(tasks):
+            log.error("worker %r answered %d of %d tasks", link.identity, len(counts), len(tasks))
+            self.fail_tasks(tasks, Unavailable("the model worker returned a malformed result"))
+            return
+        frames = message.frames
+        offset = 0
+        for task, count in zip(tasks, counts):
+            pending: Pending = task.payload
+            self.frontend.send_multipart([pending.client, protocol.TAG, *frames[offset:offset + count]],
+                                         copy=False)
+            offset += count
+
+    def _dispatch(self, now: float) -> None:
+        slots = self.config.batches_in_flight
+        for served in self.fleet.serving:
+            link = served.worker
+            if link is None or not link.ready:
+                continue
+            queues = list(served.queues.items())
+            while len(link.in_flight) < slots:
+                for signature, queue_ in queues:
+                    batch = queue_.next_batch(now, idle=not link.in_flight)
+                    if batch is not None:
+                        self._send_batch(served, link, signature, batch, now)
+                        break
+                else:
+                    break
+
+    def _send_batch(self, served: ServedVersion, link: WorkerLink, signature: str, batch: Batch,
+                    now: float) -> None:
+        live = [t for t in batch.tasks if t.deadline > now]
+        if len(live) < len(batch.tasks):
+            self.fail_tasks((t for t in batch.tasks if t.deadline <= now),
+                            DeadlineExceeded("Deadline exceeded while the request waited in the batch queue"))
+        if not live:
+            return
+        rows = sum(t.size for t in live)
+        batch_id = next(self._batch_ids)
+        frames: list[Any] = []
+        counts = []
+        for task in live:
+            frames.extend(task.payload.frames)
+            counts.append(len(task.payload.frames))
+        header = {"batch": batch_id, "signature": signature, "padded_rows": self.batching.padded_size(rows),
+                  "counts": counts}
+        self._send_worker(link.identity, protocol.BATCH, header, frames)
+        link.in_flight[batch_id] = live
+        link.last_sent = now
+        self.batches_formed += 1
+        self.rows_dispatched += rows
+
+    def _send_worker(self, identity: bytes, command: bytes, header: dict[str, Any], frames: Any = ()) -> None:
+        self.backend.send_multipart([identity, *protocol.encode(command, header, frames)], copy=False)
+
+    def send_heartbeat(self, link: WorkerLink, now: float) -> None:
+        self._send_worker(link.identity, protocol.HEARTBEAT, {})
+        link.last_sent = now
+
+    def send_disconnect(self, link: WorkerLink) -> None:
+        self._send_worker(link.identity, protocol.DISCONNECT, {})
+
+    # --- rhythm ---
+
+    def _poll_timeout_ms(self) -> int:
+        now = time.monotonic()
+        nearest = self._next_housekeeping
+        for served in self.fleet.serving:
+            link = served.worker
+            if link is None or len(link.in_flight) >= self.config.batches_in_flight:
+                continue
+            for queue_ in served.queues.values():
+                deadline = queue_.next_deadline()
+                if deadline is not None and deadline < nearest:
+                    nearest = deadline
+        return max(0, int((nearest - now) * 1000 + 0.999))
+
+    def _housekeeping(self, now: float) -> None:
+        self._next_housekeeping = now + HOUSEKEEPING_S
+        self.fleet.manage(now)
+        for served in self.fleet.serving:
+            for queue_ in served.queues.values():
+                expired = queue_.expire(now)
+                if expired:
+                    self.fail_tasks(expired, DeadlineExceeded(
+                        "Deadline exceeded while the request waited in the batch queue"))
+
+    def _handle_signals(self) -> None:
+        while not self.signals.empty():
+            signum = self.signals.get()
+            log.info("received %s; shutting down", signal.Signals(signum).name)
+            self._stopping = True
+
+    def _shutdown(self) -> None:
+        self.fleet.stop()
+        for model in self.models.values():
+            for served in model.versions.values():
+                for queue_ in served.queues.values():
+                    self.fail_tasks(queue_.drain(), Unavailable("the server is shutting down"))
+                if served.worker is not None:
+                    for tasks in served.worker.in_flight.values():
+                        self.fail_tasks(tasks, Unavailable("the server is shutting down"))
+                    served.worker.in_flight.clear()
+        log.info("stopped")
+
+
+def fail_version(broker: Broker, served: ServedVersion, error: TFBrokerError) -> None:
+    """Answer every request queued for or running on ``served`` with ``error``."""
+    for queue_ in served.queues.values():
+        broker.fail_tasks(queue_.drain(), error)
+    if served.worker is not None:
+        for tasks in served.worker.in_flight.values():
+            broker.fail_tasks(tasks, error)
+        served.worker.in_flight.clear()
+
+
+__all__ = ["Broker", "fail_version", "VersionState"]

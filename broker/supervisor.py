@@ -1,0 +1,108 @@
+"""Spawning, reaping and stopping the broker's children, in gunicorn's words.
+
+Children are fresh interpreters (``python -m workers``, ``python -m frontend``), never forks
+of the broker: a forked TensorFlow or ZeroMQ state is not safe to use. Each child learns the
+broker's pid from TFBROKER_PARENT_PID and asks the kernel for SIGTERM when the broker dies
+(broker/process.py), so no child outlives it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from broker.process import EXIT_BOOT_ERROR, EXIT_MODEL_LOAD_ERROR, PARENT_PID_ENV
+
+log = logging.getLogger("tfbroker.supervisor")
+
+RESTART_BACKOFF_MAX_S = 30.0
+# A child that ran this long before it died restarts without delay.
+STABLE_AFTER_S = 60.0
+
+
+@dataclass(slots=True)
+class Child:
+    """One supervised process and what it takes to start it again."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    pass_fds: Sequence[int] = ()
+    process: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    restarts: int = 0
+    restart_at: float = 0.0  # when to start it again after an exit; 0 = not scheduled
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.returncode is None
+
+
+def spawn_child(child: Child) -> None:
+    env = {**os.environ, **child.env, PARENT_PID_ENV: str(os.getpid())}
+    child.process = subprocess.Popen(
+        [sys.executable, *child.argv], env=env, pass_fds=tuple(child.pass_fds),
+        stdin=subprocess.DEVNULL, close_fds=True)
+    child.started_at = time.monotonic()
+    child.restart_at = 0.0
+    log.debug("spawned %s as pid %d", child.name, child.process.pid)
+
+
+def reap_children(children: Sequence[Child]) -> list[tuple[Child, int]]:
+    """Children that have exited since the last call, with their exit codes."""
+    exited = []
+    for child in children:
+        if child.process is not None and child.process.returncode is None:
+            code = child.process.poll()
+            if code is not None:
+                exited.append((child, code))
+    return exited
+
+
+def schedule_restart(child: Child, now: float) -> None:
+    """Back off exponentially while a child keeps dying young."""
+    if now - child.started_at >= STABLE_AFTER_S:
+        child.restarts = 0
+    delay = 0.0 if child.restarts == 0 else min(2.0 ** (child.restarts - 1), RESTART_BACKOFF_MAX_S)
+    child.restarts += 1
+    child.restart_at = now + delay
+
+
+def restartable(code: int) -> bool:
+    """Exit codes that say a restart would fail the same way."""
+    return code not in (EXIT_BOOT_ERROR, EXIT_MODEL_LOAD_ERROR)
+
+
+def murder_child(child: Child, reason: str) -> None:
+    """SIGKILL: for a child that stopped answering, whose main loop cannot run a handler."""
+    if child.running and child.process is not None:
+        log.error("killing %s (pid %d): %s", child.name, child.process.pid, reason)
+        child.process.send_signal(signal.SIGKILL)
+
+
+def stop_children(children: Sequence[Child], grace_s: float) -> None:
+    """SIGTERM every running child, wait up to ``grace_s``, then SIGKILL what is left."""
+    running = [c for c in children if c.running]
+    for child in running:
+        assert child.process is not None
+        child.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for child in running:
+        assert child.process is not None
+        try:
+            child.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("%s (pid %d) ignored SIGTERM for %.0f s; killing it", child.name,
+                        child.process.pid, grace_s)
+            child.process.kill()
+            child.process.wait(timeout=5)

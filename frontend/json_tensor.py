@@ -1,0 +1,180 @@
+"""TF Serving's JSON tensor formats (api_rest.md) to numpy arrays and back.
+
+Requests: row format (``"instances"``: a list, one element per row; elements are objects
+when the signature has several named inputs) or columnar format (``"inputs"``: a value, or
+an object of named values). Binary strings are ``{"b64": "..."}``.
+
+Responses: row format answers ``{"predictions": [...]}``, one element per row (objects when
+there are several outputs); columnar answers ``{"outputs": ...}``. String outputs whose name
+ends in ``_bytes``, or that are not UTF-8, are written as ``{"b64": "..."}``.
+
+Numbers are parsed as int64 or float64 and converted to the signature's types by the worker.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any
+
+import numpy as np
+import orjson
+
+from broker.errors import InvalidArgument
+
+SINGLE_INPUT = ""  # the name used when a request does not name its only input
+
+
+def parse_predict_body(body: bytes) -> tuple[dict[str, np.ndarray], str, bool]:
+    """(inputs, signature_name, row_format) from a :predict request body."""
+    try:
+        request = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidArgument(f"JSON Parse error: {exc}") from exc
+    if not isinstance(request, dict):
+        raise InvalidArgument("JSON Value: the request body is not a JSON object")
+    signature = request.get("signature_name", "serving_default")
+    if not isinstance(signature, str):
+        raise InvalidArgument("'signature_name' must be a string")
+    has_instances, has_inputs = "instances" in request, "inputs" in request
+    if has_instances == has_inputs:
+        raise InvalidArgument("Missing 'inputs' or 'instances' key" if not has_instances else
+                              "Not both 'inputs' and 'instances' can be specified in the request")
+    if has_instances:
+        return _parse_instances(request["instances"]), signature, True
+    return _parse_columns(request["inputs"]), signature, False
+
+
+def format_predictions(outputs: dict[str, np.ndarray], row_format: bool) -> bytes:
+    if row_format:
+        return orjson.dumps({"predictions": _rows(outputs)}, option=orjson.OPT_SERIALIZE_NUMPY)
+    if len(outputs) == 1:
+        (name, value), = outputs.items()
+        return orjson.dumps({"outputs": _jsonable(name, value)}, option=orjson.OPT_SERIALIZE_NUMPY)
+    return orjson.dumps({"outputs": {n: _jsonable(n, v) for n, v in outputs.items()}},
+                        option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+# --- implementation ---
+
+def _parse_instances(instances: Any) -> dict[str, np.ndarray]:
+    if not isinstance(instances, list) or not instances:
+        raise InvalidArgument("'instances' must be a non-empty JSON list")
+    if all(isinstance(row, dict) and "b64" not in row for row in instances):
+        names = set(instances[0])
+        for i, row in enumerate(instances):
+            if set(row) != names:
+                raise InvalidArgument(f"instance {i} has inputs {sorted(row)}, instance 0 has {sorted(names)}: "
+                                      "every instance must name the same inputs")
+        return {name: _to_array([row[name] for row in instances], name) for name in sorted(names)}
+    if any(isinstance(row, dict) and "b64" not in row for row in instances):
+        raise InvalidArgument("'instances' mixes named (object) and unnamed values")
+    return {SINGLE_INPUT: _to_array(instances, "instances")}
+
+
+def _parse_columns(inputs: Any) -> dict[str, np.ndarray]:
+    if isinstance(inputs, dict) and "b64" not in inputs:
+        if not inputs:
+            raise InvalidArgument("'inputs' names no input")
+        return {name: _to_array(value, name) for name, value in inputs.items()}
+    return {SINGLE_INPUT: _to_array(inputs, "inputs")}
+
+
+def _to_array(value: Any, name: str) -> np.ndarray:
+    if _holds_strings(value):
+        return _string_array(value, name)
+    try:
+        array = np.array(value)
+    except ValueError as exc:
+        raise InvalidArgument(f"input '{name}': {_ragged_message(exc)}") from exc
+    if array.dtype.kind not in "biuf":
+        raise InvalidArgument(f"input '{name}' holds values that are not numbers, booleans or strings")
+    if array.dtype.kind == "u":
+        array = array.astype(np.int64)
+    return array
+
+
+def _holds_strings(value: Any) -> bool:
+    while isinstance(value, list) and value:
+        value = value[0]
+    return isinstance(value, str) or (isinstance(value, dict) and "b64" in value)
+
+
+def _string_array(value: Any, name: str) -> np.ndarray:
+    def convert(item: Any) -> Any:
+        if isinstance(item, list):
+            return [convert(v) for v in item]
+        if isinstance(item, str):
+            return item.encode()
+        if isinstance(item, dict) and set(item) == {"b64"} and isinstance(item["b64"], str):
+            try:
+                return base64.b64decode(item["b64"], validate=True)
+            except binascii.Error as exc:
+                raise InvalidArgument(f"input '{name}': invalid base64: {exc}") from exc
+        raise InvalidArgument(f"input '{name}' mixes strings with other values")
+
+    return _object_array(convert(value), name)
+
+
+def _shape_of(value: Any, name: str) -> tuple[int, ...]:
+    shape = []
+    while isinstance(value, list):
+        shape.append(len(value))
+        if not value:
+            break
+        lengths = {len(v) if isinstance(v, list) else -1 for v in value}
+        if len(lengths) != 1:
+            raise InvalidArgument(f"input '{name}': the list is ragged (rows of different lengths)")
+        value = value[0]
+    return tuple(shape)
+
+
+def _object_array(value: Any, name: str) -> np.ndarray:
+    # numpy would turn a list of equal-length bytes into a fixed-width bytes array: build
+    # the object array by hand, element by element.
+    array = np.empty(_shape_of(value, name), dtype=object)
+    for index in np.ndindex(array.shape):
+        item = value
+        for i in index:
+            item = item[i]
+        array[index] = item
+    return array
+
+
+def _ragged_message(exc: ValueError) -> str:
+    text = str(exc)
+    if "inhomogeneous" in text or "sequence" in text:
+        return "the list is ragged (rows of different lengths)"
+    return text
+
+
+def _rows(outputs: dict[str, np.ndarray]) -> Any:
+    if len(outputs) == 1:
+        (name, value), = outputs.items()
+        return _jsonable(name, value)
+    sizes = {np.shape(v)[0] if np.ndim(v) else None for v in outputs.values()}
+    if len(sizes) != 1 or None in sizes:
+        raise InvalidArgument("Tensors with different batch sizes cannot be returned in row format; "
+                              "use the columnar format ('inputs')")
+    columns = {n: _jsonable(n, v) for n, v in outputs.items()}
+    listed = {n: c.tolist() if isinstance(c, np.ndarray) else c for n, c in columns.items()}
+    return [{n: listed[n][i] for n in outputs} for i in range(sizes.pop())]
+
+
+def _jsonable(name: str, value: np.ndarray) -> Any:
+    if value.dtype.kind not in "OSU":
+        return value
+    return _strings_to_json(value.tolist(), name.endswith("_bytes"))
+
+
+def _strings_to_json(value: Any, binary: bool) -> Any:
+    if isinstance(value, list):
+        return [_strings_to_json(v, binary) for v in value]
+    if isinstance(value, bytes):
+        if not binary:
+            try:
+                return value.decode()
+            except UnicodeDecodeError:
+                pass
+        return {"b64": base64.b64encode(value).decode()}
+    return value

@@ -1,0 +1,25 @@
+"""The model worker's configuration, passed by the broker as flags (broker/flags.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class WorkerConfig:
+    model_name: str = field(metadata={"help": "Model served by this worker."})
+    version: int = field(metadata={"help": "Version number served by this worker."})
+    path: str = field(metadata={"help": "The version's SavedModel directory."})
+    backend_address: str = field(metadata={"help": "The broker's backend ZeroMQ address."})
+    heartbeat_interval_s: float = field(default=1.0, metadata={"help": "Seconds between heartbeats."})
+    heartbeat_liveness: int = field(default=10, metadata={
+        "help": "Missed intervals before the broker is taken for gone and the worker reconnects."})
+    warmup_batch_sizes: tuple[int, ...] = field(default=(1,), metadata={
+        "help": "Batch sizes each signature runs once before READY."})
+    log_level: str = field(default="info", metadata={"help": "debug, info, warning or error."})
+
+    def __post_init__(self) -> None:
+        if self.version < 0:
+            raise ValueError(f"version must be >= 0, got {self.version}")
+        if self.heartbeat_interval_s <= 0:
+            raise ValueError(f"heartbeat_interval_s must be > 0, got {self.heartbeat_interval_s}")

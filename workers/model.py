@@ -1,0 +1,192 @@
+"""Loading a SavedModel version and running its signatures on numpy arrays.
+
+TF1-style exports (no object graph, as TF Serving's own C++ loader expects) load through
+TensorFlow's v1 loader into a Session; TF2 exports through ``tf.saved_model.load``. Each
+path falls back to the other, because some TF1 exports only load the v1 way and some TF2
+exports only the v2 way.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import tensorflow as tf
+from google.protobuf import json_format
+from tensorflow.core.protobuf import config_pb2, meta_graph_pb2, saved_model_pb2
+
+from broker.errors import InvalidArgument
+from broker.protocol import STRING
+
+log = logging.getLogger(__name__)
+
+SERVE_TAG = "serve"
+
+
+@dataclass(frozen=True, slots=True)
+class TensorInfo:
+    dtype: str  # numpy name or "string"
+    shape: tuple[int, ...] | None  # -1 for an unknown dimension; None for unknown rank
+
+
+@dataclass(slots=True)
+class Signature:
+    name: str
+    inputs: dict[str, TensorInfo]
+    outputs: dict[str, TensorInfo]
+    run_fn: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+    owner: Any = None  # what must stay alive for run_fn to work (the session or trackable)
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.run_fn(inputs)
+
+    def describe(self) -> dict[str, Any]:
+        """The compact form sent in READY."""
+        def specs(infos: dict[str, TensorInfo]) -> dict[str, Any]:
+            return {n: [i.dtype, None if i.shape is None else list(i.shape)] for n, i in infos.items()}
+        return {"inputs": specs(self.inputs), "outputs": specs(self.outputs)}
+
+
+@dataclass(slots=True)
+class LoadedModel:
+    path: str
+    signatures: dict[str, Signature]
+    signature_def: dict[str, Any]  # TF Serving's JSON of the SignatureDefMap
+    loader: str  # "v1" or "v2"
+
+
+def configure_devices() -> None:
+    """Let TensorFlow grow GPU memory instead of taking the card, so a second version fits."""
+    for gpu in tf.config.list_physical_devices("GPU"):
+        tf.config.experimental.set_memory_growth(gpu, True)
+
+
+def load(path: str) -> LoadedModel:
+    """Load the SavedModel in ``path`` (a version directory)."""
+    meta_graph = _serving_meta_graph(path)
+    signature_def = _signature_def_json(meta_graph)
+    tf1_export = not meta_graph.object_graph_def.nodes
+    loaders = [_load_v1, _load_v2] if tf1_export else [_load_v2, _load_v1]
+    errors = []
+    for loader in loaders:
+        try:
+            signatures = loader(path, meta_graph)
+        except Exception as exc:  # noqa: BLE001 - TensorFlow raises many types here
+            errors.append(f"{loader.__name__[6:]} loader: {type(exc).__name__}: {exc}")
+            log.info("loading %s with the %s loader failed: %s", path, loader.__name__[6:], exc)
+            continue
+        if not signatures:
+            raise ValueError(f"SavedModel {path} has no servable signatures")
+        return LoadedModel(path, signatures, signature_def, loader.__name__[6:])
+    raise ValueError(f"cannot load SavedModel {path}: " + "; ".join(errors))
+
+
+# --- implementation ---
+
+def _serving_meta_graph(path: str) -> meta_graph_pb2.MetaGraphDef:
+    pb_path = os.path.join(path, "saved_model.pb")
+    try:
+        with open(pb_path, "rb") as fh:
+            saved_model = saved_model_pb2.SavedModel.FromString(fh.read())
+    except OSError as exc:
+        raise ValueError(f"no SavedModel in {path}: {exc.strerror}") from exc
+    for meta_graph in saved_model.meta_graphs:
+        if SERVE_TAG in meta_graph.meta_info_def.tags:
+            return meta_graph
+    raise ValueError(f"SavedModel {path} has no MetaGraph tagged {SERVE_TAG!r}")
+
+
+def _signature_def_json(meta_graph: meta_graph_pb2.MetaGraphDef) -> dict[str, Any]:
+    from tensorflow_serving.apis import get_model_metadata_pb2
+
+    sig_map = get_model_metadata_pb2.SignatureDefMap()
+    for name, sig in meta_graph.signature_def.items():
+        sig_map.signature_def[name].CopyFrom(sig)
+    return json_format.MessageToDict(
+        sig_map, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+
+
+def _servable(name: str, sig: meta_graph_pb2.SignatureDef) -> bool:
+    return not name.startswith("__") and bool(sig.inputs) and bool(sig.outputs)
+
+
+def _dtype_name(dtype: tf.dtypes.DType) -> str:
+    return STRING if dtype == tf.string else np.dtype(dtype.as_numpy_dtype).name
+
+
+def _load_v1(path: str, meta_graph: meta_graph_pb2.MetaGraphDef) -> dict[str, Signature]:
+    graph = tf.Graph()
+    config = tf.compat.v1.ConfigProto()
+    config.gpu_options.allow_growth = True
+    session = tf.compat.v1.Session(graph=graph, config=config)
+    with graph.as_default():
+        loaded = tf.compat.v1.saved_model.loader.load(session, [SERVE_TAG], path)
+    signatures = {}
+    for name, sig in loaded.signature_def.items():
+        if not _servable(name, sig):
+            continue
+        in_names = sorted(sig.inputs)
+        out_names = sorted(sig.outputs)
+        # A callable made from CallableOptions runs in C++ without Session.run's Python-side
+        # check of feed shapes against static shapes: TF Serving feeds [3] to an input the
+        # signature declares [-1, 1] (half_plus_two's own example), and so must we.
+        options = config_pb2.CallableOptions(
+            feed=[sig.inputs[n].name for n in in_names],
+            fetch=[sig.outputs[n].name for n in out_names])
+        run = session._make_callable_from_options(options)  # noqa: SLF001
+
+        def run_fn(inputs: dict[str, np.ndarray], run: Any = run, in_names: list[str] = in_names,
+                   out_names: list[str] = out_names) -> dict[str, np.ndarray]:
+            try:
+                values = run(*[inputs[n] for n in in_names])
+            except tf.errors.InvalidArgumentError as exc:
+                raise InvalidArgument(exc.message) from exc
+            return dict(zip(out_names, values))
+
+        signatures[name] = Signature(
+            name,
+            {n: _info(sig.inputs[n]) for n in in_names},
+            {n: _info(sig.outputs[n]) for n in out_names},
+            run_fn, session)
+    return signatures
+
+
+def _load_v2(path: str, meta_graph: meta_graph_pb2.MetaGraphDef) -> dict[str, Signature]:
+    loaded = tf.saved_model.load(path, tags=[SERVE_TAG])
+    signatures = {}
+    for name, fn in loaded.signatures.items():
+        sig = meta_graph.signature_def.get(name)
+        if sig is None or not _servable(name, sig):
+            continue
+        input_specs = fn.structured_input_signature[1]
+        outputs = fn.structured_outputs
+
+        def run_fn(inputs: dict[str, np.ndarray], fn: Any = fn) -> dict[str, np.ndarray]:
+            try:
+                result = fn(**{n: tf.constant(v) for n, v in inputs.items()})
+            except (tf.errors.InvalidArgumentError, TypeError, ValueError) as exc:
+                raise InvalidArgument(getattr(exc, "message", None) or str(exc)) from exc
+            return {n: t.numpy() for n, t in result.items()}
+
+        signatures[name] = Signature(
+            name,
+            {n: TensorInfo(_dtype_name(s.dtype), _dims(s.shape)) for n, s in sorted(input_specs.items())},
+            {n: TensorInfo(_dtype_name(s.dtype), _dims(s.shape)) for n, s in sorted(outputs.items())},
+            run_fn, loaded)  # concrete functions hold only weak references to ``loaded``
+    return signatures
+
+
+def _info(tensor_info: Any) -> TensorInfo:
+    dtype = _dtype_name(tf.dtypes.as_dtype(tensor_info.dtype))
+    shape = tensor_info.tensor_shape
+    dims = None if shape.unknown_rank else tuple(int(d.size) for d in shape.dim)
+    return TensorInfo(dtype, dims)
+
+
+def _dims(shape: tf.TensorShape) -> tuple[int, ...] | None:
+    if shape.rank is None:
+        return None
+    return tuple(-1 if d is None else int(d) for d in shape.as_list())

@@ -1,0 +1,185 @@
+"""The model worker: owns the device, loads one SavedModel version, runs whole batches.
+
+Order of start-up (style.md 7): process title, logging, signals, ZeroMQ, then TensorFlow.
+Heartbeats go out from the same loop that runs the model, so a hung model call looks like
+a dead worker to the broker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import numpy as np
+import zmq
+
+from broker import protocol
+from broker.errors import ProtocolError
+from broker.process import (EXIT_MODEL_LOAD_ERROR, EXIT_OK, die_with_parent, parent_alive,
+                            set_title, setup_logging)
+from workers.config import WorkerConfig
+
+log = logging.getLogger("tfbroker.worker")
+
+
+def run(config: WorkerConfig) -> int:
+    set_title(f"worker:{config.model_name}:{config.version}")
+    setup_logging(config.log_level, f"worker:{config.model_name}:{config.version}")
+    die_with_parent()
+    worker = Worker(config)
+    signal.signal(signal.SIGTERM, worker.handle_signal)
+    signal.signal(signal.SIGINT, worker.handle_signal)
+    return worker.serve()
+
+
+class Worker:
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self.identity = f"{config.model_name}:{config.version}:{os.getpid()}".encode()
+        self._stopping = False
+        self._context: zmq.Context | None = None
+        self._socket: zmq.Socket | None = None
+        self._model: Any = None
+        self._last_sent = self._last_heard = 0.0
+
+    def handle_signal(self, signum: int, frame: Any) -> None:
+        self._stopping = True
+
+    def serve(self) -> int:
+        self._context = zmq.Context()
+        self._connect()
+        try:
+            from workers import model as model_lib  # TensorFlow comes last
+
+            model_lib.configure_devices()
+            started = time.monotonic()
+            self._model = model_lib.load(self.config.path)
+            warm_up(self._model, self.config.warmup_batch_sizes)
+            log.info("loaded %s (%s loader, signatures %s) in %.1f s", self.config.path,
+                     self._model.loader, sorted(self._model.signatures), time.monotonic() - started)
+        except Exception as exc:  # noqa: BLE001 - any failure to load is reported the same way
+            log.error("cannot load model %s version %d: %s", self.config.model_name, self.config.version, exc)
+            self._send(protocol.DISCONNECT, {"error": str(exc)[:2000]})
+            self._close(linger_ms=2000)
+            return EXIT_MODEL_LOAD_ERROR
+        self._send_ready()
+        try:
+            self._loop()
+        finally:
+            self._close(linger_ms=1000)
+        return EXIT_OK
+
+    # --- implementation ---
+
+    def _loop(self) -> None:
+        interval_s = self.config.heartbeat_interval_s
+        expiry_s = interval_s * self.config.heartbeat_liveness
+        backoff_s = interval_s
+        while not self._stopping and parent_alive():
+            assert self._socket is not None
+            if self._socket.poll(int(interval_s * 1000)):
+                frames = self._socket.recv_multipart(copy=False)
+                self._last_heard = time.monotonic()
+                backoff_s = interval_s
+                if not self._handle(frames):
+                    return
+            now = time.monotonic()
+            if now - self._last_sent >= interval_s:
+                self._send(protocol.HEARTBEAT, {})
+            if now - self._last_heard > expiry_s:
+                log.warning("no word from the broker for %.1f s; reconnecting", now - self._last_heard)
+                self._close(linger_ms=0)
+                time.sleep(min(backoff_s, 30.0))
+                backoff_s *= 2
+                self._connect()
+                self._send_ready()
+
+    def _handle(self, frames: list[Any]) -> bool:
+        """Act on one message; False to stop."""
+        try:
+            message = protocol.decode(frames)
+        except ProtocolError as exc:
+            log.error("dropping a malformed message from the broker: %s", exc)
+            return True
+        if message.command == protocol.BATCH:
+            self._run_batch(message)
+        elif message.command == protocol.DISCONNECT:
+            log.info("the broker asked this worker to stop")
+            return False
+        return True
+
+    def _run_batch(self, message: protocol.Message) -> None:
+        from workers.batch import decode_batch, encode_outcome, run_batch
+
+        header = message.header
+        counts = header["counts"]
+        tasks = decode_batch(message.frames, counts)
+        signature = self._model.signatures.get(header["signature"])
+        if signature is None:  # the broker checks this at admission; never trust a peer
+            from broker.errors import NotFound
+            outcomes: list[Any] = [NotFound(f"no signature {header['signature']!r}")] * len(tasks)
+        else:
+            outcomes = run_batch(signature, tasks, header.get("padded_rows", 0))
+        reply_frames: list[Any] = []
+        sizes = []
+        for task, outcome in zip(tasks, outcomes):
+            request_id = task.request_id if not isinstance(task, Exception) else -1
+            frames = encode_outcome(request_id, self.config.model_name, self.config.version, outcome)
+            sizes.append(len(frames))
+            reply_frames.extend(frames)
+        self._send(protocol.RESULT, {"batch": header["batch"], "counts": sizes}, reply_frames)
+
+    def _send_ready(self) -> None:
+        model = self._model
+        self._send(protocol.READY, {
+            "model": self.config.model_name,
+            "version": self.config.version,
+            "pid": os.getpid(),
+            "signatures": {name: sig.describe() for name, sig in model.signatures.items()},
+            "signature_def": model.signature_def,
+        })
+
+    def _send(self, command: bytes, header: dict[str, Any], frames: Any = ()) -> None:
+        assert self._socket is not None
+        self._socket.send_multipart(protocol.encode(command, header, frames), copy=False)
+        self._last_sent = time.monotonic()
+
+    def _connect(self) -> None:
+        assert self._context is not None
+        sock = self._context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, self.identity)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.config.backend_address)
+        self._socket = sock
+        self._last_heard = time.monotonic()
+
+    def _close(self, *, linger_ms: int) -> None:
+        if self._socket is not None:
+            self._socket.close(linger=linger_ms)
+            self._socket = None
+
+
+def warm_up(model: Any, batch_sizes: tuple[int, ...]) -> None:
+    """Run every numeric signature once per batch size, so the first request is not slow."""
+    for signature in model.signatures.values():
+        if any(info.dtype == protocol.STRING for info in signature.inputs.values()):
+            continue  # parsing signatures need real examples; TF Serving's warm-up file covers them
+        for size in batch_sizes:
+            inputs = {name: np.zeros(_warmup_shape(info.shape, size), dtype=info.dtype)
+                      for name, info in signature.inputs.items()}
+            try:
+                signature.run(inputs)
+            except Exception as exc:  # noqa: BLE001 - warm-up is best effort
+                log.debug("warm-up of %s at batch %d failed: %s", signature.name, size, exc)
+
+
+def _warmup_shape(shape: tuple[int, ...] | None, size: int) -> tuple[int, ...]:
+    if shape is None:
+        return (size,)
+    if not shape:
+        return ()
+    first = size if shape[0] == -1 else shape[0]
+    return (first, *(1 if d == -1 else d for d in shape[1:]))
