@@ -167,10 +167,18 @@ class AsyncClient:
         if self._reader is not None:
             self._reader.cancel()
             self._reader = None
-        if self._socket is not None:
-            self._socket.close(linger=0)
-            self._socket = None
+        self._socket = None
+        if self._context is not None:
+            self._context.destroy(linger=0)
+            self._context = None
+            self._pid = 0
         self._fail_pending(Unavailable("the client was closed"))
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
 
     # --- implementation ---
 
@@ -244,6 +252,7 @@ class Client:
         self._local = threading.local()
         self._pid = 0
         self._context: zmq.Context | None = None
+        self._sockets: list[tuple[threading.Thread, zmq.Socket]] = []
         self._lock = threading.Lock()
 
     def predict(self, model: str, inputs: Mapping[str, Any], *, version: int | None = None,
@@ -275,8 +284,7 @@ class Client:
             remaining_ms = int((deadline - time.monotonic()) * 1000)
             if remaining_ms <= 0 or not sock.poll(remaining_ms):
                 # A late answer would confuse the next call on this socket: start afresh.
-                sock.close(linger=0)
-                self._local.socket = None
+                self._discard(sock)
                 raise DeadlineExceeded(f"no answer from the broker within {timeout_s:.3g} s")
             try:
                 message = protocol.decode(sock.recv_multipart(copy=False))
@@ -286,19 +294,42 @@ class Client:
                 return decode_reply(message)
 
     def close(self) -> None:
-        sock = getattr(self._local, "socket", None)
-        if sock is not None:
-            sock.close(linger=0)
-            self._local.socket = None
+        """Close every thread's socket; the client opens new ones if used again."""
+        with self._lock:
+            if self._context is not None:
+                self._context.destroy(linger=0)
+                self._context = None
+            self._pid = 0
+            self._local = threading.local()
+            self._sockets = []
+
+    def _discard(self, sock: zmq.Socket) -> None:
+        with self._lock:
+            self._sockets = [pair for pair in self._sockets if pair[1] is not sock]
+        sock.close(linger=0)
+        self._local.socket = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def _thread_socket(self) -> zmq.Socket:
+        sock = getattr(self._local, "socket", None)
+        if sock is not None and self._pid == os.getpid():
+            return sock
         with self._lock:
             if self._pid != os.getpid():
                 self._pid = os.getpid()
                 self._context = zmq.Context()
                 self._local = threading.local()
-        sock = getattr(self._local, "socket", None)
-        if sock is None:
+                self._sockets = []
+            # Sockets of threads that have ended are closed here, not left to the GC.
+            for thread, old in [pair for pair in self._sockets if not pair[0].is_alive()]:
+                old.close(linger=0)
+                self._sockets.remove((thread, old))
             assert self._context is not None
             sock = self._local.socket = _new_socket(self._context, self.address)
+            self._sockets.append((threading.current_thread(), sock))
         return sock

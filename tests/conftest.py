@@ -1,0 +1,179 @@
+"""Fixtures that start real brokers (real processes, ipc:// sockets in temp dirs, loopback HTTP)."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TESTDATA = ROOT.parent / "shared" / "testdata"
+
+needs_testdata = pytest.mark.skipif(
+    not TESTDATA.is_dir(),
+    reason=f"TF Serving's test models are not here ({TESTDATA} is absent outside the project's workspace)")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(condition: Any, timeout_s: float, what: str, interval_s: float = 0.05) -> Any:
+    """Poll ``condition`` until it returns something truthy; fail loudly after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+def process_title(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+    except OSError:
+        return ""
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def make_model_config(models: dict[str, Path], labels: dict[str, dict[str, int]] | None = None) -> str:
+    entries = []
+    for name, path in models.items():
+        label_text = "".join(f' version_labels {{ key: "{k}" value: {v} }}'
+                             for k, v in (labels or {}).get(name, {}).items())
+        entries.append(f'config {{ name: "{name}" base_path: "{path}" model_platform: "tensorflow"{label_text} }}')
+    return "model_config_list {\n  " + "\n  ".join(entries) + "\n}\n"
+
+
+class BrokerProcess:
+    """``python -m broker`` in a temp runtime dir, with helpers to reach and inspect it."""
+
+    def __init__(self, tmp: Path, args: list[str], frontends: int = 2) -> None:
+        tmp.mkdir(parents=True, exist_ok=True)
+        # ipc:// paths must stay short (about 100 bytes): not under pytest's long tmp paths.
+        self.runtime_dir = Path(tempfile.mkdtemp(prefix="tfb-"))
+        self.port = free_port()
+        self.log_path = tmp / "broker.log"
+        self.frontends = frontends
+        argv = [sys.executable, "-m", "broker", f"--runtime_dir={self.runtime_dir}",
+                f"--rest_api_port={self.port}", "--rest_api_host=127.0.0.1", f"--frontends={frontends}",
+                "--heartbeat_interval_s=0.5", *args]
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(argv, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.address = f"ipc://{self.runtime_dir}/frontend.sock"
+        self.http = httpx.Client(base_url=self.base_url, timeout=30.0)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_available(self, models: list[str], timeout_s: float = 120.0) -> None:
+        def ready() -> bool:
+            if self.process.poll() is not None:
+                raise AssertionError(f"broker exited with {self.process.returncode}:\n{self.log()[-3000:]}")
+            for name in models:
+                try:
+                    response = self.http.get(f"/v1/models/{name}", timeout=2.0)
+                except httpx.HTTPError:
+                    return False
+                states = [v["state"] for v in response.json().get("model_version_status", [])]
+                if "AVAILABLE" not in states:
+                    return False
+            return True
+
+        wait_for(ready, timeout_s, f"models {models} to be AVAILABLE")
+
+    def roles(self) -> dict[str, list[int]]:
+        """Process titles of the broker's children, by title."""
+        found: dict[str, list[int]] = {}
+        for pid in children_of(self.pid):
+            if pid_alive(pid):
+                found.setdefault(process_title(pid), []).append(pid)
+        return found
+
+    def pids_with(self, prefix: str) -> list[int]:
+        return [pid for title, pids in self.roles().items() if title.startswith(prefix) for pid in pids]
+
+    def predict(self, model: str, body: dict[str, Any], suffix: str = "") -> httpx.Response:
+        return self.http.post(f"/v1/models/{model}{suffix}:predict", json=body)
+
+    def stop(self) -> int:
+        self.http.close()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        self._log.close()
+        shutil.rmtree(self.runtime_dir, ignore_errors=True)
+        return self.process.returncode
+
+
+@pytest.fixture(scope="session")
+def test_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("models")
+    result = subprocess.run([sys.executable, str(ROOT / "tests" / "model_factory.py"), str(directory)],
+                            capture_output=True, timeout=300)
+    assert result.returncode == 0, result.stderr.decode(errors="replace")[-3000:]
+    return directory
+
+
+def stop_and_check(broker: BrokerProcess) -> None:
+    """Stop a broker and check that none of its children outlives it."""
+    children = children_of(broker.pid)
+    broker.stop()
+    wait_for(lambda: not any(pid_alive(p) for p in children), 15, "the broker's children to exit")
+
+
+@pytest.fixture()
+def start_broker(tmp_path: Path) -> Iterator[Any]:
+    """Start brokers for one test; every one is stopped (and checked for strays) at the end."""
+    started: list[BrokerProcess] = []
+
+    def start(args: list[str], frontends: int = 2) -> BrokerProcess:
+        broker = BrokerProcess(tmp_path / f"b{len(started)}", args, frontends)
+        started.append(broker)
+        return broker
+
+    yield start
+    for broker in started:
+        stop_and_check(broker)

@@ -1,0 +1,61 @@
+"""Test SavedModels, made with TensorFlow in a child process: ``python tests/model_factory.py DIR``.
+
+- linear/1, linear/2: y = 0.5x + 2 and y = 0.5x + 3 on x float32 [batch]
+- mlp/1: x float32 [batch, 8] -> y float32 [batch, 4] (random weights, fixed seed)
+- batch_reporter/1: y[i] = x[i] * 0 + (rows in the batch the model ran), after some busy
+  work (~10 ms), so tests can see which batches formed and keep the worker busy
+- two_io/1: inputs a float32 [batch, 2], b int64 [batch]; outputs sum float32 [batch],
+  label_bytes string [batch]
+- broken/1: a directory that is not a SavedModel
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import tensorflow as tf
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from workers.demo_models import save_linear, save_mlp  # noqa: E402
+
+
+class BatchReporter(tf.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = tf.Variable(tf.ones([256, 256]) * 1e-3)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.float32, name="x")])
+    def serve(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
+        w = self.w
+        for _ in range(12):  # busy work the optimiser cannot fold away (w is a variable)
+            w = tf.matmul(w, self.w)
+        busy = tf.reduce_sum(w) * 0.0
+        rows = tf.cast(tf.shape(x)[0], tf.float32)
+        return {"y": x * 0.0 + rows + busy}
+
+
+class TwoIO(tf.Module):
+    @tf.function(input_signature=[tf.TensorSpec([None, 2], tf.float32, name="a"),
+                                  tf.TensorSpec([None], tf.int64, name="b")])
+    def serve(self, a: tf.Tensor, b: tf.Tensor) -> dict[str, tf.Tensor]:
+        total = tf.reduce_sum(a, axis=1) + tf.cast(b, tf.float32)
+        return {"sum": total, "label_bytes": tf.strings.as_string(b)}
+
+
+def main(directory: str) -> None:
+    save_linear(os.path.join(directory, "linear", "1"), a=0.5, b=2.0)
+    save_linear(os.path.join(directory, "linear", "2"), a=0.5, b=3.0)
+    save_mlp(os.path.join(directory, "mlp", "1"), input_dim=8, hidden=32, layers=2, outputs=4, seed=7)
+    reporter = BatchReporter()
+    tf.saved_model.save(reporter, os.path.join(directory, "batch_reporter", "1"),
+                        signatures={"serving_default": reporter.serve})
+    two = TwoIO()
+    tf.saved_model.save(two, os.path.join(directory, "two_io", "1"), signatures={"serving_default": two.serve})
+    os.makedirs(os.path.join(directory, "broken", "1"), exist_ok=True)
+    with open(os.path.join(directory, "broken", "1", "saved_model.pb"), "wb") as fh:
+        fh.write(b"this is not a protobuf")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,308 @@
+"""End to end: one broker, its workers and HTTP frontends, real models, concurrent callers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+
+from broker.errors import InvalidArgument, NotFound
+from frontend.client import AsyncClient, Client
+from tests.conftest import (ROOT, TESTDATA, BrokerProcess, make_model_config, needs_testdata,
+                            stop_and_check, wait_for)
+
+MAX_BATCH = 8
+ALLOWED = (1, 2, 4, 8)
+FRONTENDS = 3
+
+
+@pytest.fixture(scope="module")
+def served(test_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProcess]:
+    tmp = tmp_path_factory.mktemp("served")
+    models = {name: test_models / name for name in ("linear", "mlp", "batch_reporter", "two_io", "broken")}
+    if TESTDATA.is_dir():
+        models["half_plus_two"] = TESTDATA / "saved_model_half_plus_two_cpu"
+        models["half_plus_three"] = TESTDATA / "saved_model_half_plus_three"
+        models["half_plus_two_tf2"] = TESTDATA / "saved_model_half_plus_two_tf2_cpu"
+    (tmp / "models.config").write_text(make_model_config(models, labels={"linear": {"stable": 2}}))
+    (tmp / "batching.config").write_text(
+        f"max_batch_size {{ value: {MAX_BATCH} }}\n"
+        "batch_timeout_micros { value: 20000 }\n"
+        "max_enqueued_batches { value: 1000 }\n"
+        + "".join(f"allowed_batch_sizes: {size}\n" for size in ALLOWED))
+    broker = BrokerProcess(tmp, [f"--model_config_file={tmp / 'models.config'}",
+                                 f"--batching_parameters_file={tmp / 'batching.config'}"], frontends=FRONTENDS)
+    try:
+        broker.wait_available([m for m in models if m != "broken"])
+        yield broker
+    finally:
+        stop_and_check(broker)
+
+
+def reference_outputs(model: Path, batches: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """What TensorFlow computes in-process for each batch (in a child, to keep TF out of pytest)."""
+    work = Path(os.environ.get("TMPDIR", "/tmp"))
+    stamp = f"{os.getpid()}-{time.monotonic_ns()}"
+    inputs, outputs = work / f"ref-in-{stamp}.npz", work / f"ref-out-{stamp}.npz"
+    np.savez(inputs, **{f"{i:04d}/{name}": value for i, batch in enumerate(batches) for name, value in batch.items()})
+    try:
+        subprocess.run([sys.executable, str(ROOT / "tests" / "reference.py"), str(model), str(inputs), str(outputs)],
+                       check=True, capture_output=True, timeout=120)
+        with np.load(outputs) as data:
+            results: list[dict[str, np.ndarray]] = [{} for _ in batches]
+            for key in data.files:
+                index, name = key.split("/")
+                results[int(index)][name] = data[key]
+        return results
+    finally:
+        inputs.unlink(missing_ok=True)
+        outputs.unlink(missing_ok=True)
+
+
+# --- TF Serving's own test models ---------------------------------------------------------
+
+@needs_testdata
+def test_half_plus_two_gives_tf_serving_answers(served: BrokerProcess) -> None:
+    response = served.predict("half_plus_two", {"instances": [1.0, 2.0, 5.0]})
+    assert response.status_code == 200, response.text
+    assert response.json() == {"predictions": [2.5, 3.0, 4.5]}
+    assert response.headers["x-model-version"] == "123"
+    response = served.predict("half_plus_two", {"inputs": {"x": [[1.0], [2.0]]}})
+    assert response.json() == {"outputs": [[2.5], [3.0]]}
+    response = served.predict("half_plus_two", {"instances": [1.0, 2.0]}, suffix="/versions/123")
+    assert response.json() == {"predictions": [2.5, 3.0]}
+
+
+@needs_testdata
+def test_half_plus_three_loads_through_the_v1_loader(served: BrokerProcess) -> None:
+    response = served.predict("half_plus_three", {"instances": [1.0, 2.0, 5.0]})
+    assert response.json() == {"predictions": [3.5, 4.0, 5.5]}
+
+
+@needs_testdata
+def test_tf2_export(served: BrokerProcess) -> None:
+    response = served.predict("half_plus_two_tf2", {"instances": [2.0]})
+    assert response.json() == {"predictions": [3.0]}
+
+
+@needs_testdata
+def test_status_and_metadata_in_tf_serving_json(served: BrokerProcess) -> None:
+    status = served.http.get("/v1/models/half_plus_two").json()
+    assert status == {"model_version_status": [
+        {"version": "123", "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}]}
+    assert served.http.get("/v1/models/half_plus_two/versions/123").json() == status
+    metadata = served.http.get("/v1/models/half_plus_two/metadata").json()
+    expected = json.loads((TESTDATA / "half_plus_two_model_metadata.json").read_text())
+    assert metadata["model_spec"] == {**expected["model_spec"], "name": "half_plus_two"}
+    assert metadata["metadata"] == expected["metadata"]
+
+
+# --- correctness under concurrency ----------------------------------------------------------
+
+def test_outputs_equal_in_process_tensorflow_under_concurrency(served: BrokerProcess, test_models: Path,
+                                                               request: pytest.FixtureRequest) -> None:
+    rng = np.random.default_rng()
+    requests = [{"x": rng.standard_normal((int(rng.integers(1, 4)), 8)).astype(np.float32)} for _ in range(60)]
+    expected = reference_outputs(test_models / "mlp" / "1", requests)
+    client = Client(served.address, timeout_s=30)
+    request.addfinalizer(client.close)
+
+    def over_http(i: int) -> np.ndarray:
+        response = served.predict("mlp", {"instances": requests[i]["x"].tolist()})
+        assert response.status_code == 200, response.text
+        return np.array(response.json()["predictions"], dtype=np.float32)
+
+    def over_client(i: int) -> np.ndarray:
+        return client.predict("mlp", requests[i]).outputs["y"]
+
+    with ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(lambda i: (over_http if i % 2 else over_client)(i), range(len(requests))))
+    for i, (value, want) in enumerate(zip(got, expected)):
+        assert value.shape == want["y"].shape, f"request {i} got {value.shape[0]} rows, sent {want['y'].shape[0]}"
+        np.testing.assert_allclose(value, want["y"], rtol=1e-5, atol=1e-5, err_msg=f"request {i}")
+
+
+def test_batches_form_and_never_exceed_max_batch_size(served: BrokerProcess, request: pytest.FixtureRequest) -> None:
+    client = Client(served.address, timeout_s=30)
+    request.addfinalizer(client.close)
+
+    def call(i: int) -> tuple[int, np.ndarray]:
+        rows = 1 + i % 3
+        x = np.full(rows, float(i), np.float32)
+        return rows, client.predict("batch_reporter", {"x": x}).outputs["y"]
+
+    with ThreadPoolExecutor(24) as pool:
+        results = list(pool.map(call, range(240)))
+    sizes = []
+    for rows, y in results:
+        assert y.shape == (rows,), "every caller gets exactly its own rows"
+        assert len(set(y.tolist())) == 1, "all rows of one request ran in one batch"
+        sizes.append(int(y[0]))
+    assert set(sizes) <= set(ALLOWED), f"batches are padded to allowed sizes, saw {sorted(set(sizes))}"
+    assert max(sizes) <= MAX_BATCH
+    assert max(sizes) > 1, "concurrent requests share batches"
+
+
+def test_every_caller_gets_its_own_rows_from_a_shared_batch(served: BrokerProcess) -> None:
+    async def main() -> list[tuple[float, np.ndarray]]:
+        async with AsyncClient(served.address, timeout_s=30) as client:
+            values = [float(i) for i in range(64)]
+            results = await asyncio.gather(*[
+                client.predict("linear", {"x": np.array([v, v + 0.5], np.float32)}, version=2) for v in values])
+            return [(v, r.outputs["y"]) for v, r in zip(values, results)]
+
+    for value, y in asyncio.run(main()):
+        np.testing.assert_allclose(y, [0.5 * value + 3, 0.5 * (value + 0.5) + 3])
+
+
+def test_named_inputs_and_string_outputs(served: BrokerProcess) -> None:
+    response = served.predict("two_io", {"instances": [{"a": [1.0, 2.0], "b": 3}, {"a": [0.5, 0.5], "b": 7}]})
+    assert response.status_code == 200, response.text
+    assert response.json() == {"predictions": [
+        {"sum": 6.0, "label_bytes": {"b64": "Mw=="}}, {"sum": 8.0, "label_bytes": {"b64": "Nw=="}}]}
+    response = served.predict("two_io", {"inputs": {"a": [[1.0, 1.0]], "b": [1]}})
+    assert response.json() == {"outputs": {"sum": [3.0], "label_bytes": [{"b64": "MQ=="}]}}
+
+
+def test_versions_and_labels(served: BrokerProcess) -> None:
+    # The highest version (2: y = 0.5x + 3) is served; version 1 is not loaded.
+    assert served.predict("linear", {"instances": [2.0]}).json() == {"predictions": [4.0]}
+    assert served.predict("linear", {"instances": [2.0]}, suffix="/labels/stable").json() == {"predictions": [4.0]}
+    assert served.predict("linear", {"instances": [2.0]}, suffix="/versions/1").status_code == 404
+    response = served.predict("linear", {"instances": [2.0]}, suffix="/labels/canary")
+    assert response.status_code == 404
+    assert "canary" in response.json()["error"]
+
+
+# --- the process architecture ---------------------------------------------------------------
+
+def test_one_worker_per_model_and_light_frontends(served: BrokerProcess) -> None:
+    roles = served.roles()
+    workers = [title for title in roles if title.startswith("tfbroker: worker:")]
+    expected = {"tfbroker: worker:linear:2", "tfbroker: worker:mlp:1", "tfbroker: worker:batch_reporter:1",
+                "tfbroker: worker:two_io:1"}
+    assert expected <= set(workers)
+    for title in workers:
+        assert len(roles[title]) == 1, f"{title} runs {len(roles[title])} times"
+    frontends = sorted(t for t in roles if t.startswith("tfbroker: frontend:"))
+    assert frontends == [f"tfbroker: frontend:{i}" for i in range(1, FRONTENDS + 1)]
+    for title in frontends + ["broker"]:
+        pid = served.pid if title == "broker" else roles[title][0]
+        maps = Path(f"/proc/{pid}/maps").read_text()
+        assert "tensorflow" not in maps, f"{title} has TensorFlow loaded"
+    worker_maps = Path(f"/proc/{roles['tfbroker: worker:mlp:1'][0]}/maps").read_text()
+    assert "tensorflow" in worker_maps  # the check above can see TensorFlow where it is
+
+
+def test_broken_model_is_reported_and_others_keep_serving(served: BrokerProcess) -> None:
+    status = wait_for(lambda: (lambda s: s if s["model_version_status"][0]["state"] == "END" else None)(
+        served.http.get("/v1/models/broken").json()), 60, "the broken model to be reported")
+    version = status["model_version_status"][0]
+    assert version["status"]["error_code"] != "OK"
+    assert "saved_model.pb" in version["status"]["error_message"] or "SavedModel" in version["status"]["error_message"]
+    response = served.predict("broken", {"instances": [1.0]})
+    assert response.status_code == 503
+    assert served.predict("linear", {"instances": [0.0]}).status_code == 200
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+BAD_REQUESTS = [
+    ("linear", b'{"instances": [1.0, 2.0', 400, "JSON Parse error"),
+    ("linear", b'[1, 2]', 400, "not a JSON object"),
+    ("linear", b'{"signature_name": "serving_default"}', 400, "Missing 'inputs' or 'instances'"),
+    ("linear", b'{"instances": [1.0], "inputs": [1.0]}', 400, "Not both"),
+    ("linear", b'{"instances": ["a", "b"]}', 400, "does not convert"),
+    ("linear", b'{"instances": [1.0], "signature_name": "nope"}', 400, 'Serving signature name: "nope" not found'),
+    ("linear", b'{"instances": [[1.0], [2.0, 3.0]]}', 400, "ragged"),
+    ("linear", b'{"instances": [{"z": 1.0}]}', 400, "'z' is not an input"),
+    ("linear", b'{"instances": [1, 2, 3, 4, 5, 6, 7, 8, 9]}', 400,
+     "Task size 9 is larger than maximum input batch size 8"),
+    ("mlp", b'{"instances": [[1.0, 2.0, 3.0]]}', 400, ""),
+    ("two_io", b'{"instances": [{"a": [1.0, 2.0]}]}', 400, "lacks"),
+    ("nosuchmodel", b'{"instances": [1.0]}', 404, "Servable not found for request: Latest(nosuchmodel)"),
+    ("linear/versions/99", b'{"instances": [1.0]}', 404, "Specific(linear, 99)"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "status", "message"), BAD_REQUESTS)
+def test_bad_input_gets_a_clear_json_error(served: BrokerProcess, path: str, body: bytes, status: int,
+                                           message: str) -> None:
+    response = served.http.post(f"/v1/models/{path}:predict", content=body)
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"]
+    assert served.predict("linear", {"instances": [2.0]}).json() == {"predictions": [4.0]}
+
+
+def test_bad_request_in_a_shared_batch_fails_alone(served: BrokerProcess) -> None:
+    good = {"instances": [[0.0] * 8]}
+    bad = {"instances": [[0.0] * 3]}
+
+    def call(i: int) -> int:
+        return served.predict("mlp", bad if i % 5 == 0 else good).status_code
+
+    with ThreadPoolExecutor(12) as pool:
+        statuses = list(pool.map(call, range(60)))
+    assert [s for i, s in enumerate(statuses) if i % 5 == 0] == [400] * 12
+    assert [s for i, s in enumerate(statuses) if i % 5] == [200] * 48
+
+
+def test_unknown_paths_and_unsupported_verbs(served: BrokerProcess) -> None:
+    assert served.http.get("/v1/nothing").status_code == 404
+    assert "error" in served.http.get("/v1/nothing").json()
+    assert served.http.post("/v1/models/linear:explode", json={}).status_code == 404
+    assert served.http.get("/v1/models/nosuchmodel").status_code == 404
+
+
+def test_python_client_raises_the_wire_errors(served: BrokerProcess) -> None:
+    with Client(served.address, timeout_s=10) as client:
+        check_client_errors(client)
+
+
+def check_client_errors(client: Client) -> None:
+    with pytest.raises(NotFound):
+        client.predict("nosuchmodel", {"x": np.zeros(1, np.float32)})
+    with pytest.raises(InvalidArgument, match="larger than maximum input batch size"):
+        client.predict("linear", {"x": np.zeros(MAX_BATCH + 1, np.float32)})
+    assert client.status("linear")["model_version_status"][0]["state"] == "AVAILABLE"
+    assert "serving_default" in client.metadata("linear")["signature_def"]["signature_def"]
+
+
+# --- failure and recovery (last: it restarts a worker) --------------------------------------
+
+def test_killed_worker_fails_in_flight_requests_with_503_and_comes_back(served: BrokerProcess) -> None:
+    [old_pid] = served.pids_with("tfbroker: worker:batch_reporter:")
+    stop = time.monotonic() + 4.0
+
+    def hammer(_: int) -> list[tuple[int, float]]:
+        seen = []
+        while time.monotonic() < stop:
+            started = time.monotonic()
+            response = served.predict("batch_reporter", {"instances": [1.0]})
+            seen.append((response.status_code, time.monotonic() - started))
+        return seen
+
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(hammer, i) for i in range(8)]
+        time.sleep(1.0)
+        os.kill(old_pid, signal.SIGKILL)
+        results = [r for f in futures for r in f.result(timeout=60)]
+    statuses = {status for status, _ in results}
+    assert statuses <= {200, 503}, statuses
+    assert 503 in statuses, "requests in flight on the killed worker get 503"
+    assert max(elapsed for _, elapsed in results) < 10, "nothing hangs"
+    served.wait_available(["batch_reporter"])
+    [new_pid] = served.pids_with("tfbroker: worker:batch_reporter:")
+    assert new_pid != old_pid
+    with Client(served.address, timeout_s=20) as client:
+        assert client.predict("batch_reporter", {"x": np.zeros(1, np.float32)}).outputs["y"].shape == (1,)
