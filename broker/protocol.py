@@ -156,9 +156,10 @@ def encode_tensors(tensors: Mapping[str, np.ndarray]) -> tuple[list[list[Any]], 
             specs.append([name, STRING, list(array.shape)])
             frames.append(packb(flat))
         else:
-            array = np.ascontiguousarray(array)
             specs.append([name, array.dtype.name, list(array.shape)])
-            frames.append(memoryview(array).cast("B") if array.size else b"")
+            if not array.flags.c_contiguous:
+                array = array.copy()  # (np.ascontiguousarray would turn a scalar into shape [1])
+            frames.append(memoryview(array).cast("B") if array.size and array.ndim else array.tobytes())
     return specs, frames
 
 

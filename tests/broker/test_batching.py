@@ -1,0 +1,96 @@
+"""BatchQueue against TF Serving's BasicBatchScheduler semantics, without processes."""
+
+from __future__ import annotations
+
+import pytest
+
+from broker.batching import BatchQueue, Task
+from broker.config import BatchingParameters
+from broker.errors import InvalidArgument, Unavailable
+
+
+def queue(**params: object) -> BatchQueue:
+    return BatchQueue(BatchingParameters(**params))  # type: ignore[arg-type]
+
+
+def task(size: int = 1, deadline: float = 100.0) -> Task:
+    return Task(size, deadline)
+
+
+def test_a_busy_worker_waits_for_a_full_batch_or_the_timeout() -> None:
+    q = queue(max_batch_size=4, batch_timeout_micros=10_000)
+    q.schedule(task(), now=0.0)
+    q.schedule(task(2), now=0.001)
+    assert q.next_batch(0.005, idle=False) is None
+    assert q.next_deadline() == pytest.approx(0.010)
+    batch = q.next_batch(0.010, idle=False)
+    assert batch is not None and batch.size == 3 and len(batch.tasks) == 2
+
+
+def test_an_idle_worker_takes_the_open_batch_at_once() -> None:
+    q = queue(max_batch_size=4, batch_timeout_micros=1_000_000)
+    q.schedule(task(), now=0.0)
+    batch = q.next_batch(0.0, idle=True)
+    assert batch is not None and batch.size == 1 and batch.closed
+
+
+def test_a_full_batch_closes_and_rows_never_exceed_max_batch_size() -> None:
+    q = queue(max_batch_size=4, batch_timeout_micros=1_000_000)
+    for size in (3, 2, 1, 4):
+        q.schedule(task(size), now=0.0)
+    sizes = []
+    while (batch := q.next_batch(0.0, idle=False)) is not None:
+        sizes.append(batch.size)
+    assert sizes == [3, 3, 4]  # the 2 did not fit beside the 3; the 4 fills a batch alone
+    assert len(q) == 0
+
+
+def test_a_task_larger_than_max_batch_size_is_rejected_with_tf_serving_message() -> None:
+    q = queue(max_batch_size=4)
+    with pytest.raises(InvalidArgument, match="^Task size 5 is larger than maximum input batch size 4$"):
+        q.schedule(task(5), now=0.0)
+
+
+def test_overflow_beyond_max_enqueued_batches_is_unavailable() -> None:
+    q = queue(max_batch_size=2, max_enqueued_batches=2, batch_timeout_micros=1_000_000)
+    for _ in range(4):
+        q.schedule(task(), now=0.0)
+    with pytest.raises(Unavailable, match="The batch scheduling queue to which this task was submitted is full"):
+        q.schedule(task(), now=0.0)
+    assert q.enqueued_batches == 2
+
+
+def test_without_batching_every_task_runs_alone() -> None:
+    q = BatchQueue(BatchingParameters(max_batch_size=8), batching=False)
+    for _ in range(3):
+        q.schedule(task(2), now=0.0)
+    batches = [q.next_batch(0.0, idle=False) for _ in range(3)]
+    assert [b.size if b else None for b in batches] == [2, 2, 2]
+
+
+def test_expired_tasks_leave_the_queue() -> None:
+    q = queue(max_batch_size=4, batch_timeout_micros=1_000_000)
+    q.schedule(task(deadline=1.0), now=0.0)
+    q.schedule(task(deadline=5.0), now=0.0)
+    expired = q.expire(2.0)
+    assert [t.deadline for t in expired] == [1.0]
+    assert len(q) == 1
+    assert [t.deadline for t in q.drain()] == [5.0]
+
+
+@pytest.mark.parametrize(("params", "message"), [
+    ({"max_batch_size": 0}, "max_batch_size must be >= 1"),
+    ({"batch_timeout_micros": -1}, "batch_timeout_micros"),
+    ({"max_enqueued_batches": 0}, "max_enqueued_batches"),
+    ({"max_batch_size": 8, "allowed_batch_sizes": (2, 4)}, "must end with max_batch_size"),
+    ({"max_batch_size": 8, "allowed_batch_sizes": (4, 2, 8)}, "increasing"),
+])
+def test_invalid_parameters_name_the_field(params: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        BatchingParameters(**params)  # type: ignore[arg-type]
+
+
+def test_padding_to_allowed_sizes() -> None:
+    params = BatchingParameters(max_batch_size=8, allowed_batch_sizes=(2, 4, 8))
+    assert [params.padded_size(n) for n in (1, 2, 3, 5, 8)] == [2, 2, 4, 8, 8]
+    assert BatchingParameters().padded_size(5) == 5

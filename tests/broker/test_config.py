@@ -1,0 +1,89 @@
+"""Flags and TF Serving's text-protobuf files into our dataclasses."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from broker.config import BatchingParameters, ServerConfig
+from broker.config_files import load_batching_parameters, load_model_config, parse_batching_parameters, parse_model_config
+from broker.flags import add_dataclass_flags, dataclass_from_args, dataclass_to_argv
+from tests.conftest import TESTDATA, needs_testdata
+from workers.config import WorkerConfig
+
+
+def parse(argv: list[str]) -> ServerConfig:
+    parser = argparse.ArgumentParser()
+    add_dataclass_flags(parser, ServerConfig)
+    return dataclass_from_args(ServerConfig, parser.parse_args(argv))
+
+
+def test_tf_serving_style_flags() -> None:
+    config = parse(["--model_name=m", "--model_base_path=/models/m", "--rest_api_port=9000",
+                    "--enable_batching=false", "--frontends", "4"])
+    assert (config.model_name, config.model_base_path, config.rest_api_port) == ("m", "/models/m", 9000)
+    assert config.enable_batching is False
+    assert config.frontends == 4
+    assert parse(["--enable_batching"]).enable_batching is True
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--model_name=m"], "go together"),
+    (["--model_config_file=x", "--model_name=m", "--model_base_path=p"], "either"),
+    (["--frontends=-1"], "frontends"),
+])
+def test_inconsistent_flags_are_refused(argv: list[str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse(argv)
+
+
+def test_worker_config_survives_the_command_line() -> None:
+    config = WorkerConfig(model_name="m", version=3, path="/p/3", backend_address="ipc:///x",
+                          warmup_batch_sizes=(1, 8))
+    parser = argparse.ArgumentParser()
+    add_dataclass_flags(parser, WorkerConfig)
+    assert dataclass_from_args(WorkerConfig, parser.parse_args(dataclass_to_argv(config))) == config
+
+
+@needs_testdata
+def test_tf_serving_batching_file() -> None:
+    params = load_batching_parameters(str(TESTDATA / "batching_config.txt"))
+    assert params == BatchingParameters(max_batch_size=128, batch_timeout_micros=0,
+                                        max_enqueued_batches=1000000, num_batch_threads=8)
+
+
+def test_batching_file_keeps_defaults_for_unset_fields() -> None:
+    params = parse_batching_parameters("max_batch_size { value: 16 }\nallowed_batch_sizes: 8\nallowed_batch_sizes: 16")
+    assert params.max_batch_size == 16
+    assert params.allowed_batch_sizes == (8, 16)
+    assert params.batch_timeout_micros == BatchingParameters().batch_timeout_micros
+
+
+def test_bad_batching_file_says_where() -> None:
+    with pytest.raises(ValueError, match="1:1"):
+        parse_batching_parameters("max_batch_sise { value: 16 }")
+    with pytest.raises(ValueError, match="must end with max_batch_size"):
+        parse_batching_parameters("max_batch_size { value: 16 }\nallowed_batch_sizes: 8")
+
+
+@needs_testdata
+def test_tf_serving_model_config_files() -> None:
+    models = load_model_config(str(TESTDATA / "good_model_config.txt"))
+    assert [(m.name, m.base_path) for m in models] == [
+        ("half_plus_two", "${TEST_HALF_PLUS_TWO_DIR}"), ("half_plus_three", "${TEST_HALF_PLUS_THREE_DIR}")]
+    with pytest.raises(ValueError, match="bad_model_config.txt"):
+        load_model_config(str(TESTDATA / "bad_model_config.txt"))
+
+
+def test_model_config_labels_and_errors() -> None:
+    [model] = parse_model_config('model_config_list { config { name: "a" base_path: "/m/a" '
+                                 'version_labels { key: "stable" value: 3 } } }')
+    assert model.version_labels == (("stable", 3),)
+    with pytest.raises(ValueError, match="repeat"):
+        parse_model_config('model_config_list { config { name: "a" base_path: "/x" } '
+                           'config { name: "a" base_path: "/y" } }')
+    with pytest.raises(ValueError, match="not supported"):
+        parse_model_config('model_config_list { config { name: "a" base_path: "/x" model_platform: "onnx" } }')
+    with pytest.raises(ValueError, match="cannot read"):
+        load_model_config("/nonexistent/models.config")

@@ -1,0 +1,180 @@
+"""Running the broker as an operator would: limits, gunicorn frontends, restarts, shutdown, demo."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+import numpy as np
+import pytest
+
+from frontend.client import Client
+from tests.conftest import (ROOT, BrokerProcess, children_of, free_port, pid_alive, process_title,
+                            wait_for)
+
+
+def batching_file(tmp: Path, **values: int) -> str:
+    path = tmp / "batching.config"
+    path.write_text("".join(f"{k} {{ value: {v} }}\n" for k, v in values.items()))
+    return f"--batching_parameters_file={path}"
+
+
+def test_lone_request_does_not_wait_and_a_full_queue_answers_503(start_broker: Any, test_models: Path,
+                                                                   tmp_path: Path) -> None:
+    broker = start_broker([
+        "--model_name=batch_reporter", f"--model_base_path={test_models / 'batch_reporter'}",
+        batching_file(tmp_path, max_batch_size=4, batch_timeout_micros=2_000_000, max_enqueued_batches=1)],
+        frontends=1)
+    broker.wait_available(["batch_reporter"])
+    started = time.monotonic()
+    response = broker.predict("batch_reporter", {"instances": [1.0]})
+    elapsed = time.monotonic() - started
+    assert response.json() == {"predictions": [1.0]}
+    assert elapsed < 1.5, f"a lone request waited {elapsed:.2f} s for company (timeout is 2 s)"
+
+    with Client(broker.address, timeout_s=30) as client:
+        def call(_: int) -> str:
+            try:
+                client.predict("batch_reporter", {"x": np.zeros(1, np.float32)})
+                return "ok"
+            except Exception as exc:  # noqa: BLE001 - the test counts error kinds
+                return f"{type(exc).__name__}: {exc}"
+
+        with ThreadPoolExecutor(32) as pool:
+            outcomes = list(pool.map(call, range(64)))
+    assert "ok" in outcomes
+    full = "Unavailable: The batch scheduling queue to which this task was submitted is full"
+    assert full in outcomes, sorted(set(outcomes))
+    assert set(outcomes) <= {"ok", full}
+    assert broker.predict("batch_reporter", {"instances": [1.0]}).status_code == 200
+
+
+@pytest.fixture()
+def gunicorn_frontends(tmp_path: Path) -> Iterator[Any]:
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def start(address: str, workers: int = 2) -> tuple[subprocess.Popen[bytes], str]:
+        port = free_port()
+        env = {**os.environ, "TFBROKER_ADDRESS": address, "TFBROKER_FRONTENDS": str(workers),
+               "TFBROKER_BIND": f"127.0.0.1:{port}", "TFBROKER_TIMEOUT_MS": "10000"}
+        log = open(tmp_path / "gunicorn.log", "wb")  # noqa: SIM115 - closed with the process
+        process = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "ops/gunicorn.conf.py",
+                                    "frontend.app:app"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        process.log = log  # type: ignore[attr-defined]
+        processes.append(process)
+        return process, f"http://127.0.0.1:{port}"
+
+    yield start
+    for process in processes:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+        process.log.close()  # type: ignore[attr-defined]
+
+
+def test_gunicorn_frontends_without_batching_survive_a_broker_restart(
+        start_broker: Any, gunicorn_frontends: Any, test_models: Path, tmp_path: Path) -> None:
+    args = ["--model_name=batch_reporter", f"--model_base_path={test_models / 'batch_reporter'}",
+            "--enable_batching=false"]
+    broker: BrokerProcess = start_broker(args, frontends=0)
+    gunicorn, url = gunicorn_frontends(broker.address, workers=2)
+    http = httpx.Client(base_url=url, timeout=15)
+
+    def ready() -> bool:
+        try:
+            return http.post("/v1/models/batch_reporter:predict", json={"instances": [1.0]}).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(ready, 120, "gunicorn frontends to serve through the broker")
+        titles = sorted(process_title(pid) for pid in children_of(gunicorn.pid))
+        assert titles == ["tfbroker: frontend:1", "tfbroker: frontend:2"]
+
+        def batch_size(_: int) -> int:
+            response = http.post("/v1/models/batch_reporter:predict", json={"instances": [1.0, 2.0]})
+            return int(response.json()["predictions"][0])
+
+        with ThreadPoolExecutor(16) as pool:
+            assert set(pool.map(batch_size, range(64))) == {2}, "with batching off, requests run alone"
+
+        # A new broker on the same sockets: the frontends reconnect by themselves.
+        runtime_dir = broker.runtime_dir
+        broker.process.send_signal(signal.SIGTERM)
+        broker.process.wait(timeout=30)
+        assert http.post("/v1/models/batch_reporter:predict", json={"instances": [1.0]}).status_code == 503
+        second = start_broker([*args, f"--runtime_dir={runtime_dir}"], frontends=0)
+        wait_for(ready, 120, "the frontends to reach the restarted broker")
+        assert gunicorn.poll() is None
+        assert second.pid != broker.pid
+    finally:
+        http.close()
+
+
+def test_sigterm_stops_the_broker_and_all_its_children(start_broker: Any, test_models: Path) -> None:
+    broker = start_broker(["--model_name=linear", f"--model_base_path={test_models / 'linear'}"], frontends=2)
+    broker.wait_available(["linear"])
+    children = children_of(broker.pid)
+    assert len(children) == 3  # one worker, two frontends
+    broker.process.send_signal(signal.SIGTERM)
+    assert broker.process.wait(timeout=30) == 0
+    wait_for(lambda: not any(pid_alive(pid) for pid in children), 15, "children to exit")
+
+
+def test_children_die_with_a_killed_broker(start_broker: Any, test_models: Path) -> None:
+    broker = start_broker(["--model_name=linear", f"--model_base_path={test_models / 'linear'}"], frontends=1)
+    broker.wait_available(["linear"])
+    children = children_of(broker.pid)
+    os.kill(broker.pid, signal.SIGKILL)
+    broker.process.wait(timeout=10)
+    wait_for(lambda: not any(pid_alive(pid) for pid in children), 15, "orphaned children to exit")
+
+
+def test_demo_mode_makes_its_models_and_serves_them(start_broker: Any, tmp_path: Path) -> None:
+    broker = start_broker([f"--demo_models_dir={tmp_path / 'demo'}"], frontends=1)
+    broker.wait_available(["half_plus_two", "mlp"], timeout_s=180)
+    assert broker.predict("half_plus_two", {"instances": [1.0, 2.0, 5.0]}).json() == {"predictions": [2.5, 3.0, 4.5]}
+    response = broker.predict("mlp", {"instances": [[0.0] * 16]})
+    assert response.status_code == 200 and len(response.json()["predictions"][0]) == 4
+    wait_for(lambda: "curl -d" in broker.log(), 10, "the broker to print how to call it")
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--model_config_file=/nonexistent.config"], "cannot read model config file"),
+    (["--model_name=m"], "go together"),
+])
+def test_bad_configuration_exits_with_a_clear_message(args: list[str], message: str, tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "broker", f"--runtime_dir={tmp_path}", *args],
+                            cwd=ROOT, capture_output=True, timeout=60)
+    assert result.returncode != 0
+    assert message in result.stderr.decode()
+
+
+def test_bad_batching_file_exits_with_a_clear_message(tmp_path: Path) -> None:
+    config = tmp_path / "batching.config"
+    config.write_text("max_batch_size { value: 8 }\nallowed_batch_sizes: 4\n")
+    result = subprocess.run([sys.executable, "-m", "broker", f"--runtime_dir={tmp_path}", "--model_name=m",
+                             "--model_base_path=/nowhere", f"--batching_parameters_file={config}"],
+                            cwd=ROOT, capture_output=True, timeout=60)
+    assert result.returncode == 3
+    assert "allowed_batch_sizes must end with max_batch_size (8)" in result.stderr.decode()
+
+
+def test_a_second_broker_on_the_same_runtime_dir_is_refused(start_broker: Any, test_models: Path) -> None:
+    broker = start_broker(["--model_name=linear", f"--model_base_path={test_models / 'linear'}"], frontends=0)
+    wait_for(lambda: (broker.runtime_dir / "frontend.sock").exists(), 30, "the first broker's socket")
+    result = subprocess.run([sys.executable, "-m", "broker", f"--runtime_dir={broker.runtime_dir}",
+                             "--model_name=linear", f"--model_base_path={test_models / 'linear'}", "--frontends=0"],
+                            cwd=ROOT, capture_output=True, timeout=60)
+    assert result.returncode == 3
+    assert "another broker is running" in result.stderr.decode()
