@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import sys
 import time
@@ -41,6 +42,7 @@ class Fleet:
         self._frontends: list[Child] = []
         self._listener: socket.socket | None = None
         self._announced = False
+        self._stopping = False
 
     # --- start and stop ---
 
@@ -76,13 +78,24 @@ class Fleet:
         return self._listener.getsockname()[1] if self._listener else self.config.rest_api_port
 
     def stop_frontends(self) -> None:
-        stop_children(self._frontends, self.config.shutdown_grace_s)
+        """SIGTERM the frontends without waiting: they finish their open requests while the
+        broker keeps serving them, and are not restarted."""
+        self._stopping = True
+        for child in self._frontends:
+            child.restart_at = 0.0
+            if child.running and child.process is not None:
+                child.process.send_signal(signal.SIGTERM)
         if self._listener is not None:
             self._listener.close()
+            self._listener = None
+
+    def frontends_running(self) -> bool:
+        return any(child.process is not None and child.process.poll() is None for child in self._frontends)
 
     def stop(self) -> None:
-        """Frontends first (they finish their requests), then the workers."""
+        """Whatever frontend is left, then the workers (after the batches in hand)."""
         self.stop_frontends()
+        stop_children(self._frontends, grace_s=1.0)
         for served in self.serving:
             if served.worker is not None and served.worker.ready:
                 self.broker.send_disconnect(served.worker)
@@ -125,8 +138,9 @@ class Fleet:
             if link is not None and link.ready and now - link.last_sent >= self.config.heartbeat_interval_s:
                 self.broker.send_heartbeat(link, now)
         for child, code in reap_children(self._frontends):
-            log.error("%s (pid %s) exited with code %d; restarting", child.name, child.pid, code)
-            schedule_restart(child, now)
+            if not self._stopping:
+                log.error("%s (pid %s) exited with code %d; restarting", child.name, child.pid, code)
+                schedule_restart(child, now)
 
     # --- implementation ---
 
@@ -155,9 +169,7 @@ class Fleet:
         for child, code in reap_children([s.worker.child for s in links.values() if s.worker]):
             served = links[child.pid]
             was_ready = served.worker is not None and served.worker.ready
-            from broker.server import fail_version
-
-            fail_version(self.broker, served, Unavailable(
+            self.broker.fail_version(served, Unavailable(
                 f"model {served.model} version {served.version} is unavailable: its worker exited "
                 f"(code {code}) and is restarting"))
             if served.worker is not None:
@@ -235,14 +247,14 @@ def bind_http(host: str, port: int) -> socket.socket:
 
 
 def _example_body(served: ServedVersion) -> str:
+    """A request body for the ready message, for a model with one numeric input of rank 1 or 2."""
     signature = served.signatures.get("serving_default")
     if not signature or len(signature["inputs"]) != 1:
         return ""
     dtype, shape = next(iter(signature["inputs"].values()))
-    if dtype == "string":
+    if dtype == "string" or shape is None or not 1 <= len(shape) <= 2:
         return ""
-    width = 1
-    for d in (shape or [])[1:]:
-        width *= d if d > 0 else 1
-    row = "1.0" if width == 1 and (shape is None or len(shape) <= 2) else "[" + ", ".join(["1.0"] * width) + "]"
-    return f'{{"instances": [{row}, {row}]}}' if len(shape or []) <= 2 else ""
+    if len(shape) == 1 or shape[1] in (-1, 1):
+        return '{"instances": [1.0, 2.0, 5.0]}'
+    row = "[" + ", ".join(["0.5"] * shape[1]) + "]"
+    return f'{{"instances": [{row}]}}'

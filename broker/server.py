@@ -22,7 +22,7 @@ from broker.batching import Batch, BatchQueue, Task
 from broker.config import BatchingParameters, ModelConfig, ServerConfig
 from broker.errors import DeadlineExceeded, NotFound, ProtocolError, TFBrokerError, Unavailable
 from broker.fleet import Fleet
-from broker.models import ServedModel, ServedVersion, VersionState, WorkerLink, check_inputs
+from broker.models import ServedModel, ServedVersion, WorkerLink, check_inputs
 
 log = logging.getLogger("tfbroker.broker")
 
@@ -51,7 +51,8 @@ class Broker:
         self.batches_formed = 0
         self.rows_dispatched = 0
         self._batch_ids = itertools.count(1)
-        self._stopping = False
+        self._stop_requested_at: float | None = None
+        self._stop_now = False
         self._context = zmq.Context()
         self.frontend = self._context.socket(zmq.ROUTER)
         self.backend = self._context.socket(zmq.ROUTER)
@@ -78,7 +79,7 @@ class Broker:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self.handle_signal)
         self.fleet.start()
-        while not self._stopping:
+        while not self._stop_now:
             events = dict(self._poller.poll(self._poll_timeout_ms()))
             if self.frontend in events:
                 self._process_frontend()
@@ -88,7 +89,7 @@ class Broker:
             self._dispatch(now)
             if now >= self._next_housekeeping:
                 self._housekeeping(now)
-            self._handle_signals()
+            self._handle_signals(now)
         self._shutdown()
 
     def close(self) -> None:
@@ -305,33 +306,42 @@ class Broker:
                     self.fail_tasks(expired, DeadlineExceeded(
                         "Deadline exceeded while the request waited in the batch queue"))
 
-    def _handle_signals(self) -> None:
+    def _handle_signals(self, now: float) -> None:
         while not self.signals.empty():
             signum = self.signals.get()
-            log.info("received %s; shutting down", signal.Signals(signum).name)
-            self._stopping = True
+            if self._stop_requested_at is None:
+                log.info("received %s; draining the frontends, then stopping", signal.Signals(signum).name)
+                self._stop_requested_at = now
+                self.fleet.stop_frontends()
+            else:
+                log.info("received %s again; stopping now", signal.Signals(signum).name)
+                self._stop_now = True
+        if self._stop_requested_at is not None and not self._stop_now:
+            # Keep serving while the frontends finish their open requests, within the grace time.
+            idle = not self.fleet.frontends_running() and not self._work_left()
+            self._stop_now = idle or now - self._stop_requested_at > self.config.shutdown_grace_s
+
+    def _work_left(self) -> bool:
+        for served in self.fleet.serving:
+            if any(len(queue_) for queue_ in served.queues.values()):
+                return True
+            if served.worker is not None and served.worker.in_flight:
+                return True
+        return False
 
     def _shutdown(self) -> None:
         self.fleet.stop()
-        for model in self.models.values():
-            for served in model.versions.values():
-                for queue_ in served.queues.values():
-                    self.fail_tasks(queue_.drain(), Unavailable("the server is shutting down"))
-                if served.worker is not None:
-                    for tasks in served.worker.in_flight.values():
-                        self.fail_tasks(tasks, Unavailable("the server is shutting down"))
-                    served.worker.in_flight.clear()
+        for served in self.fleet.serving:
+            self.fail_version(served, Unavailable("the server is shutting down"))
         log.info("stopped")
 
+    def fail_version(self, served: ServedVersion, error: TFBrokerError) -> None:
+        """Answer every request queued for or running on ``served`` with ``error``."""
+        for queue_ in served.queues.values():
+            self.fail_tasks(queue_.drain(), error)
+        if served.worker is not None:
+            for tasks in served.worker.in_flight.values():
+                self.fail_tasks(tasks, error)
+            served.worker.in_flight.clear()
 
-def fail_version(broker: Broker, served: ServedVersion, error: TFBrokerError) -> None:
-    """Answer every request queued for or running on ``served`` with ``error``."""
-    for queue_ in served.queues.values():
-        broker.fail_tasks(queue_.drain(), error)
-    if served.worker is not None:
-        for tasks in served.worker.in_flight.values():
-            broker.fail_tasks(tasks, error)
-        served.worker.in_flight.clear()
 
-
-__all__ = ["Broker", "fail_version", "VersionState"]

@@ -178,3 +178,32 @@ def test_a_second_broker_on_the_same_runtime_dir_is_refused(start_broker: Any, t
                             cwd=ROOT, capture_output=True, timeout=60)
     assert result.returncode == 3
     assert "another broker is running" in result.stderr.decode()
+
+
+def test_sigterm_lets_accepted_requests_finish(start_broker: Any, test_models: Path) -> None:
+    broker = start_broker(["--model_name=batch_reporter", f"--model_base_path={test_models / 'batch_reporter'}"],
+                          frontends=2)
+    broker.wait_available(["batch_reporter"])
+    stop_at = time.monotonic() + 3.0
+
+    def hammer(_: int) -> list[int]:
+        statuses = []
+        with httpx.Client(base_url=broker.base_url, timeout=30) as http:
+            while time.monotonic() < stop_at:
+                try:
+                    response = http.post("/v1/models/batch_reporter:predict", json={"instances": [1.0]})
+                except httpx.TransportError:
+                    statuses.append(0)  # not accepted: the listener is closed
+                    time.sleep(0.05)
+                    continue
+                statuses.append(response.status_code)
+        return statuses
+
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(hammer, i) for i in range(8)]
+        time.sleep(1.0)
+        broker.process.send_signal(signal.SIGTERM)
+        statuses = [s for f in futures for s in f.result(timeout=60)]
+    assert broker.process.wait(timeout=30) == 0
+    assert statuses.count(200) > 0
+    assert set(statuses) <= {0, 200}, f"accepted requests finish during shutdown: {sorted(set(statuses))}"
