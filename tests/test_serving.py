@@ -306,3 +306,21 @@ def test_killed_worker_fails_in_flight_requests_with_503_and_comes_back(served: 
     assert new_pid != old_pid
     with Client(served.address, timeout_s=20) as client:
         assert client.predict("batch_reporter", {"x": np.zeros(1, np.float32)}).outputs["y"].shape == (1,)
+
+
+def test_client_made_before_a_fork_works_in_the_child(served: BrokerProcess) -> None:
+    """As under gunicorn's preload: the client was used in the parent, then the process forked."""
+    client = Client(served.address, timeout_s=10)
+    assert client.predict("linear", {"x": np.ones(1, np.float32)}).outputs["y"].tolist() == [3.5]
+    pid = os.fork()
+    if pid == 0:  # the child: exit code 0 only if the inherited client works here
+        ok = False
+        try:
+            ok = client.predict("linear", {"x": np.ones(2, np.float32)}).outputs["y"].tolist() == [3.5, 3.5]
+        except BaseException:  # noqa: BLE001 - the child must never return into pytest
+            pass
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert client.predict("linear", {"x": np.zeros(1, np.float32)}).outputs["y"].tolist() == [3.0]
+    client.close()

@@ -7,7 +7,9 @@ Used by ``python -m broker`` with no model flags (the demo), by the tests and by
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 
 import numpy as np
 import tensorflow as tf
@@ -58,8 +60,21 @@ def save_mlp(path: str, *, input_dim: int = 256, hidden: int = 1024, layers: int
 
 
 def make_demo_models(directory: str) -> None:
-    save_linear(os.path.join(directory, "half_plus_two", "1"))
-    save_mlp(os.path.join(directory, "mlp", "1"), input_dim=16, hidden=64, layers=2, outputs=4)
+    """Each model is written beside its place and renamed into it, so an interrupted run
+    never leaves a half-written model that a later run would take for a finished one."""
+    builders = {
+        "half_plus_two": lambda path: save_linear(path),
+        "mlp": lambda path: save_mlp(path, input_dim=16, hidden=64, layers=2, outputs=4),
+    }
+    os.makedirs(directory, exist_ok=True)
+    for name, build in builders.items():
+        final = os.path.join(directory, name)
+        if os.path.isdir(os.path.join(final, "1")):
+            continue
+        staging = tempfile.mkdtemp(prefix=f".{name}-", dir=directory)
+        build(os.path.join(staging, "1"))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(staging, final)
 
 
 if __name__ == "__main__":
