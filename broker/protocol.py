@@ -27,6 +27,7 @@ Client (frontend or ``frontend.client``) to broker, on the broker's frontend ROU
               available version serves when both are absent.
     METADATA  {id, model, version?, label?}
     STATUS    {id, model, version?, label?}
+    STATS     {id}                     the broker's counters (monitoring, bench/)
     HEARTBEAT {}
 
 Broker to client:
@@ -34,6 +35,7 @@ Broker to client:
     REPLY     {id, model, version, outputs: [spec…]} + one frame per output      (REQUEST)
               {id, model, version, signature_def: {…}}                           (METADATA)
               {id, model, model_version_status: [{version, state, status}…]}     (STATUS)
+              {id, requests, batches, rows}                                      (STATS)
     ERROR     {id, code, message}     ``code`` is the HTTP status (see broker/errors.py)
     HEARTBEAT {}                      the answer to a client's HEARTBEAT
 
@@ -96,8 +98,10 @@ READY = b"\x07"
 BATCH = b"\x08"
 RESULT = b"\x09"
 DISCONNECT = b"\x0a"
+STATS = b"\x0b"
 
-COMMANDS = frozenset({REQUEST, REPLY, ERROR, METADATA, STATUS, HEARTBEAT, READY, BATCH, RESULT, DISCONNECT})
+COMMANDS = frozenset({REQUEST, REPLY, ERROR, METADATA, STATUS, HEARTBEAT, READY, BATCH, RESULT, DISCONNECT,
+                      STATS})
 
 STRING = "string"
 

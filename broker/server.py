@@ -48,6 +48,7 @@ class Broker:
         self.models = {m.name: ServedModel(m) for m in models}
         self.signals: queue.SimpleQueue[int] = queue.SimpleQueue()
         self.fleet = Fleet(self)
+        self.requests_admitted = 0
         self.batches_formed = 0
         self.rows_dispatched = 0
         self._batch_ids = itertools.count(1)
@@ -119,6 +120,8 @@ class Broker:
                 self._answer(client, message.header, self._metadata)
             elif command == protocol.STATUS:
                 self._answer(client, message.header, self._status)
+            elif command == protocol.STATS:
+                self._answer(client, message.header, self._stats)
 
     def _admit(self, client: bytes, message: protocol.Message, frames: list[Any]) -> None:
         header = message.header
@@ -134,6 +137,7 @@ class Broker:
             if queue_ is None:
                 queue_ = served.queues[signature] = BatchQueue(self.batching, batching=self.config.enable_batching)
             queue_.schedule(task, now)
+            self.requests_admitted += 1
         except TFBrokerError as exc:
             self._reply_error(client, request_id, exc)
 
@@ -177,6 +181,9 @@ class Broker:
                 raise NotFound(f"Could not find version {wanted} of model {name}")
         versions.sort(key=lambda v: v.version, reverse=True)
         return {"model": name, "model_version_status": [v.status_json() for v in versions]}
+
+    def _stats(self, header: dict[str, Any]) -> dict[str, Any]:
+        return {"requests": self.requests_admitted, "batches": self.batches_formed, "rows": self.rows_dispatched}
 
     def _reply_error(self, client: bytes, request_id: Any, error: TFBrokerError) -> None:
         body = protocol.packb({"id": request_id, "code": error.http_status, "message": error.message})

@@ -142,6 +142,11 @@ class AsyncClient:
         frames = encode_query(protocol.STATUS, request_id, model, version, label)
         return await self.request(request_id, frames, self.timeout_s)
 
+    async def stats(self) -> dict[str, Any]:
+        """The broker's counters: requests admitted, batches formed, rows batched."""
+        request_id = next(self._ids)
+        return await self.request(request_id, protocol.encode(protocol.STATS, {"id": request_id}), self.timeout_s)
+
     async def request(self, request_id: int, frames: list[Any], timeout_s: float) -> dict[str, Any]:
         """Send one message and wait for its answer: the transport seam of this client."""
         sock = self._ensure_socket()
@@ -273,6 +278,11 @@ class Client:
         request_id = next(self._ids)
         return self.request(request_id, encode_query(protocol.STATUS, request_id, model, version, label),
                             self.timeout_s)
+
+    def stats(self) -> dict[str, Any]:
+        """The broker's counters: requests admitted, batches formed, rows batched."""
+        request_id = next(self._ids)
+        return self.request(request_id, protocol.encode(protocol.STATS, {"id": request_id}), self.timeout_s)
 
     def request(self, request_id: int, frames: list[Any], timeout_s: float) -> dict[str, Any]:
         sock = self._thread_socket()

@@ -1,0 +1,28 @@
+"""``python -m bench``: tfbroker against the in-process limit and the naive baseline, in one run.
+
+Writes results.json, results.md and PNG plots to --out (default bench/results/), and prints
+the Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from bench.run import BenchConfig, run
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--out", default="bench/results", help="Directory for results and plots.")
+    parser.add_argument("--duration_s", type=float, default=5.0, help="Measured seconds per cell.")
+    parser.add_argument("--quick", action="store_true", help="A short smoke run: fewer servers and cells.")
+    parser.add_argument("--servers", default="", help="Comma-separated subset, e.g. naive-2,tfbroker-4,client.")
+    args = parser.parse_args(argv)
+    config = BenchConfig(out=args.out, duration_s=2.0 if args.quick else args.duration_s, quick=args.quick,
+                         servers=tuple(s for s in args.servers.split(",") if s))
+    sys.exit(run(config))
+
+
+if __name__ == "__main__":
+    main()

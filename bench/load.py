@@ -1,0 +1,70 @@
+"""Load generators: wrk (closed loop, one thread, C: it takes little of the CPU it measures)
+for HTTP, and bench.client_load for the Python client (closed loop, asyncio; it runs in
+Python and so takes a share of the same two cores: its own CPU is reported beside)."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+from bench.servers import ROOT
+
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = [==[%s]==]
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    '{"requests": %%d, "duration_s": %%f, "errors": %%d, "p50_ms": %%f, "p99_ms": %%f}\\n',
+    summary.requests, summary.duration / 1e6, e.connect + e.read + e.write + e.timeout + e.status,
+    latency:percentile(50) / 1000, latency:percentile(99) / 1000))
+end
+"""
+
+
+def wrk(url: str, body: str, concurrency: int, duration_s: float) -> dict[str, Any]:
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(WRK_SCRIPT % body)
+    try:
+        before = _children_cpu_s()
+        result_ = subprocess.run(
+            ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(duration_s))}s", "--timeout", "10s",
+             "-s", script.name, url], capture_output=True, timeout=duration_s + 60)
+        out, err = result_.stdout, result_.stderr
+        load_cpu = _children_cpu_s() - before
+    finally:
+        os.unlink(script.name)
+    last = out.decode().strip().splitlines()[-1] if out else ""
+    if not last.startswith("{"):
+        raise RuntimeError(f"wrk failed: {err.decode()[-500:]}")
+    result = json.loads(last)
+    result["load_cpu_s"] = load_cpu
+    return result
+
+
+def _children_cpu_s() -> float:
+    """CPU of this process's reaped children: around one wrk run, that is wrk's own."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def client_load(address: str, probe: str, instances: int, concurrency: int, duration_s: float) -> dict[str, Any]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bench.client_load", address, probe, str(instances), str(concurrency),
+         str(duration_s)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    started = time.monotonic()
+    out, err = process.communicate(timeout=duration_s + 120)
+    if process.returncode != 0:
+        raise RuntimeError(f"client load failed: {err.decode()[-800:]}")
+    result = json.loads(out.decode().strip().splitlines()[-1])
+    result["wall_s"] = time.monotonic() - started
+    return result
+
+

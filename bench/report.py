@@ -1,0 +1,104 @@
+"""The benchmark's Markdown table and PNG plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+ROLES = ("frontends", "broker", "worker", "workers", "master")
+
+
+def reference_batch(cell: dict[str, Any]) -> int:
+    """The in-process batch size a cell is compared with: the request's own rows, or for
+    one-instance requests the batch their concurrency can form (at most 64 rows)."""
+    return cell["instances"] if cell["instances"] > 1 else min(cell["concurrency"], 64)
+
+
+def enrich(results: dict[str, Any]) -> list[dict[str, Any]]:
+    inprocess = {row["batch_size"]: row for row in results["inprocess"]}
+    cells = results["cells"]
+    naive = {(c["instances"], c["concurrency"]): c for c in cells if c["server"] == "naive-2"}
+    for cell in cells:
+        cell["rps"] = cell["requests"] / cell["duration_s"]
+        cell["samples_per_s"] = cell["rps"] * cell["instances"]
+        base = naive.get((cell["instances"], cell["concurrency"]))
+        cell["x_naive2"] = cell["rps"] / (base["requests"] / base["duration_s"]) if base else None
+        limit = inprocess.get(reference_batch(cell))
+        cell["x_inprocess"] = cell["samples_per_s"] / limit["samples_per_s"] if limit else None
+    return cells
+
+
+def markdown(results: dict[str, Any]) -> str:
+    cells = enrich(results)
+    lines = ["## In-process limit (serving signature called directly)", "",
+             "| batch | samples/s | latency p50 ms | CPU ms/sample |", "| ---: | ---: | ---: | ---: |"]
+    for row in results["inprocess"]:
+        lines.append(f"| {row['batch_size']} | {row['samples_per_s']:.0f} | {row['latency_p50_ms']:.2f} | "
+                     f"{row['cpu_ms_per_sample']:.3f} |")
+    lines += ["", f"## Served ({results['duration_s']:.0f} s per cell, {results['cpus']} CPUs, "
+              "load from wrk -t1 or bench.client_load, closed loop)", "",
+              "| server | inst/req | conc | req/s | samples/s | p50 ms | p99 ms | errors | PSS MB | "
+              "CPU ms/req by role | load gen CPU ms/req | mean batch | × naive-2 | × in-process |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
+    for c in cells:
+        roles = ", ".join(f"{r} {c['cpu_ms_per_request'][r]:.3f}" for r in ROLES if r in c["cpu_ms_per_request"])
+        errors = c["errors"] + c.get("wrong", 0)
+        lines.append(
+            f"| {c['server']} | {c['instances']} | {c['concurrency']} | {c['rps']:.0f} | {c['samples_per_s']:.0f} | "
+            f"{c['p50_ms']:.2f} | {c['p99_ms']:.2f} | {errors} | {c['pss_mb']:.0f} | {roles} | "
+            f"{c['load_cpu_s'] * 1000 / max(1, c['requests']):.3f} | "
+            f"{_fmt(c.get('mean_batch_rows'), '.1f')} | {_fmt(c['x_naive2'], '.2f')} | {_fmt(c['x_inprocess'], '.2f')} |")
+    lines += ["", "× in-process compares samples/s with the in-process limit at the request's own batch size "
+              "(one-instance requests: min(concurrency, 64)). Errors count non-200 answers, socket errors and, "
+              "for the client, answers that differ from in-process TensorFlow.", "",
+              "## Memory (total PSS of the server's process tree after the load)", "",
+              "| server | PSS MB |", "| --- | ---: |"]
+    lines += [f"| {m['server']} | {m['pss_mb']:.0f} |" for m in results["memory"]]
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
+def plots(results: dict[str, Any], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = enrich(results)
+    servers = sorted({c["server"] for c in cells}, key=lambda s: (s.split("-")[0], s))
+    for metric, label, filename in (("rps", "requests/s", "throughput.png"), ("p99_ms", "p99 latency (ms)", "latency.png")):
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+        for ax, instances in zip(axes, (1, 32)):
+            for server in servers:
+                points = sorted((c["concurrency"], c[metric]) for c in cells
+                                if c["server"] == server and c["instances"] == instances)
+                if points:
+                    ax.plot(*zip(*points), marker="o", label=server)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("concurrency")
+            ax.set_ylabel(label)
+            ax.set_title(f"{instances} instance(s) per request")
+            ax.grid(alpha=0.3)
+            if metric == "p99_ms":
+                ax.set_yscale("log")
+        axes[0].legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / filename, dpi=110)
+        plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for kind in ("naive", "tfbroker"):
+        points = sorted((int(m["server"].split("-")[1]), m["pss_mb"]) for m in results["memory"]
+                        if m["server"].startswith(kind + "-"))
+        if points:
+            ax.plot(*zip(*points), marker="o", label=f"{kind} ({'workers' if kind == 'naive' else 'frontends'})")
+    ax.set_xlabel("HTTP processes")
+    ax.set_ylabel("total PSS (MB)")
+    ax.set_title("Memory against the number of HTTP processes")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "memory.png", dpi=110)
+    plt.close(fig)

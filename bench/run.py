@@ -1,0 +1,176 @@
+"""The benchmark run: model, in-process limit, then each server alone under the same load."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from bench import report
+from bench.load import client_load, wrk
+from bench.servers import ROOT, Server, cpu_by_role, naive_server, tfbroker_server, total_pss_mb
+from frontend.client import Client
+
+SERVERS = ("naive-2", "naive-4", "tfbroker-2", "tfbroker-4", "tfbroker-8", "client")
+QUICK_SERVERS = ("naive-2", "tfbroker-2", "client")
+CONCURRENCY = (1, 16, 64)
+CLIENT_CONCURRENCY = (1, 16, 64, 256)
+INSTANCES = (1, 32)
+PORT = 18501
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    out: str
+    duration_s: float
+    quick: bool
+    servers: tuple[str, ...] = ()
+
+
+def run(config: BenchConfig) -> int:
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="tfb-bench-"))
+    try:
+        model_base = work / "mlp"
+        log(f"making the mlp model in {model_base}")
+        _python("-c", f"from workers.demo_models import save_mlp; save_mlp({str(model_base / '1')!r})")
+        probe = _make_probe(work)
+        log("measuring the in-process limit")
+        _python("-m", "bench.inprocess", str(model_base / "1"), str(work / "inprocess.json"),
+                "--probe_in", str(work / "probe_in.npz"), "--probe_out", str(work / "probe_out.npz"))
+        inprocess = json.loads((work / "inprocess.json").read_text())
+        with np.load(work / "probe_in.npz") as xs, np.load(work / "probe_out.npz") as ys:
+            np.savez(probe, **{k: xs[k] for k in xs.files}, **{"y" + k[1:]: ys[k] for k in ys.files})
+        names = config.servers or (QUICK_SERVERS if config.quick else SERVERS)
+        cells: list[dict[str, Any]] = []
+        memory: list[dict[str, Any]] = []
+        for name in names:
+            server = _server(name, str(model_base), work)
+            log(f"starting {name}")
+            server.start()
+            try:
+                _check_answers(server, probe)
+                if name == "client":
+                    cells += _client_series(server, probe, config)
+                else:
+                    cells += _http_series(server, probe, config)
+                memory.append({"server": name, "pss_mb": total_pss_mb(server.process.pid)})  # type: ignore[union-attr]
+            finally:
+                server.stop()
+        results = {"inprocess": inprocess, "cells": cells, "memory": memory,
+                   "duration_s": config.duration_s, "cpus": os.cpu_count()}
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        table = report.markdown(results)
+        (out / "results.md").write_text(table)
+        report.plots(results, out)
+        print(table)
+        log(f"results in {out}/: results.json, results.md, throughput.png, latency.png, memory.png")
+        return 0
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def _python(*args: str) -> None:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, timeout=600)
+    if result.returncode != 0:
+        raise RuntimeError(result.stderr.decode(errors="replace")[-2000:])
+
+
+def _make_probe(work: Path) -> Path:
+    rng = np.random.default_rng(2)
+    np.savez(work / "probe_in.npz", **{f"x{n}": rng.standard_normal((n, 256)).astype(np.float32) for n in INSTANCES})
+    return work / "probe.npz"
+
+
+def _server(name: str, model_base: str, work: Path) -> Server:
+    kind, _, count = name.partition("-")
+    runtime = tempfile.mkdtemp(prefix="tfb-", dir="/tmp")
+    if kind == "naive":
+        return naive_server(model_base + "/1", int(count), PORT)
+    if kind == "tfbroker":
+        return tfbroker_server(model_base, int(count), PORT, runtime)
+    if kind == "client":  # the broker alone: the Python client is its only caller
+        server = tfbroker_server(model_base, 1, PORT, runtime)
+        server.name = "client"
+        return server
+    raise ValueError(f"unknown server {name!r}; choose from {', '.join(SERVERS)}")
+
+
+def _body(x: np.ndarray) -> str:
+    return json.dumps({"instances": x.tolist()})
+
+
+def _check_answers(server: Server, probe: Path) -> None:
+    """Every server must give in-process TensorFlow's answers before it is measured."""
+    with np.load(probe) as data, httpx.Client(timeout=30) as http:
+        for n in INSTANCES:
+            response = http.post(server.url, content=_body(data[f"x{n}"]))
+            got = np.array(response.json()["predictions"], np.float32)
+            if not np.allclose(got, data[f"y{n}"], rtol=1e-4, atol=1e-4):
+                raise RuntimeError(f"{server.name} gave wrong answers for {n} instances")
+
+
+def _broker_stats(server: Server) -> dict[str, int] | None:
+    if not server.address:
+        return None
+    with Client(server.address, timeout_s=5) as client:
+        return client.stats()
+
+
+def _measure(server: Server, config: BenchConfig, load: Any) -> dict[str, Any]:
+    root = server.process.pid  # type: ignore[union-attr]
+    stats0, cpu0 = _broker_stats(server), cpu_by_role(root)
+    result = load()
+    cpu1, stats1 = cpu_by_role(root), _broker_stats(server)
+    requests = max(1, result["requests"])
+    result["cpu_ms_per_request"] = {role: (cpu1.get(role, 0.0) - cpu0.get(role, 0.0)) * 1000 / requests
+                                    for role in cpu1 if role != "other"}
+    if stats0 and stats1 and stats1["batches"] > stats0["batches"]:
+        result["mean_batch_rows"] = (stats1["rows"] - stats0["rows"]) / (stats1["batches"] - stats0["batches"])
+    result["pss_mb"] = total_pss_mb(root)
+    return result
+
+
+def _http_series(server: Server, probe: Path, config: BenchConfig) -> list[dict[str, Any]]:
+    cells = []
+    with np.load(probe) as data:
+        bodies = {n: _body(data[f"x{n}"]) for n in INSTANCES}
+    wrk(server.url, bodies[1], 16, 2)  # warm up
+    for n in INSTANCES:
+        for c in CONCURRENCY:
+            cell = _measure(server, config, lambda: wrk(server.url, bodies[n], c, config.duration_s))
+            cell.update(server=server.name, instances=n, concurrency=c)
+            cells.append(cell)
+            log(f"{server.name} n={n} c={c}: {cell['requests'] / cell['duration_s']:.0f} req/s, "
+                f"p50 {cell['p50_ms']:.2f} ms, p99 {cell['p99_ms']:.2f} ms, errors {cell['errors']}")
+    return cells
+
+
+def _client_series(server: Server, probe: Path, config: BenchConfig) -> list[dict[str, Any]]:
+    cells = []
+    client_load(server.address, str(probe), 1, 16, 2)  # warm up
+    for n in INSTANCES:
+        for c in CLIENT_CONCURRENCY:
+            cell = _measure(server, config, lambda: client_load(server.address, str(probe), n, c, config.duration_s))
+            cell.update(server="client", instances=n, concurrency=c)
+            cells.append(cell)
+            log(f"client n={n} c={c}: {cell['requests'] / cell['duration_s']:.0f} req/s, "
+                f"p50 {cell['p50_ms']:.2f} ms, p99 {cell['p99_ms']:.2f} ms, errors {cell['errors']}, "
+                f"wrong {cell['wrong']}")
+    return cells

@@ -1,0 +1,146 @@
+"""Servers under test, one at a time: start, wait until they answer, measure their process tree, stop."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def tree(pid: int) -> list[int]:
+    """pid and all its descendants."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    found, frontier = [pid], [pid]
+    while frontier:
+        frontier = [child for child, parent in parents.items() if parent in frontier]
+        found.extend(frontier)
+    return found
+
+
+def title(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def role(pid: int) -> str:
+    text = title(pid)
+    for prefix, name in (("tfbroker: frontend", "frontends"), ("tfbroker: broker", "broker"),
+                         ("tfbroker: worker", "worker"), ("gunicorn: master", "master"),
+                         ("gunicorn: worker", "workers")):
+        if text.startswith(prefix):
+            return name
+    return "other"
+
+
+def cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def pss_bytes(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def cpu_by_role(root: int) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    for pid in tree(root):
+        totals[role(pid)] = totals.get(role(pid), 0.0) + cpu_seconds(pid)
+    return totals
+
+
+def total_pss_mb(root: int) -> float:
+    return sum(pss_bytes(pid) for pid in tree(root)) / 2**20
+
+
+@dataclass
+class Server:
+    name: str
+    argv: list[str]
+    url: str
+    env: dict[str, str] = field(default_factory=dict)
+    address: str = ""  # the broker's ZeroMQ address, for the Python client
+    process: subprocess.Popen[bytes] | None = None
+    log_path: str = ""
+
+    def start(self, timeout_s: float = 180.0) -> None:
+        fd, self.log_path = tempfile.mkstemp(prefix=f"bench-{self.name}-", suffix=".log")
+        self.process = subprocess.Popen(self.argv, cwd=ROOT, env={**os.environ, **self.env},
+                                        stdout=fd, stderr=subprocess.STDOUT)
+        os.close(fd)
+        deadline = time.monotonic() + timeout_s
+        with httpx.Client(timeout=5) as http:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"{self.name} exited; see {self.log_path}")
+                try:
+                    if http.post(self.url, json={"instances": [[0.0] * 256]}).status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.2)
+        raise RuntimeError(f"{self.name} did not answer within {timeout_s:.0f} s; see {self.log_path}")
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        pids = tree(self.process.pid)
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        for pid in pids[1:]:  # nothing may outlive the run
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        os.unlink(self.log_path)
+
+
+def naive_server(model_dir: str, workers: int, port: int) -> Server:
+    return Server(
+        name=f"naive-{workers}",
+        argv=[sys.executable, "-m", "gunicorn", "-k", "uvicorn_worker.UvicornWorker", "-w", str(workers),
+              "-b", f"127.0.0.1:{port}", "--timeout", "120", "bench.naive_app:app"],
+        url=f"http://127.0.0.1:{port}/v1/models/mlp:predict",
+        env={"BENCH_MODEL_DIR": model_dir, "TF_CPP_MIN_LOG_LEVEL": "2"})
+
+
+def tfbroker_server(base_path: str, frontends: int, port: int, runtime_dir: str,
+                    extra: list[str] | None = None) -> Server:
+    return Server(
+        name=f"tfbroker-{frontends}",
+        argv=[sys.executable, "-m", "broker", "--model_name=mlp", f"--model_base_path={base_path}",
+              f"--rest_api_port={port}", "--rest_api_host=127.0.0.1", f"--frontends={frontends}",
+              f"--runtime_dir={runtime_dir}", "--log_level=warning", *(extra or [])],
+        url=f"http://127.0.0.1:{port}/v1/models/mlp:predict",
+        env={"TF_CPP_MIN_LOG_LEVEL": "2"},
+        address=f"ipc://{runtime_dir}/frontend.sock")
