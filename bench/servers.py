@@ -15,6 +15,10 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+# Every server's TensorFlow gets one thread per op and one op at a time: on a small host
+# the model shares the cores with HTTP and the broker (or with the other naive workers),
+# and spinning thread pools only take CPU from them. The in-process limit keeps TF's default.
+SERVER_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}
 
 
 def tree(pid: int) -> list[int]:
@@ -131,7 +135,7 @@ def naive_server(model_dir: str, workers: int, port: int) -> Server:
         argv=[sys.executable, "-m", "gunicorn", "-k", "uvicorn_worker.UvicornWorker", "-w", str(workers),
               "-b", f"127.0.0.1:{port}", "--timeout", "120", "bench.naive_app:app"],
         url=f"http://127.0.0.1:{port}/v1/models/mlp:predict",
-        env={"BENCH_MODEL_DIR": model_dir, "TF_CPP_MIN_LOG_LEVEL": "2"})
+        env={"BENCH_MODEL_DIR": model_dir, **SERVER_ENV})
 
 
 def tfbroker_server(base_path: str, frontends: int, port: int, runtime_dir: str,
@@ -142,5 +146,5 @@ def tfbroker_server(base_path: str, frontends: int, port: int, runtime_dir: str,
               f"--rest_api_port={port}", "--rest_api_host=127.0.0.1", f"--frontends={frontends}",
               f"--runtime_dir={runtime_dir}", "--log_level=warning", *(extra or [])],
         url=f"http://127.0.0.1:{port}/v1/models/mlp:predict",
-        env={"TF_CPP_MIN_LOG_LEVEL": "2"},
+        env=SERVER_ENV,
         address=f"ipc://{runtime_dir}/frontend.sock")

@@ -106,6 +106,10 @@ class ServerConfig:
         "Batch requests per (model, version, signature); false runs each request alone."))
     batching_parameters_file: str = field(default="", metadata=_help(
         "TF Serving text-protobuf BatchingParameters; unset fields keep our defaults."))
+    tensorflow_intra_op_parallelism: int = field(default=0, metadata=_help(
+        "Threads a model worker gives one TensorFlow op; 0 lets TensorFlow choose (all cores)."))
+    tensorflow_inter_op_parallelism: int = field(default=0, metadata=_help(
+        "TensorFlow ops a model worker runs at once; 0 lets TensorFlow choose."))
     # --- ours ---
     frontends: int = field(default=2, metadata=_help(
         "HTTP frontend processes to run; 0 runs none (start them under gunicorn instead)."))

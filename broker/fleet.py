@@ -152,7 +152,9 @@ class Fleet:
             backend_address=self.config.resolved_backend_address,
             heartbeat_interval_s=self.config.heartbeat_interval_s,
             heartbeat_liveness=self.config.heartbeat_liveness,
-            warmup_batch_sizes=warmup, log_level=self.config.log_level)
+            warmup_batch_sizes=warmup, log_level=self.config.log_level,
+            tensorflow_intra_op_parallelism=self.config.tensorflow_intra_op_parallelism,
+            tensorflow_inter_op_parallelism=self.config.tensorflow_inter_op_parallelism)
         child = Child(name=f"worker:{served.model}:{served.version}",
                       argv=["-m", "workers", *dataclass_to_argv(config)])
         if served.worker is not None:  # a restart keeps the back-off state

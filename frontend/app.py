@@ -21,8 +21,9 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from broker.errors import InvalidArgument, NotFound, TFBrokerError
+from broker.errors import NotFound, TFBrokerError
 from broker.process import set_title
 from frontend.client import AsyncClient
 from frontend.json_tensor import format_predictions, parse_predict_body
@@ -30,6 +31,7 @@ from frontend.json_tensor import format_predictions, parse_predict_body
 INDEX_ENV = "TFBROKER_FRONTEND_INDEX"
 TIMEOUT_ENV = "TFBROKER_TIMEOUT_MS"
 
+_PREFIX = "/v1/models/"
 _MODEL_PATH = re.compile(
     r"(?P<name>[^/:]+)"
     r"(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
@@ -46,7 +48,7 @@ def error_response(error: TFBrokerError) -> Response:
 
 
 class ModelsEndpoint:
-    """Everything under /v1/models/: status, metadata and predict."""
+    """Everything under /v1/models/: status and metadata through Starlette, and predict."""
 
     def __init__(self, client: AsyncClient, timeout_s: float) -> None:
         self.client = client
@@ -59,9 +61,7 @@ class ModelsEndpoint:
                 raise NotFound(f"Malformed request: {request.method} {request.url.path}")
             name, label, verb = match["name"], match["label"], match["verb"]
             version = int(match["version"]) if match["version"] else None
-            if request.method == "POST":
-                if verb == "predict":
-                    return await self.predict(request, name, version, label)
+            if request.method == "POST":  # :predict is served by PredictFastPath
                 if verb in ("classify", "regress"):
                     return json_response({"error": f"{verb} is not supported yet; use :predict"}, 501)
                 raise NotFound(f"Malformed request: POST {request.url.path}")
@@ -74,12 +74,16 @@ class ModelsEndpoint:
         except TFBrokerError as exc:
             return error_response(exc)
 
-    async def predict(self, request: Request, name: str, version: int | None, label: str | None) -> Response:
-        inputs, signature, row_format = parse_predict_body(await request.body())
-        prediction = await self.client.predict(name, inputs, version=version, label=label,
-                                               signature_name=signature, timeout_s=self.timeout_s)
-        body = format_predictions(prediction.outputs, row_format)
-        return json_response(body, headers={"X-Model-Version": str(prediction.version)})
+    async def run_predict(self, body: bytes, name: str, version: int | None,
+                          label: str | None) -> tuple[int, bytes, str]:
+        """(HTTP status, JSON body, serving version or "") for one :predict call."""
+        try:
+            inputs, signature, row_format = parse_predict_body(body)
+            prediction = await self.client.predict(name, inputs, version=version, label=label,
+                                                   signature_name=signature, timeout_s=self.timeout_s)
+            return 200, format_predictions(prediction.outputs, row_format), str(prediction.version)
+        except TFBrokerError as exc:
+            return exc.http_status, orjson.dumps({"error": exc.message}), ""
 
     async def metadata(self, name: str, version: int | None, label: str | None) -> Response:
         reply = await self.client.metadata(name, version=version, label=label)
@@ -89,12 +93,52 @@ class ModelsEndpoint:
         })
 
 
+class PredictFastPath:
+    """POST .../:predict straight on ASGI, around the Starlette app that serves the rest.
+
+    The hot path of every request: no routing table, middleware or Request and Response
+    objects (a third of a frontend's CPU per request, measured with py-spy under bench).
+    """
+
+    def __init__(self, app: ASGIApp, endpoint: ModelsEndpoint) -> None:
+        self.app = app
+        self.endpoint = endpoint
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if (scope["type"] != "http" or scope["method"] != "POST" or not path.endswith(":predict")
+                or not path.startswith(_PREFIX)):
+            await self.app(scope, receive, send)
+            return
+        match = _MODEL_PATH.fullmatch(path[len(_PREFIX):])
+        if match is None:
+            await self.app(scope, receive, send)
+            return
+        body = await _read_body(receive)
+        version = int(match["version"]) if match["version"] else None
+        status, content, model_version = await self.endpoint.run_predict(body, match["name"], version,
+                                                                         match["label"])
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode())]
+        if model_version:
+            headers.append((b"x-model-version", model_version.encode()))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": content})
+
+
+async def _read_body(receive: Receive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
 async def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     return json_response({"error": f"{exc.detail}: {request.method} {request.url.path}"}, exc.status_code)
 
 
-def create_app(client: AsyncClient | None = None, *, timeout_s: float | None = None) -> Starlette:
+def create_app(client: AsyncClient | None = None, *, timeout_s: float | None = None) -> ASGIApp:
     if timeout_s is None:
         timeout_s = int(os.environ.get(TIMEOUT_ENV, "30000")) / 1000.0
     client = client or AsyncClient(timeout_s=timeout_s)
@@ -107,13 +151,14 @@ def create_app(client: AsyncClient | None = None, *, timeout_s: float | None = N
         client.close()
 
     endpoint = ModelsEndpoint(client, timeout_s)
-    return Starlette(
+    app = Starlette(
         routes=[Route("/v1/models/{rest:path}", endpoint.handle, methods=["GET", "POST"])],
         exception_handlers={HTTPException: http_error},
         lifespan=lifespan,
     )
+    return PredictFastPath(app, endpoint)  # type: ignore[return-value]
 
 
 app = create_app()
 
-__all__ = ["app", "create_app", "InvalidArgument"]
+__all__ = ["app", "create_app"]

@@ -13,7 +13,6 @@ hang. Errors are the classes of broker/errors.py, each with its ``http_status``.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import os
 import threading
@@ -23,7 +22,6 @@ from typing import Any, Mapping
 
 import numpy as np
 import zmq
-import zmq.asyncio
 
 from broker import protocol
 from broker.errors import DeadlineExceeded, ProtocolError, Unavailable, from_code
@@ -32,10 +30,6 @@ DEFAULT_TIMEOUT_S = 30.0
 # Extra time the client waits past the deadline it gives the broker, so the broker's own
 # 504 (with its reason) normally arrives first.
 GRACE_S = 1.0
-# While requests wait, a silent broker gets a heartbeat each interval and is given up after
-# this many silent intervals (its pending requests then fail with Unavailable).
-HEARTBEAT_INTERVAL_S = 1.0
-HEARTBEAT_LIVENESS = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,154 +89,17 @@ def decode_reply(message: protocol.Message) -> dict[str, Any]:
     return header
 
 
-def _prediction(reply: dict[str, Any]) -> Prediction:
+def prediction(reply: dict[str, Any]) -> Prediction:
     return Prediction(reply["tensors"], reply["model"], int(reply["version"]))
 
 
-def _new_socket(context: zmq.Context, address: str) -> zmq.Socket:
+def new_socket(context: zmq.Context, address: str) -> zmq.Socket:
     sock = context.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     # Queue only to a connected broker: with none, send fails at once (Unavailable).
     sock.setsockopt(zmq.IMMEDIATE, 1)
     sock.connect(address)
     return sock
-
-
-class AsyncClient:
-    """asyncio client: one DEALER socket per event loop, replies matched by request id."""
-
-    def __init__(self, address: str | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 connect_timeout_s: float = 1.0) -> None:
-        self.address = address or default_address()
-        self.timeout_s = timeout_s
-        self.connect_timeout_s = connect_timeout_s
-        self._ids = itertools.count(1)
-        self._pid = 0
-        self._context: zmq.asyncio.Context | None = None
-        self._socket: zmq.asyncio.Socket | None = None
-        self._pending: dict[int, asyncio.Future[protocol.Message]] = {}
-        self._reader: asyncio.Task[None] | None = None
-
-    async def predict(self, model: str, inputs: Mapping[str, Any], *, version: int | None = None,
-                      label: str | None = None, signature_name: str = "serving_default",
-                      timeout_s: float | None = None) -> Prediction:
-        timeout_s = timeout_s or self.timeout_s
-        request_id = next(self._ids)
-        frames = encode_predict(request_id, model, inputs, version=version, label=label,
-                                signature_name=signature_name, timeout_s=timeout_s)
-        return _prediction(await self.request(request_id, frames, timeout_s))
-
-    async def metadata(self, model: str, *, version: int | None = None, label: str | None = None) -> dict[str, Any]:
-        request_id = next(self._ids)
-        frames = encode_query(protocol.METADATA, request_id, model, version, label)
-        return await self.request(request_id, frames, self.timeout_s)
-
-    async def status(self, model: str, *, version: int | None = None, label: str | None = None) -> dict[str, Any]:
-        request_id = next(self._ids)
-        frames = encode_query(protocol.STATUS, request_id, model, version, label)
-        return await self.request(request_id, frames, self.timeout_s)
-
-    async def stats(self) -> dict[str, Any]:
-        """The broker's counters: requests admitted, batches formed, rows batched."""
-        request_id = next(self._ids)
-        return await self.request(request_id, protocol.encode(protocol.STATS, {"id": request_id}), self.timeout_s)
-
-    async def request(self, request_id: int, frames: list[Any], timeout_s: float) -> dict[str, Any]:
-        """Send one message and wait for its answer: the transport seam of this client."""
-        sock = self._ensure_socket()
-        future: asyncio.Future[protocol.Message] = asyncio.get_running_loop().create_future()
-        self._pending[request_id] = future
-        try:
-            try:
-                await sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                # Not connected yet (IMMEDIATE): give the connection a moment, then give up.
-                if not await sock.poll(int(self.connect_timeout_s * 1000), zmq.POLLOUT):
-                    raise Unavailable(f"the broker at {self.address} is not reachable") from None
-                await sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
-            try:
-                message = await asyncio.wait_for(future, timeout_s + GRACE_S)
-            except asyncio.TimeoutError as exc:
-                raise DeadlineExceeded(f"no answer from the broker within {timeout_s:.3g} s") from exc
-        finally:
-            self._pending.pop(request_id, None)
-        return decode_reply(message)
-
-    def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            self._reader = None
-        self._socket = None
-        if self._context is not None:
-            self._context.destroy(linger=0)
-            self._context = None
-            self._pid = 0
-        self._fail_pending(Unavailable("the client was closed"))
-
-    async def __aenter__(self) -> AsyncClient:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        self.close()
-
-    # --- implementation ---
-
-    def _ensure_socket(self) -> zmq.asyncio.Socket:
-        if self._pid != os.getpid():  # first use, or first use after a fork
-            self._pid = os.getpid()
-            self._context = zmq.asyncio.Context()
-            self._socket = None
-            self._reader = None
-            self._pending = {}
-        if self._socket is None:
-            assert self._context is not None
-            self._socket = _new_socket(self._context, self.address)  # type: ignore[assignment]
-            self._reader = asyncio.get_running_loop().create_task(self._read(self._socket))
-        return self._socket  # type: ignore[return-value]
-
-    async def _read(self, sock: zmq.asyncio.Socket) -> None:
-        """Route replies to their callers; with callers waiting and a silent broker, heartbeat,
-        and after HEARTBEAT_LIVENESS silent intervals fail them and start a fresh socket."""
-        last_heard = time.monotonic()
-        while True:
-            if await sock.poll(int(HEARTBEAT_INTERVAL_S * 1000), zmq.POLLIN):
-                last_heard = time.monotonic()
-                while True:
-                    try:
-                        frames = await sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
-                    self._route(frames)
-                continue
-            now = time.monotonic()
-            if not self._pending:
-                last_heard = now
-            elif now - last_heard > HEARTBEAT_INTERVAL_S * HEARTBEAT_LIVENESS:
-                self._fail_pending(Unavailable(f"the broker at {self.address} stopped answering"))
-                if self._socket is sock:
-                    self._socket = None
-                sock.close(linger=0)
-                return
-            else:
-                try:
-                    await sock.send_multipart(protocol.encode(protocol.HEARTBEAT, {}), flags=zmq.NOBLOCK)
-                except zmq.Again:
-                    pass
-
-    def _route(self, frames: list[Any]) -> None:
-        try:
-            message = protocol.decode(frames)
-        except ProtocolError:
-            return
-        future = self._pending.get(message.header.get("id"))  # type: ignore[arg-type]
-        if future is not None and not future.done():
-            future.set_result(message)
-
-    def _fail_pending(self, error: Exception) -> None:
-        for future in self._pending.values():
-            if not future.done():
-                future.set_exception(error)
-        self._pending.clear()
 
 
 class Client:
@@ -267,7 +124,7 @@ class Client:
         request_id = next(self._ids)
         frames = encode_predict(request_id, model, inputs, version=version, label=label,
                                 signature_name=signature_name, timeout_s=timeout_s)
-        return _prediction(self.request(request_id, frames, timeout_s))
+        return prediction(self.request(request_id, frames, timeout_s))
 
     def metadata(self, model: str, *, version: int | None = None, label: str | None = None) -> dict[str, Any]:
         request_id = next(self._ids)
@@ -340,6 +197,11 @@ class Client:
                 old.close(linger=0)
                 self._sockets.remove((thread, old))
             assert self._context is not None
-            sock = self._local.socket = _new_socket(self._context, self.address)
+            sock = self._local.socket = new_socket(self._context, self.address)
             self._sockets.append((threading.current_thread(), sock))
         return sock
+
+
+from frontend.async_client import AsyncClient  # noqa: E402 - re-exported: one public module
+
+__all__ = ["AsyncClient", "Client", "Prediction", "default_address"]

@@ -16,6 +16,10 @@ class WorkerConfig:
         "help": "Missed intervals before the broker is taken for gone and the worker reconnects."})
     warmup_batch_sizes: tuple[int, ...] = field(default=(1,), metadata={
         "help": "Batch sizes each signature runs once before READY."})
+    tensorflow_intra_op_parallelism: int = field(default=0, metadata={
+        "help": "Threads for one TensorFlow op (0: TensorFlow's choice)."})
+    tensorflow_inter_op_parallelism: int = field(default=0, metadata={
+        "help": "TensorFlow ops run at once (0: TensorFlow's choice)."})
     log_level: str = field(default="info", metadata={"help": "debug, info, warning or error."})
 
     def __post_init__(self) -> None:

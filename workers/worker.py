@@ -54,7 +54,8 @@ class Worker:
         try:
             from workers import model as model_lib  # TensorFlow comes last
 
-            model_lib.configure_devices()
+            model_lib.configure_devices(self.config.tensorflow_intra_op_parallelism,
+                                        self.config.tensorflow_inter_op_parallelism)
             started = time.monotonic()
             self._model = model_lib.load(self.config.path)
             warm_up(self._model, self.config.warmup_batch_sizes)

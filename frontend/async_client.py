@@ -1,0 +1,187 @@
+"""The asyncio client (``frontend.client.AsyncClient``): what every HTTP frontend uses.
+
+A plain ZeroMQ socket whose file descriptor is watched by the event loop (``add_reader``),
+rather than zmq.asyncio's futures: sends never wait (DEALER, NOBLOCK), and one reader
+callback routes every reply to its caller's future. ZeroMQ's descriptor is edge-triggered,
+so the socket is drained until EVENTS shows nothing more, after every wake-up and after
+every send.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import time
+from typing import Any, Mapping
+
+import zmq
+
+from broker import protocol
+from broker.errors import DeadlineExceeded, ProtocolError, Unavailable
+from frontend.client import (DEFAULT_TIMEOUT_S, GRACE_S, Prediction, decode_reply, default_address,
+                             encode_predict, encode_query, new_socket, prediction)
+
+# While requests wait, a silent broker gets a heartbeat each interval and is given up after
+# this many silent intervals (its pending requests then fail with Unavailable).
+HEARTBEAT_INTERVAL_S = 1.0
+HEARTBEAT_LIVENESS = 5
+
+
+class AsyncClient:
+    """asyncio client: one DEALER socket per process and event loop, replies matched by id."""
+
+    def __init__(self, address: str | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 connect_timeout_s: float = 1.0) -> None:
+        self.address = address or default_address()
+        self.timeout_s = timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        self._ids = itertools.count(1)
+        self._pid = 0
+        self._context: zmq.Context | None = None
+        self._socket: zmq.Socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._heartbeat: asyncio.TimerHandle | None = None
+        self._pending: dict[int, asyncio.Future[protocol.Message]] = {}
+        self._last_heard = 0.0
+
+    async def predict(self, model: str, inputs: Mapping[str, Any], *, version: int | None = None,
+                      label: str | None = None, signature_name: str = "serving_default",
+                      timeout_s: float | None = None) -> Prediction:
+        timeout_s = timeout_s or self.timeout_s
+        request_id = next(self._ids)
+        frames = encode_predict(request_id, model, inputs, version=version, label=label,
+                                signature_name=signature_name, timeout_s=timeout_s)
+        return prediction(await self.request(request_id, frames, timeout_s))
+
+    async def metadata(self, model: str, *, version: int | None = None, label: str | None = None) -> dict[str, Any]:
+        request_id = next(self._ids)
+        return await self.request(request_id, encode_query(protocol.METADATA, request_id, model, version, label),
+                                  self.timeout_s)
+
+    async def status(self, model: str, *, version: int | None = None, label: str | None = None) -> dict[str, Any]:
+        request_id = next(self._ids)
+        return await self.request(request_id, encode_query(protocol.STATUS, request_id, model, version, label),
+                                  self.timeout_s)
+
+    async def stats(self) -> dict[str, Any]:
+        """The broker's counters: requests admitted, batches formed, rows batched."""
+        request_id = next(self._ids)
+        return await self.request(request_id, protocol.encode(protocol.STATS, {"id": request_id}), self.timeout_s)
+
+    async def request(self, request_id: int, frames: list[Any], timeout_s: float) -> dict[str, Any]:
+        """Send one message and wait for its answer: the transport seam of this client."""
+        sock, loop = self._ensure_socket()
+        future: asyncio.Future[protocol.Message] = loop.create_future()
+        self._pending[request_id] = future
+        timer = loop.call_later(timeout_s + GRACE_S, _expire, future, timeout_s)
+        try:
+            try:
+                sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                # Not connected yet (IMMEDIATE): give the connection a moment, then give up.
+                await self._wait_writable(sock)
+                sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            self._drain()
+            message = await future
+        finally:
+            timer.cancel()
+            self._pending.pop(request_id, None)
+        return decode_reply(message)
+
+    def close(self) -> None:
+        self._reset(Unavailable("the client was closed"))
+        if self._context is not None:
+            self._context.destroy(linger=0)
+            self._context = None
+        self._pid = 0
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # --- implementation ---
+
+    def _ensure_socket(self) -> tuple[zmq.Socket, asyncio.AbstractEventLoop]:
+        loop = asyncio.get_running_loop()
+        if self._pid != os.getpid():  # first use, or first use after a fork
+            self._pid = os.getpid()
+            self._context = zmq.Context()
+            self._socket = None
+            self._pending = {}
+        elif self._socket is not None and self._loop is not loop:
+            self._reset(Unavailable("the client moved to another event loop"))
+        if self._socket is None:
+            assert self._context is not None
+            self._socket = new_socket(self._context, self.address)
+            self._loop = loop
+            self._last_heard = time.monotonic()
+            loop.add_reader(self._socket.getsockopt(zmq.FD), self._drain)
+            self._heartbeat = loop.call_later(HEARTBEAT_INTERVAL_S, self._check_broker)
+        return self._socket, loop
+
+    def _drain(self) -> None:
+        sock = self._socket
+        if sock is None:
+            return
+        try:
+            while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                self._last_heard = time.monotonic()
+                try:
+                    message = protocol.decode(frames)
+                except ProtocolError:
+                    continue
+                future = self._pending.get(message.header.get("id"))  # type: ignore[arg-type]
+                if future is not None and not future.done():
+                    future.set_result(message)
+        except zmq.Again:
+            pass
+
+    async def _wait_writable(self, sock: zmq.Socket) -> None:
+        deadline = time.monotonic() + self.connect_timeout_s
+        while not sock.getsockopt(zmq.EVENTS) & zmq.POLLOUT:
+            if time.monotonic() > deadline:
+                raise Unavailable(f"the broker at {self.address} is not reachable")
+            await asyncio.sleep(0.005)
+
+    def _check_broker(self) -> None:
+        """Every heartbeat interval: with callers waiting, ping a silent broker, and give up
+        on one silent for HEARTBEAT_LIVENESS intervals (fail its callers, fresh socket)."""
+        now = time.monotonic()
+        silent_s = now - self._last_heard
+        if not self._pending:
+            self._last_heard = now
+        elif silent_s > HEARTBEAT_INTERVAL_S * HEARTBEAT_LIVENESS:
+            self._reset(Unavailable(f"the broker at {self.address} stopped answering"))
+            return
+        elif silent_s > HEARTBEAT_INTERVAL_S and self._socket is not None:
+            try:
+                self._socket.send_multipart(protocol.encode(protocol.HEARTBEAT, {}), zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+            self._drain()
+        if self._loop is not None:
+            self._heartbeat = self._loop.call_later(HEARTBEAT_INTERVAL_S, self._check_broker)
+
+    def _reset(self, error: Exception) -> None:
+        """Drop the socket (a new one is made on next use) and fail everyone waiting on it."""
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            self._heartbeat = None
+        if self._socket is not None:
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_reader(self._socket.getsockopt(zmq.FD))
+            self._socket.close(linger=0)
+            self._socket = None
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(error)
+        self._pending.clear()
+
+
+def _expire(future: asyncio.Future[protocol.Message], timeout_s: float) -> None:
+    if not future.done():
+        future.set_exception(DeadlineExceeded(f"no answer from the broker within {timeout_s:.3g} s"))
