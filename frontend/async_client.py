@@ -10,7 +10,6 @@ every send.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import os
 import time
 from typing import Any, Mapping
@@ -19,8 +18,8 @@ import zmq
 
 from broker import protocol
 from broker.errors import DeadlineExceeded, ProtocolError, Unavailable
-from frontend.client import (DEFAULT_TIMEOUT_S, GRACE_S, Prediction, decode_reply, default_address,
-                             encode_predict, encode_query, new_socket, prediction)
+from frontend.client import (DEFAULT_TIMEOUT_S, GRACE_S, ClientBase, Prediction, decode_reply, new_socket,
+                             prediction)
 
 # While requests wait, a silent broker gets a heartbeat each interval and is given up after
 # this many silent intervals (its pending requests then fail with Unavailable).
@@ -28,15 +27,12 @@ HEARTBEAT_INTERVAL_S = 1.0
 HEARTBEAT_LIVENESS = 5
 
 
-class AsyncClient:
+class AsyncClient(ClientBase):
     """asyncio client: one DEALER socket per process and event loop, replies matched by id."""
 
     def __init__(self, address: str | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S,
                  connect_timeout_s: float = 1.0) -> None:
-        self.address = address or default_address()
-        self.timeout_s = timeout_s
-        self.connect_timeout_s = connect_timeout_s
-        self._ids = itertools.count(1)
+        super().__init__(address, timeout_s=timeout_s, connect_timeout_s=connect_timeout_s)
         self._pid = 0
         self._context: zmq.Context | None = None
         self._socket: zmq.Socket | None = None
@@ -48,26 +44,18 @@ class AsyncClient:
     async def predict(self, model: str, inputs: Mapping[str, Any], *, version: int | None = None,
                       label: str | None = None, signature_name: str = "serving_default",
                       timeout_s: float | None = None) -> Prediction:
-        timeout_s = timeout_s or self.timeout_s
-        request_id = next(self._ids)
-        frames = encode_predict(request_id, model, inputs, version=version, label=label,
-                                signature_name=signature_name, timeout_s=timeout_s)
-        return prediction(await self.request(request_id, frames, timeout_s))
+        return prediction(await self.request(*self._predict_call(model, inputs, version, label, signature_name,
+                                                                 timeout_s)))
 
     async def metadata(self, model: str, *, version: int | None = None, label: str | None = None) -> dict[str, Any]:
-        request_id = next(self._ids)
-        return await self.request(request_id, encode_query(protocol.METADATA, request_id, model, version, label),
-                                  self.timeout_s)
+        return await self.request(*self._query_call(protocol.METADATA, model, version, label))
 
     async def status(self, model: str, *, version: int | None = None, label: str | None = None) -> dict[str, Any]:
-        request_id = next(self._ids)
-        return await self.request(request_id, encode_query(protocol.STATUS, request_id, model, version, label),
-                                  self.timeout_s)
+        return await self.request(*self._query_call(protocol.STATUS, model, version, label))
 
     async def stats(self) -> dict[str, Any]:
         """The broker's counters: requests admitted, batches formed, rows batched."""
-        request_id = next(self._ids)
-        return await self.request(request_id, protocol.encode(protocol.STATS, {"id": request_id}), self.timeout_s)
+        return await self.request(*self._query_call(protocol.STATS))
 
     async def request(self, request_id: int, frames: list[Any], timeout_s: float) -> dict[str, Any]:
         """Send one message and wait for its answer: the transport seam of this client."""

@@ -67,9 +67,11 @@ def encode_predict(request_id: int, model: str, inputs: Mapping[str, Any], *, ve
     return protocol.encode(protocol.REQUEST, header, frames)
 
 
-def encode_query(command: bytes, request_id: int, model: str, version: int | None,
+def encode_query(command: bytes, request_id: int, model: str | None, version: int | None,
                  label: str | None) -> list[Any]:
-    header: dict[str, Any] = {"id": request_id, "model": model}
+    header: dict[str, Any] = {"id": request_id}
+    if model is not None:
+        header["model"] = model
     if version is not None:
         header["version"] = int(version)
     if label is not None:
@@ -102,8 +104,8 @@ def new_socket(context: zmq.Context, address: str) -> zmq.Socket:
     return sock
 
 
-class Client:
-    """Blocking client; one socket per thread, so threaded WSGI servers can share one Client."""
+class ClientBase:
+    """What the sync and async clients share: settings, request ids and message building."""
 
     def __init__(self, address: str | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S,
                  connect_timeout_s: float = 1.0) -> None:
@@ -111,6 +113,27 @@ class Client:
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
         self._ids = itertools.count(1)
+
+    def _predict_call(self, model: str, inputs: Mapping[str, Any], version: int | None, label: str | None,
+                      signature_name: str, timeout_s: float | None) -> tuple[int, list[Any], float]:
+        timeout_s = timeout_s or self.timeout_s
+        request_id = next(self._ids)
+        frames = encode_predict(request_id, model, inputs, version=version, label=label,
+                                signature_name=signature_name, timeout_s=timeout_s)
+        return request_id, frames, timeout_s
+
+    def _query_call(self, command: bytes, model: str | None = None, version: int | None = None,
+                    label: str | None = None) -> tuple[int, list[Any], float]:
+        request_id = next(self._ids)
+        return request_id, encode_query(command, request_id, model, version, label), self.timeout_s
+
+
+class Client(ClientBase):
+    """Blocking client; one socket per thread, so threaded WSGI servers can share one Client."""
+
+    def __init__(self, address: str | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 connect_timeout_s: float = 1.0) -> None:
+        super().__init__(address, timeout_s=timeout_s, connect_timeout_s=connect_timeout_s)
         self._local = threading.local()
         self._pid = 0
         self._context: zmq.Context | None = None
@@ -120,28 +143,21 @@ class Client:
     def predict(self, model: str, inputs: Mapping[str, Any], *, version: int | None = None,
                 label: str | None = None, signature_name: str = "serving_default",
                 timeout_s: float | None = None) -> Prediction:
-        timeout_s = timeout_s or self.timeout_s
-        request_id = next(self._ids)
-        frames = encode_predict(request_id, model, inputs, version=version, label=label,
-                                signature_name=signature_name, timeout_s=timeout_s)
-        return prediction(self.request(request_id, frames, timeout_s))
+        return prediction(self.request(*self._predict_call(model, inputs, version, label, signature_name,
+                                                           timeout_s)))
 
     def metadata(self, model: str, *, version: int | None = None, label: str | None = None) -> dict[str, Any]:
-        request_id = next(self._ids)
-        return self.request(request_id, encode_query(protocol.METADATA, request_id, model, version, label),
-                            self.timeout_s)
+        return self.request(*self._query_call(protocol.METADATA, model, version, label))
 
     def status(self, model: str, *, version: int | None = None, label: str | None = None) -> dict[str, Any]:
-        request_id = next(self._ids)
-        return self.request(request_id, encode_query(protocol.STATUS, request_id, model, version, label),
-                            self.timeout_s)
+        return self.request(*self._query_call(protocol.STATUS, model, version, label))
 
     def stats(self) -> dict[str, Any]:
         """The broker's counters: requests admitted, batches formed, rows batched."""
-        request_id = next(self._ids)
-        return self.request(request_id, protocol.encode(protocol.STATS, {"id": request_id}), self.timeout_s)
+        return self.request(*self._query_call(protocol.STATS))
 
     def request(self, request_id: int, frames: list[Any], timeout_s: float) -> dict[str, Any]:
+        """Send one message and wait for its answer: the transport seam of this client."""
         sock = self._thread_socket()
         if not sock.poll(int(self.connect_timeout_s * 1000), zmq.POLLOUT):
             raise Unavailable(f"the broker at {self.address} is not reachable")
@@ -204,4 +220,4 @@ class Client:
 
 from frontend.async_client import AsyncClient  # noqa: E402 - re-exported: one public module
 
-__all__ = ["AsyncClient", "Client", "Prediction", "default_address"]
+__all__ = ["AsyncClient", "Client", "ClientBase", "Prediction", "default_address"]
