@@ -4,7 +4,7 @@ A plain ZeroMQ socket whose file descriptor is watched by the event loop (``add_
 rather than zmq.asyncio's futures: sends never wait (DEALER, NOBLOCK), and one reader
 callback routes every reply to its caller's future. ZeroMQ's descriptor is edge-triggered,
 so the socket is drained until EVENTS shows nothing more, after every wake-up and after
-every send.
+every round of sends. Requests made in one loop iteration are sent together at its end.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ class AsyncClient(ClientBase):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._heartbeat: asyncio.TimerHandle | None = None
         self._pending: dict[int, asyncio.Future[protocol.Message]] = {}
+        self._outbox: list[tuple[list[Any], asyncio.Future[protocol.Message]]] = []
         self._last_heard = 0.0
 
     async def predict(self, model: str, inputs: Mapping[str, Any], *, version: int | None = None,
@@ -64,18 +65,34 @@ class AsyncClient(ClientBase):
         self._pending[request_id] = future
         timer = loop.call_later(timeout_s + GRACE_S, _expire, future, timeout_s)
         try:
-            try:
-                sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
-            except zmq.Again:
+            if not sock.getsockopt(zmq.EVENTS) & zmq.POLLOUT:
                 # Not connected yet (IMMEDIATE): give the connection a moment, then give up.
                 await self._wait_writable(sock)
-                sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
-            self._drain()
+            self._outbox.append((frames, future))
+            if len(self._outbox) == 1:
+                loop.call_soon(self._flush)
             message = await future
         finally:
             timer.cancel()
             self._pending.pop(request_id, None)
         return decode_reply(message)
+
+    def _flush(self) -> None:
+        """Send what this loop iteration queued, back to back: ZeroMQ wakes its I/O thread
+        once for the lot instead of once per request (the frontend's largest cost)."""
+        outbox, self._outbox = self._outbox, []
+        sock = self._socket
+        for frames, future in outbox:
+            if future.done():
+                continue
+            if sock is None:
+                future.set_exception(Unavailable(f"the broker at {self.address} is not reachable"))
+                continue
+            try:
+                sock.send_multipart(frames, zmq.NOBLOCK)
+            except zmq.Again:
+                future.set_exception(Unavailable(f"the broker at {self.address} is not reachable"))
+        self._drain()
 
     def close(self) -> None:
         self._reset(Unavailable("the client was closed"))
