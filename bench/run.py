@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -154,7 +155,7 @@ def _http_series(server: Server, probe: Path, config: BenchConfig) -> list[dict[
     wrk(server.url, bodies[1], 16, 2)  # warm up
     for n in INSTANCES:
         for c in CONCURRENCY:
-            cell = _measure(server, config, lambda: wrk(server.url, bodies[n], c, config.duration_s))
+            cell = _measure(server, config, functools.partial(wrk, server.url, bodies[n], c, config.duration_s))
             cell.update(server=server.name, instances=n, concurrency=c)
             cells.append(cell)
             log(f"{server.name} n={n} c={c}: {cell['requests'] / cell['duration_s']:.0f} req/s, "
@@ -167,7 +168,8 @@ def _client_series(server: Server, probe: Path, config: BenchConfig) -> list[dic
     client_load(server.address, str(probe), 1, 16, 2)  # warm up
     for n in INSTANCES:
         for c in CLIENT_CONCURRENCY:
-            cell = _measure(server, config, lambda: client_load(server.address, str(probe), n, c, config.duration_s))
+            cell = _measure(server, config, functools.partial(client_load, server.address, str(probe), n, c,
+                                                              config.duration_s))
             cell.update(server="client", instances=n, concurrency=c)
             cells.append(cell)
             log(f"client n={n} c={c}: {cell['requests'] / cell['duration_s']:.0f} req/s, "

@@ -8,6 +8,8 @@ that package, so its message is defined here with TF Serving's field names and n
 
 from __future__ import annotations
 
+import importlib
+
 from google.protobuf import descriptor_pb2, descriptor_pool, text_format
 from google.protobuf import wrappers_pb2  # noqa: F401  (registers google/protobuf/wrappers.proto)
 from google.protobuf.message_factory import GetMessageClass
@@ -76,9 +78,9 @@ def load_batching_parameters(path: str) -> BatchingParameters:
 
 def parse_model_config(text: str, *, source: str = "model config") -> list[ModelConfig]:
     """The models of a ModelServerConfig's model_config_list."""
-    from tensorflow_serving.config import model_server_config_pb2
-
-    proto = model_server_config_pb2.ModelServerConfig()
+    # TF Serving's config protos (tensorflow-serving-api); they do not import TensorFlow.
+    config_pb2 = importlib.import_module("tensorflow_serving.config.model_server_config_pb2")
+    proto = config_pb2.ModelServerConfig()
     try:
         text_format.Parse(text, proto)
     except text_format.ParseError as exc:
