@@ -20,7 +20,8 @@ import zmq
 from broker import protocol
 from broker.batching import Batch, BatchQueue, Task
 from broker.config import BatchingParameters, ModelConfig, ServerConfig
-from broker.errors import DeadlineExceeded, NotFound, ProtocolError, TFBrokerError, Unavailable
+from broker.errors import (DeadlineExceeded, InvalidArgument, NotFound, ProtocolError, TFBrokerError,
+                           Unavailable)
 from broker.fleet import Fleet
 from broker.models import ServedModel, ServedVersion, WorkerLink, check_inputs
 
@@ -109,19 +110,28 @@ class Broker:
                 message = protocol.decode(frames[1:])
             except ProtocolError as exc:
                 log.warning("malformed message from a client: %s", exc)
-                self._reply_error(client, None, Unavailable(f"protocol error: {exc}"))
+                self._reply_error(client, None, InvalidArgument(f"protocol error: {exc}"))
                 continue
-            command = message.command
-            if command == protocol.REQUEST:
-                self._admit(client, message, frames[3:])
-            elif command == protocol.HEARTBEAT:
-                self.frontend.send_multipart([client, protocol.TAG, protocol.HEARTBEAT, b"\x80"])
-            elif command == protocol.METADATA:
-                self._answer(client, message.header, self._metadata)
-            elif command == protocol.STATUS:
-                self._answer(client, message.header, self._status)
-            elif command == protocol.STATS:
-                self._answer(client, message.header, self._stats)
+            try:
+                self._handle_client(client, message, frames[3:])
+            except (TypeError, ValueError, KeyError, AttributeError) as exc:
+                # A header of the wrong shape from one client must not stop the broker.
+                log.warning("malformed header from a client: %r", exc)
+                self._reply_error(client, message.header.get("id"),
+                                  InvalidArgument(f"malformed request header: {exc}"))
+
+    def _handle_client(self, client: bytes, message: protocol.Message, frames: list[Any]) -> None:
+        command = message.command
+        if command == protocol.REQUEST:
+            self._admit(client, message, frames)
+        elif command == protocol.HEARTBEAT:
+            self.frontend.send_multipart([client, protocol.TAG, protocol.HEARTBEAT, b"\x80"])
+        elif command == protocol.METADATA:
+            self._answer(client, message.header, self._metadata)
+        elif command == protocol.STATUS:
+            self._answer(client, message.header, self._status)
+        elif command == protocol.STATS:
+            self._answer(client, message.header, self._stats)
 
     def _admit(self, client: bytes, message: protocol.Message, frames: list[Any]) -> None:
         header = message.header
@@ -214,12 +224,15 @@ class Broker:
             except ProtocolError as exc:
                 log.error("malformed message from worker %r: %s", identity, exc)
                 continue
-            if message.command == protocol.RESULT:
-                self._deliver(link, message)
-            elif message.command == protocol.READY:
-                self.fleet.on_ready(link, message.header)
-            elif message.command == protocol.DISCONNECT:
-                self.fleet.on_disconnect(link, message.header)
+            try:
+                if message.command == protocol.RESULT:
+                    self._deliver(link, message)
+                elif message.command == protocol.READY:
+                    self.fleet.on_ready(link, message.header)
+                elif message.command == protocol.DISCONNECT:
+                    self.fleet.on_disconnect(link, message.header)
+            except Exception:  # noqa: BLE001 - one worker's bad message must not stop the broker
+                log.exception("cannot handle a %r message from worker %r", message.command, identity)
 
     def _deliver(self, link: WorkerLink, message: protocol.Message) -> None:
         tasks = link.in_flight.pop(message.header.get("batch"), None)

@@ -15,7 +15,9 @@ from typing import Iterator
 
 import numpy as np
 import pytest
+import zmq
 
+from broker import protocol
 from broker.errors import InvalidArgument, NotFound
 from frontend.client import AsyncClient, Client
 from tests.conftest import (ROOT, TESTDATA, BrokerProcess, make_model_config, needs_testdata,
@@ -324,3 +326,30 @@ def test_client_made_before_a_fork_works_in_the_child(served: BrokerProcess) -> 
     assert os.waitstatus_to_exitcode(status) == 0
     assert client.predict("linear", {"x": np.zeros(1, np.float32)}).outputs["y"].tolist() == [3.0]
     client.close()
+
+
+@pytest.mark.parametrize("frames", [
+    [b"TFB01", b"\x01", protocol.packb({"id": 1, "model": "linear", "version": "two"})],
+    [b"TFB01", b"\x01", protocol.packb({"id": 2, "model": "linear", "signature": ["x"], "inputs": []})],
+    [b"TFB01", b"\x01", protocol.packb({"id": 3, "model": "linear", "timeout_ms": "soon",
+                                        "inputs": [["x", "float32", [1]]]}), b"\x00" * 4],
+    [b"TFB01", b"\x01", protocol.packb({"id": 4, "model": "linear", "inputs": [["x", "float32", [2]]]}), b"\x00"],
+    [b"TFB01", b"\x05", protocol.packb({"id": 5, "model": "linear", "version": {"a": 1}})],
+    [b"TFB99", b"\x01", b"\x80"],
+])
+def test_malformed_wire_messages_get_errors_and_the_broker_keeps_serving(served: BrokerProcess,
+                                                                          frames: list[bytes]) -> None:
+    context = zmq.Context()
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(served.address)
+    try:
+        sock.send_multipart(frames)
+        assert sock.poll(10_000), "the broker answers a malformed message"
+        reply = protocol.decode(sock.recv_multipart())
+        assert reply.command == protocol.ERROR
+        assert reply.header["code"] == 400
+    finally:
+        sock.close()
+        context.term()
+    assert served.predict("linear", {"instances": [2.0]}).json() == {"predictions": [4.0]}
