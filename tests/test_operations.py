@@ -28,10 +28,13 @@ def batching_file(tmp: Path, **values: int) -> str:
 
 def test_lone_request_does_not_wait_and_a_full_queue_answers_503(start_broker: Any, test_models: Path,
                                                                    tmp_path: Path) -> None:
+    tcp = f"tcp://127.0.0.1:{free_port()}"  # frontends and clients may reach the broker over TCP
     broker = start_broker([
         "--model_name=batch_reporter", f"--model_base_path={test_models / 'batch_reporter'}",
+        f"--frontend_address={tcp}",
         batching_file(tmp_path, max_batch_size=4, batch_timeout_micros=2_000_000, max_enqueued_batches=1)],
         frontends=1)
+    broker.address = tcp
     broker.wait_available(["batch_reporter"])
     started = time.monotonic()
     response = broker.predict("batch_reporter", {"instances": [1.0]})
@@ -207,3 +210,19 @@ def test_sigterm_lets_accepted_requests_finish(start_broker: Any, test_models: P
     assert broker.process.wait(timeout=30) == 0
     assert statuses.count(200) > 0
     assert set(statuses) <= {0, 200}, f"accepted requests finish during shutdown: {sorted(set(statuses))}"
+
+
+def test_a_hung_worker_is_killed_after_missed_heartbeats_and_restarted(start_broker: Any,
+                                                                        test_models: Path) -> None:
+    broker = start_broker(["--model_name=linear", f"--model_base_path={test_models / 'linear'}",
+                           "--heartbeat_liveness=4"], frontends=1)  # 0.5 s x 4: dead after 2 s
+    broker.wait_available(["linear"])
+    [hung] = broker.pids_with("tfbroker: worker:linear:")
+    os.kill(hung, signal.SIGSTOP)  # alive, but its loop sends nothing: like a stuck model call
+    started = time.monotonic()
+    response = broker.predict("linear", {"instances": [1.0]})
+    assert response.status_code == 503, response.text
+    assert time.monotonic() - started < 15, "the request failed fast, it did not wait for its deadline"
+    wait_for(lambda: not pid_alive(hung), 15, "the hung worker to be killed")
+    broker.wait_available(["linear"])
+    assert broker.predict("linear", {"instances": [1.0]}).json() == {"predictions": [3.5]}
