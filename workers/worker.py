@@ -17,7 +17,7 @@ import numpy as np
 import zmq
 
 from broker import protocol
-from broker.errors import ProtocolError
+from broker.errors import NotFound, ProtocolError
 from broker.process import (EXIT_MODEL_LOAD_ERROR, EXIT_OK, die_with_parent, parent_alive,
                             set_title, setup_logging)
 from workers.config import WorkerConfig
@@ -113,6 +113,7 @@ class Worker:
         return True
 
     def _run_batch(self, message: protocol.Message) -> None:
+        # Imported here, not at the top: workers.batch imports TensorFlow, which comes last.
         from workers.batch import decode_batch, encode_outcome, run_batch
 
         header = message.header
@@ -120,7 +121,6 @@ class Worker:
         tasks = decode_batch(message.frames, counts)
         signature = self._model.signatures.get(header["signature"])
         if signature is None:  # the broker checks this at admission; never trust a peer
-            from broker.errors import NotFound
             outcomes: list[Any] = [NotFound(f"no signature {header['signature']!r}")] * len(tasks)
         else:
             outcomes = run_batch(signature, tasks, header.get("padded_rows", 0))
