@@ -17,10 +17,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="bench/results", help="Directory for results and plots.")
     parser.add_argument("--duration_s", type=float, default=5.0, help="Measured seconds per cell.")
     parser.add_argument("--quick", action="store_true", help="A short smoke run: fewer servers and cells.")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="Runs per cell; the run with the median requests/s is reported.")
     parser.add_argument("--servers", default="", help="Comma-separated subset, e.g. naive-2,tfbroker-4,client.")
     args = parser.parse_args(argv)
     config = BenchConfig(out=args.out, duration_s=2.0 if args.quick else args.duration_s, quick=args.quick,
-                         servers=tuple(s for s in args.servers.split(",") if s))
+                         servers=tuple(s for s in args.servers.split(",") if s), repeat=max(1, args.repeat))
     sys.exit(run(config))
 
 

@@ -35,8 +35,8 @@ def markdown(results: dict[str, Any]) -> str:
     for row in results["inprocess"]:
         lines.append(f"| {row['batch_size']} | {row['samples_per_s']:.0f} | {row['latency_p50_ms']:.2f} | "
                      f"{row['cpu_ms_per_sample']:.3f} |")
-    lines += ["", f"## Served ({results['duration_s']:.0f} s per cell, {results['cpus']} CPUs, "
-              "load from wrk -t1 or bench.client_load, closed loop)", "",
+    lines += ["", f"## Served ({results['duration_s']:.0f} s per cell, median of {results.get('repeat', 1)} run(s), "
+              f"{results['cpus']} CPUs, load from wrk -t1 or bench.client_load, closed loop)", "",
               "| server | inst/req | conc | req/s | samples/s | p50 ms | p99 ms | errors | PSS MB | "
               "CPU ms/req by role | load gen CPU ms/req | mean batch | × naive-2 | × in-process |",
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]

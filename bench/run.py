@@ -36,6 +36,7 @@ class BenchConfig:
     duration_s: float
     quick: bool
     servers: tuple[str, ...] = ()
+    repeat: int = 1  # runs per cell; the run with the median requests/s is reported
 
 
 def run(config: BenchConfig) -> int:
@@ -70,7 +71,7 @@ def run(config: BenchConfig) -> int:
             finally:
                 server.stop()
         results = {"inprocess": inprocess, "cells": cells, "memory": memory,
-                   "duration_s": config.duration_s, "cpus": os.cpu_count()}
+                   "duration_s": config.duration_s, "repeat": config.repeat, "cpus": os.cpu_count()}
         (out / "results.json").write_text(json.dumps(results, indent=1))
         table = report.markdown(results)
         (out / "results.md").write_text(table)
@@ -134,6 +135,15 @@ def _broker_stats(server: Server) -> dict[str, int] | None:
         return client.stats()
 
 
+def _median_run(server: Server, config: BenchConfig, load: Any) -> dict[str, Any]:
+    """Measure a cell ``config.repeat`` times; report the run with the median requests/s."""
+    runs = sorted((_measure(server, config, load) for _ in range(config.repeat)),
+                  key=lambda r: r["requests"] / r["duration_s"])
+    cell = runs[len(runs) // 2]
+    cell["runs_rps"] = [round(r["requests"] / r["duration_s"], 1) for r in runs]
+    return cell
+
+
 def _measure(server: Server, config: BenchConfig, load: Any) -> dict[str, Any]:
     root = server.process.pid  # type: ignore[union-attr]
     stats0, cpu0 = _broker_stats(server), cpu_by_role(root)
@@ -155,7 +165,7 @@ def _http_series(server: Server, probe: Path, config: BenchConfig) -> list[dict[
     wrk(server.url, bodies[1], 16, 2)  # warm up
     for n in INSTANCES:
         for c in CONCURRENCY:
-            cell = _measure(server, config, functools.partial(wrk, server.url, bodies[n], c, config.duration_s))
+            cell = _median_run(server, config, functools.partial(wrk, server.url, bodies[n], c, config.duration_s))
             cell.update(server=server.name, instances=n, concurrency=c)
             cells.append(cell)
             log(f"{server.name} n={n} c={c}: {cell['requests'] / cell['duration_s']:.0f} req/s, "
@@ -168,7 +178,7 @@ def _client_series(server: Server, probe: Path, config: BenchConfig) -> list[dic
     client_load(server.address, str(probe), 1, 16, 2)  # warm up
     for n in INSTANCES:
         for c in CLIENT_CONCURRENCY:
-            cell = _measure(server, config, functools.partial(client_load, server.address, str(probe), n, c,
+            cell = _median_run(server, config, functools.partial(client_load, server.address, str(probe), n, c,
                                                               config.duration_s))
             cell.update(server="client", instances=n, concurrency=c)
             cells.append(cell)
