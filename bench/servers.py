@@ -13,6 +13,8 @@ from pathlib import Path
 
 import httpx
 
+from broker.supervisor import terminate
+
 ROOT = Path(__file__).resolve().parent.parent
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 # Every server's TensorFlow gets one thread per op and one op at a time: on a small host
@@ -115,12 +117,7 @@ class Server:
         if self.process is None:
             return
         pids = tree(self.process.pid)
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
+        terminate(self.process, grace_s=30)
         for pid in pids[1:]:  # nothing may outlive the run
             try:
                 os.kill(pid, signal.SIGKILL)

@@ -106,3 +106,14 @@ def stop_children(children: Sequence[Child], grace_s: float) -> None:
                         child.process.pid, grace_s)
             child.process.kill()
             child.process.wait(timeout=5)
+
+
+def terminate(process: subprocess.Popen[bytes], grace_s: float) -> int:
+    """SIGTERM one process, SIGKILL it after ``grace_s``; its exit code."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            return process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    return process.wait(timeout=10)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -14,6 +13,8 @@ from typing import Any, Iterator
 
 import httpx
 import pytest
+
+from broker.supervisor import terminate
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTDATA = ROOT.parent / "shared" / "testdata"
@@ -136,16 +137,10 @@ class BrokerProcess:
 
     def stop(self) -> int:
         self.http.close()
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        code = terminate(self.process, grace_s=30)
         self._log.close()
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
-        return self.process.returncode
+        return code
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ import httpx
 import numpy as np
 import pytest
 
+from broker.supervisor import terminate
 from frontend.client import Client
 from tests.conftest import (ROOT, BrokerProcess, children_of, free_port, pid_alive, process_title,
                             wait_for)
@@ -76,12 +77,7 @@ def gunicorn_frontends(tmp_path: Path) -> Iterator[Any]:
 
     yield start
     for process in processes:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        terminate(process, grace_s=30)
         process.log.close()  # type: ignore[attr-defined]
 
 
