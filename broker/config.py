@@ -78,6 +78,13 @@ class ModelConfig:
             raise ValueError(f"model {self.name}: model_platform {self.model_platform!r} is not supported")
 
 
+# Environment variables the broker sets for the frontends it starts; under gunicorn the
+# operator sets them (ops/gunicorn.conf.py).
+ADDRESS_ENV = "TFBROKER_ADDRESS"  # the broker's frontend socket
+TIMEOUT_ENV = "TFBROKER_TIMEOUT_MS"  # the REST request deadline (--rest_api_timeout_in_ms)
+FRONTEND_INDEX_ENV = "TFBROKER_FRONTEND_INDEX"  # N in the title "tfbroker: frontend:N"
+
+
 def default_runtime_dir() -> str:
     """Where the broker's ipc:// sockets live unless --runtime_dir says otherwise."""
     base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()

@@ -15,6 +15,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
+from broker.config import ADDRESS_ENV, TIMEOUT_ENV
 from broker.errors import Unavailable
 from broker.flags import dataclass_to_argv
 from broker.models import ServedVersion, VersionState, WorkerLink, find_versions
@@ -28,9 +29,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tfbroker.fleet")
 
-FRONTEND_INDEX_ENV = "TFBROKER_FRONTEND_INDEX"
-ADDRESS_ENV = "TFBROKER_ADDRESS"
-TIMEOUT_ENV = "TFBROKER_TIMEOUT_MS"
 
 
 class Fleet:

@@ -85,13 +85,16 @@ class ServedModel:
     def name(self) -> str:
         return self.config.name
 
+    def version_of_label(self, label: str) -> int:
+        labels = dict(self.config.version_labels)
+        if label not in labels:
+            raise NotFound(f"Unrecognized servable version label: {label}")
+        return labels[label]
+
     def resolve(self, version: int | None, label: str | None) -> ServedVersion:
         """The version a request is pinned to, chosen once at admission."""
         if label:
-            labels = dict(self.config.version_labels)
-            if label not in labels:
-                raise NotFound(f"Unrecognized servable version label: {label}")
-            version = labels[label]
+            version = self.version_of_label(label)
         if version is not None:
             served = self.versions.get(version)
             if served is None:

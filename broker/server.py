@@ -151,9 +151,12 @@ class Broker:
         except TFBrokerError as exc:
             self._reply_error(client, request_id, exc)
 
+    def _model(self, name: Any) -> ServedModel | None:
+        return self.models.get(name) if isinstance(name, str) else None
+
     def _resolve(self, header: dict[str, Any]) -> ServedVersion:
         name = header.get("model")
-        model = self.models.get(name) if isinstance(name, str) else None
+        model = self._model(name)
         if model is None:
             raise NotFound(f"Servable not found for request: Latest({name})")
         version = header.get("version")
@@ -170,21 +173,15 @@ class Broker:
 
     def _metadata(self, header: dict[str, Any]) -> dict[str, Any]:
         served = self._resolve(header)
-        return {"model": served.model, "version": served.version, "signature_def": served.signature_def,
-                "signatures": served.signatures}
+        return {"model": served.model, "version": served.version, "signature_def": served.signature_def}
 
     def _status(self, header: dict[str, Any]) -> dict[str, Any]:
         name = header.get("model")
-        model = self.models.get(name) if isinstance(name, str) else None
+        model = self._model(name)
         if model is None or not model.versions:
             raise NotFound(f"Could not find any versions of model {name}")
         versions = list(model.versions.values())
-        wanted = header.get("version")
-        if header.get("label"):
-            labels = dict(model.config.version_labels)
-            if header["label"] not in labels:
-                raise NotFound(f"Unrecognized servable version label: {header['label']}")
-            wanted = labels[header["label"]]
+        wanted = model.version_of_label(header["label"]) if header.get("label") else header.get("version")
         if wanted is not None:
             versions = [v for v in versions if v.version == int(wanted)]
             if not versions:

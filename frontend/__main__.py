@@ -6,6 +6,7 @@ import argparse
 import os
 import socket
 
+from broker.config import FRONTEND_INDEX_ENV
 from broker.process import die_with_parent, set_title, setup_logging
 
 
@@ -19,7 +20,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run(fd: int, index: int, log_level: str) -> None:
-    os.environ["TFBROKER_FRONTEND_INDEX"] = str(index)
+    os.environ[FRONTEND_INDEX_ENV] = str(index)
     set_title(f"frontend:{index}")
     setup_logging(log_level, f"frontend:{index}")
     die_with_parent()

@@ -23,13 +23,12 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from broker.config import FRONTEND_INDEX_ENV, TIMEOUT_ENV
 from broker.errors import NotFound, TFBrokerError
 from broker.process import set_title
 from frontend.client import AsyncClient
 from frontend.json_tensor import format_predictions, parse_predict_body
 
-INDEX_ENV = "TFBROKER_FRONTEND_INDEX"
-TIMEOUT_ENV = "TFBROKER_TIMEOUT_MS"
 
 _PREFIX = "/v1/models/"
 _MODEL_PATH = re.compile(
@@ -146,7 +145,7 @@ def create_app(client: AsyncClient | None = None, *, timeout_s: float | None = N
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         # Set here, after gunicorn has set its own title in the forked worker.
-        set_title(f"frontend:{os.environ.get(INDEX_ENV) or os.getpid()}")
+        set_title(f"frontend:{os.environ.get(FRONTEND_INDEX_ENV) or os.getpid()}")
         yield
         client.close()
 

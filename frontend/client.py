@@ -41,9 +41,9 @@ class Prediction:
 
 def default_address() -> str:
     """TFBROKER_ADDRESS, or the broker's default ipc:// socket on this host."""
-    from broker.config import ServerConfig
+    from broker.config import ADDRESS_ENV, ServerConfig
 
-    return os.environ.get("TFBROKER_ADDRESS") or ServerConfig().resolved_frontend_address
+    return os.environ.get(ADDRESS_ENV) or ServerConfig().resolved_frontend_address
 
 
 def _request_header(request_id: int, model: str, version: int | None, label: str | None,
