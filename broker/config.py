@@ -63,12 +63,32 @@ class BatchingParameters:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class ModelVersionPolicy:
+    """TF Serving's model_version_policy: which version directories to serve."""
+
+    # "latest" (the newest num_versions), "all", or "specific" (those in versions).
+    kind: str = "latest"
+    num_versions: int = 1
+    versions: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("latest", "all", "specific"):
+            raise ValueError(f"model_version_policy must be latest, all or specific, got {self.kind!r}")
+        if self.kind == "latest" and self.num_versions < 1:
+            raise ValueError(f"model_version_policy latest needs num_versions >= 1, got {self.num_versions}")
+        if self.kind == "specific" and not self.versions:
+            raise ValueError("model_version_policy specific needs at least one version")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class ModelConfig:
     """One entry of TF Serving's model_config_list."""
 
     name: str
     base_path: str
     model_platform: str = "tensorflow"
+    model_version_policy: ModelVersionPolicy = ModelVersionPolicy()
+    # label -> version; a label only ever points at an AVAILABLE version (TF Serving's rule).
     version_labels: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
@@ -76,6 +96,9 @@ class ModelConfig:
             raise ValueError(f"model name must be non-empty without '/' or ':', got {self.name!r}")
         if self.model_platform != "tensorflow":
             raise ValueError(f"model {self.name}: model_platform {self.model_platform!r} is not supported")
+        for label, _ in self.version_labels:
+            if not label or label.isdigit() or "/" in label or ":" in label:
+                raise ValueError(f"model {self.name}: version label {label!r} must be a non-numeric word")
 
 
 # Environment variables the broker sets for the frontends it starts; under gunicorn the
@@ -93,6 +116,14 @@ def default_runtime_dir() -> str:
 
 def ipc_address(runtime_dir: str, name: str) -> str:
     return f"ipc://{os.path.join(runtime_dir, name)}"
+
+
+def local_address(address: str) -> bool:
+    """Whether a ZeroMQ address is reachable from this host only (ipc://, inproc:// or loopback)."""
+    if address.startswith(("ipc://", "inproc://")):
+        return True
+    host = address.partition("://")[2].rpartition(":")[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -113,6 +144,12 @@ class ServerConfig:
         "Batch requests per (model, version, signature); false runs each request alone."))
     batching_parameters_file: str = field(default="", metadata=_help(
         "TF Serving text-protobuf BatchingParameters; unset fields keep our defaults."))
+    file_system_poll_wait_seconds: float = field(default=1.0, metadata=_help(
+        "Seconds between scans of each model's base path for new version directories; "
+        "0 scans once at start-up, a negative value never."))
+    model_config_file_poll_wait_seconds: float = field(default=0.0, metadata=_help(
+        "Seconds between re-reads of --model_config_file (models added, removed, relabelled); "
+        "0 never (use `python -m broker.ctl reload-config`)."))
     tensorflow_intra_op_parallelism: int = field(default=0, metadata=_help(
         "Threads a model worker gives one TensorFlow op; 0 lets TensorFlow choose (all cores)."))
     tensorflow_inter_op_parallelism: int = field(default=0, metadata=_help(
@@ -129,6 +166,14 @@ class ServerConfig:
         "tcp://HOST:PORT for frontends on other hosts)."))
     backend_address: str = field(default="", metadata=_help(
         "ZeroMQ address workers connect to (default: ipc://RUNTIME_DIR/backend.sock)."))
+    control_address: str = field(default="", metadata=_help(
+        "ZeroMQ address of the control socket for `python -m broker.ctl` (default: "
+        "ipc://RUNTIME_DIR/control.sock). Anything but ipc:// or loopback needs --control_auth_token_file."))
+    control_auth_token_file: str = field(default="", metadata=_help(
+        "File holding a secret that control commands must present (python -m broker.ctl --auth_token_file)."))
+    version_swap_policy: str = field(default="availability_preserving", metadata=_help(
+        "availability_preserving: load the new version next to the old one, then switch (two copies "
+        "during a swap); resource_preserving: unload the old one first (briefly unavailable)."))
     batches_in_flight: int = field(default=2, metadata=_help(
         "Batches handed to a worker before it answers, so the device never waits on Python."))
     heartbeat_interval_s: float = field(default=1.0, metadata=_help(
@@ -158,6 +203,14 @@ class ServerConfig:
             raise ValueError(f"batches_in_flight must be >= 1, got {self.batches_in_flight}")
         if self.heartbeat_interval_s <= 0 or self.heartbeat_liveness < 2:
             raise ValueError("heartbeat_interval_s must be > 0 and heartbeat_liveness >= 2")
+        if self.version_swap_policy not in ("availability_preserving", "resource_preserving"):
+            raise ValueError("version_swap_policy must be availability_preserving or resource_preserving, "
+                             f"got {self.version_swap_policy!r}")
+        if self.model_config_file_poll_wait_seconds and not self.model_config_file:
+            raise ValueError("--model_config_file_poll_wait_seconds needs --model_config_file")
+        if not self.control_auth_token_file and not local_address(self.resolved_control_address):
+            raise ValueError(f"control_address {self.control_address} is reachable from other hosts: "
+                             "set --control_auth_token_file, or use ipc:// or a loopback address")
 
     @property
     def resolved_runtime_dir(self) -> str:
@@ -170,6 +223,10 @@ class ServerConfig:
     @property
     def resolved_backend_address(self) -> str:
         return self.backend_address or ipc_address(self.resolved_runtime_dir, "backend.sock")
+
+    @property
+    def resolved_control_address(self) -> str:
+        return self.control_address or ipc_address(self.resolved_runtime_dir, "control.sock")
 
     @property
     def heartbeat_expiry_s(self) -> float:

@@ -9,12 +9,13 @@ that package, so its message is defined here with TF Serving's field names and n
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 from google.protobuf import descriptor_pb2, descriptor_pool, text_format
 from google.protobuf import wrappers_pb2  # noqa: F401  (registers google/protobuf/wrappers.proto)
 from google.protobuf.message_factory import GetMessageClass
 
-from broker.config import BatchingParameters, ModelConfig
+from broker.config import BatchingParameters, ModelConfig, ModelVersionPolicy
 
 
 def _batching_parameters_message() -> type:
@@ -93,6 +94,7 @@ def parse_model_config(text: str, *, source: str = "model config") -> list[Model
             name=entry.name,
             base_path=entry.base_path,
             model_platform=entry.model_platform or "tensorflow",
+            model_version_policy=_version_policy(entry.model_version_policy),
             version_labels=tuple(sorted(entry.version_labels.items())),
         ))
     names = [m.name for m in models]
@@ -101,6 +103,18 @@ def parse_model_config(text: str, *, source: str = "model config") -> list[Model
     if not models:
         raise ValueError(f"{source}: model_config_list names no model")
     return models
+
+
+def _version_policy(proto: Any) -> ModelVersionPolicy:
+    """TF Serving's FileSystemStoragePathSourceConfig.ServableVersionPolicy; unset is latest 1."""
+    kind = proto.WhichOneof("policy_choice")
+    if kind == "all":
+        return ModelVersionPolicy(kind="all")
+    if kind == "specific":
+        return ModelVersionPolicy(kind="specific", versions=tuple(proto.specific.versions))
+    if kind == "latest":
+        return ModelVersionPolicy(kind="latest", num_versions=proto.latest.num_versions or 1)
+    return ModelVersionPolicy()
 
 
 def load_model_config(path: str) -> list[ModelConfig]:

@@ -3,6 +3,7 @@
     TFBrokerError
     ├── RequestError            the caller can fix it
     │   ├── InvalidArgument     400
+    │   ├── PermissionDenied    403  (control channel: missing or wrong token)
     │   └── NotFound            404
     └── ServiceError            the server could not do it
         ├── Unavailable         503  (queue full, model not ready, worker died, broker gone)
@@ -37,6 +38,10 @@ class InvalidArgument(RequestError):
     http_status = 400
 
 
+class PermissionDenied(RequestError):
+    http_status = 403
+
+
 class NotFound(RequestError):
     http_status = 404
 
@@ -64,7 +69,7 @@ class ProtocolError(ValueError):
 
 
 _BY_CODE: dict[int, type[TFBrokerError]] = {
-    cls.http_status: cls for cls in (InvalidArgument, NotFound, Unavailable, DeadlineExceeded, Internal)
+    cls.http_status: cls for cls in (InvalidArgument, PermissionDenied, NotFound, Unavailable, DeadlineExceeded, Internal)
 }
 
 

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 from broker.config import ADDRESS_ENV, TIMEOUT_ENV
 from broker.errors import Unavailable
 from broker.flags import dataclass_to_argv
-from broker.models import ServedVersion, VersionState, WorkerLink, find_versions
+from broker.models import ServedVersion, WorkerLink
+from broker.versions import VersionState
 from broker.process import EXIT_MODEL_LOAD_ERROR
 from broker.supervisor import (Child, murder_child, reap_children, restartable, schedule_restart,
                                spawn_child, stop_children)
@@ -28,7 +29,6 @@ if TYPE_CHECKING:
     from broker.server import Broker
 
 log = logging.getLogger("tfbroker.fleet")
-
 
 
 class Fleet:
@@ -45,17 +45,7 @@ class Fleet:
     # --- start and stop ---
 
     def start(self) -> None:
-        for model in self.broker.models.values():
-            versions = find_versions(model.config.base_path)
-            if not versions:
-                log.error("No versions of servable %s found under base path %s", model.name,
-                          model.config.base_path)
-                continue
-            latest = max(versions)
-            served = ServedVersion(model.name, latest, versions[latest])
-            model.versions[latest] = served
-            self.serving.append(served)
-            self._spawn_worker(served)
+        """Start the frontends; workers start as the version manager loads versions."""
         if self.config.frontends:
             self._listener = bind_http(self.config.rest_api_host, self.config.rest_api_port)
             for index in range(1, self.config.frontends + 1):
@@ -102,6 +92,16 @@ class Fleet:
         for served in self.serving:
             served.state = VersionState.END
 
+    def spawn_worker(self, served: ServedVersion) -> None:
+        """Start the worker of a version; it is LOADING until it sends READY."""
+        self.serving.append(served)
+        self._spawn_worker(served)
+
+    def stop_worker(self, served: ServedVersion) -> None:
+        """SIGTERM a version's worker (one that has not taken any batch)."""
+        if served.worker is not None and served.worker.child.process is not None and served.worker.child.running:
+            served.worker.child.process.send_signal(signal.SIGTERM)
+
     def link(self, identity: bytes) -> WorkerLink | None:
         return self._links.get(identity)
 
@@ -113,11 +113,14 @@ class Fleet:
             return
         served.signatures = header.get("signatures", {})
         served.signature_def = header.get("signature_def", {})
+        link.ready = True
+        if served.state is VersionState.UNLOADING:
+            return  # came back after a restart, but is on its way out
         served.state = VersionState.AVAILABLE
         served.error = ""
-        link.ready = True
         log.info("serving model %s version %d (pid %s, signatures %s)", served.model, served.version,
                  header.get("pid"), sorted(served.signatures))
+        self.broker.versions.on_available(served)
         self._announce()
 
     def on_disconnect(self, link: WorkerLink, header: dict[str, Any]) -> None:
@@ -169,20 +172,34 @@ class Fleet:
         for child, code in reap_children([s.worker.child for s in links.values() if s.worker]):
             served = links[child.pid]
             was_ready = served.worker is not None and served.worker.ready
+            if served.state is VersionState.UNLOADING:
+                self.broker.fail_version(served, Unavailable(
+                    f"model {served.model} version {served.version} was unloaded"))
+                self._retire(served)
+                self.broker.versions.on_worker_exit(served, now)
+                continue
             self.broker.fail_version(served, Unavailable(
                 f"model {served.model} version {served.version} is unavailable: its worker exited "
                 f"(code {code}) and is restarting"))
             if served.worker is not None:
                 served.worker.ready = False
             if code == EXIT_MODEL_LOAD_ERROR or not restartable(code):
-                served.state = VersionState.END
                 served.error = served.error or f"worker exited with code {code} while loading"
                 log.error("model %s version %d failed to load: %s", served.model, served.version, served.error)
+                self._retire(served)
+                self.broker.versions.on_worker_exit(served, now)
                 continue
             served.state = VersionState.LOADING
             log.error("worker for model %s version %d (pid %s) exited with code %d%s; restarting",
                       served.model, served.version, child.pid, code, " while serving" if was_ready else "")
             schedule_restart(child, now)
+
+    def _retire(self, served: ServedVersion) -> None:
+        """Forget the worker of a version that has ended."""
+        if served.worker is not None:
+            self._links.pop(served.worker.identity, None)
+        if served in self.serving:
+            self.serving.remove(served)
 
     def _murder_workers(self, now: float) -> None:
         expiry_s = self.config.heartbeat_expiry_s

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import enum
 import logging
 import os
 from dataclasses import dataclass, field
@@ -15,18 +14,9 @@ from broker.config import ModelConfig
 from broker.errors import InvalidArgument, NotFound, Unavailable
 from broker.protocol import STRING, can_cast
 from broker.supervisor import Child
+from broker.versions import VersionSnapshot, VersionState, aspired_versions
 
 log = logging.getLogger("tfbroker.models")
-
-
-class VersionState(enum.Enum):
-    """TF Serving's ModelVersionStatus states."""
-
-    START = "START"
-    LOADING = "LOADING"
-    AVAILABLE = "AVAILABLE"
-    UNLOADING = "UNLOADING"
-    END = "END"
 
 
 def find_versions(base_path: str) -> dict[int, str]:
@@ -44,6 +34,22 @@ def find_versions(base_path: str) -> dict[int, str]:
     return versions
 
 
+def fingerprint(path: str) -> tuple[tuple[str, int, int], ...]:
+    """Names, sizes and modification times of every file under ``path``: a version directory
+    is loaded once this stops changing (it may still be being copied), and retried after a
+    failed load once it changes again."""
+    entries = []
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            full = os.path.join(root, name)
+            try:
+                stat = os.stat(full)
+            except OSError:
+                continue
+            entries.append((os.path.relpath(full, path), stat.st_size, stat.st_mtime_ns))
+    return tuple(sorted(entries))
+
+
 @dataclass(slots=True)
 class WorkerLink:
     """The broker's side of one worker process: its socket identity and its batches."""
@@ -54,6 +60,7 @@ class WorkerLink:
     last_heard: float = 0.0
     last_sent: float = 0.0
     in_flight: dict[int, list[Task]] = field(default_factory=dict)
+    disconnect_sent: float = 0.0  # when the broker told it to go (unload)
 
 
 @dataclass(slots=True)
@@ -67,6 +74,21 @@ class ServedVersion:
     signature_def: dict[str, Any] = field(default_factory=dict)
     queues: dict[str, BatchQueue] = field(default_factory=dict)
     worker: WorkerLink | None = None
+    files: tuple[Any, ...] = ()  # fingerprint() of the directory when it was loaded
+    draining: bool = False  # `broker.ctl drain`: loaded, but takes no new requests
+    unloading_since: float = 0.0
+    ended_at: float = 0.0
+
+    @property
+    def failed(self) -> bool:
+        return self.state is VersionState.END and bool(self.error)
+
+    def snapshot(self) -> VersionSnapshot:
+        return VersionSnapshot(self.version, self.state, self.failed)
+
+    def has_work(self) -> bool:
+        """Requests admitted to this version and not answered yet."""
+        return any(len(q) for q in self.queues.values()) or bool(self.worker and self.worker.in_flight)
 
     def status_json(self) -> dict[str, Any]:
         return {
@@ -78,18 +100,55 @@ class ServedVersion:
 
 @dataclass(slots=True)
 class ServedModel:
+    """One model: its versions (live ones and a short history of ended ones) and its labels.
+
+    What to serve is ``aspired()``: the version policy applied to the directories on disk,
+    plus versions loaded by hand (``broker.ctl load``), minus those unloaded by hand.
+    """
+
     config: ModelConfig
     versions: dict[int, ServedVersion] = field(default_factory=dict)
+    on_disk: dict[int, str] = field(default_factory=dict)  # settled version directories
+    labels: dict[str, int] = field(default_factory=dict)  # in force: each points at an AVAILABLE version
+    wanted_labels: dict[str, int] = field(default_factory=dict)  # from config or ctl; applied when available
+    loaded_by_hand: set[int] = field(default_factory=set)
+    unloaded_by_hand: set[int] = field(default_factory=set)
+    removed: bool = False  # gone from the config file: every version unloads
 
     @property
     def name(self) -> str:
         return self.config.name
 
+    def aspired(self) -> set[int]:
+        if self.removed:
+            return set()
+        wanted = aspired_versions(self.config.model_version_policy, self.on_disk)
+        wanted |= self.loaded_by_hand & self.on_disk.keys()
+        return wanted - self.unloaded_by_hand
+
+    def snapshots(self) -> list[VersionSnapshot]:
+        return [v.snapshot() for v in self.versions.values()]
+
+    def update_labels(self) -> list[str]:
+        """Point each wanted label at its version once that is AVAILABLE; drop labels whose
+        version stopped serving. Returns what changed, for the log."""
+        changes = []
+        for label, number in self.wanted_labels.items():
+            served = self.versions.get(number)
+            if served is not None and served.state is VersionState.AVAILABLE and self.labels.get(label) != number:
+                changes.append(f"label {label} -> version {number}")
+                self.labels[label] = number
+        for label, number in list(self.labels.items()):
+            served = self.versions.get(number)
+            if served is None or served.state is not VersionState.AVAILABLE:
+                changes.append(f"label {label} dropped: version {number} is no longer available")
+                del self.labels[label]
+        return changes
+
     def version_of_label(self, label: str) -> int:
-        labels = dict(self.config.version_labels)
-        if label not in labels:
+        if label not in self.labels:
             raise NotFound(f"Unrecognized servable version label: {label}")
-        return labels[label]
+        return self.labels[label]
 
     def resolve(self, version: int | None, label: str | None) -> ServedVersion:
         """The version a request is pinned to, chosen once at admission."""
@@ -97,20 +156,24 @@ class ServedModel:
             version = self.version_of_label(label)
         if version is not None:
             served = self.versions.get(version)
-            if served is None:
-                raise NotFound(f"Servable not found for request: Specific({self.name}, {version})")
-            if served.state is not VersionState.AVAILABLE:
+            if served is None or served.state in (VersionState.END, VersionState.UNLOADING):
+                state = f" (version {version} is {served.state.value}{_because(served)})" if served else ""
+                raise NotFound(f"Servable not found for request: Specific({self.name}, {version}){state}")
+            if served.state is not VersionState.AVAILABLE or served.draining:
+                state = "draining" if served.draining else served.state.value
                 raise Unavailable(f"Servable not available for request: Specific({self.name}, {version}): "
-                                  f"version is {served.state.value}{_because(served)}")
+                                  f"version is {state}{_because(served)}")
             return served
-        available = [v for v in self.versions.values() if v.state is VersionState.AVAILABLE]
+        available = [v for v in self.versions.values() if v.state is VersionState.AVAILABLE and not v.draining]
         if available:
             return max(available, key=lambda v: v.version)
-        if not self.versions:
+        live = [v for v in self.versions.values() if v.state is not VersionState.END]
+        if self.removed or not self.versions:
             raise NotFound(f"Servable not found for request: Latest({self.name})")
-        newest = max(self.versions.values(), key=lambda v: v.version)
+        newest = max(live or self.versions.values(), key=lambda v: v.version)
+        state = "draining" if newest.draining else newest.state.value
         raise Unavailable(f"Servable not available for request: Latest({self.name}): "
-                          f"version {newest.version} is {newest.state.value}{_because(newest)}")
+                          f"version {newest.version} is {state}{_because(newest)}")
 
 
 def _because(served: ServedVersion) -> str:

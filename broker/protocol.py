@@ -55,6 +55,12 @@ Broker to worker:
     HEARTBEAT  {}
     DISCONNECT {}                      stop after the batches in hand
 
+Control client (``python -m broker.ctl``) to broker, on the broker's control ROUTER:
+
+    CONTROL    {id, op, args: {model?, version?, label?}, token?}
+               op: status | reload-config | load | unload | label | drain
+    answered by REPLY {id, …} (``message`` or ``changes`` or the status) or ERROR {id, code, message}
+
 Dialogs
 -------
     C: REQUEST          B: REPLY | ERROR            one answer per id, or none if the
@@ -70,7 +76,8 @@ broker reconnects and sends READY again.
 
 Known weaknesses
 ----------------
-- No authentication: keep the sockets on ipc:// or loopback, or on a private network.
+- No authentication on the request and worker sockets: keep them on ipc:// or loopback, or
+  on a private network. The control socket can require a shared token, sent in clear.
 - A worker that runs one batch longer than interval × liveness is taken for dead: size
   the heartbeat settings above the slowest legitimate batch.
 - ``id`` is unique per client socket only; the broker keys requests by (identity, id).
@@ -99,9 +106,10 @@ BATCH = b"\x08"
 RESULT = b"\x09"
 DISCONNECT = b"\x0a"
 STATS = b"\x0b"
+CONTROL = b"\x0c"
 
 COMMANDS = frozenset({REQUEST, REPLY, ERROR, METADATA, STATUS, HEARTBEAT, READY, BATCH, RESULT, DISCONNECT,
-                      STATS})
+                      STATS, CONTROL})
 
 STRING = "string"
 

@@ -22,8 +22,11 @@ from broker.batching import Batch, BatchQueue, Task
 from broker.config import BatchingParameters, ModelConfig, ServerConfig
 from broker.errors import (DeadlineExceeded, InvalidArgument, NotFound, ProtocolError, TFBrokerError,
                            Unavailable)
+from broker.control import ControlChannel
 from broker.fleet import Fleet
+from broker.manager import VersionManager
 from broker.models import ServedModel, ServedVersion, WorkerLink, check_inputs
+from broker.source import VersionSource
 
 log = logging.getLogger("tfbroker.broker")
 
@@ -46,9 +49,12 @@ class Broker:
     def __init__(self, config: ServerConfig, models: list[ModelConfig], batching: BatchingParameters) -> None:
         self.config = config
         self.batching = batching
-        self.models = {m.name: ServedModel(m) for m in models}
+        self.models: dict[str, ServedModel] = {}
         self.signals: queue.SimpleQueue[int] = queue.SimpleQueue()
         self.fleet = Fleet(self)
+        self.source = VersionSource(config.file_system_poll_wait_seconds)
+        self.versions = VersionManager(self)
+        self.versions.apply_model_config(models)
         self.requests_admitted = 0
         self.batches_formed = 0
         self.rows_dispatched = 0
@@ -58,6 +64,7 @@ class Broker:
         self._context = zmq.Context()
         self.frontend = self._context.socket(zmq.ROUTER)
         self.backend = self._context.socket(zmq.ROUTER)
+        self.control = ControlChannel(self, self._context)
         self._poller = zmq.Poller()
         self._next_housekeeping = 0.0
 
@@ -76,10 +83,16 @@ class Broker:
             self._poller.register(sock, zmq.POLLIN)
         log.info("frontend socket %s, backend socket %s", self.config.resolved_frontend_address,
                  self.config.resolved_backend_address)
+        self.control.bind()
+        self._poller.register(self.control.socket, zmq.POLLIN)
 
     def run_forever(self) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self.handle_signal)
+        now = time.monotonic()
+        self.source.scan_now(self.models.values(), now)
+        self.control.start(now)
+        self.versions.reconcile(now)
         self.fleet.start()
         while not self._stop_now:
             events = dict(self._poller.poll(self._poll_timeout_ms()))
@@ -87,6 +100,8 @@ class Broker:
                 self._process_frontend()
             if self.backend in events:
                 self._process_backend()
+            if self.control.socket in events:
+                self.control.process()
             now = time.monotonic()
             self._dispatch(now)
             if now >= self._next_housekeeping:
@@ -316,6 +331,10 @@ class Broker:
     def _housekeeping(self, now: float) -> None:
         self._next_housekeeping = now + HOUSEKEEPING_S
         self.fleet.manage(now)
+        if self._stop_requested_at is None:
+            self.control.poll_config(now)
+            self.source.poll(list(self.models.values()), now)
+            self.versions.reconcile(now)
         for served in self.fleet.serving:
             for queue_ in served.queues.values():
                 expired = queue_.expire(now)

@@ -7,6 +7,10 @@
 - two_io/1: inputs a float32 [batch, 2], b int64 [batch]; outputs sum float32 [batch],
   label_bytes string [batch]
 - broken/1: a directory that is not a SavedModel
+- versions/N (N = 1..3): y = 0.5x + 10N, so every answer tells which version made it; tests
+  copy these into a served base path to swap versions
+- warm_good/1: linear with TF Serving's warm-up file (two good PredictionLog records)
+- warm_bad/1: linear whose warm-up file asks for an input the model lacks
 """
 
 from __future__ import annotations
@@ -43,6 +47,21 @@ class TwoIO(tf.Module):
         return {"sum": total, "label_bytes": tf.strings.as_string(b)}
 
 
+def write_warmup_file(version_dir: str, input_name: str) -> None:
+    """TF Serving's assets.extra/tf_serving_warmup_requests: TFRecord of PredictionLog."""
+    from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
+
+    os.makedirs(os.path.join(version_dir, "assets.extra"), exist_ok=True)
+    with tf.io.TFRecordWriter(os.path.join(version_dir, "assets.extra", "tf_serving_warmup_requests")) as writer:
+        for rows in (1, 3):
+            request = predict_pb2.PredictRequest()
+            request.model_spec.signature_name = "serving_default"
+            request.inputs[input_name].CopyFrom(tf.make_tensor_proto([1.0] * rows, dtype=tf.float32))
+            entry = prediction_log_pb2.PredictionLog(
+                predict_log=prediction_log_pb2.PredictLog(request=request))
+            writer.write(entry.SerializeToString())
+
+
 def main(directory: str) -> None:
     save_linear(os.path.join(directory, "linear", "1"), a=0.5, b=2.0)
     save_linear(os.path.join(directory, "linear", "2"), a=0.5, b=3.0)
@@ -52,6 +71,12 @@ def main(directory: str) -> None:
                         signatures={"serving_default": reporter.serve})
     two = TwoIO()
     tf.saved_model.save(two, os.path.join(directory, "two_io", "1"), signatures={"serving_default": two.serve})
+    for version in (1, 2, 3):
+        save_linear(os.path.join(directory, "versions", str(version)), a=0.5, b=10.0 * version)
+    save_linear(os.path.join(directory, "warm_good", "1"))
+    write_warmup_file(os.path.join(directory, "warm_good", "1"), "x")
+    save_linear(os.path.join(directory, "warm_bad", "1"))
+    write_warmup_file(os.path.join(directory, "warm_bad", "1"), "not_an_input")
     os.makedirs(os.path.join(directory, "broken", "1"), exist_ok=True)
     with open(os.path.join(directory, "broken", "1", "saved_model.pb"), "wb") as fh:
         fh.write(b"this is not a protobuf")

@@ -13,7 +13,6 @@ import signal
 import time
 from typing import Any
 
-import numpy as np
 import zmq
 
 from broker import protocol
@@ -53,14 +52,16 @@ class Worker:
         self._connect()
         try:
             from workers import model as model_lib  # TensorFlow comes last
+            from workers import warmup
 
             model_lib.configure_devices(self.config.tensorflow_intra_op_parallelism,
                                         self.config.tensorflow_inter_op_parallelism)
             started = time.monotonic()
             self._model = model_lib.load(self.config.path)
-            warm_up(self._model, self.config.warmup_batch_sizes)
-            log.info("loaded %s (%s loader, signatures %s) in %.1f s", self.config.path,
-                     self._model.loader, sorted(self._model.signatures), time.monotonic() - started)
+            records = warmup.warm_up_from_file(self._model)
+            warmup.warm_up_batch_sizes(self._model, self.config.warmup_batch_sizes)
+            log.info("loaded %s (%s loader, signatures %s, %d warm-up records) in %.1f s", self.config.path,
+                     self._model.loader, sorted(self._model.signatures), records, time.monotonic() - started)
         except Exception as exc:  # noqa: BLE001 - any failure to load is reported the same way
             log.error("cannot load model %s version %d: %s", self.config.model_name, self.config.version, exc)
             self._send(protocol.DISCONNECT, {"error": str(exc)[:2000]})
@@ -162,25 +163,3 @@ class Worker:
             self._socket.close(linger=linger_ms)
             self._socket = None
 
-
-def warm_up(model: Any, batch_sizes: tuple[int, ...]) -> None:
-    """Run every numeric signature once per batch size, so the first request is not slow."""
-    for signature in model.signatures.values():
-        if any(info.dtype == protocol.STRING for info in signature.inputs.values()):
-            continue  # parsing signatures need real examples; TF Serving's warm-up file covers them
-        for size in batch_sizes:
-            inputs = {name: np.zeros(_warmup_shape(info.shape, size), dtype=info.dtype)
-                      for name, info in signature.inputs.items()}
-            try:
-                signature.run(inputs)
-            except Exception as exc:  # noqa: BLE001 - warm-up is best effort
-                log.debug("warm-up of %s at batch %d failed: %s", signature.name, size, exc)
-
-
-def _warmup_shape(shape: tuple[int, ...] | None, size: int) -> tuple[int, ...]:
-    if shape is None:
-        return (size,)
-    if not shape:
-        return ()
-    first = size if shape[0] == -1 else shape[0]
-    return (first, *(1 if d == -1 else d for d in shape[1:]))

@@ -1,0 +1,195 @@
+"""``python -m broker.ctl``: drive a running broker over its control socket.
+
+    python -m broker.ctl status [MODEL]
+    python -m broker.ctl reload-config
+    python -m broker.ctl load MODEL VERSION [--wait]
+    python -m broker.ctl unload MODEL VERSION [--wait]
+    python -m broker.ctl label MODEL LABEL VERSION
+    python -m broker.ctl drain MODEL VERSION [--wait]
+
+Exit status: 0 done, 1 the broker refused (the reason on stderr), 2 bad usage, 3 no answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from typing import Any, Sequence
+
+import zmq
+
+from broker import protocol
+from broker.config import default_runtime_dir, ipc_address
+from broker.control import read_token
+from broker.errors import TFBrokerError, from_code
+
+EXIT_REFUSED = 1
+EXIT_NO_ANSWER = 3
+WAIT_POLL_S = 0.2
+
+
+class NoAnswer(Exception):
+    pass
+
+
+class ControlClient:
+    """One DEALER to the broker's control socket; every call has a deadline."""
+
+    def __init__(self, address: str, token: str = "", timeout_s: float = 10.0) -> None:
+        self.address = address
+        self.token = token
+        self.timeout_s = timeout_s
+        self._context = zmq.Context()
+        self._socket = self._context.socket(zmq.DEALER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.connect(address)
+        self._ids = itertools.count(1)
+
+    def call(self, op: str, **args: Any) -> dict[str, Any]:
+        """The broker's answer to one operation; raises the wire's TFBrokerError or NoAnswer."""
+        request_id = next(self._ids)
+        header: dict[str, Any] = {"id": request_id, "op": op, "args": args}
+        if self.token:
+            header["token"] = self.token
+        self._socket.send_multipart(protocol.encode(protocol.CONTROL, header))
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            remaining_ms = int((deadline - time.monotonic()) * 1000)
+            if remaining_ms <= 0 or not self._socket.poll(remaining_ms):
+                raise NoAnswer(f"no answer from the broker's control socket {self.address} "
+                               f"within {self.timeout_s:.0f} s: is the broker running?")
+            message = protocol.decode(self._socket.recv_multipart())
+            if message.header.get("id") != request_id:
+                continue  # a late answer to an earlier call
+            if message.command == protocol.ERROR:
+                raise from_code(int(message.header.get("code", 500)), str(message.header.get("message")))
+            return message.header
+
+    def close(self) -> None:
+        self._context.destroy(linger=0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    address = args.address or ipc_address(args.runtime_dir or default_runtime_dir(), "control.sock")
+    try:
+        token = read_token(args.auth_token_file) if args.auth_token_file else ""
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    client = ControlClient(address, token, args.timeout_s)
+    try:
+        result = _run(client, args)
+    except TFBrokerError as exc:
+        print(f"error ({exc.http_status}): {exc.message}", file=sys.stderr)
+        return EXIT_REFUSED
+    except NoAnswer as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_NO_ANSWER
+    finally:
+        client.close()
+    result.pop("id", None)
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+    elif args.command == "status":
+        print(format_status(result, args.model))
+    else:
+        print(result.get("message") or "\n".join(result.get("changes") or ["no change"]))
+    return 0
+
+
+def format_status(status: dict[str, Any], only: str | None = None) -> str:
+    broker = status["broker"]
+    lines = [f"broker pid {broker['pid']}, up {broker['uptime_s']:.0f} s, {broker['requests']} requests in "
+             f"{broker['batches']} batches, swap policy {broker['swap_policy']}"]
+    for model in status["models"]:
+        if only and model["name"] != only:
+            continue
+        policy = model["version_policy"]
+        kind = {"latest": f"latest {policy['num_versions']}", "all": "all",
+                "specific": "specific " + ",".join(map(str, policy["versions"]))}[policy["kind"]]
+        labels = ", ".join(f"{k}={v}" for k, v in model["labels"].items()) or "none"
+        lines.append(f"\nmodel {model['name']}  ({model['base_path']}; policy {kind}; labels {labels})")
+        lines.append(f"  {'version':>8}  {'state':<10} {'pid':>8} {'queued':>7} {'in flight':>9}  note")
+        for v in reversed(model["versions"]):
+            note = "draining" if v["draining"] else (v["error"] or "")
+            lines.append(f"  {v['version']:>8}  {v['state']:<10} {v['pid'] or '-':>8} {v['queued']:>7} "
+                         f"{v['in_flight']:>9}  {note}")
+        if not model["versions"]:
+            lines.append("  (no versions)")
+    return "\n".join(lines)
+
+
+# --- implementation ---
+
+def _run(client: ControlClient, args: argparse.Namespace) -> dict[str, Any]:
+    command = args.command
+    if command == "status":
+        return client.call("status")
+    if command == "reload-config":
+        return client.call("reload-config")
+    if command == "label":
+        return client.call("label", model=args.model, label=args.label, version=args.version)
+    result = client.call(command, model=args.model, version=args.version)
+    if args.wait:
+        _wait(client, args.model, args.version, command, args.timeout_s)
+    return result
+
+
+def _wait(client: ControlClient, model: str, version: int, command: str, timeout_s: float) -> None:
+    """Until the version is AVAILABLE (load), gone (unload) or holds no requests (drain)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        entry = _version_entry(client.call("status"), model, version)
+        if command == "load" and entry and entry["state"] == "AVAILABLE" and not entry["draining"]:
+            return
+        if command == "load" and entry and entry["state"] == "END" and entry["error"]:
+            raise from_code(500, f"version {version} failed to load: {entry['error']}")
+        if command == "unload" and (entry is None or entry["state"] == "END"):
+            return
+        if command == "drain" and (entry is None or entry["queued"] + entry["in_flight"] == 0):
+            return
+        if time.monotonic() > deadline:
+            state = entry["state"] if entry else "gone"
+            raise NoAnswer(f"gave up waiting after {timeout_s:.0f} s: model {model} version {version} is {state}")
+        time.sleep(WAIT_POLL_S)
+
+
+def _version_entry(status: dict[str, Any], model: str, version: int) -> dict[str, Any] | None:
+    for entry in status["models"]:
+        if entry["name"] == model:
+            return next((v for v in entry["versions"] if v["version"] == version), None)
+    return None
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m broker.ctl", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runtime_dir", default="", help="the broker's --runtime_dir (default: the broker's default)")
+    parser.add_argument("--address", default="", help="the broker's --control_address (overrides --runtime_dir)")
+    parser.add_argument("--auth_token_file", default="", help="file with the broker's control token, if it wants one")
+    parser.add_argument("--timeout_s", type=float, default=10.0, help="how long to wait for answers (and --wait)")
+    parser.add_argument("--json", action="store_true", help="print the broker's answer as JSON")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    status = commands.add_parser("status", help="models, versions, states, labels")
+    status.add_argument("model", nargs="?", help="only this model")
+    commands.add_parser("reload-config", help="re-read --model_config_file")
+    for name, text in (("load", "load a version (or send a drained one requests again)"),
+                       ("unload", "unload a version after the requests it holds"),
+                       ("drain", "stop sending a version new requests; it stays loaded")):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("model")
+        sub.add_argument("version", type=int)
+        sub.add_argument("--wait", action="store_true", help="return once it is done (up to --timeout_s)")
+    label = commands.add_parser("label", help="point a version label at an AVAILABLE version")
+    label.add_argument("model")
+    label.add_argument("label")
+    label.add_argument("version", type=int)
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(main())

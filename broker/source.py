@@ -1,0 +1,103 @@
+"""The file-system version source: which version directories each model's base path holds.
+
+Every ``file_system_poll_wait_seconds`` it lists each base path (TF Serving's meaning: 0
+lists once at start-up, a negative value never after start-up). A new directory may still
+be being copied, so it joins ``ServedModel.on_disk`` only once its files have stopped
+changing for SETTLE_S; a directory whose load failed is tried again once its files change.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from broker.models import ServedModel, find_versions, fingerprint
+
+log = logging.getLogger("tfbroker.source")
+
+# How long a new version directory's files must stay unchanged before it is loaded.
+SETTLE_S = 0.5
+SAVED_MODEL_FILES = ("saved_model.pb", "saved_model.pbtxt")
+
+
+@dataclass(slots=True)
+class _Candidate:
+    path: str
+    files: tuple[Any, ...]
+    since: float
+
+
+class VersionSource:
+    def __init__(self, poll_wait_s: float) -> None:
+        self.poll_wait_s = poll_wait_s
+        self._next_poll = 0.0
+        self._candidates: dict[tuple[str, int], _Candidate] = {}
+
+    def scan_now(self, models: Iterable[ServedModel], now: float) -> None:
+        """At start-up: take what is on disk as it is, without waiting for it to settle."""
+        if self.poll_wait_s < 0:
+            self._next_poll = float("inf")
+            log.info("file-system polling is off: versions load only by `python -m broker.ctl load`")
+            return
+        for model in models:
+            model.on_disk = find_versions(model.config.base_path)
+            if not model.on_disk:
+                log.error("No versions of servable %s found under base path %s", model.name,
+                          model.config.base_path)
+        self._next_poll = now + self.poll_wait_s if self.poll_wait_s > 0 else float("inf")
+
+    def poll(self, models: Iterable[ServedModel], now: float) -> bool:
+        """Rescan when due and settle candidates; True when some model's ``on_disk`` changed."""
+        changed = False
+        if now >= self._next_poll:
+            self._next_poll = now + self.poll_wait_s
+            for model in models:
+                changed |= self._scan(model, now)
+        for key, candidate in list(self._candidates.items()):
+            if now - candidate.since < SETTLE_S:
+                continue
+            files = fingerprint(candidate.path)
+            if files != candidate.files or not _has_saved_model(files):
+                candidate.files, candidate.since = files, now
+                continue
+            del self._candidates[key]
+            model = next((m for m in models if m.name == key[0]), None)
+            if model is not None and not model.removed:
+                log.info("found version %d of model %s in %s", key[1], key[0], candidate.path)
+                model.on_disk[key[1]] = candidate.path
+                changed = True
+        return changed
+
+    def forget(self, model: str) -> None:
+        for key in [k for k in self._candidates if k[0] == model]:
+            del self._candidates[key]
+
+    # --- implementation ---
+
+    def _scan(self, model: ServedModel, now: float) -> bool:
+        found = find_versions(model.config.base_path)
+        changed = False
+        for number in [n for n in model.on_disk if n not in found]:
+            log.info("version %d of model %s is gone from %s", number, model.name, model.config.base_path)
+            del model.on_disk[number]
+            changed = True
+        for number, path in found.items():
+            key = (model.name, number)
+            if key in self._candidates:
+                continue
+            if number in model.on_disk:
+                served = model.versions.get(number)
+                if served is None or not served.failed or fingerprint(path) == served.files:
+                    continue
+                log.info("version %d of model %s changed on disk since it failed to load; "
+                         "it loads again once its files settle", number, model.name)
+                del model.versions[number]
+                del model.on_disk[number]
+                changed = True
+            self._candidates[key] = _Candidate(path, fingerprint(path), now)
+        return changed
+
+
+def _has_saved_model(files: tuple[Any, ...]) -> bool:
+    return any(entry[0] in SAVED_MODEL_FILES for entry in files)
