@@ -139,8 +139,7 @@ class VersionManager:
             raise InvalidArgument(f"version {version} is the only version of model {name} taking requests; "
                                   "load another first, or unload this one")
         served.draining = True
-        for label in [k for k, v in model.labels.items() if v == version]:
-            del model.labels[label]  # a label points only at a version that takes requests
+        self._note_labels(model)  # a label points only at a version that takes requests
         return (f"model {name} version {version} takes no new requests; `load {name} {version}` "
                 "sends it requests again")
 

@@ -135,13 +135,17 @@ class ServedModel:
         changes = []
         for label, number in self.wanted_labels.items():
             served = self.versions.get(number)
-            if served is not None and served.state is VersionState.AVAILABLE and self.labels.get(label) != number:
+            if (served is not None and served.state is VersionState.AVAILABLE and not served.draining
+                    and self.labels.get(label) != number):
                 changes.append(f"label {label} -> version {number}")
                 self.labels[label] = number
         for label, number in list(self.labels.items()):
             served = self.versions.get(number)
-            if served is None or served.state is not VersionState.AVAILABLE:
-                changes.append(f"label {label} dropped: version {number} is no longer available")
+            if label not in self.wanted_labels:
+                changes.append(f"label {label} removed")
+                del self.labels[label]
+            elif served is None or served.state is not VersionState.AVAILABLE or served.draining:
+                changes.append(f"label {label} dropped: version {number} no longer takes requests")
                 del self.labels[label]
         return changes
 

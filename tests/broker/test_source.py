@@ -1,0 +1,111 @@
+"""The file-system source and version resolution, on real directories without processes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from broker.config import ModelConfig
+from broker.errors import NotFound, Unavailable
+from broker.models import ServedModel, ServedVersion, fingerprint
+from broker.source import SETTLE_S, VersionSource
+from broker.versions import VersionState
+
+
+def write_version(base: Path, number: int, content: bytes = b"graph") -> Path:
+    path = base / str(number)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "saved_model.pb").write_bytes(content)
+    return path
+
+
+def test_start_up_takes_what_is_on_disk_and_a_new_directory_joins_once_settled(tmp_path: Path) -> None:
+    write_version(tmp_path, 1)
+    (tmp_path / "notes").mkdir()  # not numeric: ignored
+    model = ServedModel(ModelConfig(name="m", base_path=str(tmp_path)))
+    source = VersionSource(poll_wait_s=1.0)
+    source.scan_now([model], now=0.0)
+    assert set(model.on_disk) == {1}
+
+    partial = tmp_path / "2"
+    partial.mkdir()  # being copied: no saved_model.pb yet
+    assert not source.poll([model], now=1.0)
+    assert not source.poll([model], now=1.0 + SETTLE_S)  # still no SavedModel in it
+    write_version(tmp_path, 2)
+    assert not source.poll([model], now=1.0 + 2 * SETTLE_S)  # changed since: wait again
+    assert source.poll([model], now=1.0 + 3 * SETTLE_S)
+    assert set(model.on_disk) == {1, 2}
+
+
+def test_a_removed_directory_leaves_on_disk(tmp_path: Path) -> None:
+    write_version(tmp_path, 1)
+    write_version(tmp_path, 2)
+    model = ServedModel(ModelConfig(name="m", base_path=str(tmp_path)))
+    source = VersionSource(poll_wait_s=1.0)
+    source.scan_now([model], now=0.0)
+    for path in (tmp_path / "2").iterdir():
+        path.unlink()
+    (tmp_path / "2").rmdir()
+    assert not source.poll([model], now=0.5)  # not due yet
+    assert source.poll([model], now=1.0)
+    assert set(model.on_disk) == {1}
+
+
+def test_a_failed_version_is_tried_again_once_its_files_change(tmp_path: Path) -> None:
+    path = write_version(tmp_path, 1, b"broken")
+    model = ServedModel(ModelConfig(name="m", base_path=str(tmp_path)))
+    source = VersionSource(poll_wait_s=1.0)
+    source.scan_now([model], now=0.0)
+    model.versions[1] = ServedVersion("m", 1, str(path), state=VersionState.END, error="bad graph",
+                                      files=fingerprint(str(path)))
+    assert not source.poll([model], now=1.0)  # unchanged: stays failed
+    assert model.versions[1].failed
+    (path / "saved_model.pb").write_bytes(b"fixed graph")
+    assert source.poll([model], now=2.0)
+    assert 1 not in model.versions and 1 not in model.on_disk  # settles again first
+    assert source.poll([model], now=2.0 + SETTLE_S)
+    assert 1 in model.on_disk
+
+
+def test_polling_off_scans_nothing(tmp_path: Path) -> None:
+    write_version(tmp_path, 1)
+    model = ServedModel(ModelConfig(name="m", base_path=str(tmp_path)))
+    source = VersionSource(poll_wait_s=-1)
+    source.scan_now([model], now=0.0)
+    assert not source.poll([model], now=100.0)
+    assert model.on_disk == {}
+
+
+def available(model: ServedModel, number: int, **fields: object) -> ServedVersion:
+    served = ServedVersion("m", number, f"/m/{number}", state=VersionState.AVAILABLE, **fields)  # type: ignore[arg-type]
+    model.versions[number] = served
+    return served
+
+
+def test_resolution_pins_the_newest_available_version_and_labels_follow_availability() -> None:
+    model = ServedModel(ModelConfig(name="m", base_path="/m"), wanted_labels={"stable": 1, "canary": 2})
+    available(model, 1)
+    model.versions[2] = ServedVersion("m", 2, "/m/2", state=VersionState.LOADING)
+    model.update_labels()
+    assert model.labels == {"stable": 1}  # canary waits for version 2
+    assert model.resolve(None, None).version == 1
+    with pytest.raises(Unavailable):
+        model.resolve(2, None)
+    with pytest.raises(NotFound):
+        model.resolve(None, "canary")
+
+    model.versions[2].state = VersionState.AVAILABLE
+    model.update_labels()
+    assert model.labels == {"stable": 1, "canary": 2}
+    assert model.resolve(None, None).version == 2
+    assert model.resolve(None, "stable").version == 1
+
+    model.versions[1].state = VersionState.UNLOADING
+    model.update_labels()
+    assert model.labels == {"canary": 2}
+    with pytest.raises(NotFound):
+        model.resolve(1, None)
+    model.versions[2].draining = True
+    with pytest.raises(Unavailable):
+        model.resolve(None, None)
