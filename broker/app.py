@@ -27,11 +27,11 @@ def run(config: ServerConfig) -> int:
         models = resolve_models(config)
         batching = (load_batching_parameters(config.batching_parameters_file)
                     if config.batching_parameters_file else BatchingParameters())
+        broker = Broker(config, models, batching)
         lock = lock_runtime_dir(config.resolved_runtime_dir)
     except ValueError as exc:
         log.error("%s", exc)
         return EXIT_BOOT_ERROR
-    broker = Broker(config, models, batching)
     try:
         broker.bind()
     except zmq.ZMQError as exc:

@@ -151,6 +151,9 @@ def test_demo_mode_makes_its_models_and_serves_them(start_broker: Any, tmp_path:
 @pytest.mark.parametrize(("args", "message"), [
     (["--model_config_file=/nonexistent.config"], "cannot read model config file"),
     (["--model_name=m"], "go together"),
+    (["--control_address=tcp://0.0.0.0:5599"], "set --control_auth_token_file"),
+    (["--version_swap_policy=fast"], "version_swap_policy must be"),
+    (["--control_auth_token_file=/nonexistent.token"], "cannot read control_auth_token_file"),
 ])
 def test_bad_configuration_exits_with_a_clear_message(args: list[str], message: str, tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "broker", f"--runtime_dir={tmp_path}", *args],

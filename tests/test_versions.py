@@ -170,6 +170,16 @@ def test_labels_removal_and_the_control_channel(start_broker: Any, test_models: 
     assert moved.returncode == 0, moved.stderr
     assert broker.predict("lab", {"instances": [0.0]}, "/labels/stable").json() == {"predictions": [20.0]}
 
+    # Drain: version 2 takes no new requests (its labels drop) until it is loaded again.
+    drained = ctl(broker, "drain", "lab", "2", "--wait")
+    assert drained.returncode == 0, drained.stderr
+    assert broker.predict("lab", {"instances": [0.0]}).json() == {"predictions": [10.0]}
+    assert broker.predict("lab", {"instances": [0.0]}, "/versions/2").status_code == 503
+    assert broker.predict("lab", {"instances": [0.0]}, "/labels/stable").status_code == 404
+    assert ctl(broker, "load", "lab", "2", "--wait").returncode == 0
+    assert broker.predict("lab", {"instances": [0.0]}).json() == {"predictions": [20.0]}
+    assert broker.predict("lab", {"instances": [0.0]}, "/labels/stable").json() == {"predictions": [20.0]}
+
     # Removing a version directory unloads it; pinned requests to it get 404.
     shutil.rmtree(base / "1")
     wait_for(lambda: version_states(broker, "lab").get(1) == "END", SWAP_TIMEOUT_S, "version 1 to unload")
@@ -287,3 +297,22 @@ def test_resource_preserving_swap_never_holds_two_copies(start_broker: Any, test
     wait_for(swapped, SWAP_TIMEOUT_S, "version 2", interval_s=0.05)
     assert most == 1
     assert broker.predict("small", {"instances": [0.0]}).json() == {"predictions": [20.0]}
+
+
+def test_the_control_socket_can_require_a_token(start_broker: Any, test_models: Path, tmp_path: Path) -> None:
+    token = tmp_path / "control.token"
+    token.write_text("a-long-enough-secret-token\n")
+    broker = start_broker(["--model_name=linear", f"--model_base_path={test_models / 'linear'}",
+                           f"--control_auth_token_file={token}"], frontends=0)
+    wait_for(lambda: (broker.runtime_dir / "control.sock").exists(), 30, "the control socket")
+    refused = ctl(broker, "status")
+    assert refused.returncode == 1 and "403" in refused.stderr and "token" in refused.stderr
+    wrong = tmp_path / "wrong.token"
+    wrong.write_text("another-secret-of-some-length")
+    assert ctl(broker, f"--auth_token_file={wrong}", "status").returncode == 1
+    allowed = ctl(broker, f"--auth_token_file={token}", "--json", "status")
+    assert allowed.returncode == 0, allowed.stderr
+    assert json.loads(allowed.stdout)["models"][0]["name"] == "linear"
+    nobody = subprocess.run([sys.executable, "-m", "broker.ctl", f"--runtime_dir={tmp_path / 'none'}",
+                             "--timeout_s=1", "status"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert nobody.returncode == 3 and "no answer" in nobody.stderr
