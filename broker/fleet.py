@@ -97,10 +97,18 @@ class Fleet:
         self.serving.append(served)
         self._spawn_worker(served)
 
-    def stop_worker(self, served: ServedVersion) -> None:
-        """SIGTERM a version's worker (one that has not taken any batch)."""
-        if served.worker is not None and served.worker.child.process is not None and served.worker.child.running:
-            served.worker.child.process.send_signal(signal.SIGTERM)
+    def stop_worker(self, served: ServedVersion, now: float) -> None:
+        """Stop the worker of a version that holds no requests: SIGTERM it (it ends when
+        reaped), or, when it is waiting for a restart, end the version now."""
+        if served.worker is None:
+            return
+        child = served.worker.child
+        if child.running and child.process is not None:
+            child.process.send_signal(signal.SIGTERM)
+            return
+        child.restart_at = 0.0
+        self._retire(served)
+        self.broker.versions.on_worker_exit(served, now)
 
     def link(self, identity: bytes) -> WorkerLink | None:
         return self._links.get(identity)

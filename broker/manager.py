@@ -165,7 +165,7 @@ class VersionManager:
         served.unloading_since = now
         log.info("unloading model %s version %d (was %s)", model.name, number, was.value)
         if was is VersionState.LOADING and served.worker is not None:
-            self.broker.fleet.stop_worker(served)  # nothing admitted yet: no need to wait
+            self.broker.fleet.stop_worker(served, now)  # nothing admitted yet: no need to wait
 
     def _finish_unloads(self, model: ServedModel, now: float) -> None:
         """Tell an UNLOADING version's worker to go once its requests are answered; kill it if

@@ -316,3 +316,21 @@ def test_the_control_socket_can_require_a_token(start_broker: Any, test_models: 
     nobody = subprocess.run([sys.executable, "-m", "broker.ctl", f"--runtime_dir={tmp_path / 'none'}",
                              "--timeout_s=1", "status"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert nobody.returncode == 3 and "no answer" in nobody.stderr
+
+
+def test_the_config_file_is_polled_for_models_added_and_removed(start_broker: Any, test_models: Path,
+                                                              tmp_path: Path) -> None:
+    config = tmp_path / "models.config"
+    config.write_text(make_model_config({"first": test_models / "versions"}))
+    broker = start_broker([f"--model_config_file={config}", "--model_config_file_poll_wait_seconds=0.2"],
+                          frontends=1)
+    broker.wait_available(["first"])
+    assert broker.predict("first", {"instances": [0.0]}).json() == {"predictions": [30.0]}
+    config.write_text(make_model_config({"second": test_models / "linear"}))
+    broker.wait_available(["second"])
+    wait_for(lambda: broker.predict("first", {"instances": [0.0]}).status_code == 404, 60, "model first to go")
+    wait_for(lambda: not workers_of(broker, "first"), 30, "the worker of model first to exit")
+    assert broker.predict("second", {"instances": [2.0]}).json() == {"predictions": [4.0]}
+    config.write_text("this is not a model config")
+    wait_for(lambda: "model config not reloaded" in broker.log(), 30, "the broken file to be reported")
+    assert broker.predict("second", {"instances": [2.0]}).json() == {"predictions": [4.0]}
