@@ -79,7 +79,9 @@ class VersionManager:
             elif model.config != config or model.removed:
                 changes.append(f"model {name} updated")
             if model.config.base_path != config.base_path:
-                model.on_disk = {}
+                # An operator's explicit change: take the new path's versions as they are, so
+                # the old ones keep serving until the new ones are AVAILABLE.
+                model.on_disk = find_versions(config.base_path)
                 self.broker.source.forget(name)
             model.config = config
             model.removed = False

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from broker.models import ServedModel, find_versions, fingerprint
 
@@ -47,7 +47,7 @@ class VersionSource:
                           model.config.base_path)
         self._next_poll = now + self.poll_wait_s if self.poll_wait_s > 0 else float("inf")
 
-    def poll(self, models: Iterable[ServedModel], now: float) -> bool:
+    def poll(self, models: Sequence[ServedModel], now: float) -> bool:
         """Rescan when due and settle candidates; True when some model's ``on_disk`` changed."""
         changed = False
         if now >= self._next_poll:

@@ -334,3 +334,37 @@ def test_the_config_file_is_polled_for_models_added_and_removed(start_broker: An
     config.write_text("this is not a model config")
     wait_for(lambda: "model config not reloaded" in broker.log(), 30, "the broken file to be reported")
     assert broker.predict("second", {"instances": [2.0]}).json() == {"predictions": [4.0]}
+
+
+def test_malformed_control_messages_get_errors_and_the_broker_keeps_serving(start_broker: Any,
+                                                                            test_models: Path) -> None:
+    import zmq
+
+    from broker import protocol
+
+    broker = start_broker(["--model_name=linear", f"--model_base_path={test_models / 'linear'}"], frontends=1)
+    broker.wait_available(["linear"])
+    context = zmq.Context()
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(f"ipc://{broker.runtime_dir}/control.sock")
+    try:
+        cases = [
+            [b"junk"],
+            [protocol.TAG, protocol.CONTROL, b"\xc1"],
+            protocol.encode(protocol.REQUEST, {"id": 1}),
+            protocol.encode(protocol.CONTROL, {"id": 2, "op": "explode"}),
+            protocol.encode(protocol.CONTROL, {"id": 3, "op": "load", "args": {"model": "linear", "version": "x"}}),
+            protocol.encode(protocol.CONTROL, {"id": 4, "op": "label", "args": ["not", "a", "map"]}),
+            protocol.encode(protocol.CONTROL, {"id": 5, "op": "reload-config"}),
+        ]
+        for frames in cases:
+            sock.send_multipart(frames)
+            assert sock.poll(10_000), f"no answer to {frames!r}"
+            answer = protocol.decode(sock.recv_multipart())
+            assert answer.command == protocol.ERROR and answer.header["code"] == 400, (frames, answer)
+            assert answer.header["message"]
+    finally:
+        context.destroy(linger=0)
+    assert broker.predict("linear", {"instances": [2.0]}).json() == {"predictions": [4.0]}
+    assert ctl(broker, "status").returncode == 0
