@@ -120,7 +120,7 @@ class ControlChannel:
         args = header.get("args") or {}
         if not isinstance(args, dict):
             raise InvalidArgument("control args must be a map")
-        log.info("control: %s %s", op, args)
+        log.log(logging.DEBUG if op == "status" else logging.INFO, "control: %s %s", op, args)
         return handler(args)
 
     def _message(self, text: str) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import sys
 import time
 from typing import Any, Sequence
@@ -80,6 +81,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if address.startswith("ipc://") and not os.path.exists(address[len("ipc://"):]):
+        print(f"error: no broker here: {address[len('ipc://'):]} does not exist (is the broker running, "
+              "and with this --runtime_dir?)", file=sys.stderr)
+        return EXIT_NO_ANSWER
     client = ControlClient(address, token, args.timeout_s)
     try:
         result = _run(client, args)
