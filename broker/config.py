@@ -106,6 +106,9 @@ class ModelConfig:
 ADDRESS_ENV = "TFBROKER_ADDRESS"  # the broker's frontend socket
 TIMEOUT_ENV = "TFBROKER_TIMEOUT_MS"  # the REST request deadline (--rest_api_timeout_in_ms)
 FRONTEND_INDEX_ENV = "TFBROKER_FRONTEND_INDEX"  # N in the title "tfbroker: frontend:N"
+FRONTENDS_ENV = "TFBROKER_FRONTENDS"  # gunicorn workers (frontend/gunicorn_conf.py)
+BIND_ENV = "TFBROKER_BIND"  # gunicorn's bind address; fd://N for the broker's listening socket
+LOG_LEVEL_ENV = "TFBROKER_LOG_LEVEL"
 
 
 def default_runtime_dir() -> str:

@@ -1,4 +1,4 @@
-"""The broker's children: one worker per model version, and the HTTP frontends.
+"""The broker's children: one worker per model version, and the HTTP frontends (under gunicorn).
 
 ``manage`` runs in the broker's housekeeping tick: reap exited children, kill silent or
 stuck workers, restart what died (with back-off), send heartbeats. A worker that exits with
@@ -15,7 +15,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from broker.config import ADDRESS_ENV, TIMEOUT_ENV
+from broker.config import ADDRESS_ENV, BIND_ENV, FRONTENDS_ENV, LOG_LEVEL_ENV, TIMEOUT_ENV
 from broker.errors import Unavailable
 from broker.flags import dataclass_to_argv
 from broker.models import ServedVersion, WorkerLink
@@ -48,16 +48,19 @@ class Fleet:
         """Start the frontends; workers start as the version manager loads versions."""
         if self.config.frontends:
             self._listener = bind_http(self.config.rest_api_host, self.config.rest_api_port)
-            for index in range(1, self.config.frontends + 1):
-                child = Child(
-                    name=f"frontend:{index}",
-                    argv=["-m", "frontend", f"--fd={self._listener.fileno()}", f"--index={index}",
-                          f"--log_level={self.config.log_level}"],
-                    env={ADDRESS_ENV: self.config.resolved_frontend_address,
-                         TIMEOUT_ENV: str(self.config.rest_api_timeout_in_ms)},
-                    pass_fds=(self._listener.fileno(),))
-                self._frontends.append(child)
-                spawn_child(child)
+            # One gunicorn master forks the frontends from a preloaded app (they share its
+            # modules' memory) and restarts any that dies; the broker supervises the master.
+            child = Child(
+                name="frontends",
+                argv=["-m", "gunicorn", "-c", "python:frontend.gunicorn_conf", "frontend.app:app"],
+                env={ADDRESS_ENV: self.config.resolved_frontend_address,
+                     TIMEOUT_ENV: str(self.config.rest_api_timeout_in_ms),
+                     FRONTENDS_ENV: str(self.config.frontends),
+                     BIND_ENV: f"fd://{self._listener.fileno()}",
+                     LOG_LEVEL_ENV: self.config.log_level},
+                pass_fds=(self._listener.fileno(),))
+            self._frontends.append(child)
+            spawn_child(child)
             log.info("%d frontends on http://%s:%d", self.config.frontends, self.config.rest_api_host,
                      self.http_port)
 

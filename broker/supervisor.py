@@ -1,6 +1,6 @@
 """Spawning, reaping and stopping the broker's children, in gunicorn's words.
 
-Children are fresh interpreters (``python -m workers``, ``python -m frontend``), never forks
+Children are fresh interpreters (``python -m workers``, ``python -m gunicorn`` for the frontends), never forks
 of the broker: a forked TensorFlow or ZeroMQ state is not safe to use. Each child learns the
 broker's pid from TFBROKER_PARENT_PID and asks the kernel for SIGTERM when the broker dies
 (broker/process.py), so no child outlives it.

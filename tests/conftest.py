@@ -62,6 +62,15 @@ def children_of(pid: int) -> list[int]:
     return found
 
 
+def descendants_of(pid: int) -> list[int]:
+    """Children, grandchildren (the frontends under the broker's gunicorn), and so on."""
+    found, frontier = [], [pid]
+    while frontier:
+        frontier = [child for parent in frontier for child in children_of(parent)]
+        found.extend(frontier)
+    return found
+
+
 def pid_alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -122,9 +131,9 @@ class BrokerProcess:
         wait_for(ready, timeout_s, f"models {models} to be AVAILABLE")
 
     def roles(self) -> dict[str, list[int]]:
-        """Process titles of the broker's children, by title."""
+        """Process titles of the broker's descendants, by title."""
         found: dict[str, list[int]] = {}
-        for pid in children_of(self.pid):
+        for pid in descendants_of(self.pid):
             if pid_alive(pid):
                 found.setdefault(process_title(pid), []).append(pid)
         return found
@@ -154,7 +163,7 @@ def test_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def stop_and_check(broker: BrokerProcess) -> None:
     """Stop a broker and check that none of its children outlives it."""
-    children = children_of(broker.pid)
+    children = descendants_of(broker.pid)
     broker.stop()
     wait_for(lambda: not any(pid_alive(p) for p in children), 15, "the broker's children to exit")
 

@@ -17,7 +17,7 @@ import pytest
 
 from broker.supervisor import terminate
 from frontend.client import Client
-from tests.conftest import (ROOT, BrokerProcess, children_of, free_port, pid_alive, process_title,
+from tests.conftest import (ROOT, BrokerProcess, children_of, descendants_of, free_port, pid_alive, process_title,
                             wait_for)
 
 
@@ -123,8 +123,8 @@ def test_gunicorn_frontends_without_batching_survive_a_broker_restart(
 def test_sigterm_stops_the_broker_and_all_its_children(start_broker: Any, test_models: Path) -> None:
     broker = start_broker(["--model_name=linear", f"--model_base_path={test_models / 'linear'}"], frontends=2)
     broker.wait_available(["linear"])
-    children = children_of(broker.pid)
-    assert len(children) == 3  # one worker, two frontends
+    children = descendants_of(broker.pid)
+    assert len(children) == 4  # one worker, a gunicorn master, two frontends
     broker.process.send_signal(signal.SIGTERM)
     assert broker.process.wait(timeout=30) == 0
     wait_for(lambda: not any(pid_alive(pid) for pid in children), 15, "children to exit")
@@ -133,7 +133,8 @@ def test_sigterm_stops_the_broker_and_all_its_children(start_broker: Any, test_m
 def test_children_die_with_a_killed_broker(start_broker: Any, test_models: Path) -> None:
     broker = start_broker(["--model_name=linear", f"--model_base_path={test_models / 'linear'}"], frontends=1)
     broker.wait_available(["linear"])
-    children = children_of(broker.pid)
+    children = descendants_of(broker.pid)
+    assert len(children) == 3  # one worker, a gunicorn master, one frontend
     os.kill(broker.pid, signal.SIGKILL)
     broker.process.wait(timeout=10)
     wait_for(lambda: not any(pid_alive(pid) for pid in children), 15, "orphaned children to exit")
