@@ -143,6 +143,8 @@ class ControlChannel:
                 "on_disk": sorted(model.on_disk),
                 "aspired": sorted(model.aspired()),
                 "labels": dict(sorted(model.labels.items())),
+                # labels from the config file or ctl whose version is not AVAILABLE (yet)
+                "pending_labels": {k: v for k, v in sorted(model.wanted_labels.items()) if model.labels.get(k) != v},
                 "versions": [_version_status(v) for v in sorted(model.versions.values(), key=lambda v: v.version)],
             })
         broker = self.broker

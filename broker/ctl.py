@@ -117,6 +117,9 @@ def format_status(status: dict[str, Any], only: str | None = None) -> str:
         kind = {"latest": f"latest {policy['num_versions']}", "all": "all",
                 "specific": "specific " + ",".join(map(str, policy["versions"]))}[policy["kind"]]
         labels = ", ".join(f"{k}={v}" for k, v in model["labels"].items()) or "none"
+        pending = model.get("pending_labels") or {}
+        if pending:
+            labels += " (waiting for their version: " + ", ".join(f"{k}={v}" for k, v in pending.items()) + ")"
         lines.append(f"\nmodel {model['name']}  ({model['base_path']}; policy {kind}; labels {labels})")
         lines.append(f"  {'version':>8}  {'state':<10} {'pid':>8} {'queued':>7} {'in flight':>9}  note")
         for v in reversed(model["versions"]):
