@@ -101,6 +101,11 @@ class ModelConfig:
                 raise ValueError(f"model {self.name}: version label {label!r} must be a non-numeric word")
 
 
+# --version_swap_policy values (broker/versions.py).
+AVAILABILITY_PRESERVING = "availability_preserving"
+RESOURCE_PRESERVING = "resource_preserving"
+SWAP_POLICIES = (AVAILABILITY_PRESERVING, RESOURCE_PRESERVING)
+
 # Environment variables the broker sets for the frontends it starts; under gunicorn the
 # operator sets them (ops/gunicorn.conf.py).
 ADDRESS_ENV = "TFBROKER_ADDRESS"  # the broker's frontend socket
@@ -174,7 +179,7 @@ class ServerConfig:
         "ipc://RUNTIME_DIR/control.sock). Anything but ipc:// or loopback needs --control_auth_token_file."))
     control_auth_token_file: str = field(default="", metadata=_help(
         "File holding a secret that control commands must present (python -m broker.ctl --auth_token_file)."))
-    version_swap_policy: str = field(default="availability_preserving", metadata=_help(
+    version_swap_policy: str = field(default=AVAILABILITY_PRESERVING, metadata=_help(
         "availability_preserving: load the new version next to the old one, then switch (two copies "
         "during a swap); resource_preserving: unload the old one first (briefly unavailable)."))
     batches_in_flight: int = field(default=2, metadata=_help(
@@ -206,7 +211,7 @@ class ServerConfig:
             raise ValueError(f"batches_in_flight must be >= 1, got {self.batches_in_flight}")
         if self.heartbeat_interval_s <= 0 or self.heartbeat_liveness < 2:
             raise ValueError("heartbeat_interval_s must be > 0 and heartbeat_liveness >= 2")
-        if self.version_swap_policy not in ("availability_preserving", "resource_preserving"):
+        if self.version_swap_policy not in SWAP_POLICIES:
             raise ValueError("version_swap_policy must be availability_preserving or resource_preserving, "
                              f"got {self.version_swap_policy!r}")
         if self.model_config_file_poll_wait_seconds and not self.model_config_file:

@@ -88,6 +88,7 @@ class VersionManager:
             model.wanted_labels = dict(config.version_labels)
             model.loaded_by_hand.clear()  # the config file is the truth again
             model.unloaded_by_hand.clear()
+            self._note_labels(model)
         return changes
 
     # --- control channel ---
@@ -105,6 +106,7 @@ class VersionManager:
         model.loaded_by_hand.add(version)
         if served is not None and served.draining:
             served.draining = False
+            self._note_labels(model)  # its labels point at it again from now on
             return f"model {name} version {version} takes requests again"
         if served is not None and served.failed:
             del model.versions[version]  # try again

@@ -20,7 +20,7 @@ import enum
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from broker.config import ModelVersionPolicy
+from broker.config import AVAILABILITY_PRESERVING, RESOURCE_PRESERVING, ModelVersionPolicy
 
 
 class VersionState(enum.Enum):
@@ -57,10 +57,6 @@ class Unload:
 
 
 Action = Load | Unload
-
-AVAILABILITY_PRESERVING = "availability_preserving"
-RESOURCE_PRESERVING = "resource_preserving"
-SWAP_POLICIES = (AVAILABILITY_PRESERVING, RESOURCE_PRESERVING)
 
 
 def aspired_versions(policy: ModelVersionPolicy, on_disk: Iterable[int]) -> set[int]:

@@ -6,9 +6,8 @@ from typing import Sequence
 
 import pytest
 
-from broker.config import ModelVersionPolicy
-from broker.versions import (RESOURCE_PRESERVING, Action, Load, Unload, VersionSnapshot, VersionState,
-                             aspired_versions, next_action)
+from broker.config import RESOURCE_PRESERVING, ModelVersionPolicy
+from broker.versions import Action, Load, Unload, VersionSnapshot, VersionState, aspired_versions, next_action
 
 S = VersionState
 
