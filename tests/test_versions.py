@@ -129,14 +129,24 @@ def test_consecutive_swaps_under_load_fail_no_request(start_broker: Any, test_mo
             wait_for(swapped, SWAP_TIMEOUT_S, f"version {new} to replace version {new - 1}", interval_s=0.1)
             swapped_at[new] = time.monotonic()
             time.sleep(0.5)  # let the load run on the new version for a while
+        # Roll back by deleting the newest version: version 2 loads again, then 3 unloads.
+        rollback_from = time.monotonic()
+        shutil.rmtree(base / "3")
+        wait_for(lambda: version_states(broker, "swap").get(2) == "AVAILABLE"
+                 and version_states(broker, "swap").get(3) == "END", SWAP_TIMEOUT_S, "the rollback to 2")
+        rolled_back_at = time.monotonic()
+        time.sleep(0.5)
     finally:
         answers = load.stop()
     check_answers(answers)
     served = {a.version for a in answers}
     assert served == {1, 2, 3}, f"versions seen: {served}"
     for new, at in swapped_at.items():
-        late = [a for a in answers if a.sent_at > at and a.version is not None and a.version < new]
+        late = [a for a in answers if at < a.sent_at < rollback_from and a.version is not None
+                and a.version < new]
         assert not late, f"version {new - 1} answered after version {new} took over: {late[:3]}"
+    after_rollback = {a.version for a in answers if a.sent_at > rolled_back_at}
+    assert after_rollback == {2}, after_rollback
     assert most_workers <= 2, f"{most_workers} workers for one model at once"
     wait_for(lambda: len(workers_of(broker, "swap")) == 1, 30, "the old workers to exit")
 
