@@ -19,6 +19,7 @@ import zmq
 from broker import protocol
 from broker.config_files import load_model_config
 from broker.errors import InvalidArgument, PermissionDenied, TFBrokerError
+from broker.models import ServedVersion
 
 if TYPE_CHECKING:
     from broker.server import Broker
@@ -154,7 +155,7 @@ class ControlChannel:
             "swap_policy": self.config.version_swap_policy}}
 
 
-def _version_status(served: Any) -> dict[str, Any]:
+def _version_status(served: ServedVersion) -> dict[str, Any]:
     link = served.worker
     return {
         "version": served.version,

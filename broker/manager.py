@@ -166,7 +166,6 @@ class VersionManager:
         served = model.versions[number]
         was = served.state
         served.state = VersionState.UNLOADING
-        served.unloading_since = now
         log.info("unloading model %s version %d (was %s)", model.name, number, was.value)
         if was is VersionState.LOADING and served.worker is not None:
             self.broker.fleet.stop_worker(served, now)  # nothing admitted yet: no need to wait

@@ -76,7 +76,6 @@ class ServedVersion:
     worker: WorkerLink | None = None
     files: tuple[Any, ...] = ()  # fingerprint() of the directory when it was loaded
     draining: bool = False  # `broker.ctl drain`: loaded, but takes no new requests
-    unloading_since: float = 0.0
     ended_at: float = 0.0
 
     @property

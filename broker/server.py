@@ -354,16 +354,8 @@ class Broker:
                 self._stop_now = True
         if self._stop_requested_at is not None and not self._stop_now:
             # Keep serving while the frontends finish their open requests, within the grace time.
-            idle = not self.fleet.frontends_running() and not self._work_left()
+            idle = not self.fleet.frontends_running() and not any(s.has_work() for s in self.fleet.serving)
             self._stop_now = idle or now - self._stop_requested_at > self.config.shutdown_grace_s
-
-    def _work_left(self) -> bool:
-        for served in self.fleet.serving:
-            if any(len(queue_) for queue_ in served.queues.values()):
-                return True
-            if served.worker is not None and served.worker.in_flight:
-                return True
-        return False
 
     def _shutdown(self) -> None:
         self.fleet.stop()
