@@ -183,8 +183,10 @@ def _because(served: ServedVersion) -> str:
     return f" ({served.error})" if served.error else ""
 
 
-def check_inputs(served: ServedVersion, signature_name: str, specs: Any, frames: list[Any]) -> int:
-    """Validate a request's tensors against the signature; return its rows (batch dimension).
+def check_inputs(served: ServedVersion, signature_name: str, specs: Any, frames: list[Any]) -> tuple[int, Any]:
+    """Validate a request's tensors against the signature; return its rows (batch dimension)
+    and its join key: tasks of one batch with equal keys (same inputs, numeric dtypes and
+    inner shapes) travel to the worker joined, one tensor per input (``None``: never joined).
 
     Cheap checks on the header and frame lengths only: the broker never decodes tensors.
     """
@@ -197,6 +199,7 @@ def check_inputs(served: ServedVersion, signature_name: str, specs: Any, frames:
     given = set()
     rows: set[int] = set()
     scalar = False
+    join_key: list[tuple[str, str, tuple[int, ...]]] | None = []
     for spec, frame in zip(specs, frames):
         try:
             name, dtype, shape = spec
@@ -221,13 +224,17 @@ def check_inputs(served: ServedVersion, signature_name: str, specs: Any, frames:
             rows.add(shape[0])
         else:
             scalar = True
+        if join_key is not None and dtype != STRING and shape:
+            join_key.append((name, dtype, tuple(shape[1:])))
+        else:
+            join_key = None
     missing = set(expected) - given
     if missing:
         raise InvalidArgument(f"signature '{signature_name}' needs inputs {sorted(missing)}, "
                               f"which the request lacks")
     if scalar or len(rows) != 1:
-        return 1  # runs alone: nothing to batch along
-    return rows.pop()
+        return 1, None  # runs alone: nothing to batch along
+    return rows.pop(), tuple(join_key) if join_key else None
 
 
 _ITEMSIZE: dict[str, int] = {}

@@ -35,7 +35,7 @@ Broker to client:
     REPLY     {id, model, version, outputs: [spec…]} + one frame per output      (REQUEST)
               {id, model, version, signature_def: {…}}                           (METADATA)
               {id, model, model_version_status: [{version, state, status}…]}     (STATUS)
-              {id, requests, batches, rows}                                      (STATS)
+              {id, requests, batches, rows, joined}                              (STATS)
     ERROR     {id, code, message}     ``code`` is the HTTP status (see broker/errors.py)
     HEARTBEAT {}                      the answer to a client's HEARTBEAT
 
@@ -45,6 +45,9 @@ Worker to broker, on the broker's backend ROUTER (the worker's identity is its o
                outputs: {…}}}, signature_def: {…}}   loaded and warmed up; send batches
     RESULT     {batch, counts: [n…]} then, per task in batch order, ``n`` frames that form a
                complete client message without the tag: ``[REPLY|ERROR, header, frames…]``
+               or, for a joined BATCH whose outputs are all numeric and cut by rows:
+               {batch, model, version, outputs: [spec…]} + one frame per output, the tasks'
+               rows in batch order (the broker cuts them into one REPLY per task)
     HEARTBEAT  {}
     DISCONNECT {error?}                a worker going away (``error``: why it failed to load)
 
@@ -52,6 +55,9 @@ Broker to worker:
 
     BATCH      {batch, signature, padded_rows, counts: [n…]} then, per task, ``n`` frames:
                the task's REQUEST header exactly as the client sent it, then its tensors
+               or, joined, when every task has the same numeric inputs (names, order, dtypes,
+               inner shapes): {batch, signature, padded_rows, ids: [id…], rows: [n…],
+               inputs: [spec…]} + one frame per input, the tasks' rows end to end
     HEARTBEAT  {}
     DISCONNECT {}                      stop after the batches in hand
 

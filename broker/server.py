@@ -35,14 +35,16 @@ RECV_BURST = 512  # messages taken from one socket before the other gets its tur
 
 
 class Pending:
-    """A request in the broker: who asked, and the frames to forward (header, then tensors)."""
+    """A request in the broker: who asked, the frames to forward (header, then tensors), and
+    its join key (see check_inputs)."""
 
-    __slots__ = ("client", "request_id", "frames")
+    __slots__ = ("client", "request_id", "frames", "join_key")
 
-    def __init__(self, client: bytes, request_id: Any, frames: list[Any]) -> None:
+    def __init__(self, client: bytes, request_id: Any, frames: list[Any], join_key: Any) -> None:
         self.client = client
         self.request_id = request_id
         self.frames = frames
+        self.join_key = join_key
 
 
 class Broker:
@@ -57,6 +59,7 @@ class Broker:
         self.versions.apply_model_config(models)
         self.requests_admitted = 0
         self.batches_formed = 0
+        self.batches_joined = 0  # sent as one tensor per input (see _send_batch)
         self.rows_dispatched = 0
         self._batch_ids = itertools.count(1)
         self._stop_requested_at: float | None = None
@@ -154,10 +157,10 @@ class Broker:
         try:
             served = self._resolve(header)
             signature = header.get("signature") or "serving_default"
-            rows = check_inputs(served, signature, header.get("inputs"), message.frames)
+            rows, join_key = check_inputs(served, signature, header.get("inputs"), message.frames)
             timeout_ms = header.get("timeout_ms") or self.config.rest_api_timeout_in_ms
             now = time.monotonic()
-            task = Task(rows, now + timeout_ms / 1000.0, Pending(client, request_id, frames))
+            task = Task(rows, now + timeout_ms / 1000.0, Pending(client, request_id, frames, join_key))
             queue_ = served.queues.get(signature)
             if queue_ is None:
                 queue_ = served.queues[signature] = BatchQueue(self.batching, batching=self.config.enable_batching)
@@ -205,7 +208,8 @@ class Broker:
         return {"model": name, "model_version_status": [v.status_json() for v in versions]}
 
     def _stats(self, header: dict[str, Any]) -> dict[str, Any]:
-        return {"requests": self.requests_admitted, "batches": self.batches_formed, "rows": self.rows_dispatched}
+        return {"requests": self.requests_admitted, "batches": self.batches_formed, "rows": self.rows_dispatched,
+                "joined": self.batches_joined}
 
     def _reply_error(self, client: bytes, request_id: Any, error: TFBrokerError) -> None:
         body = protocol.packb({"id": request_id, "code": error.http_status, "message": error.message})
@@ -251,6 +255,9 @@ class Broker:
         if tasks is None:
             log.warning("result for an unknown batch from %r", link.identity)
             return
+        if "outputs" in message.header:
+            self._deliver_joined(link, tasks, message)
+            return
         counts = message.header.get("counts", [])
         if len(counts) != len(tasks):
             log.error("worker %r answered %d of %d tasks", link.identity, len(counts), len(tasks))
@@ -263,6 +270,35 @@ class Broker:
             self.frontend.send_multipart([pending.client, protocol.TAG, *frames[offset:offset + count]],
                                          copy=False)
             offset += count
+
+    def _deliver_joined(self, link: WorkerLink, tasks: list[Task], message: protocol.Message) -> None:
+        """Cut a joined RESULT (one tensor per output, the tasks' rows in order) into replies."""
+        header = message.header
+        total = sum(t.size for t in tasks)
+        try:
+            model, version, specs = header["model"], header["version"], header["outputs"]
+            if len(specs) != len(message.frames):
+                raise ValueError(f"{len(specs)} output specs but {len(message.frames)} frames")
+            outputs = []
+            for (name, dtype, shape), frame in zip(specs, message.frames):
+                view = frame.buffer if isinstance(frame, zmq.Frame) else memoryview(frame)
+                if not shape or shape[0] != total or dtype == protocol.STRING or (total and len(view) % total):
+                    raise ValueError(f"output {name!r} of shape {shape} for a batch of {total} rows")
+                outputs.append((name, dtype, shape[1:], view, len(view) // total if total else 0))
+        except (KeyError, TypeError, ValueError) as exc:
+            log.error("malformed result from worker %r: %s", link.identity, exc)
+            self.fail_tasks(tasks, Unavailable("the model worker returned a malformed result"))
+            return
+        start = 0
+        for task in tasks:
+            pending: Pending = task.payload
+            rows = task.size
+            reply = {"id": pending.request_id, "model": model, "version": version,
+                     "outputs": [[name, dtype, [rows, *inner]] for name, dtype, inner, _, _ in outputs]}
+            frames = [view[start * row_bytes:(start + rows) * row_bytes] for _, _, _, view, row_bytes in outputs]
+            self.frontend.send_multipart([pending.client, protocol.TAG, protocol.REPLY, protocol.packb(reply),
+                                          *frames], copy=False)
+            start += rows
 
     def _dispatch(self, now: float) -> None:
         slots = self.config.batches_in_flight
@@ -290,13 +326,25 @@ class Broker:
             return
         rows = sum(t.size for t in live)
         batch_id = next(self._batch_ids)
+        header: dict[str, Any] = {"batch": batch_id, "signature": signature,
+                                  "padded_rows": self.batching.padded_size(rows)}
+        join_key = live[0].payload.join_key
         frames: list[Any] = []
-        counts = []
-        for task in live:
-            frames.extend(task.payload.frames)
-            counts.append(len(task.payload.frames))
-        header = {"batch": batch_id, "signature": signature, "padded_rows": self.batching.padded_size(rows),
-                  "counts": counts}
+        if join_key is not None and all(t.payload.join_key == join_key for t in live):
+            # One tensor per input for the whole batch: the worker decodes, runs and encodes
+            # once per batch instead of once per task.
+            self.batches_joined += 1
+            header["ids"] = [t.payload.request_id for t in live]
+            header["rows"] = [t.size for t in live]
+            header["inputs"] = [[name, dtype, [rows, *inner]] for name, dtype, inner in join_key]
+            for i in range(1, len(join_key) + 1):
+                parts = [t.payload.frames[i] for t in live]
+                frames.append(parts[0] if len(parts) == 1 else b"".join(parts))
+        else:
+            counts = header["counts"] = []
+            for task in live:
+                frames.extend(task.payload.frames)
+                counts.append(len(task.payload.frames))
         self._send_worker(link.identity, protocol.BATCH, header, frames)
         link.in_flight[batch_id] = live
         link.last_sent = now

@@ -153,7 +153,7 @@ class Client(ClientBase):
         return self.request(*self._query_call(protocol.STATUS, model, version, label))
 
     def stats(self) -> dict[str, Any]:
-        """The broker's counters: requests admitted, batches formed, rows batched."""
+        """The broker's counters: requests admitted, batches formed (and of those, joined), rows batched."""
         return self.request(*self._query_call(protocol.STATS))
 
     def request(self, request_id: int, frames: list[Any], timeout_s: float) -> dict[str, Any]:

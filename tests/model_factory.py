@@ -6,6 +6,8 @@
   work (~10 ms), so tests can see which batches formed and keep the worker busy
 - two_io/1: inputs a float32 [batch, 2], b int64 [batch]; outputs sum float32 [batch],
   label_bytes string [batch]
+- checked/1: y = 2x on x float32 [batch], failing with InvalidArgument when any x is
+  negative: a bad request inside a batch of good ones, with equal shapes
 - broken/1: a directory that is not a SavedModel
 - versions/N (N = 1..3): y = 0.5x + 10N, so every answer tells which version made it; tests
   copy these into a served base path to swap versions
@@ -47,6 +49,13 @@ class TwoIO(tf.Module):
         return {"sum": total, "label_bytes": tf.strings.as_string(b)}
 
 
+class Checked(tf.Module):
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.float32, name="x")])
+    def serve(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
+        with tf.control_dependencies([tf.debugging.assert_non_negative(x, message="x must not be negative")]):
+            return {"y": x * 2.0}
+
+
 def write_warmup_file(version_dir: str, input_name: str) -> None:
     """TF Serving's assets.extra/tf_serving_warmup_requests: TFRecord of PredictionLog."""
     from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
@@ -71,6 +80,9 @@ def main(directory: str) -> None:
                         signatures={"serving_default": reporter.serve})
     two = TwoIO()
     tf.saved_model.save(two, os.path.join(directory, "two_io", "1"), signatures={"serving_default": two.serve})
+    checked = Checked()
+    tf.saved_model.save(checked, os.path.join(directory, "checked", "1"),
+                        signatures={"serving_default": checked.serve})
     for version in (1, 2, 3):
         save_linear(os.path.join(directory, "versions", str(version)), a=0.5, b=10.0 * version)
     save_linear(os.path.join(directory, "warm_good", "1"))

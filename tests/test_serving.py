@@ -11,7 +11,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import pytest
@@ -31,7 +31,7 @@ FRONTENDS = 3
 @pytest.fixture(scope="module")
 def served(test_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProcess]:
     tmp = tmp_path_factory.mktemp("served")
-    models = {name: test_models / name for name in ("linear", "mlp", "batch_reporter", "two_io", "broken")}
+    models = {name: test_models / name for name in ("linear", "mlp", "batch_reporter", "two_io", "checked", "broken")}
     if TESTDATA.is_dir():
         models["half_plus_two"] = TESTDATA / "saved_model_half_plus_two_cpu"
         models["half_plus_three"] = TESTDATA / "saved_model_half_plus_three"
@@ -257,6 +257,31 @@ def test_bad_request_in_a_shared_batch_fails_alone(served: BrokerProcess) -> Non
         statuses = list(pool.map(call, range(60)))
     assert [s for i, s in enumerate(statuses) if i % 5 == 0] == [400] * 12
     assert [s for i, s in enumerate(statuses) if i % 5] == [200] * 48
+
+
+def test_bad_values_in_a_joined_batch_fail_alone(served: BrokerProcess) -> None:
+    """Requests of equal shapes travel joined; one whose values the model refuses must fail
+    alone while the rest of its batch is answered."""
+    async def main() -> list[Any]:
+        async with AsyncClient(served.address, timeout_s=30) as client:
+            calls = [client.predict("checked", {"x": np.array([-1.0 if i % 4 == 0 else i, 1.0], np.float32)})
+                     for i in range(40)]
+            return await asyncio.gather(*calls, return_exceptions=True)
+
+    with Client(served.address) as client:
+        stats_before = client.stats()
+    results = asyncio.run(main())
+    for i, result in enumerate(results):
+        if i % 4 == 0:
+            assert isinstance(result, InvalidArgument) and "must not be negative" in str(result), result
+        else:
+            assert not isinstance(result, BaseException), result
+            np.testing.assert_allclose(result.outputs["y"], [2.0 * i, 2.0])
+    with Client(served.address) as client:
+        stats_after = client.stats()
+    batches = stats_after["batches"] - stats_before["batches"]
+    assert batches < 40, "the requests shared batches"
+    assert stats_after["joined"] - stats_before["joined"] == batches, "every batch travelled joined"
 
 
 def test_unknown_paths_and_unsupported_verbs(served: BrokerProcess) -> None:

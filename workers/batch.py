@@ -2,6 +2,10 @@
 
 Every task gets exactly its own rows back, or its own error. A batch that fails with an
 InvalidArgument error is run again task by task, so one bad request fails alone.
+
+A joined BATCH (see broker/protocol.py) arrives already concatenated, one tensor per
+input; ``run_joined`` answers it with one tensor per output when it can, so the worker's
+Python work is per batch, not per task.
 """
 
 from __future__ import annotations
@@ -29,9 +33,31 @@ class TaskInput:
 Outcome = dict[str, np.ndarray] | TFBrokerError
 
 
-def decode_batch(frames: Sequence[Any], counts: Sequence[int]) -> list[TaskInput | TFBrokerError]:
+@dataclass(slots=True)
+class JoinedBatch:
+    """The tasks of a joined BATCH: their ids, their rows, and their inputs end to end."""
+
+    ids: list[int]
+    rows: list[int]
+    inputs: dict[str, np.ndarray]
+
+    def split(self) -> list[TaskInput]:
+        return [TaskInput(request_id, part, rows)
+                for request_id, rows, part in zip(self.ids, self.rows, cut_rows(self.inputs, self.rows))]
+
+
+def cut_rows(arrays: dict[str, np.ndarray], rows: Sequence[int]) -> list[dict[str, np.ndarray]]:
+    """Consecutive slices of every array: the first ``rows[0]`` rows, then the next ``rows[1]``…"""
+    parts, start = [], 0
+    for count in rows:
+        parts.append({name: a[start:start + count] for name, a in arrays.items()})
+        start += count
+    return parts
+
+
+def decode_batch(frames: Sequence[Any], counts: Sequence[int]) -> list[TaskInput]:
     """Split a BATCH's payload into its tasks (request header, then tensors, per task)."""
-    tasks: list[TaskInput | TFBrokerError] = []
+    tasks: list[TaskInput] = []
     offset = 0
     for count in counts:
         header = protocol.unpackb(frames[offset])
@@ -73,6 +99,32 @@ def run_batch(signature: Signature, tasks: Sequence[TaskInput | TFBrokerError],
         for (i, _), outcome in zip(group, _run_group(signature, [t for _, t in group], pad_to)):
             outcomes[i] = outcome
     return [o if o is not None else Internal("task was not run") for o in outcomes]
+
+
+def run_joined(signature: Signature, batch: JoinedBatch, padded_rows: int) -> dict[str, np.ndarray] | list[Outcome]:
+    """The outputs for the whole batch, unpadded, when it runs as one and every output can
+    be cut by rows; otherwise one outcome per task (the tasks run alone to find the one at
+    fault, or the outputs are cut here)."""
+    total = sum(batch.rows)
+    try:
+        inputs = _cast_inputs(signature, TaskInput(-1, batch.inputs, total)).inputs
+    except TFBrokerError as exc:
+        return [exc] * len(batch.ids)
+    if padded_rows > total:  # pad by repeating the first row: valid for any dtype
+        inputs = {n: np.concatenate([a, np.repeat(a[:1], padded_rows - total, axis=0)]) for n, a in inputs.items()}
+    try:
+        outputs = signature.run(inputs)
+    except InvalidArgument:
+        return [_run_one(signature, _cast_inputs(signature, t)) for t in batch.split()]
+    except Exception as exc:  # noqa: BLE001 - every task of a failed batch gets an error
+        log.exception("batch of %d rows failed on signature %s", max(total, padded_rows), signature.name)
+        return [Internal(f"model failed: {type(exc).__name__}: {exc}")] * len(batch.ids)
+    if any(np.ndim(v) == 0 or np.shape(v)[0] != max(total, padded_rows) for v in outputs.values()):
+        return [_run_one(signature, _cast_inputs(signature, t)) for t in batch.split()]
+    outputs = {n: np.asarray(v)[:total] for n, v in outputs.items()}
+    if any(v.dtype.kind in "OSU" for v in outputs.values()):  # strings travel per task
+        return list(cut_rows(outputs, batch.rows))
+    return outputs
 
 
 # --- implementation ---
@@ -123,12 +175,7 @@ def _run_group(signature: Signature, tasks: list[TaskInput], pad_to: int) -> lis
     if any(np.ndim(v) == 0 or np.shape(v)[0] != total for v in outputs.values()):
         # An output without the batch dimension cannot be split: run the tasks alone.
         return [_run_one(signature, t) for t in tasks]
-    outcomes: list[Outcome] = []
-    start = 0
-    for task in tasks:
-        outcomes.append({n: v[start:start + task.rows] for n, v in outputs.items()})
-        start += task.rows
-    return outcomes
+    return list(cut_rows(outputs, [t.rows for t in tasks]))
 
 
 def _run_one(signature: Signature, task: TaskInput) -> Outcome:

@@ -16,7 +16,7 @@ from typing import Any
 import zmq
 
 from broker import protocol
-from broker.errors import NotFound, ProtocolError
+from broker.errors import InvalidArgument, NotFound, ProtocolError
 from broker.process import (EXIT_MODEL_LOAD_ERROR, EXIT_OK, die_with_parent, parent_alive,
                             set_title, setup_logging)
 from workers.config import WorkerConfig
@@ -115,24 +115,48 @@ class Worker:
 
     def _run_batch(self, message: protocol.Message) -> None:
         # Imported here, not at the top: workers.batch imports TensorFlow, which comes last.
-        from workers.batch import decode_batch, encode_outcome, run_batch
+        from workers.batch import JoinedBatch, decode_batch, run_batch, run_joined
 
         header = message.header
-        counts = header["counts"]
-        tasks = decode_batch(message.frames, counts)
         signature = self._model.signatures.get(header["signature"])
-        if signature is None:  # the broker checks this at admission; never trust a peer
+        if "ids" in header:  # joined: one tensor per input for the whole batch
+            ids = header["ids"]
+            if signature is None:  # the broker checks this at admission; never trust a peer
+                self._send_outcomes(header["batch"], ids, [NotFound(f"no signature {header['signature']!r}")] * len(ids))
+                return
+            try:
+                batch = JoinedBatch(ids, header["rows"], protocol.decode_tensors(header["inputs"], message.frames))
+            except ProtocolError as exc:
+                log.error("malformed joined batch from the broker: %s", exc)
+                self._send_outcomes(header["batch"], ids, [InvalidArgument(f"protocol error: {exc}")] * len(ids))
+                return
+            result = run_joined(signature, batch, header.get("padded_rows", 0))
+            if isinstance(result, dict):
+                specs, frames = protocol.encode_tensors(result)
+                self._send(protocol.RESULT, {"batch": header["batch"], "model": self.config.model_name,
+                                             "version": self.config.version, "outputs": specs}, frames)
+            else:
+                self._send_outcomes(header["batch"], ids, result)
+            return
+        tasks = decode_batch(message.frames, header["counts"])
+        ids = [task.request_id for task in tasks]
+        if signature is None:
             outcomes: list[Any] = [NotFound(f"no signature {header['signature']!r}")] * len(tasks)
         else:
             outcomes = run_batch(signature, tasks, header.get("padded_rows", 0))
+        self._send_outcomes(header["batch"], ids, outcomes)
+
+    def _send_outcomes(self, batch_id: int, ids: list[int], outcomes: list[Any]) -> None:
+        """A RESULT with one complete client message per task."""
+        from workers.batch import encode_outcome
+
         reply_frames: list[Any] = []
-        sizes = []
-        for task, outcome in zip(tasks, outcomes):
-            request_id = task.request_id if not isinstance(task, Exception) else -1
+        counts = []
+        for request_id, outcome in zip(ids, outcomes):
             frames = encode_outcome(request_id, self.config.model_name, self.config.version, outcome)
-            sizes.append(len(frames))
+            counts.append(len(frames))
             reply_frames.extend(frames)
-        self._send(protocol.RESULT, {"batch": header["batch"], "counts": sizes}, reply_frames)
+        self._send(protocol.RESULT, {"batch": batch_id, "counts": counts}, reply_frames)
 
     def _send_ready(self) -> None:
         model = self._model

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from broker.errors import InvalidArgument
-from workers.batch import TaskInput, run_batch
+from workers.batch import JoinedBatch, TaskInput, run_batch, run_joined
 from workers.model import Signature, TensorInfo
 
 
@@ -78,3 +78,62 @@ def test_no_padding_when_not_asked(padded: int) -> None:
     calls: list[int] = []
     run_batch(make_signature(calls), [task(0, 3)], padded_rows=padded)
     assert calls == [3]
+
+
+def joined(*tasks: TaskInput) -> JoinedBatch:
+    return JoinedBatch([t.request_id for t in tasks], [t.rows for t in tasks],
+                       {"x": np.concatenate([t.inputs["x"] for t in tasks])})
+
+
+def test_a_joined_batch_runs_once_and_answers_with_its_rows_unpadded() -> None:
+    calls: list[int] = []
+    tasks = [task(0, 1), task(1, 3, dtype="float32")]
+    outputs = run_joined(make_signature(calls), joined(*tasks), padded_rows=8)
+    assert calls == [8], "one model call, padded to 8 rows"
+    assert isinstance(outputs, dict)
+    np.testing.assert_allclose(outputs["y"], np.concatenate([t.inputs["x"].sum(axis=1) for t in tasks]))
+    assert outputs["rows"].tolist() == [8] * 4, "the padding rows are cut off"
+
+
+def test_a_joined_batch_with_a_bad_task_runs_its_tasks_alone() -> None:
+    calls: list[int] = []
+
+    def refuse_negatives(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        calls.append(len(inputs["x"]))
+        if (inputs["x"] < 0).any():
+            raise InvalidArgument("x must not be negative")
+        return {"y": inputs["x"] * 2}
+
+    signature = Signature("s", {"x": TensorInfo("float32", (-1,))}, {"y": TensorInfo("float32", (-1,))},
+                          refuse_negatives)
+    batch = JoinedBatch([7, 8, 9], [2, 1, 2], {"x": np.array([1, 2, -3, 4, 5], np.float32)})
+    outcomes = run_joined(signature, batch, padded_rows=8)
+    assert calls == [8, 2, 1, 2]
+    assert isinstance(outcomes, list)
+    assert outcomes[0]["y"].tolist() == [2, 4] and outcomes[2]["y"].tolist() == [8, 10]  # type: ignore[index]
+    assert isinstance(outcomes[1], InvalidArgument)
+
+
+def test_a_joined_batch_with_string_outputs_is_cut_per_task() -> None:
+    def as_text(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"s": np.array([str(v).encode() for v in inputs["x"]], dtype=object)}
+
+    signature = Signature("s", {"x": TensorInfo("int64", (-1,))}, {"s": TensorInfo("string", (-1,))}, as_text)
+    outcomes = run_joined(signature, JoinedBatch([1, 2], [1, 2], {"x": np.array([5, 6, 7])}), padded_rows=4)
+    assert isinstance(outcomes, list)
+    assert [o["s"].tolist() for o in outcomes] == [[b"5"], [b"6", b"7"]]  # type: ignore[index]
+
+
+def test_a_joined_batch_whose_output_has_no_batch_dimension_runs_its_tasks_alone() -> None:
+    def total(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"sum": np.asarray(inputs["x"].sum())}
+
+    signature = Signature("s", {"x": TensorInfo("float32", (-1,))}, {"sum": TensorInfo("float32", ())}, total)
+    outcomes = run_joined(signature, JoinedBatch([1, 2], [1, 2], {"x": np.array([1, 2, 3], np.float32)}), 0)
+    assert isinstance(outcomes, list)
+    assert [float(o["sum"]) for o in outcomes] == [1.0, 5.0]  # type: ignore[index]
+
+
+def test_a_joined_batch_with_wrong_input_names_fails_every_task() -> None:
+    outcomes = run_joined(make_signature([]), JoinedBatch([1, 2], [1, 1], {"z": np.ones((2, 2))}), 2)
+    assert isinstance(outcomes, list) and all(isinstance(o, InvalidArgument) for o in outcomes)
