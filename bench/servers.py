@@ -17,10 +17,12 @@ from broker.supervisor import terminate
 
 ROOT = Path(__file__).resolve().parent.parent
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-# Every server's TensorFlow gets one thread per op and one op at a time: on a small host
-# the model shares the cores with HTTP and the broker (or with the other naive workers),
-# and spinning thread pools only take CPU from them. The in-process limit keeps TF's default.
-SERVER_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}
+# Every server's TensorFlow gets one thread per op, and runs a graph's ops in the calling
+# thread (inter-op -1: no hand-off to a pool thread per call): on a small host the model
+# shares the cores with HTTP and the broker (or with the other naive workers), and spinning
+# thread pools only take CPU from them. The same settings for every server; the in-process
+# limit keeps TF's default.
+SERVER_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "-1"}
 
 
 def tree(pid: int) -> list[int]:
