@@ -115,12 +115,12 @@ def run_joined(signature: Signature, batch: JoinedBatch, padded_rows: int) -> di
     try:
         outputs = signature.run(inputs)
     except InvalidArgument:
-        return [_run_one(signature, _cast_inputs(signature, t)) for t in batch.split()]
+        return _run_alone(signature, batch.split())  # one call per task finds the one at fault
     except Exception as exc:  # noqa: BLE001 - every task of a failed batch gets an error
         log.exception("batch of %d rows failed on signature %s", max(total, padded_rows), signature.name)
         return [Internal(f"model failed: {type(exc).__name__}: {exc}")] * len(batch.ids)
     if any(np.ndim(v) == 0 or np.shape(v)[0] != max(total, padded_rows) for v in outputs.values()):
-        return [_run_one(signature, _cast_inputs(signature, t)) for t in batch.split()]
+        return _run_alone(signature, batch.split())  # an output without the batch dimension
     outputs = {n: np.asarray(v)[:total] for n, v in outputs.items()}
     if any(v.dtype.kind in "OSU" for v in outputs.values()):  # strings travel per task
         return list(cut_rows(outputs, batch.rows))
@@ -176,6 +176,16 @@ def _run_group(signature: Signature, tasks: list[TaskInput], pad_to: int) -> lis
         # An output without the batch dimension cannot be split: run the tasks alone.
         return [_run_one(signature, t) for t in tasks]
     return list(cut_rows(outputs, [t.rows for t in tasks]))
+
+
+def _run_alone(signature: Signature, tasks: list[TaskInput]) -> list[Outcome]:
+    outcomes: list[Outcome] = []
+    for task in tasks:
+        try:
+            outcomes.append(_run_one(signature, _cast_inputs(signature, task)))
+        except TFBrokerError as exc:
+            outcomes.append(exc)
+    return outcomes
 
 
 def _run_one(signature: Signature, task: TaskInput) -> Outcome:

@@ -117,34 +117,30 @@ class Worker:
         # Imported here, not at the top: workers.batch imports TensorFlow, which comes last.
         from workers.batch import JoinedBatch, decode_batch, run_batch, run_joined
 
-        header = message.header
+        header, batch_id = message.header, message.header["batch"]
+        joined = "ids" in header  # one tensor per input for the whole batch
+        tasks = [] if joined else decode_batch(message.frames, header["counts"])
+        ids = header["ids"] if joined else [task.request_id for task in tasks]
         signature = self._model.signatures.get(header["signature"])
-        if "ids" in header:  # joined: one tensor per input for the whole batch
-            ids = header["ids"]
-            if signature is None:  # the broker checks this at admission; never trust a peer
-                self._send_outcomes(header["batch"], ids, [NotFound(f"no signature {header['signature']!r}")] * len(ids))
-                return
-            try:
-                batch = JoinedBatch(ids, header["rows"], protocol.decode_tensors(header["inputs"], message.frames))
-            except ProtocolError as exc:
-                log.error("malformed joined batch from the broker: %s", exc)
-                self._send_outcomes(header["batch"], ids, [InvalidArgument(f"protocol error: {exc}")] * len(ids))
-                return
-            result = run_joined(signature, batch, header.get("padded_rows", 0))
-            if isinstance(result, dict):
-                specs, frames = protocol.encode_tensors(result)
-                self._send(protocol.RESULT, {"batch": header["batch"], "model": self.config.model_name,
-                                             "version": self.config.version, "outputs": specs}, frames)
-            else:
-                self._send_outcomes(header["batch"], ids, result)
+        if signature is None:  # the broker checks this at admission; never trust a peer
+            self._send_outcomes(batch_id, ids, [NotFound(f"no signature {header['signature']!r}")] * len(ids))
             return
-        tasks = decode_batch(message.frames, header["counts"])
-        ids = [task.request_id for task in tasks]
-        if signature is None:
-            outcomes: list[Any] = [NotFound(f"no signature {header['signature']!r}")] * len(tasks)
-        else:
-            outcomes = run_batch(signature, tasks, header.get("padded_rows", 0))
-        self._send_outcomes(header["batch"], ids, outcomes)
+        if not joined:
+            self._send_outcomes(batch_id, ids, run_batch(signature, tasks, header.get("padded_rows", 0)))
+            return
+        try:
+            batch = JoinedBatch(ids, header["rows"], protocol.decode_tensors(header["inputs"], message.frames))
+        except ProtocolError as exc:
+            log.error("malformed joined batch from the broker: %s", exc)
+            self._send_outcomes(batch_id, ids, [InvalidArgument(f"protocol error: {exc}")] * len(ids))
+            return
+        result = run_joined(signature, batch, header.get("padded_rows", 0))
+        if isinstance(result, list):
+            self._send_outcomes(batch_id, ids, result)
+            return
+        specs, frames = protocol.encode_tensors(result)
+        self._send(protocol.RESULT, {"batch": batch_id, "model": self.config.model_name,
+                                     "version": self.config.version, "outputs": specs}, frames)
 
     def _send_outcomes(self, batch_id: int, ids: list[int], outcomes: list[Any]) -> None:
         """A RESULT with one complete client message per task."""
