@@ -27,6 +27,7 @@ from broker.fleet import Fleet
 from broker.manager import VersionManager
 from broker.models import ServedModel, ServedVersion, WorkerLink, check_inputs
 from broker.source import VersionSource
+from broker.zmqio import NOBLOCK, recv_message, send_message
 
 log = logging.getLogger("tfbroker.broker")
 
@@ -120,7 +121,7 @@ class Broker:
     def _process_frontend(self) -> None:
         for _ in range(RECV_BURST):
             try:
-                frames = self.frontend.recv_multipart(zmq.NOBLOCK)
+                frames = recv_message(self.frontend, NOBLOCK)
             except zmq.Again:
                 return
             client = frames[0]
@@ -213,7 +214,7 @@ class Broker:
 
     def _reply_error(self, client: bytes, request_id: Any, error: TFBrokerError) -> None:
         body = protocol.packb({"id": request_id, "code": error.http_status, "message": error.message})
-        self.frontend.send_multipart([client, protocol.TAG, protocol.ERROR, body])
+        send_message(self.frontend, [client, protocol.TAG, protocol.ERROR, body])
 
     def fail_tasks(self, tasks: Any, error: TFBrokerError) -> None:
         for task in tasks:
@@ -267,8 +268,7 @@ class Broker:
         offset = 0
         for task, count in zip(tasks, counts):
             pending: Pending = task.payload
-            self.frontend.send_multipart([pending.client, protocol.TAG, *frames[offset:offset + count]],
-                                         copy=False)
+            send_message(self.frontend, [pending.client, protocol.TAG, *frames[offset:offset + count]], copy=False)
             offset += count
 
     def _deliver_joined(self, link: WorkerLink, tasks: list[Task], message: protocol.Message) -> None:
@@ -296,8 +296,8 @@ class Broker:
             reply = {"id": pending.request_id, "model": model, "version": version,
                      "outputs": [[name, dtype, [rows, *inner]] for name, dtype, inner, _, _ in outputs]}
             frames = [view[start * row_bytes:(start + rows) * row_bytes] for _, _, _, view, row_bytes in outputs]
-            self.frontend.send_multipart([pending.client, protocol.TAG, protocol.REPLY, protocol.packb(reply),
-                                          *frames], copy=False)
+            send_message(self.frontend, [pending.client, protocol.TAG, protocol.REPLY, protocol.packb(reply), *frames],
+                         copy=False)
             start += rows
 
     def _dispatch(self, now: float) -> None:
@@ -352,7 +352,7 @@ class Broker:
         self.rows_dispatched += rows
 
     def _send_worker(self, identity: bytes, command: bytes, header: dict[str, Any], frames: Any = ()) -> None:
-        self.backend.send_multipart([identity, *protocol.encode(command, header, frames)], copy=False)
+        send_message(self.backend, [identity, *protocol.encode(command, header, frames)], copy=False)
 
     def send_heartbeat(self, link: WorkerLink, now: float) -> None:
         self._send_worker(link.identity, protocol.HEARTBEAT, {})

@@ -18,6 +18,7 @@ import zmq
 
 from broker import protocol
 from broker.errors import DeadlineExceeded, ProtocolError, Unavailable
+from broker.zmqio import NOBLOCK, POLLIN, POLLOUT, events, recv_message, send_message
 from frontend.client import (DEFAULT_TIMEOUT_S, GRACE_S, ClientBase, Prediction, decode_reply, new_socket,
                              prediction)
 
@@ -65,7 +66,7 @@ class AsyncClient(ClientBase):
         self._pending[request_id] = future
         timer = loop.call_later(timeout_s + GRACE_S, _expire, future, timeout_s)
         try:
-            if not sock.getsockopt(zmq.EVENTS) & zmq.POLLOUT:
+            if not events(sock) & POLLOUT:
                 # Not connected yet (IMMEDIATE): give the connection a moment, then give up.
                 await self._wait_writable(sock)
             self._outbox.append((frames, future))
@@ -89,7 +90,7 @@ class AsyncClient(ClientBase):
                 future.set_exception(Unavailable(f"the broker at {self.address} is not reachable"))
                 continue
             try:
-                sock.send_multipart(frames, zmq.NOBLOCK)
+                send_message(sock, frames, NOBLOCK)
             except zmq.Again:
                 future.set_exception(Unavailable(f"the broker at {self.address} is not reachable"))
         self._drain()
@@ -132,8 +133,8 @@ class AsyncClient(ClientBase):
         if sock is None:
             return
         try:
-            while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                frames = sock.recv_multipart(zmq.NOBLOCK)  # copies: cheaper than Frame objects when small
+            while events(sock) & POLLIN:
+                frames = recv_message(sock, NOBLOCK)  # copies: cheaper than Frame objects when small
                 self._last_heard = time.monotonic()
                 try:
                     message = protocol.decode(frames)
@@ -147,7 +148,7 @@ class AsyncClient(ClientBase):
 
     async def _wait_writable(self, sock: zmq.Socket) -> None:
         deadline = time.monotonic() + self.connect_timeout_s
-        while not sock.getsockopt(zmq.EVENTS) & zmq.POLLOUT:
+        while not events(sock) & POLLOUT:
             if time.monotonic() > deadline:
                 raise Unavailable(f"the broker at {self.address} is not reachable")
             await asyncio.sleep(0.005)

@@ -17,6 +17,7 @@ import zmq
 
 from broker import protocol
 from broker.errors import InvalidArgument, NotFound, ProtocolError
+from broker.zmqio import send_message
 from broker.process import (EXIT_MODEL_LOAD_ERROR, EXIT_OK, die_with_parent, parent_alive,
                             set_title, setup_logging)
 from workers.config import WorkerConfig
@@ -166,7 +167,7 @@ class Worker:
 
     def _send(self, command: bytes, header: dict[str, Any], frames: Any = ()) -> None:
         assert self._socket is not None
-        self._socket.send_multipart(protocol.encode(command, header, frames), copy=False)
+        send_message(self._socket, protocol.encode(command, header, frames), copy=False)
         self._last_sent = time.monotonic()
 
     def _connect(self) -> None:

@@ -1,0 +1,48 @@
+"""Multipart send and receive for the hot paths, beneath pyzmq's Python layer.
+
+``Socket.send_multipart`` builds flag enums and checks every part in Python: about 5.6 µs
+for a four-frame message here, where the frames' own sends take about 1 µs. These do the
+same sends through pyzmq's Cython socket methods with integer flags. Same semantics as
+``send_multipart`` / ``recv_multipart``: a message is sent or received whole, and with
+NOBLOCK ``zmq.Again`` is raised before anything is sent or received.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import zmq
+from zmq.backend import Socket as _CythonSocket
+
+NOBLOCK = int(zmq.NOBLOCK)
+POLLIN = int(zmq.POLLIN)
+POLLOUT = int(zmq.POLLOUT)
+_SNDMORE = int(zmq.SNDMORE)
+_RCVMORE = int(zmq.RCVMORE)
+_EVENTS = int(zmq.EVENTS)
+_send = _CythonSocket.send
+_recv = _CythonSocket.recv
+_get = _CythonSocket.get
+
+
+def send_message(sock: zmq.Socket, frames: Sequence[Any], flags: int = 0, *, copy: bool = True) -> None:
+    """``sock.send_multipart(frames, flags, copy=copy)``, faster."""
+    flags = int(flags)
+    more = flags | _SNDMORE
+    last = len(frames) - 1
+    for i, frame in enumerate(frames):
+        _send(sock, frame, more if i < last else flags, copy)
+
+
+def recv_message(sock: zmq.Socket, flags: int = 0) -> list[bytes]:
+    """``sock.recv_multipart(flags)`` (frames as bytes), faster."""
+    flags = int(flags)
+    frames = [_recv(sock, flags)]
+    while _get(sock, _RCVMORE):
+        frames.append(_recv(sock, flags))
+    return frames
+
+
+def events(sock: zmq.Socket) -> int:
+    """``sock.getsockopt(zmq.EVENTS)`` as a plain int, to test against POLLIN and POLLOUT."""
+    return _get(sock, _EVENTS)
