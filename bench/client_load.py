@@ -19,6 +19,9 @@ from frontend.client import AsyncClient
 async def run(address: str, x: np.ndarray, y: np.ndarray, concurrency: int, seconds: float) -> dict[str, float]:
     latencies: list[float] = []
     errors = wrong = 0
+    # np.allclose's test with the tolerance worked out once: the check runs on every answer,
+    # on the cores the server uses, and np.allclose itself costs 17 µs a call.
+    tolerance = 1e-4 + 1e-4 * np.abs(y)
     async with AsyncClient(address, timeout_s=10) as client:
         await client.predict("mlp", {"x": x})  # connect
         stop = time.monotonic() + seconds
@@ -33,7 +36,7 @@ async def run(address: str, x: np.ndarray, y: np.ndarray, concurrency: int, seco
                     errors += 1
                     continue
                 latencies.append(time.perf_counter() - started)
-                if not np.allclose(result.outputs["y"], y, rtol=1e-4, atol=1e-4):
+                if not (np.abs(result.outputs["y"] - y) <= tolerance).all():
                     wrong += 1
 
         cpu0, wall0 = time.process_time(), time.monotonic()
