@@ -25,6 +25,7 @@ import zmq
 
 from broker import protocol
 from broker.errors import DeadlineExceeded, ProtocolError, Unavailable, from_code
+from broker.zmqio import send_message
 
 DEFAULT_TIMEOUT_S = 30.0
 # Extra time the client waits past the deadline it gives the broker, so the broker's own
@@ -161,7 +162,7 @@ class Client(ClientBase):
         sock = self._thread_socket()
         if not sock.poll(int(self.connect_timeout_s * 1000), zmq.POLLOUT):
             raise Unavailable(f"the broker at {self.address} is not reachable")
-        sock.send_multipart(frames, copy=False)
+        send_message(sock, frames, copy=False)
         deadline = time.monotonic() + timeout_s + GRACE_S
         while True:
             remaining_ms = int((deadline - time.monotonic()) * 1000)
