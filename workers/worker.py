@@ -17,9 +17,9 @@ import zmq
 
 from broker import protocol
 from broker.errors import InvalidArgument, NotFound, ProtocolError
-from broker.zmqio import send_message
 from broker.process import (EXIT_MODEL_LOAD_ERROR, EXIT_OK, die_with_parent, parent_alive,
                             set_title, setup_logging)
+from broker.zmqio import send_message
 from workers.config import WorkerConfig
 
 log = logging.getLogger("tfbroker.worker")
