@@ -281,7 +281,7 @@ class Broker:
                 raise ValueError(f"{len(specs)} output specs but {len(message.frames)} frames")
             outputs = []
             for (name, dtype, shape), frame in zip(specs, message.frames):
-                view = frame.buffer if isinstance(frame, zmq.Frame) else memoryview(frame)
+                view = memoryview(frame)
                 if not shape or shape[0] != total or dtype == protocol.STRING or (total and len(view) % total):
                     raise ValueError(f"output {name!r} of shape {shape} for a batch of {total} rows")
                 outputs.append((name, dtype, shape[1:], view, len(view) // total if total else 0))

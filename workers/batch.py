@@ -110,20 +110,21 @@ def run_joined(signature: Signature, batch: JoinedBatch, padded_rows: int) -> di
         inputs = _cast_inputs(signature, TaskInput(-1, batch.inputs, total)).inputs
     except TFBrokerError as exc:
         return [exc] * len(batch.ids)
-    if padded_rows > total:  # pad by repeating the first row: valid for any dtype
-        inputs = {n: np.concatenate([a, np.repeat(a[:1], padded_rows - total, axis=0)]) for n, a in inputs.items()}
+    run_rows = max(total, padded_rows)
+    if run_rows > total:  # pad by repeating the first row: valid for any dtype
+        inputs = {n: np.concatenate([a, np.repeat(a[:1], run_rows - total, axis=0)]) for n, a in inputs.items()}
     try:
         outputs = signature.run(inputs)
     except InvalidArgument:
         return _run_alone(signature, batch.split())  # one call per task finds the one at fault
     except Exception as exc:  # noqa: BLE001 - every task of a failed batch gets an error
-        log.exception("batch of %d rows failed on signature %s", max(total, padded_rows), signature.name)
+        log.exception("batch of %d rows failed on signature %s", run_rows, signature.name)
         return [Internal(f"model failed: {type(exc).__name__}: {exc}")] * len(batch.ids)
-    if any(np.ndim(v) == 0 or np.shape(v)[0] != max(total, padded_rows) for v in outputs.values()):
+    if any(np.ndim(v) == 0 or np.shape(v)[0] != run_rows for v in outputs.values()):
         return _run_alone(signature, batch.split())  # an output without the batch dimension
     outputs = {n: np.asarray(v)[:total] for n, v in outputs.items()}
     if any(v.dtype.kind in "OSU" for v in outputs.values()):  # strings travel per task
-        return list(cut_rows(outputs, batch.rows))
+        return cut_rows(outputs, batch.rows)  # type: ignore[return-value]
     return outputs
 
 
@@ -155,27 +156,13 @@ def _shape_key(task: TaskInput, index: int) -> Any:
 
 
 def _run_group(signature: Signature, tasks: list[TaskInput], pad_to: int) -> list[Outcome]:
-    rows = sum(t.rows for t in tasks)
-    if len(tasks) == 1 and pad_to <= rows:
+    rows = [t.rows for t in tasks]
+    if len(tasks) == 1 and pad_to <= rows[0]:
         return [_run_one(signature, tasks[0])]
-    total = max(rows, pad_to)
-    inputs = {}
-    for name in tasks[0].inputs:
-        parts = [t.inputs[name] for t in tasks]
-        if total > rows:  # pad by repeating the first row: valid for any dtype
-            parts.append(np.repeat(parts[0][:1], total - rows, axis=0))
-        inputs[name] = np.concatenate(parts, axis=0)
-    try:
-        outputs = signature.run(inputs)
-    except InvalidArgument:
-        return [_run_one(signature, t) for t in tasks]  # find the task at fault
-    except Exception as exc:  # noqa: BLE001 - every task of a failed batch gets an error
-        log.exception("batch of %d rows failed on signature %s", total, signature.name)
-        return [Internal(f"model failed: {type(exc).__name__}: {exc}")] * len(tasks)
-    if any(np.ndim(v) == 0 or np.shape(v)[0] != total for v in outputs.values()):
-        # An output without the batch dimension cannot be split: run the tasks alone.
-        return [_run_one(signature, t) for t in tasks]
-    return list(cut_rows(outputs, [t.rows for t in tasks]))
+    batch = JoinedBatch([t.request_id for t in tasks], rows,
+                        {name: np.concatenate([t.inputs[name] for t in tasks]) for name in tasks[0].inputs})
+    result = run_joined(signature, batch, pad_to)
+    return cut_rows(result, rows) if isinstance(result, dict) else result
 
 
 def _run_alone(signature: Signature, tasks: list[TaskInput]) -> list[Outcome]:
