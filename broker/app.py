@@ -12,7 +12,7 @@ import zmq
 
 from broker.config import BatchingParameters, ModelConfig, ServerConfig
 from broker.config_files import load_batching_parameters, load_model_config
-from broker.process import EXIT_BOOT_ERROR, EXIT_OK, set_title, setup_logging
+from broker.process import EXIT_CONFIG_ERROR, EXIT_FAULT, EXIT_OK, set_title, setup_logging
 from broker.server import Broker
 
 log = logging.getLogger("tfbroker.broker")
@@ -21,6 +21,9 @@ DEMO_MODELS = ("half_plus_two", "mlp")
 
 
 def run(config: ServerConfig) -> int:
+    """Exit codes (broker/process.py): 0 stopped cleanly; EXIT_CONFIG_ERROR for what a restart
+    cannot fix (flags, config files, keys); EXIT_FAULT for what it may (a port or runtime
+    directory in use, an unexpected error)."""
     set_title("broker")
     setup_logging(config.log_level, "broker")
     try:
@@ -28,21 +31,28 @@ def run(config: ServerConfig) -> int:
         batching = (load_batching_parameters(config.batching_parameters_file)
                     if config.batching_parameters_file else BatchingParameters())
         broker = Broker(config, models, batching)
-        lock = lock_runtime_dir(config.resolved_runtime_dir)
     except ValueError as exc:
         log.error("%s", exc)
-        return EXIT_BOOT_ERROR
+        return EXIT_CONFIG_ERROR
+    try:
+        lock = lock_runtime_dir(config.resolved_runtime_dir)
+    except OSError as exc:
+        log.error("%s", exc)
+        return EXIT_FAULT
     try:
         broker.bind()
+        broker.run_forever()
     except zmq.ZMQError as exc:
         log.error("cannot bind the broker's sockets: %s", exc)
-        return EXIT_BOOT_ERROR
-    try:
-        broker.run_forever()
+        return EXIT_FAULT
     except OSError as exc:  # the HTTP port is taken, say
         log.error("%s", exc)
         broker.fleet.stop()
-        return EXIT_BOOT_ERROR
+        return EXIT_FAULT
+    except Exception:  # noqa: BLE001 - logged with its traceback; systemd restarts the broker
+        log.exception("the broker failed")
+        broker.fleet.stop()
+        return EXIT_FAULT
     finally:
         broker.close()
         lock.close()
@@ -78,8 +88,8 @@ def lock_runtime_dir(runtime_dir: str) -> object:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError as exc:
         fh.close()
-        raise ValueError(f"another broker is running with runtime directory {runtime_dir}; "
-                         "stop it or pass --runtime_dir") from exc
+        raise OSError(f"another broker is running with runtime directory {runtime_dir} (the same "
+                      "--rest_api_port, or the same --runtime_dir): stop it, or pass another") from exc
     fh.seek(0)
     fh.truncate()
     fh.write(f"{os.getpid()}\n")

@@ -21,9 +21,10 @@ class Task:
     size: int
     deadline: float
     payload: Any = None
+    batch: Batch | None = None  # the batch holding it while queued (for remove)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # compared by identity: two batches are never the same
 class Batch:
     """Tasks that run together. Open while it takes tasks; closed is final."""
 
@@ -37,6 +38,7 @@ class Batch:
             self.start_time = now
         self.tasks.append(task)
         self.size += task.size
+        task.batch = self
 
 
 class BatchQueue:
@@ -119,6 +121,18 @@ class BatchQueue:
                 batch.size = sum(t.size for t in keep)
         self._batches = deque(b for b in self._batches if b.tasks)
         return expired
+
+    def remove(self, task: Task) -> bool:
+        """Take a queued task out (its client cancelled it); False if it is not queued here."""
+        batch = task.batch
+        if batch is None or batch not in self._batches:
+            return False
+        batch.tasks.remove(task)
+        batch.size -= task.size
+        task.batch = None
+        if not batch.tasks:
+            self._batches.remove(batch)
+        return True
 
     def __len__(self) -> int:
         """Tasks waiting."""

@@ -101,6 +101,11 @@ class ModelConfig:
                 raise ValueError(f"model {self.name}: version label {label!r} must be a non-numeric word")
 
 
+# Liveness defaults, used by the broker, its workers and the clients alike.
+DEFAULT_HEARTBEAT_INTERVAL_S = 1.0
+DEFAULT_HEARTBEAT_LIVENESS = 10
+DEFAULT_TIMEOUT_MS = 30000  # TF Serving's --rest_api_timeout_in_ms
+
 # --version_swap_policy values (broker/versions.py).
 AVAILABILITY_PRESERVING = "availability_preserving"
 RESOURCE_PRESERVING = "resource_preserving"
@@ -114,12 +119,14 @@ FRONTEND_INDEX_ENV = "TFBROKER_FRONTEND_INDEX"  # N in the title "tfbroker: fron
 FRONTENDS_ENV = "TFBROKER_FRONTENDS"  # gunicorn workers (frontend/gunicorn_conf.py)
 BIND_ENV = "TFBROKER_BIND"  # gunicorn's bind address; fd://N for the broker's listening socket
 LOG_LEVEL_ENV = "TFBROKER_LOG_LEVEL"
+LIMITS_ENV = "TFBROKER_LIMITS"  # RequestLimits as flags (broker/flags.py)
 
 
-def default_runtime_dir() -> str:
-    """Where the broker's ipc:// sockets live unless --runtime_dir says otherwise."""
+def default_runtime_dir(rest_api_port: int) -> str:
+    """Where a broker's ipc:// sockets live unless --runtime_dir says otherwise: one
+    directory per HTTP port, so brokers on different ports share a host without flags."""
     base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
-    return os.path.join(base, f"tfbroker-{os.getuid()}")
+    return os.path.join(base, f"tfbroker-{os.getuid()}-{rest_api_port}")
 
 
 def ipc_address(runtime_dir: str, name: str) -> str:
@@ -135,6 +142,31 @@ def local_address(address: str) -> bool:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class RequestLimits:
+    """What one HTTP request may hold; each is refused before anything larger is allocated.
+
+    Header count and size are uvicorn's (h11/httptools limits)."""
+
+    max_request_body_bytes: int = field(default=64 << 20, metadata=_help(
+        "Largest HTTP request body; a larger one gets 413 before it is read."))
+    max_json_depth: int = field(default=32, metadata=_help(
+        "Deepest nesting of lists in a tensor value (its rank); deeper gets 400."))
+    max_instances: int = field(default=100_000, metadata=_help(
+        "Most instances (rows) in one request; more gets 400."))
+    max_string_bytes: int = field(default=16 << 20, metadata=_help(
+        "Longest single string or b64 value, decoded; longer gets 400."))
+    max_tensor_bytes: int = field(default=256 << 20, metadata=_help(
+        "Most bytes of tensors in one request (also the largest ZeroMQ frame the broker takes); "
+        "more gets 400."))
+
+    def __post_init__(self) -> None:
+        for name in ("max_request_body_bytes", "max_json_depth", "max_instances", "max_string_bytes",
+                     "max_tensor_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class ServerConfig:
     """What ``python -m broker`` runs: TF Serving's flags first, then ours."""
 
@@ -146,8 +178,9 @@ class ServerConfig:
         "TF Serving text-protobuf ModelServerConfig (model_config_list) for several models."))
     rest_api_port: int = field(default=8501, metadata=_help(
         "HTTP port of the REST API served by the frontends."))
-    rest_api_timeout_in_ms: int = field(default=30000, metadata=_help(
-        "Deadline of a REST request; past it the answer is HTTP 504."))
+    rest_api_timeout_in_ms: int = field(default=DEFAULT_TIMEOUT_MS, metadata=_help(
+        "Deadline of a request; past it the answer is HTTP 504. A caller may ask for less "
+        "(HTTP header X-Request-Timeout-Ms, the client's timeout_s)."))
     enable_batching: bool = field(default=True, metadata=_help(
         "Batch requests per (model, version, signature); false runs each request alone."))
     batching_parameters_file: str = field(default="", metadata=_help(
@@ -168,26 +201,33 @@ class ServerConfig:
     rest_api_host: str = field(default="0.0.0.0", metadata=_help(
         "Address the frontends listen on."))
     runtime_dir: str = field(default="", metadata=_help(
-        "Directory for the ipc:// sockets and the lock file (default: $XDG_RUNTIME_DIR/tfbroker-UID)."))
+        "Directory for the ipc:// sockets and the lock file (default: $XDG_RUNTIME_DIR/tfbroker-UID-PORT, "
+        "PORT being --rest_api_port, or the same under /tmp)."))
     frontend_address: str = field(default="", metadata=_help(
         "ZeroMQ address frontends and clients connect to (default: ipc://RUNTIME_DIR/frontend.sock; "
-        "tcp://HOST:PORT for frontends on other hosts)."))
+        "tcp://HOST:PORT for frontends on other hosts, which needs CURVE unless HOST is loopback)."))
     backend_address: str = field(default="", metadata=_help(
         "ZeroMQ address workers connect to (default: ipc://RUNTIME_DIR/backend.sock)."))
     control_address: str = field(default="", metadata=_help(
         "ZeroMQ address of the control socket for `python -m broker.ctl` (default: "
-        "ipc://RUNTIME_DIR/control.sock). Anything but ipc:// or loopback needs --control_auth_token_file."))
-    control_auth_token_file: str = field(default="", metadata=_help(
-        "File holding a secret that control commands must present (python -m broker.ctl --auth_token_file)."))
+        "ipc://RUNTIME_DIR/control.sock)."))
+    curve_secret_key_file: str = field(default="", metadata=_help(
+        "The broker's CURVE certificate with its secret key (python -m broker.ctl keygen): every socket "
+        "then requires CURVE, and TCP addresses beyond loopback are allowed."))
+    curve_client_keys_dir: str = field(default="", metadata=_help(
+        "Directory of the public certificates (*.key) of the clients allowed in, with CURVE."))
     version_swap_policy: str = field(default=AVAILABILITY_PRESERVING, metadata=_help(
         "availability_preserving: load the new version next to the old one, then switch (two copies "
         "during a swap); resource_preserving: unload the old one first (briefly unavailable)."))
     batches_in_flight: int = field(default=2, metadata=_help(
         "Batches handed to a worker before it answers, so the device never waits on Python."))
-    heartbeat_interval_s: float = field(default=1.0, metadata=_help(
+    heartbeat_interval_s: float = field(default=DEFAULT_HEARTBEAT_INTERVAL_S, metadata=_help(
         "Seconds between heartbeats when a peer has sent nothing else."))
-    heartbeat_liveness: int = field(default=10, metadata=_help(
+    heartbeat_liveness: int = field(default=DEFAULT_HEARTBEAT_LIVENESS, metadata=_help(
         "Missed intervals before a peer is dead. interval x liveness must exceed the slowest batch."))
+    kill_grace_s: float = field(default=3.0, metadata=_help(
+        "A child told to stop (SIGTERM: a hung worker, an unload) that is still there this long after "
+        "gets SIGKILL; a hung worker writes its Python traceback to the log first."))
     worker_load_timeout_s: float = field(default=600.0, metadata=_help(
         "Longest a worker may take to load and warm up its model before it is killed."))
     shutdown_grace_s: float = field(default=10.0, metadata=_help(
@@ -195,6 +235,7 @@ class ServerConfig:
     demo_models_dir: str = field(default="", metadata=_help(
         "Where the demo models are made when no model is named (default: ~/.cache/tfbroker/demo_models)."))
     log_level: str = field(default="info", metadata=_help("debug, info, warning or error."))
+    limits: RequestLimits = field(default=RequestLimits(), metadata=_help("Flags of RequestLimits."))
 
     def __post_init__(self) -> None:
         if self.model_config_file and (self.model_name or self.model_base_path):
@@ -216,13 +257,21 @@ class ServerConfig:
                              f"got {self.version_swap_policy!r}")
         if self.model_config_file_poll_wait_seconds and not self.model_config_file:
             raise ValueError("--model_config_file_poll_wait_seconds needs --model_config_file")
-        if not self.control_auth_token_file and not local_address(self.resolved_control_address):
-            raise ValueError(f"control_address {self.control_address} is reachable from other hosts: "
-                             "set --control_auth_token_file, or use ipc:// or a loopback address")
+        if not self.curve_secret_key_file:
+            for name, address in (("frontend_address", self.resolved_frontend_address),
+                                  ("backend_address", self.resolved_backend_address),
+                                  ("control_address", self.resolved_control_address)):
+                if not local_address(address):
+                    raise ValueError(f"{name} {address} is reachable from other hosts: set --curve_secret_key_file "
+                                     "(and --curve_client_keys_dir), or use ipc:// or a loopback address")
+        if self.curve_client_keys_dir and not self.curve_secret_key_file:
+            raise ValueError("--curve_client_keys_dir needs --curve_secret_key_file")
+        if self.kill_grace_s <= 0:
+            raise ValueError(f"kill_grace_s must be > 0, got {self.kill_grace_s}")
 
     @property
     def resolved_runtime_dir(self) -> str:
-        return self.runtime_dir or default_runtime_dir()
+        return self.runtime_dir or default_runtime_dir(self.rest_api_port)
 
     @property
     def resolved_frontend_address(self) -> str:

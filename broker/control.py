@@ -2,13 +2,13 @@
 
 Operations (the ``op`` of a CONTROL message, broker/protocol.py): ``status``,
 ``reload-config``, ``load``, ``unload``, ``label``, ``drain``. The socket listens on ipc://
-by default; when ``--control_auth_token_file`` is set, every message must carry that token.
+(mode 0600) by default; anything reachable from other hosts needs CURVE (broker/security.py),
+and then only holders of an allowed key pair get an answer.
 The model config file is also re-read here every ``model_config_file_poll_wait_seconds``.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 import os
 import time
@@ -18,7 +18,7 @@ import zmq
 
 from broker import protocol
 from broker.config_files import load_model_config
-from broker.errors import InvalidArgument, PermissionDenied, TFBrokerError
+from broker.errors import InvalidArgument, TFBrokerError
 from broker.models import ServedVersion
 
 if TYPE_CHECKING:
@@ -32,11 +32,10 @@ class ControlChannel:
         self.broker = broker
         self.config = broker.config
         self.socket = context.socket(zmq.ROUTER)
-        self._token = read_token(self.config.control_auth_token_file) if self.config.control_auth_token_file else ""
         self._config_text = ""
         self._next_config_poll = float("inf")
         self._started = time.monotonic()
-        self._ops: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+        self._ops: dict[str, Callable[[protocol.ControlArgs], dict[str, Any]]] = {
             "status": self._status,
             "reload-config": lambda args: {"changes": self.reload_config()},
             "load": lambda args: self._message(self.broker.versions.load_by_hand(*_model_version(args))),
@@ -51,7 +50,7 @@ class ControlChannel:
         self.socket.bind(address)
         if address.startswith("ipc://"):
             os.chmod(address[len("ipc://"):], 0o600)  # only this user may drive the broker
-        log.info("control socket %s%s", address, " (token required)" if self._token else "")
+        log.info("control socket %s", address)
 
     def start(self, now: float) -> None:
         if self.config.model_config_file:
@@ -65,23 +64,24 @@ class ControlChannel:
                 frames = self.socket.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            client, request_id = frames[0], None
+            client, request_id = frames[0], protocol.salvage_id(frames[1:])
             try:
-                message = protocol.decode(frames[1:])
-                request_id = message.header.get("id")
-                if message.command != protocol.CONTROL:
-                    raise InvalidArgument(f"the control socket takes CONTROL messages, not {message.command!r}")
-                body = self._handle(message.header)
+                message = protocol.decode(frames[1:], protocol.CTL_TO_BROKER)
+                header: protocol.Control = message.header
+                log.log(logging.DEBUG if header.op == "status" else logging.INFO, "control: %s %s", header.op,
+                        protocol.encode_header(header.args).decode(errors="replace"))
+                body = self._ops[header.op](header.args)
+            except protocol.ProtocolError as exc:  # malformed: answer, keep serving
+                self._send(client, protocol.ERROR, protocol.Error(
+                    id=request_id, code=400, message=f"malformed control message: {exc}"))
             except TFBrokerError as exc:
-                self.socket.send_multipart([client, *protocol.encode(protocol.ERROR, {
-                    "id": request_id, "code": exc.http_status, "message": exc.message})])
-                continue
-            except (ValueError, TypeError, KeyError) as exc:  # malformed: answer, keep serving
-                self.socket.send_multipart([client, *protocol.encode(protocol.ERROR, {
-                    "id": request_id, "code": 400, "message": f"malformed control message: {exc}"})])
-                continue
-            body["id"] = request_id
-            self.socket.send_multipart([client, *protocol.encode(protocol.REPLY, body)])
+                self._send(client, protocol.ERROR, protocol.Error(id=request_id, code=exc.http_status,
+                                                                  message=exc.message))
+            else:
+                self._send(client, protocol.REPLY, protocol.ControlReply(id=header.id, body=body))
+
+    def _send(self, client: bytes, command: bytes, header: protocol.Header) -> None:
+        self.socket.send_multipart([client, *protocol.encode(command, header)])
 
     def poll_config(self, now: float) -> None:
         if now < self._next_config_poll:
@@ -111,28 +111,17 @@ class ControlChannel:
 
     # --- implementation ---
 
-    def _handle(self, header: dict[str, Any]) -> dict[str, Any]:
-        if self._token and not hmac.compare_digest(str(header.get("token", "")), self._token):
-            raise PermissionDenied("control command refused: missing or wrong token")
-        op = header.get("op")
-        handler = self._ops.get(op) if isinstance(op, str) else None
-        if handler is None:
-            raise InvalidArgument(f"unknown control operation {op!r}; one of {sorted(self._ops)}")
-        args = header.get("args") or {}
-        if not isinstance(args, dict):
-            raise InvalidArgument("control args must be a map")
-        log.log(logging.DEBUG if op == "status" else logging.INFO, "control: %s %s", op, args)
-        return handler(args)
-
     def _message(self, text: str) -> dict[str, Any]:
         log.info("%s", text)
         return {"message": text}
 
-    def _label(self, args: dict[str, Any]) -> dict[str, Any]:
+    def _label(self, args: protocol.ControlArgs) -> dict[str, Any]:
         name, version = _model_version(args)
-        return self._message(self.broker.versions.set_label(name, str(args["label"]), version))
+        if args.label is None:
+            raise InvalidArgument("label needs a model, a label and a version")
+        return self._message(self.broker.versions.set_label(name, args.label, version))
 
-    def _status(self, args: dict[str, Any]) -> dict[str, Any]:
+    def _status(self, args: protocol.ControlArgs) -> dict[str, Any]:
         models = []
         for model in sorted(self.broker.models.values(), key=lambda m: m.name):
             policy = model.config.model_version_policy
@@ -151,8 +140,7 @@ class ControlChannel:
         broker = self.broker
         return {"models": models, "broker": {
             "pid": os.getpid(), "uptime_s": round(time.monotonic() - self._started, 1),
-            "requests": broker.requests_admitted, "batches": broker.batches_formed, "rows": broker.rows_dispatched,
-            "swap_policy": self.config.version_swap_policy}}
+            **broker.stats(), "swap_policy": self.config.version_swap_policy}}
 
 
 def _version_status(served: ServedVersion) -> dict[str, Any]:
@@ -169,22 +157,10 @@ def _version_status(served: ServedVersion) -> dict[str, Any]:
     }
 
 
-def _model_version(args: dict[str, Any]) -> tuple[str, int]:
-    try:
-        return str(args["model"]), int(args["version"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise InvalidArgument("this operation needs a model name and a numeric version") from exc
-
-
-def read_token(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            token = fh.read().strip()
-    except OSError as exc:
-        raise ValueError(f"cannot read control_auth_token_file {path}: {exc.strerror}") from exc
-    if len(token) < 16:
-        raise ValueError(f"the token in {path} is shorter than 16 characters")
-    return token
+def _model_version(args: protocol.ControlArgs) -> tuple[str, int]:
+    if args.model is None or args.version is None:
+        raise InvalidArgument("this operation needs a model name and a numeric version")
+    return args.model, args.version
 
 
 def _read_text(path: str) -> str:

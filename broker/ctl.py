@@ -6,6 +6,7 @@
     python -m broker.ctl unload MODEL VERSION [--wait]
     python -m broker.ctl label MODEL LABEL VERSION
     python -m broker.ctl drain MODEL VERSION [--wait]
+    python -m broker.ctl keygen DIRECTORY NAME     (CURVE key pair: NAME.key, NAME.key_secret)
 
 Exit status: 0 done, 1 the broker refused (the reason on stderr), 2 bad usage, 3 no answer.
 """
@@ -24,8 +25,9 @@ import zmq
 
 from broker import protocol
 from broker.config import default_runtime_dir, ipc_address
-from broker.control import read_token
-from broker.errors import TFBrokerError, from_code
+from broker.errors import ProtocolError, TFBrokerError, from_code
+from broker.security import (CLIENT_SECRET_KEY_ENV, SERVER_KEY_ENV, KeyPair, generate, load_key_pair,
+                             load_public_key, make_client)
 
 EXIT_REFUSED = 1
 EXIT_NO_ANSWER = 3
@@ -39,35 +41,41 @@ class NoAnswer(Exception):
 class ControlClient:
     """One DEALER to the broker's control socket; every call has a deadline."""
 
-    def __init__(self, address: str, token: str = "", timeout_s: float = 10.0) -> None:
+    def __init__(self, address: str, timeout_s: float = 10.0,
+                 curve: tuple[KeyPair, bytes] | None = None) -> None:
         self.address = address
-        self.token = token
         self.timeout_s = timeout_s
         self._context = zmq.Context()
         self._socket = self._context.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            make_client(self._socket, *curve)
         self._socket.connect(address)
         self._ids = itertools.count(1)
 
     def call(self, op: str, **args: Any) -> dict[str, Any]:
         """The broker's answer to one operation; raises the wire's TFBrokerError or NoAnswer."""
         request_id = next(self._ids)
-        header: dict[str, Any] = {"id": request_id, "op": op, "args": args}
-        if self.token:
-            header["token"] = self.token
+        header = protocol.Control(id=request_id, op=op, args=protocol.ControlArgs(**args))  # type: ignore[arg-type]
         self._socket.send_multipart(protocol.encode(protocol.CONTROL, header))
         deadline = time.monotonic() + self.timeout_s
         while True:
             remaining_ms = int((deadline - time.monotonic()) * 1000)
             if remaining_ms <= 0 or not self._socket.poll(remaining_ms):
                 raise NoAnswer(f"no answer from the broker's control socket {self.address} "
-                               f"within {self.timeout_s:.0f} s: is the broker running?")
-            message = protocol.decode(self._socket.recv_multipart())
-            if message.header.get("id") != request_id:
+                               f"within {self.timeout_s:.0f} s: is the broker running (and are the CURVE keys "
+                               "right, if it uses them)?")
+            try:
+                message = protocol.decode(self._socket.recv_multipart(), protocol.BROKER_TO_CLIENT)
+            except ProtocolError:
+                continue
+            if message.header.id != request_id:
                 continue  # a late answer to an earlier call
             if message.command == protocol.ERROR:
-                raise from_code(int(message.header.get("code", 500)), str(message.header.get("message")))
-            return message.header
+                raise from_code(message.header.code, message.header.message)
+            if not isinstance(message.header, protocol.ControlReply):
+                continue
+            return dict(message.header.body)
 
     def close(self) -> None:
         self._context.destroy(linger=0)
@@ -75,9 +83,14 @@ class ControlClient:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    address = args.address or ipc_address(args.runtime_dir or default_runtime_dir(), "control.sock")
+    if args.command == "keygen":
+        public, secret = generate(args.directory, args.name)
+        print(f"public key (copy to the broker's --curve_client_keys_dir, or give to clients): {public}\n"
+              f"secret key (keep it here): {secret}")
+        return 0
+    address = args.address or ipc_address(args.runtime_dir or default_runtime_dir(args.rest_api_port), "control.sock")
     try:
-        token = read_token(args.auth_token_file) if args.auth_token_file else ""
+        curve = _curve(args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -85,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: no broker here: {address[len('ipc://'):]} does not exist (is the broker running, "
               "and with this --runtime_dir?)", file=sys.stderr)
         return EXIT_NO_ANSWER
-    client = ControlClient(address, token, args.timeout_s)
+    client = ControlClient(address, args.timeout_s, curve)
     try:
         result = _run(client, args)
     except TFBrokerError as exc:
@@ -178,7 +191,13 @@ def _parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runtime_dir", default="", help="the broker's --runtime_dir (default: the broker's default)")
     parser.add_argument("--address", default="", help="the broker's --control_address (overrides --runtime_dir)")
-    parser.add_argument("--auth_token_file", default="", help="file with the broker's control token, if it wants one")
+    parser.add_argument("--rest_api_port", type=int, default=8501,
+                        help="the broker's --rest_api_port, which names its default runtime directory")
+    parser.add_argument("--curve_secret_key_file", default=os.environ.get(CLIENT_SECRET_KEY_ENV, ""),
+                        help=f"this client's CURVE key pair (.key_secret), for a broker that uses CURVE "
+                             f"(default: ${CLIENT_SECRET_KEY_ENV})")
+    parser.add_argument("--curve_server_key_file", default=os.environ.get(SERVER_KEY_ENV, ""),
+                        help=f"the broker's public certificate (.key) (default: ${SERVER_KEY_ENV})")
     parser.add_argument("--timeout_s", type=float, default=10.0, help="how long to wait for answers (and --wait)")
     parser.add_argument("--json", action="store_true", help="print the broker's answer as JSON")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -196,7 +215,18 @@ def _parser() -> argparse.ArgumentParser:
     label.add_argument("model")
     label.add_argument("label")
     label.add_argument("version", type=int)
+    keygen = commands.add_parser("keygen", help="write a CURVE key pair (NAME.key public, NAME.key_secret secret)")
+    keygen.add_argument("directory")
+    keygen.add_argument("name")
     return parser
+
+
+def _curve(args: argparse.Namespace) -> tuple[KeyPair, bytes] | None:
+    if not args.curve_secret_key_file and not args.curve_server_key_file:
+        return None
+    if not (args.curve_secret_key_file and args.curve_server_key_file):
+        raise ValueError("CURVE needs both --curve_secret_key_file and --curve_server_key_file")
+    return load_key_pair(args.curve_secret_key_file), load_public_key(args.curve_server_key_file)
 
 
 if __name__ == "__main__":

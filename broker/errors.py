@@ -3,8 +3,9 @@
     TFBrokerError
     ├── RequestError            the caller can fix it
     │   ├── InvalidArgument     400
-    │   ├── PermissionDenied    403  (control channel: missing or wrong token)
-    │   └── NotFound            404
+    │   ├── NotFound            404
+    │   ├── PayloadTooLarge     413  (the body is larger than --max_request_body_bytes)
+    │   └── Cancelled           499  (the client gave up; nginx's and gRPC's code)
     └── ServiceError            the server could not do it
         ├── Unavailable         503  (queue full, model not ready, worker died, broker gone)
         ├── DeadlineExceeded    504
@@ -38,12 +39,16 @@ class InvalidArgument(RequestError):
     http_status = 400
 
 
-class PermissionDenied(RequestError):
-    http_status = 403
-
-
 class NotFound(RequestError):
     http_status = 404
+
+
+class PayloadTooLarge(RequestError):
+    http_status = 413
+
+
+class Cancelled(RequestError):
+    http_status = 499
 
 
 class ServiceError(TFBrokerError):
@@ -69,7 +74,8 @@ class ProtocolError(ValueError):
 
 
 _BY_CODE: dict[int, type[TFBrokerError]] = {
-    cls.http_status: cls for cls in (InvalidArgument, PermissionDenied, NotFound, Unavailable, DeadlineExceeded, Internal)
+    cls.http_status: cls for cls in (InvalidArgument, NotFound, PayloadTooLarge, Cancelled, Unavailable, DeadlineExceeded,
+                                      Internal)
 }
 
 

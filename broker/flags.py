@@ -36,6 +36,9 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, *, skip: Seq
         if f.name in skip:
             continue
         kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):  # a group of settings: its fields are flags too
+            add_dataclass_flags(parser, kind)  # type: ignore[arg-type]
+            continue
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         default = None if required else f.default
         helptext = f.metadata.get("help", "")
@@ -54,10 +57,22 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, *, skip: Seq
 
 
 def dataclass_from_args(cls: type[T], args: argparse.Namespace, **overrides: Any) -> T:
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    values = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if dataclasses.is_dataclass(hints[f.name]):
+            values[f.name] = dataclass_from_args(hints[f.name], args)
+        elif hasattr(args, f.name):
+            values[f.name] = getattr(args, f.name)
     values.update(overrides)
     return cls(**values)
+
+
+def parse_flags(cls: type[T], argv: Sequence[str]) -> T:
+    """An instance of ``cls`` from flags made by dataclass_to_argv (settings passed to children)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_dataclass_flags(parser, cls)
+    return dataclass_from_args(cls, parser.parse_args(list(argv)))
 
 
 def dataclass_to_argv(instance: Any) -> list[str]:

@@ -7,28 +7,36 @@ EXIT_MODEL_LOAD_ERROR is not restarted: its version goes to END with the error i
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
 import socket
+import struct
 import sys
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from broker.config import ADDRESS_ENV, BIND_ENV, FRONTENDS_ENV, LOG_LEVEL_ENV, TIMEOUT_ENV
+from broker import protocol
+from broker.config import ADDRESS_ENV, BIND_ENV, FRONTENDS_ENV, LIMITS_ENV, LOG_LEVEL_ENV, TIMEOUT_ENV
 from broker.errors import Unavailable
 from broker.flags import dataclass_to_argv
+from broker.security import CLIENT_SECRET_KEY_ENV, SERVER_KEY_ENV
 from broker.models import ServedVersion, WorkerLink
 from broker.versions import VersionState
 from broker.process import EXIT_MODEL_LOAD_ERROR
-from broker.supervisor import (Child, murder_child, reap_children, restartable, schedule_restart,
-                               spawn_child, stop_children)
+from broker.supervisor import (Child, reap_children, restartable, schedule_restart, spawn_child, stop_children,
+                               terminate_child)
 from workers.config import WorkerConfig
 
 if TYPE_CHECKING:
     from broker.server import Broker
 
 log = logging.getLogger("tfbroker.fleet")
+
+SO_ATTACH_FILTER = 26  # Linux, <asm-generic/socket.h>
+# After new connections are refused, how long the frontends get to accept the queued ones.
+ACCEPT_DRAIN_S = 0.3
 
 
 class Fleet:
@@ -57,7 +65,9 @@ class Fleet:
                      TIMEOUT_ENV: str(self.config.rest_api_timeout_in_ms),
                      FRONTENDS_ENV: str(self.config.frontends),
                      BIND_ENV: f"fd://{self._listener.fileno()}",
-                     LOG_LEVEL_ENV: self.config.log_level},
+                     LOG_LEVEL_ENV: self.config.log_level,
+                     LIMITS_ENV: " ".join(dataclass_to_argv(self.config.limits)),
+                     **self._curve_env()},
                 pass_fds=(self._listener.fileno(),))
             self._frontends.append(child)
             spawn_child(child)
@@ -67,6 +77,13 @@ class Fleet:
     @property
     def http_port(self) -> int:
         return self._listener.getsockname()[1] if self._listener else self.config.rest_api_port
+
+    def refuse_connections(self) -> None:
+        """The first step of a graceful stop: new connections are no longer taken (their SYNs
+        are dropped, so clients retry and then find the port closed), while the frontends still
+        accept the ones the kernel has queued. Closing the listener at once would reset those."""
+        if self._listener is not None:
+            drop_new_connections(self._listener)
 
     def stop_frontends(self) -> None:
         """SIGTERM the frontends without waiting: they finish their open requests while the
@@ -79,6 +96,12 @@ class Fleet:
         if self._listener is not None:
             self._listener.close()
             self._listener = None
+
+    def roll_frontends(self) -> None:
+        """gunicorn's HUP: new frontends are forked, the old ones finish their requests."""
+        for child in self._frontends:
+            if child.running and child.process is not None:
+                child.process.send_signal(signal.SIGHUP)
 
     def frontends_running(self) -> bool:
         return any(child.process is not None and child.process.poll() is None for child in self._frontends)
@@ -118,26 +141,29 @@ class Fleet:
 
     # --- messages from workers ---
 
-    def on_ready(self, link: WorkerLink, header: dict[str, Any]) -> None:
+    def on_ready(self, link: WorkerLink, header: protocol.Ready) -> None:
         served = self._version_of(link)
         if served is None:
             return
-        served.signatures = header.get("signatures", {})
-        served.signature_def = header.get("signature_def", {})
+        if (header.model, header.version) != (served.model, served.version):
+            log.error("worker %r said READY for %s:%d; ignored", link.identity, header.model, header.version)
+            return
+        served.signatures = header.signatures
+        served.signature_def = header.signature_def
         link.ready = True
         if served.state is VersionState.UNLOADING:
             return  # came back after a restart, but is on its way out
         served.state = VersionState.AVAILABLE
         served.error = ""
         log.info("serving model %s version %d (pid %s, signatures %s)", served.model, served.version,
-                 header.get("pid"), sorted(served.signatures))
+                 header.pid, sorted(served.signatures))
         self.broker.versions.on_available(served)
         self._announce()
 
-    def on_disconnect(self, link: WorkerLink, header: dict[str, Any]) -> None:
+    def on_disconnect(self, link: WorkerLink, header: protocol.Disconnect) -> None:
         served = self._version_of(link)
-        if served is not None and header.get("error"):
-            served.error = str(header["error"])
+        if served is not None and header.error:
+            served.error = header.error
 
     # --- the housekeeping tick ---
 
@@ -168,7 +194,7 @@ class Fleet:
             tensorflow_intra_op_parallelism=self.config.tensorflow_intra_op_parallelism,
             tensorflow_inter_op_parallelism=self.config.tensorflow_inter_op_parallelism)
         child = Child(name=f"worker:{served.model}:{served.version}",
-                      argv=["-m", "workers", *dataclass_to_argv(config)])
+                      argv=["-m", "workers", *dataclass_to_argv(config)], env=self._curve_env())
         if served.worker is not None:  # a restart keeps the back-off state
             child.restarts = served.worker.child.restarts
             self._links.pop(served.worker.identity, None)
@@ -213,10 +239,16 @@ class Fleet:
             self.serving.remove(served)
 
     def _murder_workers(self, now: float) -> None:
+        """A worker that stopped answering gets SIGTERM (it writes its traceback: faulthandler),
+        its requests get 503 at once, and SIGKILL follows after kill_grace_s."""
         expiry_s = self.config.heartbeat_expiry_s
         for served in self.serving:
             link = served.worker
             if link is None or not link.child.running:
+                continue
+            if link.child.terminated_at:
+                if now - link.child.terminated_at > self.config.kill_grace_s:
+                    terminate_child(link.child, "still running after SIGTERM", kill=True)
                 continue
             if link.ready and now - link.last_heard > expiry_s:
                 reason = f"no heartbeat for {now - link.last_heard:.1f} s"
@@ -225,7 +257,13 @@ class Fleet:
                 served.error = f"loading took longer than {self.config.worker_load_timeout_s:.0f} s"
             else:
                 continue
-            murder_child(link.child, reason)
+            terminate_child(link.child, reason)
+            if link.ready and served.state is not VersionState.UNLOADING:
+                link.ready = False
+                served.state = VersionState.LOADING  # takes no requests until it is back
+                self.broker.fail_version(served, Unavailable(
+                    f"model {served.model} version {served.version} is unavailable: its worker stopped "
+                    "answering and is restarting"))
 
     def _restart_due(self, now: float) -> None:
         for served in self.serving:
@@ -235,6 +273,11 @@ class Fleet:
         for child in self._frontends:
             if child.restart_at and now >= child.restart_at:
                 spawn_child(child)
+
+    def _curve_env(self) -> dict[str, str]:
+        """Children reach a CURVE broker with the broker's own key pair."""
+        key_file = self.config.curve_secret_key_file
+        return {CLIENT_SECRET_KEY_ENV: key_file, SERVER_KEY_ENV: key_file} if key_file else {}
 
     def _version_of(self, link: WorkerLink) -> ServedVersion | None:
         for served in self.serving:
@@ -274,12 +317,24 @@ def bind_http(host: str, port: int) -> socket.socket:
     return sock
 
 
+def drop_new_connections(sock: socket.socket) -> None:
+    """Attach a classic BPF filter that drops every packet reaching the listening socket: no
+    new SYN is answered, connections already established stay in its accept queue."""
+    drop_all = struct.pack("HBBI", 0x06, 0, 0, 0)  # BPF_RET | BPF_K, return 0: keep no bytes
+    program = ctypes.create_string_buffer(drop_all)
+    fprog = struct.pack("HL", 1, ctypes.addressof(program))  # struct sock_fprog {len, filter*}
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+    except OSError as exc:  # not Linux, or not allowed: the listener is simply closed later
+        log.warning("cannot stop new connections before closing the listener: %s", exc)
+
+
 def _example_body(served: ServedVersion) -> str:
     """A request body for the ready message, for a model with one numeric input of rank 1 or 2."""
     signature = served.signatures.get("serving_default")
-    if not signature or len(signature["inputs"]) != 1:
+    if not signature or len(signature.inputs) != 1:
         return ""
-    dtype, shape = next(iter(signature["inputs"].values()))
+    dtype, shape = next(iter(signature.inputs.values()))
     if dtype == "string" or shape is None or not 1 <= len(shape) <= 2:
         return ""
     if len(shape) == 1 or shape[1] in (-1, 1):

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from broker.config import ModelConfig
 from broker.errors import InvalidArgument, NotFound
 from broker.models import ServedModel, ServedVersion, find_versions, fingerprint
-from broker.supervisor import murder_child
+from broker.supervisor import terminate_child
 from broker.versions import Load, VersionState, next_action
 
 if TYPE_CHECKING:
@@ -180,8 +180,9 @@ class VersionManager:
             if not served.has_work() and not link.disconnect_sent and link.ready:
                 self.broker.send_disconnect(link)
                 link.disconnect_sent = now
-            elif link.disconnect_sent and now - link.disconnect_sent > self.config.shutdown_grace_s:
-                murder_child(link.child, f"still running {self.config.shutdown_grace_s:.0f} s after unload")
+            elif (link.disconnect_sent and not link.child.terminated_at
+                  and now - link.disconnect_sent > self.config.shutdown_grace_s):
+                terminate_child(link.child, f"still running {self.config.shutdown_grace_s:.0f} s after unload")
 
     def _note_labels(self, model: ServedModel) -> None:
         for change in model.update_labels():

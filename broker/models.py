@@ -7,12 +7,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from broker.batching import BatchQueue, Task
 from broker.config import ModelConfig
 from broker.errors import InvalidArgument, NotFound, Unavailable
-from broker.protocol import STRING, can_cast
+from broker.protocol import SignatureSpec, TensorSpec, can_cast, nbytes
 from broker.supervisor import Child
 from broker.versions import VersionSnapshot, VersionState, aspired_versions
 
@@ -70,7 +68,7 @@ class ServedVersion:
     path: str
     state: VersionState = VersionState.START
     error: str = ""
-    signatures: dict[str, Any] = field(default_factory=dict)  # from READY: inputs/outputs specs
+    signatures: dict[str, SignatureSpec] = field(default_factory=dict)  # from READY
     signature_def: dict[str, Any] = field(default_factory=dict)
     queues: dict[str, BatchQueue] = field(default_factory=dict)
     worker: WorkerLink | None = None
@@ -183,70 +181,54 @@ def _because(served: ServedVersion) -> str:
     return f" ({served.error})" if served.error else ""
 
 
-def check_inputs(served: ServedVersion, signature_name: str, specs: Any, frames: list[Any]) -> tuple[int, Any]:
+def check_inputs(served: ServedVersion, signature_name: str, specs: list[TensorSpec],
+                 frames: list[Any]) -> tuple[int, Any]:
     """Validate a request's tensors against the signature; return its rows (batch dimension)
     and its join key: tasks of one batch with equal keys (same inputs, numeric dtypes and
     inner shapes) travel to the worker joined, one tensor per input (``None``: never joined).
 
     Cheap checks on the header and frame lengths only: the broker never decodes tensors.
+    A request without one common batch dimension (a scalar, inputs with different first
+    dimensions, zero rows) runs alone, as one row.
     """
     signature = served.signatures.get(signature_name)
     if signature is None:
         raise InvalidArgument(f'Serving signature name: "{signature_name}" not found in signature def')
-    if not isinstance(specs, list) or len(specs) != len(frames):
-        raise InvalidArgument("malformed request: tensor specs do not match the tensor frames")
-    expected = signature["inputs"]
+    expected = signature.inputs
     given = set()
     rows: set[int] = set()
     scalar = False
     join_key: list[tuple[str, str, tuple[int, ...]]] | None = []
     for spec, frame in zip(specs, frames):
-        try:
-            name, dtype, shape = spec
-            shape = [int(d) for d in shape]
-        except (TypeError, ValueError) as exc:
-            raise InvalidArgument(f"malformed tensor spec {spec!r}") from exc
+        name = spec.name
         if name == "" and len(expected) == 1 and len(specs) == 1:
             name = next(iter(expected))  # an unnamed input is the signature's only input
         if name not in expected:
             raise InvalidArgument(f"input '{name}' is not an input of signature '{signature_name}'; "
                                   f"its inputs are {sorted(expected)}")
+        if name in given:
+            raise InvalidArgument(f"input '{name}' is given twice")
         want = expected[name][0]
-        if not can_cast(dtype, want):
-            raise InvalidArgument(f"input '{name}' has type {dtype}, which does not convert to the "
+        if not can_cast(spec.dtype, want):
+            raise InvalidArgument(f"input '{name}' has type {spec.dtype}, which does not convert to the "
                                   f"signature's {want}")
-        if any(d < 0 for d in shape):
-            raise InvalidArgument(f"input '{name}' has a negative dimension: {shape}")
-        if dtype != STRING and len(frame) != _nbytes(dtype, shape):
-            raise InvalidArgument(f"input '{name}': {len(frame)} bytes do not fill shape {shape} of {dtype}")
+        size = nbytes(spec)
+        if size is not None and len(frame) != size:
+            raise InvalidArgument(f"input '{name}': {len(frame)} bytes do not fill shape {list(spec.shape)} "
+                                  f"of {spec.dtype}")
         given.add(name)
-        if shape:
-            rows.add(shape[0])
+        if spec.shape:
+            rows.add(spec.shape[0])
         else:
             scalar = True
-        if join_key is not None and dtype != STRING and shape:
-            join_key.append((name, dtype, tuple(shape[1:])))
+        if join_key is not None and size is not None and spec.shape:
+            join_key.append((spec.name, spec.dtype, spec.shape[1:]))
         else:
             join_key = None
     missing = set(expected) - given
     if missing:
         raise InvalidArgument(f"signature '{signature_name}' needs inputs {sorted(missing)}, "
                               f"which the request lacks")
-    if scalar or len(rows) != 1:
+    if scalar or len(rows) != 1 or 0 in rows:
         return 1, None  # runs alone: nothing to batch along
     return rows.pop(), tuple(join_key) if join_key else None
-
-
-_ITEMSIZE: dict[str, int] = {}
-
-
-def _nbytes(dtype: str, shape: list[int]) -> int:
-    size = _ITEMSIZE.get(dtype)
-    if size is None:
-        try:
-            size = _ITEMSIZE[dtype] = np.dtype(dtype).itemsize
-        except TypeError as exc:
-            raise InvalidArgument(f"unknown dtype {dtype!r}") from exc
-    for d in shape:
-        size *= d
-    return size

@@ -12,10 +12,13 @@ import setproctitle
 
 PARENT_PID_ENV = "TFBROKER_PARENT_PID"
 
-# Exit codes a supervisor reads (gunicorn's WORKER_BOOT_ERROR idea): no restart loops.
+# Exit codes a supervisor (systemd, the broker) reads: restart on a fault, never on a
+# configuration error or a model that cannot load (gunicorn's WORKER_BOOT_ERROR idea).
 EXIT_OK = 0
-EXIT_BOOT_ERROR = 3
-EXIT_MODEL_LOAD_ERROR = 4
+EXIT_FAULT = 1  # a runtime fault (port or runtime directory in use, an unexpected error): restart
+EXIT_CONFIG_ERROR = 2  # bad flags, config files or keys (argparse's code too): do not restart
+EXIT_BOOT_ERROR = 3  # a child that cannot start (its broker is gone): do not restart
+EXIT_MODEL_LOAD_ERROR = 4  # a worker whose model does not load: do not restart
 
 _PR_SET_PDEATHSIG = 1
 

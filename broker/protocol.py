@@ -1,76 +1,96 @@
-"""The tfbroker wire protocol (TFB/1): frontends, broker and workers over ZeroMQ.
+"""The tfbroker wire protocol (TFB/2): frontends, broker, workers and ctl over ZeroMQ.
 
-Depends only on the standard library, msgpack and numpy, so frontends import it without
+Depends only on the standard library, msgspec and numpy, so frontends import it without
 TensorFlow. Every message, in both directions, is a multipart ZeroMQ message:
 
-    Frame 0   b"TFB01"                 protocol tag and version; a peer with another tag
+    Frame 0   b"TFB02"                 protocol tag and version; a peer with another tag
                                        is rejected on its first message
     Frame 1   one byte                 command (below)
-    Frame 2   msgpack map              the header (small values only)
+    Frame 2   msgpack map              the header: one typed struct per message kind
     Frame 3…  raw bytes                payload: one frame per tensor, never pickled
 
 A ROUTER socket sees the sender's identity frame in front of Frame 0. No empty delimiter
 frame is used: every peer is a DEALER.
 
-Tensors travel as a spec in the header plus one frame each. A spec is the list
-``[name, dtype, shape]`` with ``dtype`` a numpy name ("float32", "int64", "bool", …) or
-"string". Numeric frames are the C-contiguous buffer of the array (zero-copy on both sides);
-a "string" frame is a msgpack array of byte strings. An input named "" is the
-signature's only input (TF Serving's unnamed ``"instances": [1.0, 2.0]``).
+The header of each message kind is a ``msgspec.Struct`` below; ``encode`` and ``decode`` are
+the only way in and out. ``decode`` checks the tag, that the command is one the receiving
+socket takes, every header field (types, ranges, lengths, the consistency of its lists)
+and the number of payload frames, and raises ProtocolError otherwise, so no other module
+picks a header apart by hand and a malformed message is an error answer, never an
+exception in a poll loop. Headers that share a command (the answers of REPLY, the forms of
+BATCH and RESULT) carry a ``kind`` tag.
+
+Tensors travel as a spec ``[name, dtype, shape]`` in the header plus one frame each.
+``dtype`` is a numpy name ("float32", "int64", "bool", …) or "string". Numeric frames are
+the C-contiguous buffer of the array (zero-copy on both sides); a "string" frame is a
+msgpack array of byte strings. An input named "" is the signature's only input (TF
+Serving's unnamed ``"instances": [1.0, 2.0]``).
 
 Commands and their headers
 --------------------------
 Client (frontend or ``frontend.client``) to broker, on the broker's frontend ROUTER:
 
-    REQUEST   {id, model, version?, label?, signature, timeout_ms, inputs: [spec…]}
+    REQUEST   Request {id, model, version?, label?, signature, timeout_ms, inputs: [spec…]}
               + one frame per input. ``version`` and ``label`` are optional: the latest
-              available version serves when both are absent.
-    METADATA  {id, model, version?, label?}
-    STATUS    {id, model, version?, label?}
-    STATS     {id}                     the broker's counters (monitoring, bench/)
-    HEARTBEAT {}
+              available version serves when both are absent. ``timeout_ms`` is the
+              request's deadline, counted from when the broker receives it.
+    METADATA  Query {id, model, version?, label?}
+    STATUS    Query {id, model, version?, label?}
+    STATS     Query {id}                 the broker's counters (monitoring, bench/)
+    CANCEL    Cancel {id}                the client gave up: drop the request if it has not
+                                         been dispatched (it is answered with ERROR 499)
+    HEARTBEAT Heartbeat {}
 
 Broker to client:
 
-    REPLY     {id, model, version, outputs: [spec…]} + one frame per output      (REQUEST)
-              {id, model, version, signature_def: {…}}                           (METADATA)
-              {id, model, model_version_status: [{version, state, status}…]}     (STATUS)
-              {id, requests, batches, rows, joined}                              (STATS)
-    ERROR     {id, code, message}     ``code`` is the HTTP status (see broker/errors.py)
-    HEARTBEAT {}                      the answer to a client's HEARTBEAT
+    REPLY     PredictReply {kind: "p", id, model, version, outputs: [spec…]} + one frame
+              per output (REQUEST); MetadataReply {kind: "m", id, model, version,
+              signature_def} (METADATA); StatusReply {kind: "s", id, model,
+              model_version_status: [{version, state, status}…]} (STATUS); StatsReply
+              {kind: "c", id, counters: {name: n}} (STATS)
+    ERROR     Error {id, code, message}  ``code`` is the HTTP status (broker/errors.py);
+                                         ``id`` is nil when the message had none readable
+    HEARTBEAT Heartbeat {}               the answer to a client's HEARTBEAT
 
 Worker to broker, on the broker's backend ROUTER (the worker's identity is its own):
 
-    READY      {model, version, pid, signatures: {name: {inputs: {n: [dtype, shape]},
+    READY      Ready {model, version, pid, signatures: {name: {inputs: {n: [dtype, shape]},
                outputs: {…}}}, signature_def: {…}}   loaded and warmed up; send batches
-    RESULT     {batch, counts: [n…]} then, per task in batch order, ``n`` frames that form a
-               complete client message without the tag: ``[REPLY|ERROR, header, frames…]``
-               or, for a joined BATCH whose outputs are all numeric and cut by rows:
-               {batch, model, version, outputs: [spec…]} + one frame per output, the tasks'
-               rows in batch order (the broker cuts them into one REPLY per task)
-    HEARTBEAT  {}
-    DISCONNECT {error?}                a worker going away (``error``: why it failed to load)
+    RESULT     TaskResult {kind: "t", batch, counts: [n…]} then, per task in batch order,
+               ``n`` frames that form a complete client message without the tag:
+               ``[REPLY|ERROR, header, frames…]``; or, for a joined BATCH whose outputs are
+               all numeric and cut by rows, JoinedResult {kind: "j", batch, model, version,
+               outputs: [spec…]} + one frame per output, the tasks' rows in batch order
+               (the broker cuts them into one REPLY per task)
+    HEARTBEAT  Heartbeat {}
+    DISCONNECT Disconnect {error}         a worker going away (``error``: why it failed to load)
 
 Broker to worker:
 
-    BATCH      {batch, signature, padded_rows, counts: [n…]} then, per task, ``n`` frames:
-               the task's REQUEST header exactly as the client sent it, then its tensors
-               or, joined, when every task has the same numeric inputs (names, order, dtypes,
-               inner shapes): {batch, signature, padded_rows, ids: [id…], rows: [n…],
-               inputs: [spec…]} + one frame per input, the tasks' rows end to end
-    HEARTBEAT  {}
-    DISCONNECT {}                      stop after the batches in hand
+    BATCH      TaskBatch {kind: "t", batch, signature, padded_rows, counts: [n…],
+               timeouts_ms: [ms…]} then, per task, ``n`` frames: the task's REQUEST header
+               exactly as the client sent it, then its tensors; or, joined, when every task
+               has the same numeric inputs (names, order, dtypes, inner shapes): JoinedBatch
+               {kind: "j", batch, signature, padded_rows, ids: [id…], rows: [n…],
+               timeouts_ms: [ms…], inputs: [spec…]} + one frame per input, the tasks' rows
+               end to end. ``timeouts_ms`` is each task's time left when the broker sent the
+               batch: the worker answers a task whose time ran out with 504, unrun.
+    HEARTBEAT  Heartbeat {}
+    DISCONNECT Disconnect {}              stop after the batches in hand
 
 Control client (``python -m broker.ctl``) to broker, on the broker's control ROUTER:
 
-    CONTROL    {id, op, args: {model?, version?, label?}, token?}
+    CONTROL    Control {id, op, args: {model?, version?, label?}}
                op: status | reload-config | load | unload | label | drain
-    answered by REPLY {id, …} (``message`` or ``changes`` or the status) or ERROR {id, code, message}
+    answered by REPLY ControlReply {kind: "ctl", id, body: {…}} or ERROR {id, code, message}
 
 Dialogs
 -------
-    C: REQUEST          B: REPLY | ERROR            one answer per id, or none if the
+    C: REQUEST          B: REPLY | ERROR            exactly one answer per id, unless the
                                                     client's own deadline passes first
+    C: CANCEL           B: ERROR 499 for that id, if it was still queued; else nothing more
+    C: anything else    B: the matching REPLY, or ERROR 400 (also for commands a client
+                                                    may not send)
     W: READY            then repeat  B: BATCH  W: RESULT   (at most batches_in_flight
                                                     BATCHes unanswered per worker)
     any peer: HEARTBEAT whenever it has sent nothing for heartbeat_interval_s
@@ -82,24 +102,27 @@ broker reconnects and sends READY again.
 
 Known weaknesses
 ----------------
-- No authentication on the request and worker sockets: keep them on ipc:// or loopback, or
-  on a private network. The control socket can require a shared token, sent in clear.
+- Without CURVE (``--curve_secret_key_file``), sockets have no authentication: the broker
+  refuses to bind a TCP address other than loopback unless CURVE is configured.
 - A worker that runs one batch longer than interval × liveness is taken for dead: size
   the heartbeat settings above the slowest legitimate batch.
 - ``id`` is unique per client socket only; the broker keys requests by (identity, id).
+- Deadlines travel as time left, not as clock readings: time spent in ZeroMQ's queues
+  between two peers is not counted.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Annotated, Any, Iterable, Literal, Mapping, Sequence, Union
 
-import msgpack
+import msgspec
 import numpy as np
 
 from broker.errors import ProtocolError
 
-TAG = b"TFB01"
+TAG = b"TFB02"
 
 REQUEST = b"\x01"
 REPLY = b"\x02"
@@ -113,93 +136,344 @@ RESULT = b"\x09"
 DISCONNECT = b"\x0a"
 STATS = b"\x0b"
 CONTROL = b"\x0c"
-
-COMMANDS = frozenset({REQUEST, REPLY, ERROR, METADATA, STATUS, HEARTBEAT, READY, BATCH, RESULT, DISCONNECT,
-                      STATS, CONTROL})
+CANCEL = b"\x0d"
 
 STRING = "string"
 
+# Bounds on what a header may hold (a peer's message beyond them is malformed).
+MAX_NAME_CHARS = 256
+MAX_RANK = 32
+MAX_TENSORS = 256
+MAX_TASKS = 1 << 16
+MAX_DIM = 1 << 40
+MAX_TIMEOUT_MS = 24 * 3600 * 1000
+MAX_MESSAGE_CHARS = 1 << 16
+MAX_INT64 = (1 << 63) - 1
+
 Frame = bytes | memoryview
+
+Id = Annotated[int, msgspec.Meta(ge=0, le=MAX_INT64)]
+Version = Annotated[int, msgspec.Meta(ge=0, le=MAX_INT64)]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME_CHARS)]
+TensorName = Annotated[str, msgspec.Meta(max_length=MAX_NAME_CHARS)]  # "" is the only input
+Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_DIM)]
+TimeoutMs = Annotated[int, msgspec.Meta(ge=0, le=MAX_TIMEOUT_MS)]
+DType = Literal["float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "uint16",
+                "uint32", "uint64", "bool", "complex64", "complex128", "string"]
+Shape = Annotated[tuple[Annotated[int, msgspec.Meta(ge=0, le=MAX_DIM)], ...], msgspec.Meta(max_length=MAX_RANK)]
+Specs = Annotated[list["TensorSpec"], msgspec.Meta(max_length=MAX_TENSORS)]
+Tasks = Annotated[list[Count], msgspec.Meta(max_length=MAX_TASKS)]
+Timeouts = Annotated[list[TimeoutMs], msgspec.Meta(max_length=MAX_TASKS)]
+Json = dict[str, Any]
+
+
+class TensorSpec(msgspec.Struct, array_like=True, frozen=True):
+    """``[name, dtype, shape]`` of one tensor frame."""
+
+    name: TensorName
+    dtype: DType
+    shape: Shape
+
+
+class Header(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Base of every header: how many payload frames follow it."""
+
+    def frame_count(self) -> int:
+        return 0
+
+
+# --- client <-> broker ---
+
+class Request(Header, kw_only=True):
+    id: Id
+    model: Name
+    signature: Name = "serving_default"
+    version: Version | None = None
+    label: Name | None = None
+    timeout_ms: Annotated[int, msgspec.Meta(ge=1, le=MAX_TIMEOUT_MS)]
+    inputs: Specs
+
+    def frame_count(self) -> int:
+        return len(self.inputs)
+
+
+class Query(Header):
+    """METADATA, STATUS and STATS."""
+
+    id: Id
+    model: Name | None = None
+    version: Version | None = None
+    label: Name | None = None
+
+
+class Cancel(Header):
+    id: Id
+
+
+class Heartbeat(Header):
+    pass
+
+
+class PredictReply(Header, tag_field="kind", tag="p"):
+    id: Id
+    model: Name
+    version: Version
+    outputs: Specs
+
+    def frame_count(self) -> int:
+        return len(self.outputs)
+
+
+class MetadataReply(Header, tag_field="kind", tag="m"):
+    id: Id
+    model: Name
+    version: Version
+    signature_def: Json
+
+
+class StatusReply(Header, tag_field="kind", tag="s"):
+    id: Id
+    model: Name
+    model_version_status: list[Json]
+
+
+class StatsReply(Header, tag_field="kind", tag="c"):
+    id: Id
+    counters: dict[str, int]
+
+
+class ControlReply(Header, tag_field="kind", tag="ctl"):
+    id: Id
+    body: Json
+
+
+class Error(Header):
+    id: Id | None
+    code: Annotated[int, msgspec.Meta(ge=400, le=599)]
+    message: Annotated[str, msgspec.Meta(max_length=MAX_MESSAGE_CHARS)]
+
+
+# --- worker <-> broker ---
+
+class SignatureSpec(msgspec.Struct, kw_only=True):
+    """A signature as READY describes it: ``{name: [dtype, shape or nil]}`` each way;
+    -1 is an unknown dimension."""
+
+    inputs: dict[Name, tuple[DType, list[Annotated[int, msgspec.Meta(ge=-1)]] | None]]
+    outputs: dict[Name, tuple[DType, list[Annotated[int, msgspec.Meta(ge=-1)]] | None]]
+
+
+class Ready(Header):
+    model: Name
+    version: Version
+    pid: int
+    signatures: dict[Name, SignatureSpec]
+    signature_def: Json
+
+
+class TaskBatch(Header, kw_only=True, tag_field="kind", tag="t"):
+    batch: Id
+    signature: Name
+    padded_rows: Count = 0
+    counts: Tasks
+    timeouts_ms: Timeouts
+
+    def __post_init__(self) -> None:
+        if len(self.counts) != len(self.timeouts_ms) or 0 in self.counts:
+            raise ValueError("counts and timeouts_ms must be equally long, and every count at least 1")
+
+    def frame_count(self) -> int:
+        return sum(self.counts)
+
+
+class JoinedBatch(Header, kw_only=True, tag_field="kind", tag="j"):
+    batch: Id
+    signature: Name
+    padded_rows: Count = 0
+    ids: Annotated[list[Id], msgspec.Meta(max_length=MAX_TASKS)]
+    rows: Tasks
+    timeouts_ms: Timeouts
+    inputs: Specs
+
+    def __post_init__(self) -> None:
+        if not len(self.ids) == len(self.rows) == len(self.timeouts_ms):
+            raise ValueError("ids, rows and timeouts_ms must be equally long")
+        total = sum(self.rows)
+        if any(not spec.shape or spec.shape[0] != total for spec in self.inputs):
+            raise ValueError(f"every joined input needs a batch dimension of {total} rows")
+
+    def frame_count(self) -> int:
+        return len(self.inputs)
+
+
+class TaskResult(Header, tag_field="kind", tag="t"):
+    batch: Id
+    counts: Tasks
+
+    def frame_count(self) -> int:
+        return sum(self.counts)
+
+
+class JoinedResult(Header, tag_field="kind", tag="j"):
+    batch: Id
+    model: Name
+    version: Version
+    outputs: Specs
+
+    def frame_count(self) -> int:
+        return len(self.outputs)
+
+
+class Disconnect(Header):
+    error: Annotated[str, msgspec.Meta(max_length=MAX_MESSAGE_CHARS)] = ""
+
+
+# --- control ---
+
+class ControlArgs(msgspec.Struct, kw_only=True, omit_defaults=True):
+    model: Name | None = None
+    version: Version | None = None
+    label: Name | None = None
+
+
+class Control(Header):
+    id: Id
+    op: Literal["status", "reload-config", "load", "unload", "label", "drain"]
+    args: ControlArgs = msgspec.field(default_factory=ControlArgs)
+
+
+Reply = Union[PredictReply, MetadataReply, StatusReply, StatsReply, ControlReply]
+
+HEADER_TYPES: dict[bytes, Any] = {
+    REQUEST: Request, REPLY: Reply, ERROR: Error, METADATA: Query, STATUS: Query, HEARTBEAT: Heartbeat,
+    READY: Ready, BATCH: Union[TaskBatch, JoinedBatch], RESULT: Union[TaskResult, JoinedResult],
+    DISCONNECT: Disconnect, STATS: Query, CONTROL: Control, CANCEL: Cancel,
+}
+
+# What each socket takes: anything else is answered (clients) or dropped and counted (workers).
+CLIENT_TO_BROKER = frozenset({REQUEST, METADATA, STATUS, STATS, CANCEL, HEARTBEAT})
+BROKER_TO_CLIENT = frozenset({REPLY, ERROR, HEARTBEAT})
+WORKER_TO_BROKER = frozenset({READY, RESULT, HEARTBEAT, DISCONNECT})
+BROKER_TO_WORKER = frozenset({BATCH, HEARTBEAT, DISCONNECT})
+CTL_TO_BROKER = frozenset({CONTROL})
+
+_DECODERS = {command: msgspec.msgpack.Decoder(kind) for command, kind in HEADER_TYPES.items()}
+_encoder = msgspec.msgpack.Encoder()
+_strings = msgspec.msgpack.Decoder(list[bytes])
+
+
+class _IdOnly(msgspec.Struct):
+    id: Id | None = None
+
+
+_id_only = msgspec.msgpack.Decoder(_IdOnly)
 
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """A decoded message: its command, its header and its raw payload frames."""
+    """A decoded message: its command, its typed header and its raw payload frames."""
 
     command: bytes
-    header: dict[str, Any]
+    header: Any
     frames: list[Any]
 
 
-def encode(command: bytes, header: Mapping[str, Any], frames: Iterable[Any] = ()) -> list[Any]:
+def encode(command: bytes, header: Header, frames: Iterable[Any] = ()) -> list[Any]:
     """Frames for one message (without a ROUTER identity)."""
-    return [TAG, command, packb(header), *frames]
+    return [TAG, command, _encoder.encode(header), *frames]
 
 
-def decode(frames: Sequence[Any]) -> Message:
-    """Check the tag and command and unpack the header; raises ProtocolError."""
+def encode_header(header: Header) -> bytes:
+    """The header frame alone (for the per-task messages inside RESULT)."""
+    return _encoder.encode(header)
+
+
+def decode(frames: Sequence[Any], accept: frozenset[bytes]) -> Message:
+    """Check the tag, that ``accept`` holds the command, the header and the frame count;
+    raises ProtocolError."""
     if len(frames) < 3:
         raise ProtocolError(f"a message needs at least 3 frames, got {len(frames)}")
     tag, command = bytes(frames[0]), bytes(frames[1])
     if tag != TAG:
         raise ProtocolError(f"protocol tag {tag[:16]!r} is not {TAG!r}")
-    if command not in COMMANDS:
-        raise ProtocolError(f"unknown command {command!r}")
-    header = unpackb(frames[2])
-    if not isinstance(header, dict):
-        raise ProtocolError("the header frame is not a msgpack map")
-    return Message(command, header, list(frames[3:]))
+    if command not in accept:
+        raise ProtocolError(f"command {command!r} is not one this socket takes")
+    header = decode_header(command, frames[2])
+    payload = list(frames[3:])
+    if header.frame_count() != len(payload):
+        raise ProtocolError(f"the header announces {header.frame_count()} payload frames, {len(payload)} came")
+    return Message(command, header, payload)
 
 
-def packb(obj: Any) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)
-
-
-def unpackb(data: Any) -> Any:
+def decode_header(command: bytes, frame: Any) -> Any:
     try:
-        return msgpack.unpackb(data, raw=False, strict_map_key=False)
-    except (ValueError, msgpack.UnpackException) as exc:
-        raise ProtocolError(f"bad msgpack: {exc}") from exc
+        return _DECODERS[command].decode(frame)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ProtocolError(f"bad header: {exc}") from exc
+
+
+def salvage_id(frames: Sequence[Any]) -> int | None:
+    """The ``id`` of a message that failed to decode, if one can be read, to answer it."""
+    if len(frames) < 3:
+        return None
+    try:
+        return _id_only.decode(frames[2]).id
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
 
 
 # --- tensors -----------------------------------------------------------------------------
 
-def encode_tensors(tensors: Mapping[str, np.ndarray]) -> tuple[list[list[Any]], list[Frame]]:
+def encode_tensors(tensors: Mapping[str, np.ndarray]) -> tuple[list[TensorSpec], list[Frame]]:
     """Specs and frames for named arrays; numeric buffers are not copied."""
-    specs: list[list[Any]] = []
+    specs: list[TensorSpec] = []
     frames: list[Frame] = []
     for name, array in tensors.items():
         if array.dtype.kind in "OSU":
             flat = [_as_bytes(v) for v in array.reshape(-1).tolist()]
-            specs.append([name, STRING, list(array.shape)])
-            frames.append(packb(flat))
+            specs.append(TensorSpec(name, STRING, array.shape))
+            frames.append(_encoder.encode(flat))
         else:
-            specs.append([name, array.dtype.name, list(array.shape)])
+            specs.append(TensorSpec(name, array.dtype.name, array.shape))  # type: ignore[arg-type]
             if not array.flags.c_contiguous:
                 array = array.copy()  # (np.ascontiguousarray would turn a scalar into shape [1])
             frames.append(memoryview(array).cast("B") if array.size and array.ndim else array.tobytes())
     return specs, frames
 
 
-def decode_tensors(specs: Sequence[Any], frames: Sequence[Any]) -> dict[str, np.ndarray]:
+def decode_tensors(specs: Sequence[TensorSpec], frames: Sequence[Any]) -> dict[str, np.ndarray]:
     """Arrays from specs and frames; numeric arrays are read-only views of the frames."""
     if len(specs) != len(frames):
         raise ProtocolError(f"{len(specs)} tensor specs but {len(frames)} frames")
     tensors: dict[str, np.ndarray] = {}
     for spec, frame in zip(specs, frames):
-        name, dtype, shape = spec
-        shape = tuple(int(d) for d in shape)
-        if dtype == STRING:
-            values = unpackb(frame)
+        if spec.name in tensors:
+            raise ProtocolError(f"tensor {spec.name!r} appears twice")
+        size = math.prod(spec.shape)
+        if spec.dtype == STRING:
+            try:
+                values = _strings.decode(frame)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                raise ProtocolError(f"tensor {spec.name!r}: {exc}") from exc
+            if len(values) != size:
+                raise ProtocolError(f"tensor {spec.name!r}: {len(values)} strings do not fill shape {spec.shape}")
             array = np.empty(len(values), dtype=object)
             array[:] = values
-            tensors[name] = array.reshape(shape)
+            tensors[spec.name] = array.reshape(spec.shape)
         else:
-            try:
-                tensors[name] = np.frombuffer(frame, dtype=np.dtype(dtype)).reshape(shape)
-            except (TypeError, ValueError) as exc:
-                raise ProtocolError(f"tensor {name!r}: {exc}") from exc
+            dtype = np.dtype(spec.dtype)
+            if len(frame) != size * dtype.itemsize:
+                raise ProtocolError(f"tensor {spec.name!r}: {len(frame)} bytes do not fill shape "
+                                    f"{list(spec.shape)} of {spec.dtype}")
+            tensors[spec.name] = np.frombuffer(frame, dtype=dtype).reshape(spec.shape)
     return tensors
+
+
+def nbytes(spec: TensorSpec) -> int | None:
+    """The frame length a numeric spec needs (None for strings)."""
+    if spec.dtype == STRING:
+        return None
+    return math.prod(spec.shape) * _ITEMSIZE[spec.dtype]
 
 
 def _as_bytes(value: Any) -> bytes:
@@ -210,12 +484,14 @@ def _as_bytes(value: Any) -> bytes:
     raise ProtocolError(f"string tensors hold bytes or str, not {type(value).__name__}")
 
 
+_ITEMSIZE = {name: np.dtype(name).itemsize for name in DType.__args__ if name != STRING}  # type: ignore[attr-defined]
+
 # TensorFlow's DataType names (as in SignatureDefs and TF Serving's JSON) and ours.
 DT_TO_DTYPE = {
     "DT_FLOAT": "float32", "DT_DOUBLE": "float64", "DT_HALF": "float16",
     "DT_INT8": "int8", "DT_INT16": "int16", "DT_INT32": "int32", "DT_INT64": "int64",
     "DT_UINT8": "uint8", "DT_UINT16": "uint16", "DT_UINT32": "uint32", "DT_UINT64": "uint64",
-    "DT_BOOL": "bool", "DT_STRING": STRING,
+    "DT_BOOL": "bool", "DT_STRING": STRING, "DT_COMPLEX64": "complex64", "DT_COMPLEX128": "complex128",
 }
 
 

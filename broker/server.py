@@ -1,31 +1,38 @@
 """The broker: one ROUTER for clients, one for workers, one poll loop with a fixed rhythm.
 
-Per tick: handle ready sockets (frontend requests, worker messages), hand due batches to
-workers with a free slot, then, every HOUSEKEEPING_S, reap and restart children, expire
-silent peers and overdue requests, and send heartbeats. The poll timeout is the nearest of
-the next batch deadline and the next housekeeping, never infinite.
+Per tick: handle ready sockets (frontend requests, worker messages, control commands), hand
+due batches to workers with a free slot, then, every HOUSEKEEPING_S, reap and restart
+children, expire silent peers and overdue requests, and send heartbeats. The poll timeout is
+the nearest of the next batch deadline and the next housekeeping, never infinite.
+
+Nothing a peer sends ends the loop: every message is decoded by broker/protocol.py, a
+malformed one is answered (clients) or dropped (workers) and counted, and a handler that
+fails anyway answers its request with 500 and logs the traceback.
 """
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import queue
 import signal
 import time
-from typing import Any
+from typing import Any, Iterable
 
 import zmq
 
 from broker import protocol
 from broker.batching import Batch, BatchQueue, Task
 from broker.config import BatchingParameters, ModelConfig, ServerConfig
-from broker.errors import (DeadlineExceeded, InvalidArgument, NotFound, ProtocolError, TFBrokerError,
-                           Unavailable)
 from broker.control import ControlChannel
-from broker.fleet import Fleet
+from broker.dispatch import Pending, build_batch, cut_joined_result, split_task_result
+from broker.errors import (Cancelled, DeadlineExceeded, Internal, InvalidArgument, NotFound, ProtocolError,
+                           TFBrokerError, Unavailable)
+from broker.fleet import ACCEPT_DRAIN_S, Fleet
 from broker.manager import VersionManager
 from broker.models import ServedModel, ServedVersion, WorkerLink, check_inputs
+from broker.security import KeyRing, load_key_pair, make_server, start_authenticator
 from broker.source import VersionSource
 from broker.zmqio import NOBLOCK, recv_message, send_message
 
@@ -33,19 +40,15 @@ log = logging.getLogger("tfbroker.broker")
 
 HOUSEKEEPING_S = 0.05
 RECV_BURST = 512  # messages taken from one socket before the other gets its turn
-
-
-class Pending:
-    """A request in the broker: who asked, the frames to forward (header, then tensors), and
-    its join key (see check_inputs)."""
-
-    __slots__ = ("client", "request_id", "frames", "join_key")
-
-    def __init__(self, client: bytes, request_id: Any, frames: list[Any], join_key: Any) -> None:
-        self.client = client
-        self.request_id = request_id
-        self.frames = frames
-        self.join_key = join_key
+# Messages ZeroMQ holds per socket before it pushes back: a full receive queue stops
+# reading from the peers (their sends fail fast: 503), a full send queue drops replies to a
+# client that does not read them. Either way memory stays bounded before admission.
+RCVHWM = 20_000
+SNDHWM = 100_000
+FRAME_OVERHEAD_BYTES = 1 << 16  # a header frame's allowance on top of --max_tensor_bytes
+DEADLINE_MESSAGE = "Deadline Exceeded"  # TF Serving's (gRPC's) words for a request out of time
+COUNTERS = ("requests", "batches", "rows", "joined", "rejected", "expired", "cancelled", "malformed_client",
+            "malformed_worker", "failed_handlers", "auth_refused")
 
 
 class Broker:
@@ -54,23 +57,26 @@ class Broker:
         self.batching = batching
         self.models: dict[str, ServedModel] = {}
         self.signals: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self.keys = load_key_pair(config.curve_secret_key_file) if config.curve_secret_key_file else None
         self.fleet = Fleet(self)
         self.source = VersionSource(config.file_system_poll_wait_seconds)
         self.versions = VersionManager(self)
         self.versions.apply_model_config(models)
-        self.requests_admitted = 0
-        self.batches_formed = 0
-        self.batches_joined = 0  # sent as one tensor per input (see _send_batch)
-        self.rows_dispatched = 0
+        self.counters: collections.Counter[str] = collections.Counter({name: 0 for name in COUNTERS})
+        self._queued: dict[tuple[bytes, int], tuple[BatchQueue, Task]] = {}  # for CANCEL
         self._batch_ids = itertools.count(1)
         self._stop_requested_at: float | None = None
+        self._frontends_stopped = False
         self._stop_now = False
         self._context = zmq.Context()
+        self._authenticator: Any = None
+        self._key_ring: KeyRing | None = None
         self.frontend = self._context.socket(zmq.ROUTER)
         self.backend = self._context.socket(zmq.ROUTER)
         self.control = ControlChannel(self, self._context)
         self._poller = zmq.Poller()
         self._next_housekeeping = 0.0
+        self._last_warning = 0.0
 
     # --- life cycle ---
 
@@ -78,20 +84,29 @@ class Broker:
         self.signals.put(signum)  # only enqueue: the loop acts on it
 
     def bind(self) -> None:
+        if self.keys is not None:
+            self._authenticator, self._key_ring = start_authenticator(
+                self._context, self.keys, self.config.curve_client_keys_dir)
+        for sock in (self.frontend, self.backend, self.control.socket):
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.RCVHWM, RCVHWM)
+            sock.setsockopt(zmq.SNDHWM, SNDHWM)
+            if self.keys is not None:
+                make_server(sock, self.keys)
+        # A peer that sends a frame larger than any request may hold is disconnected by ZeroMQ
+        # before the frame is allocated.
+        self.frontend.setsockopt(zmq.MAXMSGSIZE, self.config.limits.max_tensor_bytes + FRAME_OVERHEAD_BYTES)
         for sock, address in ((self.frontend, self.config.resolved_frontend_address),
                               (self.backend, self.config.resolved_backend_address)):
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.SNDHWM, 0)
-            sock.setsockopt(zmq.RCVHWM, 0)
             sock.bind(address)
             self._poller.register(sock, zmq.POLLIN)
-        log.info("frontend socket %s, backend socket %s", self.config.resolved_frontend_address,
-                 self.config.resolved_backend_address)
+        log.info("frontend socket %s, backend socket %s%s", self.config.resolved_frontend_address,
+                 self.config.resolved_backend_address, " (CURVE)" if self.keys else "")
         self.control.bind()
         self._poller.register(self.control.socket, zmq.POLLIN)
 
     def run_forever(self) -> None:
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, self.handle_signal)
         now = time.monotonic()
         self.source.scan_now(self.models.values(), now)
@@ -114,7 +129,14 @@ class Broker:
         self._shutdown()
 
     def close(self) -> None:
+        if self._authenticator is not None:
+            self._authenticator.stop()
         self._context.destroy(linger=0)
+
+    def stats(self) -> dict[str, int]:
+        if self._key_ring is not None:
+            self.counters["auth_refused"] = self._key_ring.refused
+        return dict(self.counters)
 
     # --- clients ---
 
@@ -126,99 +148,105 @@ class Broker:
                 return
             client = frames[0]
             try:
-                message = protocol.decode(frames[1:])
+                message = protocol.decode(frames[1:], protocol.CLIENT_TO_BROKER)
             except ProtocolError as exc:
-                log.warning("malformed message from a client: %s", exc)
-                self._reply_error(client, None, InvalidArgument(f"protocol error: {exc}"))
+                self.counters["malformed_client"] += 1
+                self._warn("malformed message from a client: %s", exc)
+                self._reply_error(client, protocol.salvage_id(frames[1:]), InvalidArgument(f"protocol error: {exc}"))
                 continue
             try:
-                self._handle_client(client, message, frames[3:])
-            except (TypeError, ValueError, KeyError, AttributeError) as exc:
-                # A header of the wrong shape from one client must not stop the broker.
-                log.warning("malformed header from a client: %r", exc)
-                self._reply_error(client, message.header.get("id"),
-                                  InvalidArgument(f"malformed request header: {exc}"))
+                self._handle_client(client, message, frames)
+            except Exception as exc:  # noqa: BLE001 - a bug for one request must not stop the broker
+                self.counters["failed_handlers"] += 1
+                log.exception("cannot handle a %r message from a client", message.command)
+                self._reply_error(client, getattr(message.header, "id", None), Internal(f"broker error: {exc}"))
 
     def _handle_client(self, client: bytes, message: protocol.Message, frames: list[Any]) -> None:
-        command = message.command
+        command, header = message.command, message.header
         if command == protocol.REQUEST:
-            self._admit(client, message, frames)
+            self._admit(client, header, frames[3:])
+        elif command == protocol.CANCEL:
+            self._cancel(client, header.id)
         elif command == protocol.HEARTBEAT:
-            self.frontend.send_multipart([client, protocol.TAG, protocol.HEARTBEAT, b"\x80"])
-        elif command == protocol.METADATA:
-            self._answer(client, message.header, self._metadata)
-        elif command == protocol.STATUS:
-            self._answer(client, message.header, self._status)
-        elif command == protocol.STATS:
-            self._answer(client, message.header, self._stats)
+            send_message(self.frontend, [client, *protocol.encode(protocol.HEARTBEAT, protocol.Heartbeat())])
+        else:
+            try:
+                reply = {protocol.METADATA: self._metadata, protocol.STATUS: self._status,
+                         protocol.STATS: self._stats}[command](header)
+            except TFBrokerError as exc:
+                self._reply_error(client, header.id, exc)
+                return
+            send_message(self.frontend, [client, *protocol.encode(protocol.REPLY, reply)])
 
-    def _admit(self, client: bytes, message: protocol.Message, frames: list[Any]) -> None:
-        header = message.header
-        request_id = header.get("id")
+    def _admit(self, client: bytes, header: protocol.Request, frames: list[Any]) -> None:
+        """``frames``: the request's header frame, then its tensors, forwarded as they came."""
         try:
-            served = self._resolve(header)
-            signature = header.get("signature") or "serving_default"
-            rows, join_key = check_inputs(served, signature, header.get("inputs"), message.frames)
-            timeout_ms = header.get("timeout_ms") or self.config.rest_api_timeout_in_ms
+            key = (client, header.id)
+            if key in self._queued:
+                raise InvalidArgument(f"request id {header.id} is already queued on this connection")
+            served = self._resolve(header.model, header.version, header.label)
+            rows, join_key = check_inputs(served, header.signature, header.inputs, frames[1:])
             now = time.monotonic()
-            task = Task(rows, now + timeout_ms / 1000.0, Pending(client, request_id, frames, join_key))
-            queue_ = served.queues.get(signature)
+            timeout_s = min(header.timeout_ms, self.config.rest_api_timeout_in_ms) / 1000.0
+            task = Task(rows, now + timeout_s, Pending(client, header.id, frames, join_key))
+            queue_ = served.queues.get(header.signature)
             if queue_ is None:
-                queue_ = served.queues[signature] = BatchQueue(self.batching, batching=self.config.enable_batching)
+                queue_ = served.queues[header.signature] = BatchQueue(self.batching,
+                                                                      batching=self.config.enable_batching)
             queue_.schedule(task, now)
-            self.requests_admitted += 1
+            self._queued[key] = (queue_, task)
+            self.counters["requests"] += 1
         except TFBrokerError as exc:
-            self._reply_error(client, request_id, exc)
+            if isinstance(exc, Unavailable):
+                self.counters["rejected"] += 1
+            self._reply_error(client, header.id, exc)
 
-    def _model(self, name: Any) -> ServedModel | None:
-        return self.models.get(name) if isinstance(name, str) else None
+    def _cancel(self, client: bytes, request_id: int) -> None:
+        """Drop a request its client gave up on, unless it has been dispatched already."""
+        entry = self._queued.pop((client, request_id), None)
+        if entry is not None and entry[0].remove(entry[1]):
+            self.counters["cancelled"] += 1
+            self._reply_error(client, request_id, Cancelled("the client cancelled the request"))
 
-    def _resolve(self, header: dict[str, Any]) -> ServedVersion:
-        name = header.get("model")
-        model = self._model(name)
+    def _model(self, name: str | None) -> ServedModel:
+        model = self.models.get(name) if name is not None else None
         if model is None:
             raise NotFound(f"Servable not found for request: Latest({name})")
-        version = header.get("version")
-        return model.resolve(int(version) if version is not None else None, header.get("label"))
+        return model
 
-    def _answer(self, client: bytes, header: dict[str, Any], handler: Any) -> None:
-        try:
-            body = handler(header)
-        except TFBrokerError as exc:
-            self._reply_error(client, header.get("id"), exc)
-            return
-        body["id"] = header.get("id")
-        self.frontend.send_multipart([client, protocol.TAG, protocol.REPLY, protocol.packb(body)])
+    def _resolve(self, name: str | None, version: int | None, label: str | None) -> ServedVersion:
+        return self._model(name).resolve(version, label)
 
-    def _metadata(self, header: dict[str, Any]) -> dict[str, Any]:
-        served = self._resolve(header)
-        return {"model": served.model, "version": served.version, "signature_def": served.signature_def}
+    def _metadata(self, header: protocol.Query) -> protocol.MetadataReply:
+        served = self._resolve(header.model, header.version, header.label)
+        return protocol.MetadataReply(id=header.id, model=served.model, version=served.version,
+                                      signature_def=served.signature_def)
 
-    def _status(self, header: dict[str, Any]) -> dict[str, Any]:
-        name = header.get("model")
-        model = self._model(name)
+    def _status(self, header: protocol.Query) -> protocol.StatusReply:
+        model = self.models.get(header.model) if header.model is not None else None
         if model is None or not model.versions:
-            raise NotFound(f"Could not find any versions of model {name}")
+            raise NotFound(f"Could not find any versions of model {header.model}")
         versions = list(model.versions.values())
-        wanted = model.version_of_label(header["label"]) if header.get("label") else header.get("version")
+        wanted = model.version_of_label(header.label) if header.label else header.version
         if wanted is not None:
-            versions = [v for v in versions if v.version == int(wanted)]
+            versions = [v for v in versions if v.version == wanted]
             if not versions:
-                raise NotFound(f"Could not find version {wanted} of model {name}")
+                raise NotFound(f"Could not find version {wanted} of model {header.model}")
         versions.sort(key=lambda v: v.version, reverse=True)
-        return {"model": name, "model_version_status": [v.status_json() for v in versions]}
+        return protocol.StatusReply(id=header.id, model=model.name,
+                                    model_version_status=[v.status_json() for v in versions])
 
-    def _stats(self, header: dict[str, Any]) -> dict[str, Any]:
-        return {"requests": self.requests_admitted, "batches": self.batches_formed, "rows": self.rows_dispatched,
-                "joined": self.batches_joined}
+    def _stats(self, header: protocol.Query) -> protocol.StatsReply:
+        return protocol.StatsReply(id=header.id, counters=self.stats())
 
-    def _reply_error(self, client: bytes, request_id: Any, error: TFBrokerError) -> None:
-        body = protocol.packb({"id": request_id, "code": error.http_status, "message": error.message})
-        send_message(self.frontend, [client, protocol.TAG, protocol.ERROR, body])
+    def _reply_error(self, client: bytes, request_id: int | None, error: TFBrokerError) -> None:
+        body = protocol.Error(id=request_id, code=error.http_status, message=error.message[:protocol.MAX_MESSAGE_CHARS])
+        send_message(self.frontend, [client, *protocol.encode(protocol.ERROR, body)])
 
-    def fail_tasks(self, tasks: Any, error: TFBrokerError) -> None:
+    def fail_tasks(self, tasks: Iterable[Task], error: TFBrokerError) -> None:
         for task in tasks:
             pending: Pending = task.payload
+            self._queued.pop((pending.client, pending.request_id), None)
             self._reply_error(pending.client, pending.request_id, error)
 
     # --- workers ---
@@ -232,14 +260,15 @@ class Broker:
             identity = frames[0].bytes
             link = self.fleet.link(identity)
             if link is None:
-                log.warning("message from unknown worker %r; telling it to stop", identity)
-                self._send_worker(identity, protocol.DISCONNECT, {})
+                self._warn("message from unknown worker %r; telling it to stop", identity)
+                self._send_worker(identity, protocol.DISCONNECT, protocol.Disconnect())
                 continue
             link.last_heard = time.monotonic()
             try:
-                message = protocol.decode(frames[1:])
+                message = protocol.decode(frames[1:], protocol.WORKER_TO_BROKER)
             except ProtocolError as exc:
-                log.error("malformed message from worker %r: %s", identity, exc)
+                self.counters["malformed_worker"] += 1
+                self._warn("dropping a malformed message from worker %r: %s", identity, exc)
                 continue
             try:
                 if message.command == protocol.RESULT:
@@ -249,56 +278,27 @@ class Broker:
                 elif message.command == protocol.DISCONNECT:
                     self.fleet.on_disconnect(link, message.header)
             except Exception:  # noqa: BLE001 - one worker's bad message must not stop the broker
+                self.counters["failed_handlers"] += 1
                 log.exception("cannot handle a %r message from worker %r", message.command, identity)
 
     def _deliver(self, link: WorkerLink, message: protocol.Message) -> None:
-        tasks = link.in_flight.pop(message.header.get("batch"), None)
+        result = message.header
+        tasks = link.in_flight.pop(result.batch, None)
         if tasks is None:
-            log.warning("result for an unknown batch from %r", link.identity)
+            self._warn("result for an unknown batch from %r", link.identity)
             return
-        if "outputs" in message.header:
-            self._deliver_joined(link, tasks, message)
-            return
-        counts = message.header.get("counts", [])
-        if len(counts) != len(tasks):
-            log.error("worker %r answered %d of %d tasks", link.identity, len(counts), len(tasks))
-            self.fail_tasks(tasks, Unavailable("the model worker returned a malformed result"))
-            return
-        frames = message.frames
-        offset = 0
-        for task, count in zip(tasks, counts):
-            pending: Pending = task.payload
-            send_message(self.frontend, [pending.client, protocol.TAG, *frames[offset:offset + count]], copy=False)
-            offset += count
-
-    def _deliver_joined(self, link: WorkerLink, tasks: list[Task], message: protocol.Message) -> None:
-        """Cut a joined RESULT (one tensor per output, the tasks' rows in order) into replies."""
-        header = message.header
-        total = sum(t.size for t in tasks)
         try:
-            model, version, specs = header["model"], header["version"], header["outputs"]
-            if len(specs) != len(message.frames):
-                raise ValueError(f"{len(specs)} output specs but {len(message.frames)} frames")
-            outputs = []
-            for (name, dtype, shape), frame in zip(specs, message.frames):
-                view = memoryview(frame)
-                if not shape or shape[0] != total or dtype == protocol.STRING or (total and len(view) % total):
-                    raise ValueError(f"output {name!r} of shape {shape} for a batch of {total} rows")
-                outputs.append((name, dtype, shape[1:], view, len(view) // total if total else 0))
-        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(result, protocol.JoinedResult):
+                replies = cut_joined_result(result, message.frames, tasks)
+            else:
+                replies = split_task_result(result, message.frames, tasks)
+        except ValueError as exc:
+            self.counters["malformed_worker"] += 1
             log.error("malformed result from worker %r: %s", link.identity, exc)
-            self.fail_tasks(tasks, Unavailable("the model worker returned a malformed result"))
+            self.fail_tasks(tasks, Internal("the model worker returned a malformed result"))
             return
-        start = 0
-        for task in tasks:
-            pending: Pending = task.payload
-            rows = task.size
-            reply = {"id": pending.request_id, "model": model, "version": version,
-                     "outputs": [[name, dtype, [rows, *inner]] for name, dtype, inner, _, _ in outputs]}
-            frames = [view[start * row_bytes:(start + rows) * row_bytes] for _, _, _, view, row_bytes in outputs]
-            send_message(self.frontend, [pending.client, protocol.TAG, protocol.REPLY, protocol.packb(reply), *frames],
-                         copy=False)
-            start += rows
+        for task, reply in zip(tasks, replies):
+            send_message(self.frontend, [task.payload.client, protocol.TAG, *reply], copy=False)
 
     def _dispatch(self, now: float) -> None:
         slots = self.config.batches_in_flight
@@ -311,55 +311,40 @@ class Broker:
                 for signature, queue_ in queues:
                     batch = queue_.next_batch(now, idle=not link.in_flight)
                     if batch is not None:
-                        self._send_batch(served, link, signature, batch, now)
+                        self._send_batch(link, signature, batch, now)
                         break
                 else:
                     break
 
-    def _send_batch(self, served: ServedVersion, link: WorkerLink, signature: str, batch: Batch,
-                    now: float) -> None:
+    def _send_batch(self, link: WorkerLink, signature: str, batch: Batch, now: float) -> None:
         live = [t for t in batch.tasks if t.deadline > now]
-        if len(live) < len(batch.tasks):
-            self.fail_tasks((t for t in batch.tasks if t.deadline <= now),
-                            DeadlineExceeded("Deadline exceeded while the request waited in the batch queue"))
+        if len(live) < len(batch.tasks):  # out of time before any device time was spent
+            expired = [t for t in batch.tasks if t.deadline <= now]
+            self.counters["expired"] += len(expired)
+            self.fail_tasks(expired, DeadlineExceeded(DEADLINE_MESSAGE))
         if not live:
             return
+        for task in live:
+            self._queued.pop((task.payload.client, task.payload.request_id), None)
         rows = sum(t.size for t in live)
         batch_id = next(self._batch_ids)
-        header: dict[str, Any] = {"batch": batch_id, "signature": signature,
-                                  "padded_rows": self.batching.padded_size(rows)}
-        join_key = live[0].payload.join_key
-        frames: list[Any] = []
-        if join_key is not None and all(t.payload.join_key == join_key for t in live):
-            # One tensor per input for the whole batch: the worker decodes, runs and encodes
-            # once per batch instead of once per task.
-            self.batches_joined += 1
-            header["ids"] = [t.payload.request_id for t in live]
-            header["rows"] = [t.size for t in live]
-            header["inputs"] = [[name, dtype, [rows, *inner]] for name, dtype, inner in join_key]
-            for i in range(1, len(join_key) + 1):
-                parts = [t.payload.frames[i] for t in live]
-                frames.append(parts[0] if len(parts) == 1 else b"".join(parts))
-        else:
-            counts = header["counts"] = []
-            for task in live:
-                frames.extend(task.payload.frames)
-                counts.append(len(task.payload.frames))
+        header, frames = build_batch(batch_id, signature, self.batching.padded_size(rows), live, now)
         self._send_worker(link.identity, protocol.BATCH, header, frames)
         link.in_flight[batch_id] = live
         link.last_sent = now
-        self.batches_formed += 1
-        self.rows_dispatched += rows
+        self.counters["batches"] += 1
+        self.counters["rows"] += rows
+        self.counters["joined"] += isinstance(header, protocol.JoinedBatch)
 
-    def _send_worker(self, identity: bytes, command: bytes, header: dict[str, Any], frames: Any = ()) -> None:
+    def _send_worker(self, identity: bytes, command: bytes, header: protocol.Header, frames: Any = ()) -> None:
         send_message(self.backend, [identity, *protocol.encode(command, header, frames)], copy=False)
 
     def send_heartbeat(self, link: WorkerLink, now: float) -> None:
-        self._send_worker(link.identity, protocol.HEARTBEAT, {})
+        self._send_worker(link.identity, protocol.HEARTBEAT, protocol.Heartbeat())
         link.last_sent = now
 
     def send_disconnect(self, link: WorkerLink) -> None:
-        self._send_worker(link.identity, protocol.DISCONNECT, {})
+        self._send_worker(link.identity, protocol.DISCONNECT, protocol.Disconnect())
 
     # --- rhythm ---
 
@@ -387,23 +372,38 @@ class Broker:
             for queue_ in served.queues.values():
                 expired = queue_.expire(now)
                 if expired:
-                    self.fail_tasks(expired, DeadlineExceeded(
-                        "Deadline exceeded while the request waited in the batch queue"))
+                    self.counters["expired"] += len(expired)
+                    self.fail_tasks(expired, DeadlineExceeded(DEADLINE_MESSAGE))
 
     def _handle_signals(self, now: float) -> None:
         while not self.signals.empty():
             signum = self.signals.get()
-            if self._stop_requested_at is None:
+            if signum == signal.SIGHUP:
+                self._reload()
+            elif self._stop_requested_at is None:
                 log.info("received %s; draining the frontends, then stopping", signal.Signals(signum).name)
                 self._stop_requested_at = now
-                self.fleet.stop_frontends()
+                self.fleet.refuse_connections()
             else:
                 log.info("received %s again; stopping now", signal.Signals(signum).name)
                 self._stop_now = True
         if self._stop_requested_at is not None and not self._stop_now:
+            if not self._frontends_stopped and now - self._stop_requested_at >= ACCEPT_DRAIN_S:
+                self._frontends_stopped = True
+                self.fleet.stop_frontends()
             # Keep serving while the frontends finish their open requests, within the grace time.
             idle = not self.fleet.frontends_running() and not any(s.has_work() for s in self.fleet.serving)
             self._stop_now = idle or now - self._stop_requested_at > self.config.shutdown_grace_s
+
+    def _reload(self) -> None:
+        """SIGHUP, as gunicorn's: re-read the model config, and roll the frontends."""
+        log.info("received SIGHUP: reloading the model config and rolling the frontends")
+        if self.config.model_config_file:
+            try:
+                self.control.reload_config()
+            except TFBrokerError as exc:
+                log.error("%s", exc.message)
+        self.fleet.roll_frontends()
 
     def _shutdown(self) -> None:
         self.fleet.stop()
@@ -420,4 +420,9 @@ class Broker:
                 self.fail_tasks(tasks, error)
             served.worker.in_flight.clear()
 
-
+    def _warn(self, text: str, *args: Any) -> None:
+        """A warning at most once a second: a peer that floods the broker must not flood the log."""
+        now = time.monotonic()
+        if now - self._last_warning >= 1.0:
+            self._last_warning = now
+            log.warning(text, *args)

@@ -38,6 +38,7 @@ class Child:
     started_at: float = 0.0
     restarts: int = 0
     restart_at: float = 0.0  # when to start it again after an exit; 0 = not scheduled
+    terminated_at: float = 0.0  # when it was told to stop for not answering; 0 = not told
 
     @property
     def pid(self) -> int | None:
@@ -55,6 +56,7 @@ def spawn_child(child: Child) -> None:
         stdin=subprocess.DEVNULL, close_fds=True)
     child.started_at = time.monotonic()
     child.restart_at = 0.0
+    child.terminated_at = 0.0
     log.debug("spawned %s as pid %d", child.name, child.process.pid)
 
 
@@ -83,11 +85,13 @@ def restartable(code: int) -> bool:
     return code not in (EXIT_BOOT_ERROR, EXIT_MODEL_LOAD_ERROR)
 
 
-def murder_child(child: Child, reason: str) -> None:
-    """SIGKILL: for a child that stopped answering, whose main loop cannot run a handler."""
+def terminate_child(child: Child, reason: str, *, kill: bool = False) -> None:
+    """For a child that stopped answering: SIGTERM first (a hung worker's faulthandler writes
+    where it is stuck), SIGKILL (``kill``) once the grace time has passed."""
     if child.running and child.process is not None:
-        log.error("killing %s (pid %d): %s", child.name, child.process.pid, reason)
-        child.process.send_signal(signal.SIGKILL)
+        log.error("%s %s (pid %d): %s", "killing" if kill else "terminating", child.name, child.process.pid, reason)
+        child.process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+        child.terminated_at = child.terminated_at or time.monotonic()
 
 
 def stop_children(children: Sequence[Child], grace_s: float) -> None:

@@ -17,15 +17,16 @@ from typing import Any, Mapping
 import zmq
 
 from broker import protocol
-from broker.errors import DeadlineExceeded, ProtocolError, Unavailable
+from broker.config import DEFAULT_HEARTBEAT_INTERVAL_S, DEFAULT_HEARTBEAT_LIVENESS
+from broker.errors import DeadlineExceeded, Internal, ProtocolError, Unavailable
 from broker.zmqio import NOBLOCK, POLLIN, POLLOUT, events, recv_message, send_message
-from frontend.client import (DEFAULT_TIMEOUT_S, GRACE_S, ClientBase, Prediction, decode_reply, new_socket,
-                             prediction)
+from frontend.client import (DEFAULT_TIMEOUT_S, GRACE_S, ClientBase, Prediction, as_dict, encode_cancel,
+                             new_socket, prediction)
 
 # While requests wait, a silent broker gets a heartbeat each interval and is given up after
-# this many silent intervals (its pending requests then fail with Unavailable).
-HEARTBEAT_INTERVAL_S = 1.0
-HEARTBEAT_LIVENESS = 5
+# liveness silent intervals (its pending requests then fail with Unavailable).
+HEARTBEAT_INTERVAL_S = DEFAULT_HEARTBEAT_INTERVAL_S
+HEARTBEAT_LIVENESS = DEFAULT_HEARTBEAT_LIVENESS
 
 
 class AsyncClient(ClientBase):
@@ -50,16 +51,16 @@ class AsyncClient(ClientBase):
                                                                  timeout_s)))
 
     async def metadata(self, model: str, *, version: int | None = None, label: str | None = None) -> dict[str, Any]:
-        return await self.request(*self._query_call(protocol.METADATA, model, version, label))
+        return as_dict(await self.request(*self._query_call(protocol.METADATA, model, version, label)))
 
     async def status(self, model: str, *, version: int | None = None, label: str | None = None) -> dict[str, Any]:
-        return await self.request(*self._query_call(protocol.STATUS, model, version, label))
+        return as_dict(await self.request(*self._query_call(protocol.STATUS, model, version, label)))
 
     async def stats(self) -> dict[str, Any]:
-        """The broker's counters: requests admitted, batches formed, rows batched."""
-        return await self.request(*self._query_call(protocol.STATS))
+        """The broker's counters (see Client.stats)."""
+        return as_dict(await self.request(*self._query_call(protocol.STATS)))
 
-    async def request(self, request_id: int, frames: list[Any], timeout_s: float) -> dict[str, Any]:
+    async def request(self, request_id: int, frames: list[Any], timeout_s: float) -> protocol.Message:
         """Send one message and wait for its answer: the transport seam of this client."""
         sock, loop = self._ensure_socket()
         future: asyncio.Future[protocol.Message] = loop.create_future()
@@ -72,11 +73,22 @@ class AsyncClient(ClientBase):
             self._outbox.append((frames, future))
             if len(self._outbox) == 1:
                 loop.call_soon(self._flush)
-            message = await future
+            return await future
+        except (asyncio.CancelledError, DeadlineExceeded):
+            # The caller gave up (an HTTP client went away, a timeout): the broker drops the
+            # request if it has not been dispatched, so it costs no batch slot or device time.
+            self._cancel(request_id)
+            raise
         finally:
             timer.cancel()
             self._pending.pop(request_id, None)
-        return decode_reply(message)
+
+    def _cancel(self, request_id: int) -> None:
+        if self._socket is not None:
+            try:
+                send_message(self._socket, encode_cancel(request_id), NOBLOCK)
+            except zmq.Again:
+                pass
 
     def _flush(self) -> None:
         """Send what this loop iteration queued, back to back: ZeroMQ wakes its I/O thread
@@ -137,10 +149,13 @@ class AsyncClient(ClientBase):
                 frames = recv_message(sock, NOBLOCK)  # copies: cheaper than Frame objects when small
                 self._last_heard = time.monotonic()
                 try:
-                    message = protocol.decode(frames)
-                except ProtocolError:
+                    message = protocol.decode(frames, protocol.BROKER_TO_CLIENT)
+                except ProtocolError as exc:
+                    future = self._pending.get(protocol.salvage_id(frames))  # type: ignore[arg-type]
+                    if future is not None and not future.done():
+                        future.set_exception(Internal(f"malformed answer from the broker: {exc}"))
                     continue
-                future = self._pending.get(message.header.get("id"))  # type: ignore[arg-type]
+                future = self._pending.get(getattr(message.header, "id", None))  # type: ignore[arg-type]
                 if future is not None and not future.done():
                     future.set_result(message)
         except zmq.Again:
@@ -165,7 +180,7 @@ class AsyncClient(ClientBase):
             return
         elif silent_s > HEARTBEAT_INTERVAL_S and self._socket is not None:
             try:
-                self._socket.send_multipart(protocol.encode(protocol.HEARTBEAT, {}), zmq.NOBLOCK)
+                self._socket.send_multipart(protocol.encode(protocol.HEARTBEAT, protocol.Heartbeat()), zmq.NOBLOCK)
             except zmq.Again:
                 pass
             self._drain()

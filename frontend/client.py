@@ -20,14 +20,17 @@ import time
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+import msgspec
 import numpy as np
 import zmq
 
 from broker import protocol
-from broker.errors import DeadlineExceeded, ProtocolError, Unavailable, from_code
-from broker.zmqio import send_message
+from broker.config import DEFAULT_TIMEOUT_MS
+from broker.errors import DeadlineExceeded, Internal, InvalidArgument, ProtocolError, Unavailable, from_code
+from broker.security import client_keys_from_env, make_client
+from broker.zmqio import NOBLOCK, send_message
 
-DEFAULT_TIMEOUT_S = 30.0
+DEFAULT_TIMEOUT_S = DEFAULT_TIMEOUT_MS / 1000.0
 # Extra time the client waits past the deadline it gives the broker, so the broker's own
 # 504 (with its reason) normally arrives first.
 GRACE_S = 1.0
@@ -47,58 +50,71 @@ def default_address() -> str:
     return os.environ.get(ADDRESS_ENV) or ServerConfig().resolved_frontend_address
 
 
-def _request_header(request_id: int, model: str, version: int | None, label: str | None,
-                    signature_name: str, timeout_s: float) -> dict[str, Any]:
-    header: dict[str, Any] = {"id": request_id, "model": model, "signature": signature_name,
-                              "timeout_ms": max(1, int(timeout_s * 1000))}
-    if version is not None:
-        header["version"] = int(version)
-    if label is not None:
-        header["label"] = label
-    return header
-
-
 def encode_predict(request_id: int, model: str, inputs: Mapping[str, Any], *, version: int | None,
                    label: str | None, signature_name: str, timeout_s: float) -> list[Any]:
-    arrays = {name: value if isinstance(value, np.ndarray) else np.asarray(value)
-              for name, value in inputs.items()}
-    specs, frames = protocol.encode_tensors(arrays)
-    header = _request_header(request_id, model, version, label, signature_name, timeout_s)
-    header["inputs"] = specs
-    return protocol.encode(protocol.REQUEST, header, frames)
+    try:
+        arrays = {name: value if isinstance(value, np.ndarray) else np.asarray(value)
+                  for name, value in inputs.items()}
+        specs, frames = protocol.encode_tensors(arrays)
+        header = protocol.Request(id=request_id, model=model, version=version, label=label,
+                                  signature=signature_name, timeout_ms=_timeout_ms(timeout_s), inputs=specs)
+        return protocol.encode(protocol.REQUEST, header, frames)
+    except (ValueError, TypeError, OverflowError) as exc:  # ProtocolError is a ValueError
+        raise InvalidArgument(f"cannot send these inputs: {exc}") from exc
 
 
 def encode_query(command: bytes, request_id: int, model: str | None, version: int | None,
                  label: str | None) -> list[Any]:
-    header: dict[str, Any] = {"id": request_id}
-    if model is not None:
-        header["model"] = model
-    if version is not None:
-        header["version"] = int(version)
-    if label is not None:
-        header["label"] = label
-    return protocol.encode(command, header)
+    return protocol.encode(command, protocol.Query(id=request_id, model=model, version=version, label=label))
 
 
-def decode_reply(message: protocol.Message) -> dict[str, Any]:
-    """The REPLY header (with ``tensors`` decoded, for predictions), or the error raised."""
+def encode_cancel(request_id: int) -> list[Any]:
+    return protocol.encode(protocol.CANCEL, protocol.Cancel(id=request_id))
+
+
+def decode_reply(message: protocol.Message) -> Any:
+    """The REPLY header (a protocol struct), or the error it carries, raised."""
     if message.command == protocol.ERROR:
-        raise from_code(int(message.header.get("code", 500)), str(message.header.get("message", "")))
+        raise from_code(message.header.code, message.header.message)
     if message.command != protocol.REPLY:
         raise ProtocolError(f"unexpected command {message.command!r} in a reply")
-    header = message.header
-    if "outputs" in header:
-        header["tensors"] = protocol.decode_tensors(header["outputs"], message.frames)
-    return header
+    return message.header
 
 
-def prediction(reply: dict[str, Any]) -> Prediction:
-    return Prediction(reply["tensors"], reply["model"], int(reply["version"]))
+def prediction(message: protocol.Message) -> Prediction:
+    reply = decode_reply(message)
+    if not isinstance(reply, protocol.PredictReply):
+        raise Internal("the broker answered a prediction with something else")
+    try:
+        tensors = protocol.decode_tensors(reply.outputs, message.frames)
+    except ProtocolError as exc:
+        raise Internal(f"malformed reply from the broker: {exc}") from exc
+    return Prediction(tensors, reply.model, reply.version)
+
+
+def as_dict(message: protocol.Message) -> dict[str, Any]:
+    """A METADATA, STATUS or STATS answer as a plain dict (the counters alone, for STATS)."""
+    reply = decode_reply(message)
+    if isinstance(reply, protocol.StatsReply):
+        return dict(reply.counters)
+    body = msgspec.structs.asdict(reply)
+    body.pop("id", None)
+    return body
+
+
+def _timeout_ms(timeout_s: float) -> int:
+    if not 0 < timeout_s <= protocol.MAX_TIMEOUT_MS / 1000:
+        raise InvalidArgument(f"timeout_s must be > 0 and at most {protocol.MAX_TIMEOUT_MS // 1000} s, got {timeout_s}")
+    return max(1, int(timeout_s * 1000))
 
 
 def new_socket(context: zmq.Context, address: str) -> zmq.Socket:
+    """A DEALER to the broker; with CURVE when the environment names keys (broker/security.py)."""
     sock = context.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    curve = client_keys_from_env()
+    if curve is not None:
+        make_client(sock, *curve)
     # Queue only to a connected broker: with none, send fails at once (Unavailable).
     sock.setsockopt(zmq.IMMEDIATE, 1)
     sock.connect(address)
@@ -117,7 +133,7 @@ class ClientBase:
 
     def _predict_call(self, model: str, inputs: Mapping[str, Any], version: int | None, label: str | None,
                       signature_name: str, timeout_s: float | None) -> tuple[int, list[Any], float]:
-        timeout_s = timeout_s or self.timeout_s
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
         request_id = next(self._ids)
         frames = encode_predict(request_id, model, inputs, version=version, label=label,
                                 signature_name=signature_name, timeout_s=timeout_s)
@@ -148,16 +164,17 @@ class Client(ClientBase):
                                                            timeout_s)))
 
     def metadata(self, model: str, *, version: int | None = None, label: str | None = None) -> dict[str, Any]:
-        return self.request(*self._query_call(protocol.METADATA, model, version, label))
+        return as_dict(self.request(*self._query_call(protocol.METADATA, model, version, label)))
 
     def status(self, model: str, *, version: int | None = None, label: str | None = None) -> dict[str, Any]:
-        return self.request(*self._query_call(protocol.STATUS, model, version, label))
+        return as_dict(self.request(*self._query_call(protocol.STATUS, model, version, label)))
 
     def stats(self) -> dict[str, Any]:
-        """The broker's counters: requests admitted, batches formed (and of those, joined), rows batched."""
-        return self.request(*self._query_call(protocol.STATS))
+        """The broker's counters: requests admitted, batches formed (and of those, joined), rows
+        batched, requests rejected, expired, cancelled, malformed messages…"""
+        return as_dict(self.request(*self._query_call(protocol.STATS)))
 
-    def request(self, request_id: int, frames: list[Any], timeout_s: float) -> dict[str, Any]:
+    def request(self, request_id: int, frames: list[Any], timeout_s: float) -> protocol.Message:
         """Send one message and wait for its answer: the transport seam of this client."""
         sock = self._thread_socket()
         if not sock.poll(int(self.connect_timeout_s * 1000), zmq.POLLOUT):
@@ -167,15 +184,23 @@ class Client(ClientBase):
         while True:
             remaining_ms = int((deadline - time.monotonic()) * 1000)
             if remaining_ms <= 0 or not sock.poll(remaining_ms):
-                # A late answer would confuse the next call on this socket: start afresh.
-                self._discard(sock)
+                # Tell the broker, so the request takes no batch slot; then start afresh, as a
+                # late answer would confuse the next call on this socket.
+                try:
+                    send_message(sock, encode_cancel(request_id), NOBLOCK)
+                except zmq.Again:
+                    pass
+                self._discard(sock, linger_ms=100)
                 raise DeadlineExceeded(f"no answer from the broker within {timeout_s:.3g} s")
+            frames = sock.recv_multipart(copy=False)
             try:
-                message = protocol.decode(sock.recv_multipart(copy=False))
-            except ProtocolError:
+                message = protocol.decode(frames, protocol.BROKER_TO_CLIENT)
+            except ProtocolError as exc:
+                if protocol.salvage_id(frames) == request_id:
+                    raise Internal(f"malformed answer from the broker: {exc}") from exc
                 continue
-            if message.header.get("id") == request_id:
-                return decode_reply(message)
+            if getattr(message.header, "id", None) == request_id:
+                return message
 
     def close(self) -> None:
         """Close every thread's socket; the client opens new ones if used again."""
@@ -187,10 +212,10 @@ class Client(ClientBase):
             self._local = threading.local()
             self._sockets = []
 
-    def _discard(self, sock: zmq.Socket) -> None:
+    def _discard(self, sock: zmq.Socket, linger_ms: int = 0) -> None:
         with self._lock:
             self._sockets = [pair for pair in self._sockets if pair[1] is not sock]
-        sock.close(linger=0)
+        sock.close(linger=linger_ms)
         self._local.socket = None
 
     def __enter__(self) -> Client:

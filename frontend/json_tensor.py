@@ -9,23 +9,32 @@ there are several outputs); columnar answers ``{"outputs": ...}``. String output
 ends in ``_bytes``, or that are not UTF-8, are written as ``{"b64": "..."}``.
 
 Numbers are parsed as int64 or float64 and converted to the signature's types by the worker.
+
+Every request is held to RequestLimits (broker/config.py): the rank of a value, the number
+of instances, the length of a string and the bytes of all tensors are checked from the
+parsed JSON before any array is built.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import math
 from typing import Any
 
 import numpy as np
 import orjson
 
+from broker.config import RequestLimits
 from broker.errors import InvalidArgument
 
 SINGLE_INPUT = ""  # the name used when a request does not name its only input
 
 
-def parse_predict_body(body: bytes) -> tuple[dict[str, np.ndarray], str, bool]:
+DEFAULT_LIMITS = RequestLimits()
+
+
+def parse_predict_body(body: bytes, limits: RequestLimits = DEFAULT_LIMITS) -> tuple[dict[str, np.ndarray], str, bool]:
     """(inputs, signature_name, row_format) from a :predict request body."""
     try:
         request = orjson.loads(body)
@@ -40,9 +49,10 @@ def parse_predict_body(body: bytes) -> tuple[dict[str, np.ndarray], str, bool]:
     if has_instances == has_inputs:
         raise InvalidArgument("Missing 'inputs' or 'instances' key" if not has_instances else
                               "Not both 'inputs' and 'instances' can be specified in the request")
+    parser = _Parser(limits)
     if has_instances:
-        return _parse_instances(request["instances"]), signature, True
-    return _parse_columns(request["inputs"]), signature, False
+        return parser.instances(request["instances"]), signature, True
+    return parser.columns(request["inputs"]), signature, False
 
 
 def format_predictions(outputs: dict[str, np.ndarray], row_format: bool) -> bytes:
@@ -57,35 +67,59 @@ def format_predictions(outputs: dict[str, np.ndarray], row_format: bool) -> byte
 
 # --- implementation ---
 
-def _parse_instances(instances: Any) -> dict[str, np.ndarray]:
-    if not isinstance(instances, list) or not instances:
-        raise InvalidArgument("'instances' must be a non-empty JSON list")
-    if all(isinstance(row, dict) and "b64" not in row for row in instances):
-        names = set(instances[0])
-        for i, row in enumerate(instances):
-            if set(row) != names:
-                raise InvalidArgument(f"instance {i} has inputs {sorted(row)}, instance 0 has {sorted(names)}: "
-                                      "every instance must name the same inputs")
-        return {name: _to_array([row[name] for row in instances], name) for name in sorted(names)}
-    if any(isinstance(row, dict) and "b64" not in row for row in instances):
-        raise InvalidArgument("'instances' mixes named (object) and unnamed values")
-    return {SINGLE_INPUT: _to_array(instances, "instances")}
+class _Parser:
+    """JSON values to arrays, within the limits; counts the bytes of the request's tensors."""
 
+    def __init__(self, limits: RequestLimits) -> None:
+        self.limits = limits
+        self.tensor_bytes = 0
 
-def _parse_columns(inputs: Any) -> dict[str, np.ndarray]:
-    if isinstance(inputs, dict) and "b64" not in inputs:
-        if not inputs:
-            raise InvalidArgument("'inputs' names no input")
-        return {name: _to_array(value, name) for name, value in inputs.items()}
-    return {SINGLE_INPUT: _to_array(inputs, "inputs")}
+    def instances(self, instances: Any) -> dict[str, np.ndarray]:
+        if not isinstance(instances, list) or not instances:
+            raise InvalidArgument("'instances' must be a non-empty JSON list")
+        if len(instances) > self.limits.max_instances:
+            raise InvalidArgument(f"{len(instances)} instances exceed the limit of {self.limits.max_instances}")
+        if all(isinstance(row, dict) and "b64" not in row for row in instances):
+            names = set(instances[0])
+            for i, row in enumerate(instances):
+                if set(row) != names:
+                    raise InvalidArgument(f"instance {i} has inputs {sorted(row)}, instance 0 has {sorted(names)}: "
+                                          "every instance must name the same inputs")
+            return {name: self.array([row[name] for row in instances], name) for name in sorted(names)}
+        if any(isinstance(row, dict) and "b64" not in row for row in instances):
+            raise InvalidArgument("'instances' mixes named (object) and unnamed values")
+        return {SINGLE_INPUT: self.array(instances, "instances")}
+
+    def columns(self, inputs: Any) -> dict[str, np.ndarray]:
+        if isinstance(inputs, dict) and "b64" not in inputs:
+            if not inputs:
+                raise InvalidArgument("'inputs' names no input")
+            return {name: self.array(value, name) for name, value in inputs.items()}
+        return {SINGLE_INPUT: self.array(inputs, "inputs")}
+
+    def array(self, value: Any, name: str) -> np.ndarray:
+        shape = _shape_of(value, name, self.limits.max_json_depth)
+        if shape and shape[0] > self.limits.max_instances:
+            raise InvalidArgument(f"input '{name}': {shape[0]} rows exceed the limit of {self.limits.max_instances}")
+        # Refuse before allocating: numbers take 8 bytes each as int64 or float64.
+        self._count(math.prod(shape) * 8, name)
+        if _holds_strings(value):
+            array = _string_array(value, name, self.limits.max_string_bytes)
+            self._count(sum(len(v) for v in array.reshape(-1)) - math.prod(shape) * 8, name)
+            return array
+        return _to_array(value, name)
+
+    def _count(self, nbytes: int, name: str) -> None:
+        self.tensor_bytes += nbytes
+        if self.tensor_bytes > self.limits.max_tensor_bytes:
+            raise InvalidArgument(f"input '{name}': the request's tensors exceed the limit of "
+                                  f"{self.limits.max_tensor_bytes} bytes")
 
 
 def _to_array(value: Any, name: str) -> np.ndarray:
-    if _holds_strings(value):
-        return _string_array(value, name)
     try:
         array = np.array(value)
-    except ValueError as exc:
+    except (ValueError, OverflowError) as exc:
         raise InvalidArgument(f"input '{name}': {_ragged_message(exc)}") from exc
     if array.dtype.kind not in "biuf":
         raise InvalidArgument(f"input '{name}' holds values that are not numbers, booleans or strings")
@@ -100,25 +134,33 @@ def _holds_strings(value: Any) -> bool:
     return isinstance(value, str) or (isinstance(value, dict) and "b64" in value)
 
 
-def _string_array(value: Any, name: str) -> np.ndarray:
+def _string_array(value: Any, name: str, max_bytes: int) -> np.ndarray:
     def convert(item: Any) -> Any:
         if isinstance(item, list):
             return [convert(v) for v in item]
         if isinstance(item, str):
-            return item.encode()
-        if isinstance(item, dict) and set(item) == {"b64"} and isinstance(item["b64"], str):
+            data = item.encode()
+        elif isinstance(item, dict) and set(item) == {"b64"} and isinstance(item["b64"], str):
+            if len(item["b64"]) // 4 * 3 > max_bytes:  # refused before it is decoded
+                raise InvalidArgument(f"input '{name}': a string exceeds the limit of {max_bytes} bytes")
             try:
-                return base64.b64decode(item["b64"], validate=True)
+                data = base64.b64decode(item["b64"], validate=True)
             except binascii.Error as exc:
                 raise InvalidArgument(f"input '{name}': invalid base64: {exc}") from exc
-        raise InvalidArgument(f"input '{name}' mixes strings with other values")
+        else:
+            raise InvalidArgument(f"input '{name}' mixes strings with other values")
+        if len(data) > max_bytes:
+            raise InvalidArgument(f"input '{name}': a string exceeds the limit of {max_bytes} bytes")
+        return data
 
     return _object_array(convert(value), name)
 
 
-def _shape_of(value: Any, name: str) -> tuple[int, ...]:
+def _shape_of(value: Any, name: str, max_rank: int = 64) -> tuple[int, ...]:
     shape = []
     while isinstance(value, list):
+        if len(shape) >= max_rank:
+            raise InvalidArgument(f"input '{name}' is nested deeper than the limit of {max_rank} levels")
         shape.append(len(value))
         if not value:
             break

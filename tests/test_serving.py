@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
 
+import msgpack
 import numpy as np
 import pytest
 import zmq
@@ -353,13 +354,19 @@ def test_client_made_before_a_fork_works_in_the_child(served: BrokerProcess) -> 
     client.close()
 
 
+def packb(value: object) -> bytes:
+    return msgpack.packb(value)
+
+
 @pytest.mark.parametrize("frames", [
-    [b"TFB01", b"\x01", protocol.packb({"id": 1, "model": "linear", "version": "two"})],
-    [b"TFB01", b"\x01", protocol.packb({"id": 2, "model": "linear", "signature": ["x"], "inputs": []})],
-    [b"TFB01", b"\x01", protocol.packb({"id": 3, "model": "linear", "timeout_ms": "soon",
-                                        "inputs": [["x", "float32", [1]]]}), b"\x00" * 4],
-    [b"TFB01", b"\x01", protocol.packb({"id": 4, "model": "linear", "inputs": [["x", "float32", [2]]]}), b"\x00"],
-    [b"TFB01", b"\x05", protocol.packb({"id": 5, "model": "linear", "version": {"a": 1}})],
+    [b"TFB02", b"\x01", packb({"id": 1, "model": "linear", "version": "two", "timeout_ms": 9, "inputs": []})],
+    [b"TFB02", b"\x01", packb({"id": 2, "model": "linear", "signature": ["x"], "timeout_ms": 9, "inputs": []})],
+    [b"TFB02", b"\x01", packb({"id": 3, "model": "linear", "timeout_ms": "soon",
+                                "inputs": [["x", "float32", [1]]]}), b"\x00" * 4],
+    [b"TFB02", b"\x01", packb({"id": 4, "model": "linear", "timeout_ms": 9, "inputs": [["x", "float32", [2]]]}),
+     b"\x00"],
+    [b"TFB02", b"\x05", packb({"id": 5, "model": "linear", "version": {"a": 1}})],
+    [b"TFB02", protocol.READY, packb({"id": 6})],
     [b"TFB99", b"\x01", b"\x80"],
 ])
 def test_malformed_wire_messages_get_errors_and_the_broker_keeps_serving(served: BrokerProcess,
@@ -371,9 +378,10 @@ def test_malformed_wire_messages_get_errors_and_the_broker_keeps_serving(served:
     try:
         sock.send_multipart(frames)
         assert sock.poll(10_000), "the broker answers a malformed message"
-        reply = protocol.decode(sock.recv_multipart())
+        reply = protocol.decode(sock.recv_multipart(), protocol.BROKER_TO_CLIENT)
         assert reply.command == protocol.ERROR
-        assert reply.header["code"] == 400
+        assert reply.header.code == 400
+        assert reply.header.id == protocol.salvage_id(frames), "the error names the request when it can"
     finally:
         sock.close()
         context.term()

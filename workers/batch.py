@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from broker import protocol
-from broker.errors import Internal, InvalidArgument, TFBrokerError
+from broker.errors import DeadlineExceeded, Internal, InvalidArgument, ProtocolError, TFBrokerError
 from workers.model import Signature
 
 log = logging.getLogger(__name__)
@@ -25,9 +25,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(slots=True)
 class TaskInput:
+    """One task's inputs, or, when it cannot run (malformed, out of time), its ``error``."""
+
     request_id: int
     inputs: dict[str, np.ndarray]
     rows: int
+    error: TFBrokerError | None = None
 
 
 Outcome = dict[str, np.ndarray] | TFBrokerError
@@ -55,37 +58,63 @@ def cut_rows(arrays: dict[str, np.ndarray], rows: Sequence[int]) -> list[dict[st
     return parts
 
 
-def decode_batch(frames: Sequence[Any], counts: Sequence[int]) -> list[TaskInput]:
-    """Split a BATCH's payload into its tasks (request header, then tensors, per task)."""
+def decode_batch(frames: Sequence[Any], counts: Sequence[int], deadlines: Sequence[float],
+                 now: float) -> list[TaskInput]:
+    """Split a BATCH's payload into its tasks (request header, then tensors, per task); a task
+    that does not decode, or whose deadline has passed, carries its error instead."""
     tasks: list[TaskInput] = []
     offset = 0
-    for count in counts:
-        header = protocol.unpackb(frames[offset])
-        tensors = protocol.decode_tensors(header["inputs"], frames[offset + 1:offset + count])
+    for count, deadline in zip(counts, deadlines):
+        parts = frames[offset:offset + count]
         offset += count
-        rows = next(iter(tensors.values())).shape[0] if tensors else 0
-        tasks.append(TaskInput(header["id"], tensors, rows))
+        request_id = protocol.salvage_id([b"", b"", parts[0]]) or 0
+        try:
+            header = protocol.decode_header(protocol.REQUEST, parts[0])
+            tensors = protocol.decode_tensors(header.inputs, parts[1:])
+        except ProtocolError as exc:
+            tasks.append(TaskInput(request_id, {}, 0, InvalidArgument(f"protocol error: {exc}")))
+            continue
+        if now > deadline:
+            tasks.append(TaskInput(request_id, {}, 0, DeadlineExceeded("Deadline Exceeded")))
+            continue
+        tasks.append(TaskInput(request_id, tensors, _rows(tensors)))
     return tasks
+
+
+def split_expired(ids: list[int], rows: list[int], inputs: dict[str, np.ndarray], deadlines: Sequence[float],
+                  now: float) -> tuple[JoinedBatch, set[int]]:
+    """The joined batch without the tasks whose deadline has passed, and those tasks' indices."""
+    expired = {i for i, deadline in enumerate(deadlines) if now > deadline}
+    if not expired:
+        return JoinedBatch(ids, rows, inputs), expired
+    keep = [i for i in range(len(ids)) if i not in expired]
+    starts = np.cumsum([0, *rows])
+    index = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in keep]) if keep else np.zeros(0, np.int64)
+    return JoinedBatch([ids[i] for i in keep], [rows[i] for i in keep],
+                       {name: array[index] for name, array in inputs.items()}), expired
 
 
 def encode_outcome(request_id: int, model: str, version: int, outcome: Outcome) -> list[Any]:
     """The client message for one task: REPLY with its tensors, or ERROR."""
     if isinstance(outcome, TFBrokerError):
-        header = {"id": request_id, "code": outcome.http_status, "message": outcome.message}
-        return [protocol.ERROR, protocol.packb(header)]
-    specs, frames = protocol.encode_tensors(outcome)
-    header = {"id": request_id, "model": model, "version": version, "outputs": specs}
-    return [protocol.REPLY, protocol.packb(header), *frames]
+        error = protocol.Error(id=request_id, code=outcome.http_status,
+                               message=outcome.message[:protocol.MAX_MESSAGE_CHARS])
+        return [protocol.ERROR, protocol.encode_header(error)]
+    try:
+        specs, frames = protocol.encode_tensors(outcome)
+        reply = protocol.PredictReply(id=request_id, model=model, version=version, outputs=specs)
+    except (ValueError, TypeError) as exc:  # an output no client could read (a dtype we do not carry)
+        return encode_outcome(request_id, model, version, Internal(f"cannot encode the model's outputs: {exc}"))
+    return [protocol.REPLY, protocol.encode_header(reply), *frames]
 
 
-def run_batch(signature: Signature, tasks: Sequence[TaskInput | TFBrokerError],
-              padded_rows: int) -> list[Outcome]:
+def run_batch(signature: Signature, tasks: Sequence[TaskInput], padded_rows: int) -> list[Outcome]:
     """One outcome per task, in order."""
     outcomes: list[Outcome | None] = [None] * len(tasks)
     ready: list[tuple[int, TaskInput]] = []
     for i, task in enumerate(tasks):
-        if isinstance(task, TFBrokerError):
-            outcomes[i] = task
+        if task.error is not None:
+            outcomes[i] = task.error
             continue
         try:
             ready.append((i, _cast_inputs(signature, task)))
@@ -99,6 +128,12 @@ def run_batch(signature: Signature, tasks: Sequence[TaskInput | TFBrokerError],
         for (i, _), outcome in zip(group, _run_group(signature, [t for _, t in group], pad_to)):
             outcomes[i] = outcome
     return [o if o is not None else Internal("task was not run") for o in outcomes]
+
+
+def run_joined_outcomes(signature: Signature, batch: JoinedBatch, padded_rows: int) -> list[Outcome]:
+    """run_joined, always as one outcome per task."""
+    result = run_joined(signature, batch, padded_rows)
+    return cut_rows(result, batch.rows) if isinstance(result, dict) else result  # type: ignore[return-value]
 
 
 def run_joined(signature: Signature, batch: JoinedBatch, padded_rows: int) -> dict[str, np.ndarray] | list[Outcome]:
@@ -144,13 +179,19 @@ def _cast_inputs(signature: Signature, task: TaskInput) -> TaskInput:
             cast[name] = array
         else:
             cast[name] = array if array.dtype.name == dtype else array.astype(dtype)
-    return TaskInput(task.request_id, cast, task.rows)
+    return TaskInput(task.request_id, cast, task.rows)  # (its error is None: only runnable tasks get here)
+
+
+def _rows(tensors: dict[str, np.ndarray]) -> int:
+    """The task's common batch dimension, or 0 when it has none (scalars, unequal first
+    dimensions): such a task runs alone."""
+    firsts = {a.shape[0] if a.ndim else -1 for a in tensors.values()}
+    return firsts.pop() if len(firsts) == 1 and -1 not in firsts else 0
 
 
 def _shape_key(task: TaskInput, index: int) -> Any:
     """Tasks whose inputs have the same inner shapes can share one model call."""
-    arrays = task.inputs.values()
-    if any(a.ndim == 0 for a in arrays) or len({a.shape[0] for a in arrays}) != 1:
+    if not task.rows:
         return ("alone", index)
     return tuple((name, a.shape[1:]) for name, a in sorted(task.inputs.items()))
 

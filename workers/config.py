@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from broker.config import DEFAULT_HEARTBEAT_INTERVAL_S, DEFAULT_HEARTBEAT_LIVENESS
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class WorkerConfig:
@@ -11,8 +13,9 @@ class WorkerConfig:
     version: int = field(metadata={"help": "Version number served by this worker."})
     path: str = field(metadata={"help": "The version's SavedModel directory."})
     backend_address: str = field(metadata={"help": "The broker's backend ZeroMQ address."})
-    heartbeat_interval_s: float = field(default=1.0, metadata={"help": "Seconds between heartbeats."})
-    heartbeat_liveness: int = field(default=10, metadata={
+    heartbeat_interval_s: float = field(default=DEFAULT_HEARTBEAT_INTERVAL_S, metadata={
+        "help": "Seconds between heartbeats."})
+    heartbeat_liveness: int = field(default=DEFAULT_HEARTBEAT_LIVENESS, metadata={
         "help": "Missed intervals before the broker is taken for gone and the worker reconnects."})
     warmup_batch_sizes: tuple[int, ...] = field(default=(1,), metadata={
         "help": "Batch sizes each signature runs once before READY."})

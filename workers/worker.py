@@ -7,22 +7,27 @@ a dead worker to the broker.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import signal
+import sys
 import time
 from typing import Any
 
 import zmq
 
 from broker import protocol
-from broker.errors import InvalidArgument, NotFound, ProtocolError
+from broker.errors import DeadlineExceeded, Internal, InvalidArgument, NotFound, ProtocolError, TFBrokerError
 from broker.process import (EXIT_MODEL_LOAD_ERROR, EXIT_OK, die_with_parent, parent_alive,
                             set_title, setup_logging)
+from broker.security import client_keys_from_env, make_client
 from broker.zmqio import send_message
 from workers.config import WorkerConfig
 
 log = logging.getLogger("tfbroker.worker")
+
+DEADLINE_MESSAGE = "Deadline Exceeded"
 
 
 def run(config: WorkerConfig) -> int:
@@ -32,6 +37,10 @@ def run(config: WorkerConfig) -> int:
     worker = Worker(config)
     signal.signal(signal.SIGTERM, worker.handle_signal)
     signal.signal(signal.SIGINT, worker.handle_signal)
+    # Where the worker is when it crashes, or when the broker SIGTERMs it for missing
+    # heartbeats (stuck in a model call, where no Python signal handler can run).
+    faulthandler.enable(sys.stderr)
+    faulthandler.register(signal.SIGTERM, file=sys.stderr, all_threads=True, chain=True)
     return worker.serve()
 
 
@@ -43,6 +52,7 @@ class Worker:
         self._context: zmq.Context | None = None
         self._socket: zmq.Socket | None = None
         self._model: Any = None
+        self._curve = client_keys_from_env()
         self._last_sent = self._last_heard = 0.0
 
     def handle_signal(self, signum: int, frame: Any) -> None:
@@ -65,7 +75,7 @@ class Worker:
                      self._model.loader, sorted(self._model.signatures), records, time.monotonic() - started)
         except Exception as exc:  # noqa: BLE001 - any failure to load is reported the same way
             log.error("cannot load model %s version %d: %s", self.config.model_name, self.config.version, exc)
-            self._send(protocol.DISCONNECT, {"error": str(exc)[:2000]})
+            self._send(protocol.DISCONNECT, protocol.Disconnect(error=str(exc)[:2000]))
             self._close(linger_ms=2000)
             return EXIT_MODEL_LOAD_ERROR
         self._send_ready()
@@ -91,7 +101,7 @@ class Worker:
                     return
             now = time.monotonic()
             if now - self._last_sent >= interval_s:
-                self._send(protocol.HEARTBEAT, {})
+                self._send(protocol.HEARTBEAT, protocol.Heartbeat())
             if now - self._last_heard > expiry_s:
                 log.warning("no word from the broker for %.1f s; reconnecting", now - self._last_heard)
                 self._close(linger_ms=0)
@@ -103,45 +113,72 @@ class Worker:
     def _handle(self, frames: list[Any]) -> bool:
         """Act on one message; False to stop."""
         try:
-            message = protocol.decode(frames)
+            message = protocol.decode(frames, protocol.BROKER_TO_WORKER)
         except ProtocolError as exc:
             log.error("dropping a malformed message from the broker: %s", exc)
             return True
         if message.command == protocol.BATCH:
-            self._run_batch(message)
+            received = time.monotonic()
+            try:
+                self._run_batch(message, received)
+            except Exception as exc:  # noqa: BLE001 - last resort: the batch fails, the worker goes on
+                log.exception("batch %d failed unexpectedly", message.header.batch)
+                ids = message.header.ids if isinstance(message.header, protocol.JoinedBatch) else None
+                self._fail_batch(message, ids, Internal(f"model worker error: {type(exc).__name__}: {exc}"))
         elif message.command == protocol.DISCONNECT:
             log.info("the broker asked this worker to stop")
             return False
         return True
 
-    def _run_batch(self, message: protocol.Message) -> None:
+    def _run_batch(self, message: protocol.Message, received: float) -> None:
         # Imported here, not at the top: workers.batch imports TensorFlow, which comes last.
-        from workers.batch import JoinedBatch, decode_batch, run_batch, run_joined
+        from workers.batch import decode_batch, run_batch, run_joined, run_joined_outcomes, split_expired
 
-        header, batch_id = message.header, message.header["batch"]
-        joined = "ids" in header  # one tensor per input for the whole batch
-        tasks = [] if joined else decode_batch(message.frames, header["counts"])
-        ids = header["ids"] if joined else [task.request_id for task in tasks]
-        signature = self._model.signatures.get(header["signature"])
+        header = message.header
+        deadlines = [received + ms / 1000.0 for ms in header.timeouts_ms]
+        joined = isinstance(header, protocol.JoinedBatch)
+        signature = self._model.signatures.get(header.signature)
         if signature is None:  # the broker checks this at admission; never trust a peer
-            self._send_outcomes(batch_id, ids, [NotFound(f"no signature {header['signature']!r}")] * len(ids))
+            self._fail_batch(message, header.ids if joined else None,
+                             NotFound(f"no signature {header.signature!r}"))
             return
         if not joined:
-            self._send_outcomes(batch_id, ids, run_batch(signature, tasks, header.get("padded_rows", 0)))
+            tasks = decode_batch(message.frames, header.counts, deadlines, time.monotonic())
+            self._send_outcomes(header.batch, [t.request_id for t in tasks],
+                                run_batch(signature, tasks, header.padded_rows))
             return
         try:
-            batch = JoinedBatch(ids, header["rows"], protocol.decode_tensors(header["inputs"], message.frames))
+            inputs = protocol.decode_tensors(header.inputs, message.frames)
         except ProtocolError as exc:
             log.error("malformed joined batch from the broker: %s", exc)
-            self._send_outcomes(batch_id, ids, [InvalidArgument(f"protocol error: {exc}")] * len(ids))
+            self._fail_batch(message, header.ids, InvalidArgument(f"protocol error: {exc}"))
             return
-        result = run_joined(signature, batch, header.get("padded_rows", 0))
+        batch, expired = split_expired(header.ids, header.rows, inputs, deadlines, time.monotonic())
+        if expired:  # out of time while waiting here: answered unrun; the others run without them
+            live = iter(run_joined_outcomes(signature, batch, 0) if batch.ids else ())
+            self._send_outcomes(header.batch, header.ids, [DeadlineExceeded(DEADLINE_MESSAGE) if i in expired
+                                                           else next(live) for i in range(len(header.ids))])
+            return
+        result = run_joined(signature, batch, header.padded_rows)
         if isinstance(result, list):
-            self._send_outcomes(batch_id, ids, result)
+            self._send_outcomes(header.batch, header.ids, result)
             return
         specs, frames = protocol.encode_tensors(result)
-        self._send(protocol.RESULT, {"batch": batch_id, "model": self.config.model_name,
-                                     "version": self.config.version, "outputs": specs}, frames)
+        self._send(protocol.RESULT, protocol.JoinedResult(batch=header.batch, model=self.config.model_name,
+                                                          version=self.config.version, outputs=specs), frames)
+
+    def _fail_batch(self, message: protocol.Message, ids: list[int] | None, error: TFBrokerError) -> None:
+        """Every task of a batch gets ``error`` (ids read from the tasks' headers if not given)."""
+        header = message.header
+        if ids is None:
+            ids, offset = [], 0
+            for count in header.counts:
+                try:
+                    ids.append(protocol.decode_header(protocol.REQUEST, message.frames[offset]).id)
+                except ProtocolError:
+                    ids.append(protocol.salvage_id([b"", b"", message.frames[offset]]) or 0)
+                offset += count
+        self._send_outcomes(header.batch, ids, [error] * len(ids))
 
     def _send_outcomes(self, batch_id: int, ids: list[int], outcomes: list[Any]) -> None:
         """A RESULT with one complete client message per task."""
@@ -153,19 +190,16 @@ class Worker:
             frames = encode_outcome(request_id, self.config.model_name, self.config.version, outcome)
             counts.append(len(frames))
             reply_frames.extend(frames)
-        self._send(protocol.RESULT, {"batch": batch_id, "counts": counts}, reply_frames)
+        self._send(protocol.RESULT, protocol.TaskResult(batch=batch_id, counts=counts), reply_frames)
 
     def _send_ready(self) -> None:
         model = self._model
-        self._send(protocol.READY, {
-            "model": self.config.model_name,
-            "version": self.config.version,
-            "pid": os.getpid(),
-            "signatures": {name: sig.describe() for name, sig in model.signatures.items()},
-            "signature_def": model.signature_def,
-        })
+        self._send(protocol.READY, protocol.Ready(
+            model=self.config.model_name, version=self.config.version, pid=os.getpid(),
+            signatures={name: sig.describe() for name, sig in model.signatures.items()},
+            signature_def=model.signature_def))
 
-    def _send(self, command: bytes, header: dict[str, Any], frames: Any = ()) -> None:
+    def _send(self, command: bytes, header: protocol.Header, frames: Any = ()) -> None:
         assert self._socket is not None
         send_message(self._socket, protocol.encode(command, header, frames), copy=False)
         self._last_sent = time.monotonic()
@@ -175,6 +209,8 @@ class Worker:
         sock = self._context.socket(zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY, self.identity)
         sock.setsockopt(zmq.LINGER, 0)
+        if self._curve is not None:
+            make_client(sock, *self._curve)
         sock.connect(self.config.backend_address)
         self._socket = sock
         self._last_heard = time.monotonic()
