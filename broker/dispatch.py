@@ -5,7 +5,7 @@ replies it cuts from the RESULT. Pure functions over frames; the broker never de
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 from broker import protocol
 from broker.batching import Task
@@ -88,3 +88,20 @@ def cut_joined_result(result: protocol.JoinedResult, frames: Sequence[Any],
                          *[view[start * row_bytes:(start + rows) * row_bytes] for _, view, row_bytes in outputs]])
         start += rows
     return messages
+
+
+def describe_tasks(tasks: Iterable[Task], most: int = 8) -> str:
+    """What the requests were, for the log of a worker that died holding them."""
+    parts = []
+    for task in tasks:
+        if len(parts) == most:
+            parts.append("…")
+            break
+        try:
+            request = protocol.decode_header(protocol.REQUEST, task.payload.frames[0])
+        except protocol.ProtocolError:
+            parts.append("(unreadable request)")
+            continue
+        inputs = ", ".join(f"{s.name or '(only)'} {s.dtype}{list(s.shape)}" for s in request.inputs)
+        parts.append(f"id {request.id} {request.model}/{request.signature} [{inputs}]")
+    return "; ".join(parts)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from broker import protocol
 from broker.config import ADDRESS_ENV, BIND_ENV, FRONTENDS_ENV, LIMITS_ENV, LOG_LEVEL_ENV, TIMEOUT_ENV
 from broker.errors import Unavailable
+from broker.dispatch import describe_tasks
 from broker.flags import dataclass_to_argv
 from broker.security import CLIENT_SECRET_KEY_ENV, SERVER_KEY_ENV
 from broker.models import ServedVersion, WorkerLink
@@ -209,6 +210,9 @@ class Fleet:
         for child, code in reap_children([s.worker.child for s in links.values() if s.worker]):
             served = links[child.pid]
             was_ready = served.worker is not None and served.worker.ready
+            if served.worker is not None and served.worker.in_flight and code != 0:
+                log.error("worker %s (pid %s) exited with code %d holding these requests: %s", child.name,
+                          child.pid, code, describe_tasks(t for ts in served.worker.in_flight.values() for t in ts))
             if served.state is VersionState.UNLOADING:
                 self.broker.fail_version(served, Unavailable(
                     f"model {served.model} version {served.version} was unloaded"))

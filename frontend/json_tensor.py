@@ -205,7 +205,7 @@ def _rows(outputs: dict[str, np.ndarray]) -> Any:
 
 def _jsonable(name: str, value: np.ndarray) -> Any:
     if value.dtype.kind not in "OSU":
-        return value
+        return value if value.ndim else value.tolist()  # (orjson writes arrays of rank 1 and up)
     return _strings_to_json(value.tolist(), name.endswith("_bytes"))
 
 

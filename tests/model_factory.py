@@ -8,6 +8,9 @@
   label_bytes string [batch]
 - checked/1: y = 2x on x float32 [batch], failing with InvalidArgument when any x is
   negative: a bad request inside a batch of good ones, with equal shapes
+- slow/1: y[i] = x[i] * 0 + (calls of the model so far, this one included), after about
+  0.3 s of busy work: a test sees from any answer how many batches the worker has run
+  (warm-up included), and so whether a request it gave up on ever reached the model
 - broken/1: a directory that is not a SavedModel
 - versions/N (N = 1..3): y = 0.5x + 10N, so every answer tells which version made it; tests
   copy these into a served base path to swap versions
@@ -56,6 +59,21 @@ class Checked(tf.Module):
             return {"y": x * 2.0}
 
 
+class Slow(tf.Module):
+    def __init__(self, iterations: int) -> None:
+        super().__init__()
+        self.w = tf.Variable(tf.eye(256) * 0.5)
+        self.calls = tf.Variable(0.0)
+        self.iterations = iterations
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.float32, name="x")])
+    def serve(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
+        calls = self.calls.assign_add(1.0)
+        w = tf.while_loop(lambda i, w: i < self.iterations, lambda i, w: (i + 1, tf.matmul(w, self.w) + self.w),
+                          (tf.constant(0), self.w))[1]
+        return {"y": x * 0.0 + calls + tf.reduce_sum(w) * 0.0}
+
+
 def write_warmup_file(version_dir: str, input_name: str) -> None:
     """TF Serving's assets.extra/tf_serving_warmup_requests: TFRecord of PredictionLog."""
     from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
@@ -83,6 +101,8 @@ def main(directory: str) -> None:
     checked = Checked()
     tf.saved_model.save(checked, os.path.join(directory, "checked", "1"),
                         signatures={"serving_default": checked.serve})
+    slow = Slow(iterations=int(os.environ.get("SLOW_ITERATIONS", "1000")))
+    tf.saved_model.save(slow, os.path.join(directory, "slow", "1"), signatures={"serving_default": slow.serve})
     for version in (1, 2, 3):
         save_linear(os.path.join(directory, "versions", str(version)), a=0.5, b=10.0 * version)
     save_linear(os.path.join(directory, "warm_good", "1"))

@@ -198,7 +198,7 @@ def _shape_key(task: TaskInput, index: int) -> Any:
 
 def _run_group(signature: Signature, tasks: list[TaskInput], pad_to: int) -> list[Outcome]:
     rows = [t.rows for t in tasks]
-    if len(tasks) == 1 and pad_to <= rows[0]:
+    if len(tasks) == 1 and (not rows[0] or pad_to <= rows[0]):  # (a task without rows is never padded)
         return [_run_one(signature, tasks[0])]
     batch = JoinedBatch([t.request_id for t in tasks], rows,
                         {name: np.concatenate([t.inputs[name] for t in tasks]) for name in tasks[0].inputs})

@@ -1,0 +1,245 @@
+"""Nothing a client sends can hurt the server: hostile tensors, deadlines, cancellation, limits.
+
+Real broker, workers and frontends. Worker pids are compared before and after, and a steady
+caller counts its own outcomes: any answer but 200, and any dropped connection, fails it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+import numpy as np
+import pytest
+
+from broker.errors import Cancelled, DeadlineExceeded, InvalidArgument
+from frontend.client import AsyncClient, Client
+from tests.conftest import TESTDATA, BrokerProcess, make_model_config, stop_and_check
+
+LIMITS = {"max_request_body_bytes": 200_000, "max_json_depth": 6, "max_instances": 1000,
+          "max_string_bytes": 1000, "max_tensor_bytes": 400_000}
+
+
+@pytest.fixture(scope="module")
+def guarded(test_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProcess]:
+    tmp = tmp_path_factory.mktemp("guarded")
+    models = {name: test_models / name for name in ("linear", "two_io", "mlp", "slow")}
+    if TESTDATA.is_dir():
+        models["half_plus_two"] = TESTDATA / "saved_model_half_plus_two_cpu"
+    (tmp / "models.config").write_text(make_model_config(models))
+    # One batch in flight: a second request waits in the broker's queue while the slow model runs.
+    broker = BrokerProcess(tmp, [f"--model_config_file={tmp / 'models.config'}", "--batches_in_flight=1",
+                                 *[f"--{k}={v}" for k, v in LIMITS.items()]], frontends=2)
+    try:
+        broker.wait_available(list(models))
+        yield broker
+    finally:
+        stop_and_check(broker)
+
+
+def b64(text: str) -> dict[str, str]:
+    import base64
+
+    return {"b64": base64.b64encode(text.encode()).decode()}
+
+
+HOSTILE: list[tuple[str, dict[str, Any]]] = [
+    ("linear", {"inputs": 3.0}),                                   # a scalar, columnar
+    ("linear", {"inputs": {"x": 3.0}}),
+    ("linear", {"inputs": []}),                                    # zero rows
+    ("linear", {"inputs": [[]]}),
+    ("linear", {"instances": [[[1.0]]]}),                          # a rank the model does not take
+    ("linear", {"instances": [True, False]}),                      # booleans for floats
+    ("linear", {"instances": ["a", "b"]}),                         # strings for floats
+    ("linear", {"instances": [1e300]}),                            # beyond float32
+    ("two_io", {"inputs": {"a": [[1.0, 2.0]], "b": [1, 2, 3]}}),   # inputs with different batch sizes
+    ("two_io", {"inputs": {"a": 1.0, "b": [1]}}),                  # a scalar beside a vector
+    ("two_io", {"inputs": {"a": [[1.0, 2.0, 3.0]], "b": [1]}}),    # wrong inner shape
+    ("two_io", {"inputs": {"a": [], "b": []}}),
+    ("two_io", {"inputs": {"a": [[1.0, 2.0]], "b": [1.5]}}),       # a float for int64
+    ("mlp", {"instances": [[0.0] * 5000]}),                        # a huge inner shape
+    ("mlp", {"instances": [[0.0] * 8, [0.0] * 8], "signature_name": "nope"}),
+]
+if TESTDATA.is_dir():
+    HOSTILE += [
+        # The issue's report: a legal request that ended the worker.
+        ("half_plus_two", {"signature_name": "classify_x_to_y", "inputs": b64("hello")}),
+        ("half_plus_two", {"signature_name": "classify_x_to_y", "inputs": {"inputs": b64("hello")}}),
+        ("half_plus_two", {"signature_name": "classify_x_to_y", "instances": [b64("hello"), b64("")]}),
+        ("half_plus_two", {"signature_name": "regress_x_to_y", "inputs": [[b64("x")]]}),
+        ("half_plus_two", {"inputs": {"x": [[1.0], [2.0]]}, "signature_name": "regress_x2_to_y3"}),
+    ]
+
+
+def worker_pids(broker: BrokerProcess) -> dict[str, int]:
+    return {title: pids[0] for title, pids in broker.roles().items() if title.startswith("tfbroker: worker:")}
+
+
+def test_hostile_tensors_leave_every_worker_up_and_a_steady_caller_unharmed(guarded: BrokerProcess) -> None:
+    before = worker_pids(guarded)
+    steady: list[str] = []
+    stop = threading.Event()
+
+    def call_steadily() -> None:
+        with httpx.Client(base_url=guarded.base_url, timeout=30) as http:
+            while not stop.is_set():
+                try:
+                    response = http.post("/v1/models/linear:predict", json={"instances": [2.0]})
+                    steady.append("ok" if response.json() == {"predictions": [4.0]} else response.text)
+                except httpx.HTTPError as exc:  # a dropped connection is a failure too
+                    steady.append(repr(exc))
+
+    thread = threading.Thread(target=call_steadily)
+    thread.start()
+    try:
+        for _ in range(3):
+            for model, body in HOSTILE:
+                response = guarded.predict(model, body)
+                assert response.headers["content-type"] == "application/json", (model, body, response.text)
+                assert "error" in response.json() or response.status_code == 200, (model, body, response.text)
+                assert response.status_code in (200, 400), (model, body, response.status_code, response.text)
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    assert worker_pids(guarded) == before, "no request may end a worker"
+    assert steady and set(steady) == {"ok"}, [s for s in steady if s != "ok"][:5]
+    assert guarded.predict("two_io", {"inputs": {"a": [[1.0, 2.0]], "b": [3]}}).json() == {
+        "outputs": {"label_bytes": [{"b64": "Mw=="}], "sum": [6.0]}}
+
+
+def test_hostile_tensors_from_the_python_client(guarded: BrokerProcess) -> None:
+    before = worker_pids(guarded)
+    cases = [
+        {"x": np.zeros((0,), np.float32)},
+        {"x": np.zeros((), np.float32)},
+        {"x": np.zeros((2, 0), np.float32)},
+        {"x": np.zeros((1, 1, 1, 1), np.float64)},
+        {"x": np.array([b"a"], dtype=object)},
+        {"x": np.zeros(3, np.complex64)},
+        {"x": np.zeros(3, np.uint64)},
+        {"y": np.zeros(3, np.float32)},
+    ]
+    with Client(guarded.address, timeout_s=30) as client:
+        for inputs in cases:
+            try:
+                client.predict("linear", inputs)
+            except InvalidArgument:
+                pass
+        assert worker_pids(guarded) == before
+        assert client.predict("linear", {"x": np.array([2.0], np.float32)}).outputs["y"].tolist() == [4.0]
+
+
+def test_a_version_beyond_int64_is_a_json_400(guarded: BrokerProcess) -> None:
+    huge = "9" * 30
+    for response in (guarded.http.get(f"/v1/models/linear/versions/{huge}"),
+                     guarded.http.get(f"/v1/models/linear/versions/{huge}/metadata"),
+                     guarded.predict("linear", {"instances": [1.0]}, suffix=f"/versions/{huge}")):
+        assert response.status_code == 400, response.text
+        assert "64-bit" in response.json()["error"]
+
+
+def slow_calls(broker: BrokerProcess) -> int:
+    """How many times the slow model has run, this call included."""
+    response = broker.predict("slow", {"instances": [0.0]})
+    assert response.status_code == 200, response.text
+    return int(response.json()["predictions"][0])
+
+
+def test_a_request_past_its_deadline_never_reaches_the_model(guarded: BrokerProcess) -> None:
+    first = slow_calls(guarded)
+    occupy = threading.Thread(target=slow_calls, args=(guarded,))  # holds the worker ~0.3 s or more
+    occupy.start()
+    time.sleep(0.05)
+    late = guarded.http.post("/v1/models/slow:predict", json={"instances": [0.0]},
+                             headers={"X-Request-Timeout-Ms": "100"})
+    occupy.join(timeout=60)
+    assert late.status_code == 504, late.text
+    assert late.json() == {"error": "Deadline Exceeded"}
+    assert slow_calls(guarded) == first + 2, "the late request was not run"
+    with Client(guarded.address) as client:
+        assert client.stats()["expired"] >= 1
+
+
+def test_a_bad_deadline_header_is_a_400(guarded: BrokerProcess) -> None:
+    response = guarded.http.post("/v1/models/linear:predict", json={"instances": [1.0]},
+                                 headers={"X-Request-Timeout-Ms": "soon"})
+    assert response.status_code == 400 and "X-Request-Timeout-Ms" in response.json()["error"]
+
+
+def test_a_disconnected_http_client_cancels_its_queued_request(guarded: BrokerProcess) -> None:
+    with Client(guarded.address) as client:
+        cancelled_before = client.stats()["cancelled"]
+    first = slow_calls(guarded)
+    occupy = threading.Thread(target=slow_calls, args=(guarded,))
+    occupy.start()
+    time.sleep(0.05)
+    with pytest.raises(httpx.ReadTimeout):  # gives up and closes its connection
+        httpx.post(f"{guarded.base_url}/v1/models/slow:predict", json={"instances": [0.0]}, timeout=0.1)
+    occupy.join(timeout=60)
+    assert slow_calls(guarded) == first + 2, "the abandoned request was not run"
+    with Client(guarded.address) as client:
+        assert client.stats()["cancelled"] == cancelled_before + 1
+
+
+def test_a_cancelled_python_call_cancels_its_queued_request(guarded: BrokerProcess) -> None:
+    async def main() -> None:
+        async with AsyncClient(guarded.address, timeout_s=30) as client:
+            before = (await client.stats())["cancelled"]
+            occupy = asyncio.ensure_future(client.predict("slow", {"x": np.zeros(1, np.float32)}))
+            await asyncio.sleep(0.05)
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(client.predict("slow", {"x": np.zeros(1, np.float32)}), 0.05)
+            first = int((await occupy).outputs["y"][0])
+            after = int((await client.predict("slow", {"x": np.zeros(1, np.float32)})).outputs["y"][0])
+            assert after == first + 1, "the cancelled request was not run"
+            assert (await client.stats())["cancelled"] == before + 1
+
+    asyncio.run(main())
+
+
+def test_a_sync_client_timeout_cancels_its_queued_request(guarded: BrokerProcess) -> None:
+    with Client(guarded.address, timeout_s=30) as client:
+        before = client.stats()["cancelled"]
+        first = slow_calls(guarded)
+        occupy = threading.Thread(target=slow_calls, args=(guarded,))
+        occupy.start()
+        time.sleep(0.05)
+        with pytest.raises((DeadlineExceeded, Cancelled)):
+            client.predict("slow", {"x": np.zeros(1, np.float32)}, timeout_s=0.01)
+        occupy.join(timeout=60)
+        assert slow_calls(guarded) == first + 2
+        assert client.stats()["cancelled"] + client.stats()["expired"] > before
+
+
+@pytest.mark.parametrize(("body", "status", "message"), [
+    (b'{"instances": [' + b"1.0," * 60_000 + b"1.0]}", 413, "exceeds the limit of 200000 bytes"),
+    (b'{"instances": [[[[[[[[1.0]]]]]]]]}', 400, "nested deeper than the limit of 6"),
+    (b'{"instances": [' + b"1," * 1000 + b"1]}", 400, "1001 instances exceed the limit of 1000"),
+    (b'{"inputs": {"x": [' + b"1," * 1000 + b"1]}}", 400, "1001 rows exceed the limit of 1000"),
+    (b'{"instances": ["' + b"a" * 1001 + b'"]}', 400, "a string exceeds the limit of 1000 bytes"),
+    (b'{"instances": [{"b64": "' + b"QUFB" * 400 + b'"}]}', 400, "a string exceeds the limit of 1000 bytes"),
+    (json.dumps({"inputs": {"x": [[1] * 1000] * 60}}).encode(), 400, "exceed the limit of 400000 bytes"),
+])
+def test_limits_refuse_hostile_sizes(guarded: BrokerProcess, body: bytes, status: int, message: str) -> None:
+    response = guarded.http.post("/v1/models/linear:predict", content=body,
+                                 headers={"content-type": "application/json"})
+    assert response.status_code == status, response.text[:300]
+    assert message in response.json()["error"]
+    assert guarded.predict("linear", {"instances": [2.0]}).json() == {"predictions": [4.0]}
+
+
+def test_a_body_without_content_length_is_still_held_to_the_limit(guarded: BrokerProcess) -> None:
+    def chunks() -> Iterator[bytes]:
+        yield b'{"instances": ['
+        for _ in range(30):
+            yield b"1.0," * 2_000
+        yield b"1.0]}"
+
+    response = guarded.http.post("/v1/models/linear:predict", content=chunks(),
+                                 headers={"content-type": "application/json"})
+    assert response.status_code == 413, response.text[:300]
