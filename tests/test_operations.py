@@ -235,3 +235,96 @@ def test_a_hung_worker_is_killed_after_missed_heartbeats_and_restarted(start_bro
     wait_for(lambda: not pid_alive(hung), 15, "the hung worker to be killed")
     broker.wait_available(["linear"])
     assert broker.predict("linear", {"instances": [1.0]}).json() == {"predictions": [3.5]}
+
+
+def test_two_brokers_on_one_host_need_only_different_ports(test_models: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(tmp_path)}  # the default runtime directory's parent
+    brokers = []
+    try:
+        for i in range(2):
+            port = free_port()
+            log = open(tmp_path / f"broker{i}.log", "wb")  # noqa: SIM115 - closed below
+            process = subprocess.Popen(
+                [sys.executable, "-m", "broker", "--model_name=linear", f"--model_base_path={test_models / 'linear'}",
+                 f"--rest_api_port={port}", "--rest_api_host=127.0.0.1", "--frontends=1"],
+                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            brokers.append((process, port, log))
+        for process, port, _ in brokers:
+            def serving(port: int = port, process: subprocess.Popen[bytes] = process) -> bool:
+                assert process.poll() is None, (tmp_path / "broker0.log").read_text() + (tmp_path / "broker1.log").read_text()
+                try:
+                    return httpx.post(f"http://127.0.0.1:{port}/v1/models/linear:predict",
+                                      json={"instances": [2.0]}, timeout=5).status_code == 200
+                except httpx.HTTPError:
+                    return False
+
+            wait_for(serving, 120, f"the broker on port {port}")
+        assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == sorted(
+            f"tfbroker-{os.getuid()}-{port}" for _, port, _ in brokers)
+    finally:
+        for process, _, log in brokers:
+            terminate(process, grace_s=30)
+            log.close()
+
+
+def test_sighup_reloads_the_model_config_and_rolls_the_frontends(start_broker: Any, test_models: Path,
+                                                                 tmp_path: Path) -> None:
+    from tests.conftest import make_model_config
+
+    config = tmp_path / "models.config"
+    config.write_text(make_model_config({"first": test_models / "linear"}))
+    broker = start_broker([f"--model_config_file={config}"], frontends=2)
+    broker.wait_available(["first"])
+    frontends = set(broker.pids_with("tfbroker: frontend:"))
+    assert len(frontends) == 2
+    config.write_text(make_model_config({"first": test_models / "linear", "second": test_models / "versions"}))
+    os.kill(broker.pid, signal.SIGHUP)
+    broker.wait_available(["first", "second"])
+    wait_for(lambda: len(set(broker.pids_with("tfbroker: frontend:")) - frontends) == 2, 60,
+             "two new frontends")
+    assert not set(broker.pids_with("tfbroker: frontend:")) & frontends
+    assert broker.process.poll() is None, "SIGHUP does not stop the broker"
+    assert broker.predict("second", {"instances": [0.0]}).json() == {"predictions": [30.0]}
+
+
+def test_curve_lets_known_keys_in_and_keeps_unknown_ones_out(start_broker: Any, test_models: Path,
+                                                             tmp_path: Path) -> None:
+    keys, allowed = tmp_path / "keys", tmp_path / "allowed"
+    allowed.mkdir()
+    for name in ("broker", "client", "stranger"):
+        subprocess.run([sys.executable, "-m", "broker.ctl", "keygen", str(keys), name], cwd=ROOT, check=True,
+                       capture_output=True, timeout=60)
+    (allowed / "client.key").write_bytes((keys / "client.key").read_bytes())
+    tcp = f"tcp://127.0.0.1:{free_port()}"
+    broker = start_broker(["--model_name=linear", f"--model_base_path={test_models / 'linear'}",
+                           f"--frontend_address={tcp}", f"--curve_secret_key_file={keys / 'broker.key_secret'}",
+                           f"--curve_client_keys_dir={allowed}"], frontends=1)
+    broker.wait_available(["linear"])  # the frontends and the worker use the broker's own keys
+    assert broker.predict("linear", {"instances": [2.0]}).json() == {"predictions": [4.0]}
+
+    def call_as(name: str) -> subprocess.CompletedProcess[str]:
+        code = ("import numpy as np; from frontend.client import Client; "
+                f"c = Client({tcp!r}, timeout_s=3, connect_timeout_s=3); "
+                "print(c.predict('linear', {'x': np.array([2.0], np.float32)}).outputs['y'].tolist()); "
+                "print(c.stats()['auth_refused'])")
+        env = {**os.environ, "TFBROKER_CURVE_SECRET_KEY_FILE": str(keys / f"{name}.key_secret"),
+               "TFBROKER_CURVE_SERVER_KEY_FILE": str(keys / "broker.key")}
+        return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=60)
+
+    known = call_as("client")
+    assert known.returncode == 0, known.stderr
+    assert known.stdout.split("\n")[0] == "[4.0]"
+    stranger = call_as("stranger")
+    assert stranger.returncode != 0 and "Unavailable" in stranger.stderr, stranger.stderr[-500:]
+    known = call_as("client")
+    assert known.returncode == 0 and int(known.stdout.split("\n")[1]) >= 1, "the refusal was counted"
+    plain = subprocess.run([sys.executable, "-m", "broker.ctl", f"--runtime_dir={broker.runtime_dir}", "--timeout_s=2",
+                            "status"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert plain.returncode == 3, "the control socket takes CURVE clients only"
+    with_keys = subprocess.run([sys.executable, "-m", "broker.ctl", f"--runtime_dir={broker.runtime_dir}",
+                                f"--curve_secret_key_file={keys / 'client.key_secret'}",
+                                f"--curve_server_key_file={keys / 'broker.key'}", "status"],
+                               cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert with_keys.returncode == 0, with_keys.stderr
+    assert "model linear" in with_keys.stdout
