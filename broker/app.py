@@ -7,6 +7,7 @@ import logging
 import os
 import subprocess
 import sys
+from typing import IO
 
 import zmq
 
@@ -80,7 +81,7 @@ def make_demo_models(directory: str) -> None:
         raise ValueError(f"could not make the demo models in {directory}")
 
 
-def lock_runtime_dir(runtime_dir: str) -> object:
+def lock_runtime_dir(runtime_dir: str) -> IO[str]:
     """One broker per runtime directory: a second would take over the first one's sockets."""
     os.makedirs(runtime_dir, mode=0o700, exist_ok=True)
     fh = open(os.path.join(runtime_dir, "broker.lock"), "a+")  # noqa: SIM115 - held for the lifetime

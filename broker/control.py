@@ -14,6 +14,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
+import msgspec
 import zmq
 
 from broker import protocol
@@ -69,7 +70,7 @@ class ControlChannel:
                 message = protocol.decode(frames[1:], protocol.CTL_TO_BROKER)
                 header: protocol.Control = message.header
                 log.log(logging.DEBUG if header.op == "status" else logging.INFO, "control: %s %s", header.op,
-                        protocol.encode_header(header.args).decode(errors="replace"))
+                        msgspec.json.encode(header.args).decode())
                 body = self._ops[header.op](header.args)
             except protocol.ProtocolError as exc:  # malformed: answer, keep serving
                 self._send(client, protocol.ERROR, protocol.Error(

@@ -92,7 +92,7 @@ def cut_joined_result(result: protocol.JoinedResult, frames: Sequence[Any],
 
 def describe_tasks(tasks: Iterable[Task], most: int = 8) -> str:
     """What the requests were, for the log of a worker that died holding them."""
-    parts = []
+    parts: list[str] = []
     for task in tasks:
         if len(parts) == most:
             parts.append("…")

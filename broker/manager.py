@@ -72,12 +72,14 @@ class VersionManager:
                 model.removed = True
                 changes.append(f"model {name} removed: its versions unload")
         for name, config in wanted.items():
-            model = self.broker.models.get(name)
-            if model is None:
+            existing = self.broker.models.get(name)
+            if existing is None:
                 model = self.broker.models[name] = ServedModel(config)
                 changes.append(f"model {name} added")
-            elif model.config != config or model.removed:
-                changes.append(f"model {name} updated")
+            else:
+                model = existing
+                if model.config != config or model.removed:
+                    changes.append(f"model {name} updated")
             if model.config.base_path != config.base_path:
                 # An operator's explicit change: take the new path's versions as they are, so
                 # the old ones keep serving until the new ones are AVAILABLE.

@@ -122,6 +122,8 @@ import numpy as np
 
 from broker.errors import ProtocolError
 
+__all__ = ["ProtocolError"]  # re-exported: decoding raises it
+
 TAG = b"TFB02"
 
 REQUEST = b"\x01"
@@ -417,7 +419,8 @@ def salvage_id(frames: Sequence[Any]) -> int | None:
     if len(frames) < 3:
         return None
     try:
-        return _id_only.decode(frames[2]).id
+        found: _IdOnly = _id_only.decode(frames[2])
+        return found.id
     except (msgspec.DecodeError, msgspec.ValidationError):
         return None
 
@@ -431,13 +434,14 @@ def encode_tensors(tensors: Mapping[str, np.ndarray]) -> tuple[list[TensorSpec],
     for name, array in tensors.items():
         if array.dtype.kind in "OSU":
             flat = [_as_bytes(v) for v in array.reshape(-1).tolist()]
-            specs.append(TensorSpec(name, STRING, array.shape))
+            specs.append(TensorSpec(name, "string", array.shape))
             frames.append(_encoder.encode(flat))
         else:
             specs.append(TensorSpec(name, array.dtype.name, array.shape))  # type: ignore[arg-type]
             if not array.flags.c_contiguous:
                 array = array.copy()  # (np.ascontiguousarray would turn a scalar into shape [1])
-            frames.append(memoryview(array).cast("B") if array.size and array.ndim else array.tobytes())
+            frames.append(memoryview(array).cast("B")  # type: ignore[arg-type]
+                          if array.size and array.ndim else array.tobytes())
     return specs, frames
 
 
@@ -473,7 +477,7 @@ def nbytes(spec: TensorSpec) -> int | None:
     """The frame length a numeric spec needs (None for strings)."""
     if spec.dtype == STRING:
         return None
-    return math.prod(spec.shape) * _ITEMSIZE[spec.dtype]
+    return int(math.prod(spec.shape) * _ITEMSIZE[spec.dtype])
 
 
 def _as_bytes(value: Any) -> bytes:

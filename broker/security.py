@@ -14,6 +14,7 @@ import logging
 import os
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 import zmq
 import zmq.auth
@@ -59,13 +60,13 @@ def generate(directory: str, name: str) -> tuple[str, str]:
     return public, secret
 
 
-def make_server(sock: zmq.Socket, keys: KeyPair) -> None:
+def make_server(sock: zmq.Socket[Any], keys: KeyPair) -> None:
     sock.curve_secretkey = keys.secret
     sock.curve_publickey = keys.public
     sock.curve_server = True
 
 
-def make_client(sock: zmq.Socket, keys: KeyPair, server_public: bytes) -> None:
+def make_client(sock: zmq.Socket[Any], keys: KeyPair, server_public: bytes) -> None:
     sock.curve_secretkey = keys.secret
     sock.curve_publickey = keys.public
     sock.curve_serverkey = server_public
@@ -101,7 +102,7 @@ class KeyRing:
         return False
 
 
-def start_authenticator(context: zmq.Context, keys: KeyPair, client_keys_dir: str) -> tuple[ThreadAuthenticator,
+def start_authenticator(context: zmq.Context[Any], keys: KeyPair, client_keys_dir: str) -> tuple[ThreadAuthenticator,
                                                                                           KeyRing]:
     """pyzmq's ZAP handler for every CURVE socket of ``context``."""
     ring = KeyRing(client_keys_dir, keys.public)

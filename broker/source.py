@@ -62,10 +62,10 @@ class VersionSource:
                 candidate.files, candidate.since = files, now
                 continue
             del self._candidates[key]
-            model = next((m for m in models if m.name == key[0]), None)
-            if model is not None and not model.removed:
+            found = next((m for m in models if m.name == key[0]), None)
+            if found is not None and not found.removed:
                 log.info("found version %d of model %s in %s", key[1], key[0], candidate.path)
-                model.on_disk[key[1]] = candidate.path
+                found.on_disk[key[1]] = candidate.path
                 changed = True
         return changed
 

@@ -45,4 +45,4 @@ def recv_message(sock: zmq.Socket, flags: int = 0) -> list[bytes]:
 
 def events(sock: zmq.Socket) -> int:
     """``sock.getsockopt(zmq.EVENTS)`` as a plain int, to test against POLLIN and POLLOUT."""
-    return _get(sock, _EVENTS)
+    return int(_get(sock, _EVENTS))

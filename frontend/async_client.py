@@ -136,7 +136,7 @@ class AsyncClient(ClientBase):
             self._socket = new_socket(self._context, self.address)
             self._loop = loop
             self._last_heard = time.monotonic()
-            loop.add_reader(self._socket.getsockopt(zmq.FD), self._drain)
+            loop.add_reader(self._socket.fileno(), self._drain)
             self._heartbeat = loop.call_later(HEARTBEAT_INTERVAL_S, self._check_broker)
         return self._socket, loop
 
@@ -194,7 +194,7 @@ class AsyncClient(ClientBase):
             self._heartbeat = None
         if self._socket is not None:
             if self._loop is not None and not self._loop.is_closed():
-                self._loop.remove_reader(self._socket.getsockopt(zmq.FD))
+                self._loop.remove_reader(self._socket.fileno())
             self._socket.close(linger=0)
             self._socket = None
         for future in self._pending.values():

@@ -157,7 +157,7 @@ def _string_array(value: Any, name: str, max_bytes: int) -> np.ndarray:
 
 
 def _shape_of(value: Any, name: str, max_rank: int = 64) -> tuple[int, ...]:
-    shape = []
+    shape: list[int] = []
     while isinstance(value, list):
         if len(shape) >= max_rank:
             raise InvalidArgument(f"input '{name}' is nested deeper than the limit of {max_rank} levels")
@@ -183,7 +183,7 @@ def _object_array(value: Any, name: str) -> np.ndarray:
     return array
 
 
-def _ragged_message(exc: ValueError) -> str:
+def _ragged_message(exc: ValueError | OverflowError) -> str:
     text = str(exc)
     if "inhomogeneous" in text or "sequence" in text:
         return "the list is ragged (rows of different lengths)"
@@ -200,7 +200,8 @@ def _rows(outputs: dict[str, np.ndarray]) -> Any:
                               "use the columnar format ('inputs')")
     columns = {n: _jsonable(n, v) for n, v in outputs.items()}
     listed = {n: c.tolist() if isinstance(c, np.ndarray) else c for n, c in columns.items()}
-    return [{n: listed[n][i] for n in outputs} for i in range(sizes.pop())]
+    count: int = sizes.pop()  # type: ignore[assignment]  # (None was refused above)
+    return [{n: listed[n][i] for n in outputs} for i in range(count)]
 
 
 def _jsonable(name: str, value: np.ndarray) -> Any:

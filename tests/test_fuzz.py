@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-import httpx
 import msgpack
 import numpy as np
 import pytest

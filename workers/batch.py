@@ -202,8 +202,7 @@ def _run_group(signature: Signature, tasks: list[TaskInput], pad_to: int) -> lis
         return [_run_one(signature, tasks[0])]
     batch = JoinedBatch([t.request_id for t in tasks], rows,
                         {name: np.concatenate([t.inputs[name] for t in tasks]) for name in tasks[0].inputs})
-    result = run_joined(signature, batch, pad_to)
-    return cut_rows(result, rows) if isinstance(result, dict) else result
+    return run_joined_outcomes(signature, batch, pad_to)
 
 
 def _run_alone(signature: Signature, tasks: list[TaskInput]) -> list[Outcome]:

@@ -94,3 +94,18 @@ def test_padding_to_allowed_sizes() -> None:
     params = BatchingParameters(max_batch_size=8, allowed_batch_sizes=(2, 4, 8))
     assert [params.padded_size(n) for n in (1, 2, 3, 5, 8)] == [2, 2, 4, 8, 8]
     assert BatchingParameters().padded_size(5) == 5
+
+
+def test_a_cancelled_task_leaves_its_batch_and_an_emptied_batch_leaves_the_queue() -> None:
+    queue = BatchQueue(BatchingParameters(max_batch_size=4, batch_timeout_micros=1000))
+    first, second = Task(1, 10.0, "a"), Task(2, 10.0, "b")
+    queue.schedule(first, 0.0)
+    queue.schedule(second, 0.0)
+    assert queue.remove(first) and len(queue) == 1
+    assert not queue.remove(first), "only once"
+    batch = queue.next_batch(0.0, idle=True)
+    assert batch is not None and [t.payload for t in batch.tasks] == ["b"] and batch.size == 2
+    assert not queue.remove(second), "a dispatched task is not in the queue"
+    lone = Task(1, 10.0, "c")
+    queue.schedule(lone, 0.0)
+    assert queue.remove(lone) and queue.enqueued_batches == 0

@@ -107,6 +107,7 @@ def test_service_errors_map_to_their_status(http: SyncASGI, fake: FakeClient, er
     response = http.post("/v1/models/m:predict", json={"instances": [1]})
     assert response.status_code == status
     assert response.json() == {"error": str(error)}
+    assert response.headers.get("retry-after") == ("1" if status == 503 else None)
 
 
 @pytest.mark.parametrize(("method", "path", "status"), [
@@ -121,3 +122,30 @@ def test_malformed_urls(http: SyncASGI, method: str, path: str, status: int) -> 
     response = http.request(method, path, json={"instances": [1]})
     assert response.status_code == status
     assert "error" in response.json()
+
+
+def test_a_bug_in_the_client_is_a_json_500_and_the_app_keeps_serving(http: SyncASGI, fake: FakeClient) -> None:
+    fake.error = RuntimeError("boom")
+    response = http.post("/v1/models/m:predict", json={"instances": [1]})
+    assert response.status_code == 500
+    assert response.json() == {"error": "frontend error: RuntimeError: boom"}
+    fake.error = None
+    assert http.post("/v1/models/m:predict", json={"instances": [1]}).json() == {"predictions": [2]}
+
+
+def test_the_caller_may_ask_for_a_shorter_deadline_but_not_a_longer_one(http: SyncASGI, fake: FakeClient) -> None:
+    http.post("/v1/models/m:predict", json={"instances": [1]}, headers={"X-Request-Timeout-Ms": "250"})
+    http.post("/v1/models/m:predict", json={"instances": [1]}, headers={"X-Request-Timeout-Ms": "999999"})
+    assert [c[1]["timeout_s"] for c in fake.calls] == [0.25, 5.0]
+
+
+def test_limits_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from broker.config import LIMITS_ENV, RequestLimits
+    from broker.flags import dataclass_to_argv
+    from frontend.app import limits_from_env
+
+    limits = RequestLimits(max_instances=7, max_request_body_bytes=123)
+    monkeypatch.setenv(LIMITS_ENV, " ".join(dataclass_to_argv(limits)))
+    assert limits_from_env() == limits
+    monkeypatch.delenv(LIMITS_ENV)
+    assert limits_from_env() == RequestLimits()

@@ -137,3 +137,39 @@ def test_a_joined_batch_whose_output_has_no_batch_dimension_runs_its_tasks_alone
 def test_a_joined_batch_with_wrong_input_names_fails_every_task() -> None:
     outcomes = run_joined(make_signature([]), JoinedBatch([1, 2], [1, 1], {"z": np.ones((2, 2))}), 2)
     assert isinstance(outcomes, list) and all(isinstance(o, InvalidArgument) for o in outcomes)
+
+
+def test_tasks_out_of_time_are_answered_unrun() -> None:
+    from broker import protocol
+    from broker.errors import DeadlineExceeded
+    from workers.batch import decode_batch, split_expired
+
+    header = protocol.encode_header(protocol.Request(id=4, model="m", timeout_ms=5,
+                                                     inputs=[protocol.TensorSpec("x", "float32", (1,))]))
+    frames = [header, np.ones(1, np.float32).tobytes(), header, np.ones(1, np.float32).tobytes()]
+    late, on_time = decode_batch(frames, [2, 2], [1.0, 3.0], now=2.0)
+    assert isinstance(late.error, DeadlineExceeded) and late.request_id == 4
+    assert on_time.error is None and on_time.rows == 1
+
+    inputs = {"x": np.arange(6, dtype=np.float32)}
+    batch, expired = split_expired([1, 2, 3], [1, 2, 3], inputs, [5.0, 1.0, 5.0], now=2.0)
+    assert expired == {1}
+    assert batch.ids == [1, 3] and batch.rows == [1, 3]
+    assert batch.inputs["x"].tolist() == [0.0, 3.0, 4.0, 5.0]
+
+
+def test_a_task_without_a_batch_dimension_runs_alone_unpadded() -> None:
+    calls: list[tuple[int, ...]] = []
+
+    def plus_one(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        calls.append(inputs["x"].shape)
+        return {"y": inputs["x"] + 1}
+
+    signature = Signature("serving_default", {"x": TensorInfo("float32", None)}, {"y": TensorInfo("float32", None)},
+                          plus_one)
+    scalar = TaskInput(1, {"x": np.array(2.0, np.float32)}, 0)
+    rows = TaskInput(2, {"x": np.array([1.0], np.float32)}, 1)
+    outcomes = run_batch(signature, [scalar, rows], padded_rows=4)
+    assert np.asarray(outcomes[0]["y"]).tolist() == 3.0  # type: ignore[index]
+    assert np.asarray(outcomes[1]["y"]).tolist() == [2.0]  # type: ignore[index]
+    assert calls == [(), (1,)], "each alone, neither padded"
