@@ -10,6 +10,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -96,6 +97,7 @@ class Server:
     address: str = ""  # the broker's ZeroMQ address, for the Python client
     process: subprocess.Popen[bytes] | None = None
     log_path: str = ""
+    probe: dict[str, Any] = field(default_factory=lambda: {"instances": [[0.0] * 256]})  # answered when up
 
     def start(self, timeout_s: float = 180.0) -> None:
         fd, self.log_path = tempfile.mkstemp(prefix=f"bench-{self.name}-", suffix=".log")
@@ -108,7 +110,7 @@ class Server:
                 if self.process.poll() is not None:
                     raise RuntimeError(f"{self.name} exited; see {self.log_path}")
                 try:
-                    if http.post(self.url, json={"instances": [[0.0] * 256]}).status_code == 200:
+                    if http.post(self.url, json=self.probe).status_code == 200:
                         return
                 except httpx.HTTPError:
                     pass
@@ -138,12 +140,12 @@ def naive_server(model_dir: str, workers: int, port: int) -> Server:
 
 
 def tfbroker_server(base_path: str, frontends: int, port: int, runtime_dir: str,
-                    extra: list[str] | None = None) -> Server:
+                    extra: list[str] | None = None, model: str = "mlp") -> Server:
     return Server(
         name=f"tfbroker-{frontends}",
-        argv=[sys.executable, "-m", "broker", "--model_name=mlp", f"--model_base_path={base_path}",
+        argv=[sys.executable, "-m", "broker", f"--model_name={model}", f"--model_base_path={base_path}",
               f"--rest_api_port={port}", "--rest_api_host=127.0.0.1", f"--frontends={frontends}",
               f"--runtime_dir={runtime_dir}", "--log_level=warning", *(extra or [])],
-        url=f"http://127.0.0.1:{port}/v1/models/mlp:predict",
+        url=f"http://127.0.0.1:{port}/v1/models/{model}:predict",
         env=SERVER_ENV,
         address=f"ipc://{runtime_dir}/frontend.sock")

@@ -32,7 +32,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from broker.config import DEFAULT_TIMEOUT_MS, FRONTEND_INDEX_ENV, LIMITS_ENV, TIMEOUT_ENV, RequestLimits
-from broker.errors import Internal, InvalidArgument, NotFound, PayloadTooLarge, TFBrokerError
+from broker.errors import Internal, InvalidArgument, NotFound, PayloadTooLarge, TFBrokerError, Unavailable
 from broker.flags import parse_flags
 from broker.process import set_title
 from broker.protocol import MAX_INT64
@@ -131,6 +131,7 @@ class PredictFastPath:
     def __init__(self, app: ASGIApp, endpoint: ModelsEndpoint) -> None:
         self.app = app
         self.endpoint = endpoint
+        self.waiting = 0  # predictions waiting on the broker (max_concurrent_predictions)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
@@ -142,9 +143,14 @@ class PredictFastPath:
         if match is None:
             await self.app(scope, receive, send)
             return
+        limits = self.endpoint.limits
         try:
-            body = await _read_body(scope, receive, self.endpoint.limits.max_request_body_bytes)
+            body = await _read_body(scope, receive, limits.max_request_body_bytes)
             timeout_s = _timeout_s(scope, self.endpoint.timeout_s)
+            if self.waiting >= limits.max_concurrent_predictions:
+                # Overload: refuse before spending anything on the request, so the admitted
+                # ones keep the CPU and their latency stays bounded.
+                raise Unavailable(f"this frontend has {self.waiting} predictions waiting, its limit; retry later")
         except TFBrokerError as exc:
             await _respond(send, exc.http_status, orjson.dumps({"error": exc.message}), "")
             return
@@ -158,6 +164,7 @@ class PredictFastPath:
                     current.cancel()
 
         watcher.add_done_callback(on_receive)
+        self.waiting += 1
         try:
             status, content, model_version = await self.endpoint.run_predict(
                 body, match["name"], match["version"], match["label"], timeout_s)
@@ -166,6 +173,7 @@ class PredictFastPath:
                 return  # the client is gone: nobody to answer
             raise
         finally:
+            self.waiting -= 1
             watcher.remove_done_callback(on_receive)
             watcher.cancel()
         await _respond(send, status, content, model_version)
