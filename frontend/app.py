@@ -43,6 +43,7 @@ log = logging.getLogger("tfbroker.frontend")
 
 RETRY_AFTER_S = "1"  # what a 503 (queue full, model loading, worker restarting) tells callers
 TIMEOUT_HEADER = b"x-request-timeout-ms"
+DISCONNECT_WATCH_AFTER_S = 0.05
 
 
 _PREFIX = "/v1/models/"
@@ -154,28 +155,37 @@ class PredictFastPath:
         except TFBrokerError as exc:
             await _respond(send, exc.http_status, orjson.dumps({"error": exc.message}), "")
             return
-        # Watch for the client going away while the model works: its request is cancelled.
+        # A request still waiting after DISCONNECT_WATCH_AFTER_S starts watching for its client
+        # going away, and is cancelled (taken out of the broker's queue) when it does. Most
+        # requests are answered sooner and never pay for the watcher task.
         current = asyncio.current_task()
-        watcher = asyncio.ensure_future(receive())
+        watchers: list[asyncio.Future[Any]] = []
 
         def on_receive(done: asyncio.Future[Any]) -> None:
             if current is not None and not done.cancelled() and done.exception() is None:
                 if done.result().get("type") == "http.disconnect":
                     current.cancel()
 
-        watcher.add_done_callback(on_receive)
+        def watch() -> None:
+            watcher = asyncio.ensure_future(receive())
+            watcher.add_done_callback(on_receive)
+            watchers.append(watcher)
+
+        timer = asyncio.get_running_loop().call_later(DISCONNECT_WATCH_AFTER_S, watch)
         self.waiting += 1
         try:
             status, content, model_version = await self.endpoint.run_predict(
                 body, match["name"], match["version"], match["label"], timeout_s)
         except asyncio.CancelledError:
-            if watcher.done() and not watcher.cancelled():
+            if watchers and watchers[0].done() and not watchers[0].cancelled():
                 return  # the client is gone: nobody to answer
             raise
         finally:
             self.waiting -= 1
-            watcher.remove_done_callback(on_receive)
-            watcher.cancel()
+            timer.cancel()
+            for watcher in watchers:
+                watcher.remove_done_callback(on_receive)
+                watcher.cancel()
         await _respond(send, status, content, model_version)
 
 

@@ -98,7 +98,9 @@ class _Parser:
         return {SINGLE_INPUT: self.array(inputs, "inputs")}
 
     def array(self, value: Any, name: str) -> np.ndarray:
-        shape = _shape_of(value, name, self.limits.max_json_depth)
+        # The shape along the first elements: enough for the limits, and cheap (numpy finds
+        # ragged lists; strings are walked in full when their array is built).
+        shape = _first_shape(value, name, self.limits.max_json_depth)
         if shape and shape[0] > self.limits.max_instances:
             raise InvalidArgument(f"input '{name}': {shape[0]} rows exceed the limit of {self.limits.max_instances}")
         # Refuse before allocating: numbers take 8 bytes each as int64 or float64.
@@ -156,11 +158,21 @@ def _string_array(value: Any, name: str, max_bytes: int) -> np.ndarray:
     return _object_array(convert(value), name)
 
 
-def _shape_of(value: Any, name: str, max_rank: int = 64) -> tuple[int, ...]:
+def _first_shape(value: Any, name: str, max_rank: int) -> tuple[int, ...]:
     shape: list[int] = []
     while isinstance(value, list):
         if len(shape) >= max_rank:
             raise InvalidArgument(f"input '{name}' is nested deeper than the limit of {max_rank} levels")
+        shape.append(len(value))
+        if not value:
+            break
+        value = value[0]
+    return tuple(shape)
+
+
+def _shape_of(value: Any, name: str) -> tuple[int, ...]:
+    shape: list[int] = []
+    while isinstance(value, list):
         shape.append(len(value))
         if not value:
             break
