@@ -329,6 +329,9 @@ def test_killed_worker_fails_in_flight_requests_with_503_and_comes_back(served: 
     assert statuses <= {200, 503}, statuses
     assert 503 in statuses, "requests in flight on the killed worker get 503"
     assert max(elapsed for _, elapsed in results) < 10, "nothing hangs"
+    assert f"(pid {old_pid}) exited with code -9 holding these requests: id " in served.log(), \
+        "the log names the requests a dead worker held"
+    assert "batch_reporter/serving_default [(only) float64[1]]" in served.log()  # (JSON numbers: float64)
     served.wait_available(["batch_reporter"])
     [new_pid] = served.pids_with("tfbroker: worker:batch_reporter:")
     assert new_pid != old_pid
