@@ -243,3 +243,20 @@ def test_a_body_without_content_length_is_still_held_to_the_limit(guarded: Broke
     response = guarded.http.post("/v1/models/linear:predict", content=chunks(),
                                  headers={"content-type": "application/json"})
     assert response.status_code == 413, response.text[:300]
+
+
+def test_a_frontend_at_its_limit_answers_503_with_retry_after_at_once(start_broker: Any, test_models: Path) -> None:
+    broker = start_broker(["--model_name=slow", f"--model_base_path={test_models / 'slow'}",
+                           "--max_concurrent_predictions=1"], frontends=1)
+    broker.wait_available(["slow"])
+    occupy = threading.Thread(target=slow_calls, args=(broker,))
+    occupy.start()
+    time.sleep(0.1)
+    refused = broker.predict("slow", {"instances": [0.0]})
+    answered_first = occupy.is_alive()
+    occupy.join(timeout=60)
+    assert refused.status_code == 503, refused.text
+    assert refused.headers["retry-after"] == "1"
+    assert "limit" in refused.json()["error"]
+    assert answered_first, "refused at once, while the admitted request was still running"
+    assert broker.predict("slow", {"instances": [0.0]}).status_code == 200
