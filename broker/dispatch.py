@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable, Sequence
 
-from broker import protocol
+from broker import protocol, tensors
 from broker.batching import Task
 
 
@@ -75,7 +75,7 @@ def cut_joined_result(result: protocol.JoinedResult, frames: Sequence[Any],
     outputs = []
     for spec, frame in zip(result.outputs, frames):
         view = memoryview(frame)
-        if not spec.shape or spec.shape[0] != total or spec.dtype == protocol.STRING or len(view) != protocol.nbytes(spec):
+        if not spec.shape or spec.shape[0] != total or spec.dtype == protocol.STRING or len(view) != tensors.nbytes(spec):
             raise ValueError(f"output {spec.name!r} of shape {list(spec.shape)} for a batch of {total} rows")
         outputs.append((spec, view, len(view) // total if total else 0))
     messages, start = [], 0

@@ -10,7 +10,8 @@ from typing import Any
 from broker.batching import BatchQueue, Task
 from broker.config import ModelConfig
 from broker.errors import InvalidArgument, NotFound, Unavailable
-from broker.protocol import SignatureSpec, TensorSpec, can_cast, nbytes
+from broker.protocol import SignatureSpec, TensorSpec
+from broker.tensors import can_cast, nbytes
 from broker.supervisor import Child
 from broker.versions import VersionSnapshot, VersionState, aspired_versions
 

@@ -24,7 +24,7 @@ import msgspec
 import numpy as np
 import zmq
 
-from broker import protocol
+from broker import protocol, tensors
 from broker.config import DEFAULT_TIMEOUT_MS
 from broker.errors import DeadlineExceeded, Internal, InvalidArgument, ProtocolError, Unavailable, from_code
 from broker.security import client_keys_from_env, make_client
@@ -55,7 +55,7 @@ def encode_predict(request_id: int, model: str, inputs: Mapping[str, Any], *, ve
     try:
         arrays = {name: value if isinstance(value, np.ndarray) else np.asarray(value)
                   for name, value in inputs.items()}
-        specs, frames = protocol.encode_tensors(arrays)
+        specs, frames = tensors.encode_tensors(arrays)
         header = protocol.Request(id=request_id, model=model, version=version, label=label,
                                   signature=signature_name, timeout_ms=_timeout_ms(timeout_s), inputs=specs)
         return protocol.encode(protocol.REQUEST, header, frames)
@@ -86,10 +86,10 @@ def prediction(message: protocol.Message) -> Prediction:
     if not isinstance(reply, protocol.PredictReply):
         raise Internal("the broker answered a prediction with something else")
     try:
-        tensors = protocol.decode_tensors(reply.outputs, message.frames)
+        outputs = tensors.decode_tensors(reply.outputs, message.frames)
     except ProtocolError as exc:
         raise Internal(f"malformed reply from the broker: {exc}") from exc
-    return Prediction(tensors, reply.model, reply.version)
+    return Prediction(outputs, reply.model, reply.version)
 
 
 def as_dict(message: protocol.Message) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from broker import protocol
+from broker import protocol, tensors
 from broker.supervisor import terminate
 from frontend.client import Client
 from tests.conftest import ROOT, BrokerProcess, make_model_config, pid_alive, stop_and_check, wait_for
@@ -194,6 +194,6 @@ def test_a_worker_survives_whatever_a_broker_sends(lone_worker: tuple[zmq.Socket
             break
     reply = protocol.decode([protocol.TAG, *message.frames], protocol.BROKER_TO_CLIENT)
     assert reply.command == protocol.REPLY, reply
-    assert protocol.decode_tensors(reply.header.outputs, reply.frames)["y"].tolist() == [4.0, 5.0]
+    assert tensors.decode_tensors(reply.header.outputs, reply.frames)["y"].tolist() == [4.0, 5.0]
     assert pid_alive(worker.pid)
     wait_for(lambda: worker.poll() is None, 1, "the worker to be alive")

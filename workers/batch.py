@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from broker import protocol
+from broker import protocol, tensors
 from broker.errors import DeadlineExceeded, Internal, InvalidArgument, ProtocolError, TFBrokerError
 from workers.model import Signature
 
@@ -70,14 +70,14 @@ def decode_batch(frames: Sequence[Any], counts: Sequence[int], deadlines: Sequen
         request_id = protocol.salvage_id([b"", b"", parts[0]]) or 0
         try:
             header = protocol.decode_header(protocol.REQUEST, parts[0])
-            tensors = protocol.decode_tensors(header.inputs, parts[1:])
+            arrays = tensors.decode_tensors(header.inputs, parts[1:])
         except ProtocolError as exc:
             tasks.append(TaskInput(request_id, {}, 0, InvalidArgument(f"protocol error: {exc}")))
             continue
         if now > deadline:
             tasks.append(TaskInput(request_id, {}, 0, DeadlineExceeded("Deadline Exceeded")))
             continue
-        tasks.append(TaskInput(request_id, tensors, _rows(tensors)))
+        tasks.append(TaskInput(request_id, arrays, _rows(arrays)))
     return tasks
 
 
@@ -101,7 +101,7 @@ def encode_outcome(request_id: int, model: str, version: int, outcome: Outcome) 
                                message=outcome.message[:protocol.MAX_MESSAGE_CHARS])
         return [protocol.ERROR, protocol.encode_header(error)]
     try:
-        specs, frames = protocol.encode_tensors(outcome)
+        specs, frames = tensors.encode_tensors(outcome)
         reply = protocol.PredictReply(id=request_id, model=model, version=version, outputs=specs)
     except (ValueError, TypeError) as exc:  # an output no client could read (a dtype we do not carry)
         return encode_outcome(request_id, model, version, Internal(f"cannot encode the model's outputs: {exc}"))

@@ -17,7 +17,7 @@ from typing import Any
 
 import zmq
 
-from broker import protocol
+from broker import protocol, tensors
 from broker.errors import DeadlineExceeded, Internal, InvalidArgument, NotFound, ProtocolError, TFBrokerError
 from broker.process import (EXIT_MODEL_LOAD_ERROR, EXIT_OK, die_with_parent, parent_alive,
                             set_title, setup_logging)
@@ -148,7 +148,7 @@ class Worker:
                                 run_batch(signature, tasks, header.padded_rows))
             return
         try:
-            inputs = protocol.decode_tensors(header.inputs, message.frames)
+            inputs = tensors.decode_tensors(header.inputs, message.frames)
         except ProtocolError as exc:
             log.error("malformed joined batch from the broker: %s", exc)
             self._fail_batch(message, header.ids, InvalidArgument(f"protocol error: {exc}"))
@@ -163,7 +163,7 @@ class Worker:
         if isinstance(result, list):
             self._send_outcomes(header.batch, header.ids, result)
             return
-        specs, frames = protocol.encode_tensors(result)
+        specs, frames = tensors.encode_tensors(result)
         self._send(protocol.RESULT, protocol.JoinedResult(batch=header.batch, model=self.config.model_name,
                                                           version=self.config.version, outputs=specs), frames)
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker import protocol
+from broker import protocol, tensors
 from broker.errors import ProtocolError
 
 # A REQUEST as a peer in another language would write it: msgpack map written byte by byte.
@@ -29,12 +29,12 @@ def test_decodes_a_hand_written_request() -> None:
     assert (header.id, header.model, header.timeout_ms, header.signature, header.version) == (
         7, "m", 100, "serving_default", None)
     assert header.inputs == [protocol.TensorSpec("x", "float32", (2,))]
-    tensors = protocol.decode_tensors(header.inputs, message.frames)
-    np.testing.assert_array_equal(tensors["x"], [1.5, -2.0])
+    decoded = tensors.decode_tensors(header.inputs, message.frames)
+    np.testing.assert_array_equal(decoded["x"], [1.5, -2.0])
 
 
 def test_encodes_what_a_hand_written_peer_expects() -> None:
-    specs, frames = protocol.encode_tensors({"x": np.array([1.5, -2.0], np.float32)})
+    specs, frames = tensors.encode_tensors({"x": np.array([1.5, -2.0], np.float32)})
     header = protocol.Request(id=7, model="m", timeout_ms=100, inputs=specs)
     encoded = protocol.encode(protocol.REQUEST, header, frames)
     assert encoded[:3] == [b"TFB02", b"\x01", HAND_HEADER]  # defaults (signature) are left out
@@ -43,7 +43,7 @@ def test_encodes_what_a_hand_written_peer_expects() -> None:
 
 def test_numeric_tensors_are_not_copied() -> None:
     array = np.arange(6, dtype=np.int64).reshape(2, 3)
-    _, frames = protocol.encode_tensors({"a": array})
+    _, frames = tensors.encode_tensors({"a": array})
     assert np.shares_memory(np.frombuffer(frames[0], dtype=np.int64), array)
 
 
@@ -55,8 +55,8 @@ def test_numeric_tensors_are_not_copied() -> None:
     np.array([[b"ab", b""], [b"\xff\x00", b"z"]], dtype=object),
 ])
 def test_tensors_round_trip(array: np.ndarray) -> None:
-    specs, frames = protocol.encode_tensors({"t": array})
-    [back] = protocol.decode_tensors(specs, [bytes(f) for f in frames]).values()
+    specs, frames = tensors.encode_tensors({"t": array})
+    [back] = tensors.decode_tensors(specs, [bytes(f) for f in frames]).values()
     assert back.shape == array.shape
     assert back.tolist() == array.tolist()
 
@@ -109,13 +109,13 @@ def test_the_id_of_a_malformed_request_is_salvaged_to_answer_it() -> None:
 def test_tensor_frames_must_fill_their_shape() -> None:
     spec = protocol.TensorSpec
     with pytest.raises(ProtocolError, match="'x'"):
-        protocol.decode_tensors([spec("x", "float32", (3,))], [b"\x00" * 8])
+        tensors.decode_tensors([spec("x", "float32", (3,))], [b"\x00" * 8])
     with pytest.raises(ProtocolError, match="2 tensor specs but 1 frames"):
-        protocol.decode_tensors([spec("x", "float32", (1,)), spec("y", "float32", (1,))], [b"\x00" * 4])
+        tensors.decode_tensors([spec("x", "float32", (1,)), spec("y", "float32", (1,))], [b"\x00" * 4])
     with pytest.raises(ProtocolError, match="2 strings do not fill"):
-        protocol.decode_tensors([spec("s", "string", (3,))], [msgpack.packb([b"a", b"b"])])
+        tensors.decode_tensors([spec("s", "string", (3,))], [msgpack.packb([b"a", b"b"])])
     with pytest.raises(ProtocolError, match="appears twice"):
-        protocol.decode_tensors([spec("x", "float32", (1,))] * 2, [b"\x00" * 4] * 2)
+        tensors.decode_tensors([spec("x", "float32", (1,))] * 2, [b"\x00" * 4] * 2)
 
 
 @pytest.mark.parametrize(("source", "target", "allowed"), [
@@ -123,7 +123,7 @@ def test_tensor_frames_must_fill_their_shape() -> None:
     ("string", "float32", False), ("string", "string", True), ("bool", "bool", True),
 ])
 def test_can_cast(source: str, target: str, allowed: bool) -> None:
-    assert protocol.can_cast(source, target) is allowed
+    assert tensors.can_cast(source, target) is allowed
 
 
 # --- fuzzing ---

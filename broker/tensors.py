@@ -1,0 +1,105 @@
+"""Tensors on the wire: one raw frame each, described by a TensorSpec in the message header.
+
+Numeric frames are the C-contiguous buffer of the array (zero-copy on both sides); a
+"string" frame is a msgpack array of byte strings. Also the dtype rules every peer shares:
+which request dtype may feed which signature dtype, and TensorFlow's DataType names.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import msgspec
+import numpy as np
+
+from broker.errors import ProtocolError
+from broker.protocol import STRING, DType, Frame, TensorSpec
+
+_encoder = msgspec.msgpack.Encoder()
+_strings = msgspec.msgpack.Decoder(list[bytes])
+
+
+def encode_tensors(tensors: Mapping[str, np.ndarray]) -> tuple[list[TensorSpec], list[Frame]]:
+    """Specs and frames for named arrays; numeric buffers are not copied."""
+    specs: list[TensorSpec] = []
+    frames: list[Frame] = []
+    for name, array in tensors.items():
+        if array.dtype.kind in "OSU":
+            flat = [_as_bytes(v) for v in array.reshape(-1).tolist()]
+            specs.append(TensorSpec(name, "string", array.shape))
+            frames.append(_encoder.encode(flat))
+        else:
+            specs.append(TensorSpec(name, array.dtype.name, array.shape))  # type: ignore[arg-type]
+            if not array.flags.c_contiguous:
+                array = array.copy()  # (np.ascontiguousarray would turn a scalar into shape [1])
+            frames.append(memoryview(array).cast("B")  # type: ignore[arg-type]
+                          if array.size and array.ndim else array.tobytes())
+    return specs, frames
+
+
+def decode_tensors(specs: Sequence[TensorSpec], frames: Sequence[Any]) -> dict[str, np.ndarray]:
+    """Arrays from specs and frames; numeric arrays are read-only views of the frames."""
+    if len(specs) != len(frames):
+        raise ProtocolError(f"{len(specs)} tensor specs but {len(frames)} frames")
+    tensors: dict[str, np.ndarray] = {}
+    for spec, frame in zip(specs, frames):
+        if spec.name in tensors:
+            raise ProtocolError(f"tensor {spec.name!r} appears twice")
+        size = math.prod(spec.shape)
+        if spec.dtype == STRING:
+            try:
+                values = _strings.decode(frame)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                raise ProtocolError(f"tensor {spec.name!r}: {exc}") from exc
+            if len(values) != size:
+                raise ProtocolError(f"tensor {spec.name!r}: {len(values)} strings do not fill shape {spec.shape}")
+            array = np.empty(len(values), dtype=object)
+            array[:] = values
+            tensors[spec.name] = array.reshape(spec.shape)
+        else:
+            dtype = np.dtype(spec.dtype)
+            if len(frame) != size * dtype.itemsize:
+                raise ProtocolError(f"tensor {spec.name!r}: {len(frame)} bytes do not fill shape "
+                                    f"{list(spec.shape)} of {spec.dtype}")
+            tensors[spec.name] = np.frombuffer(frame, dtype=dtype).reshape(spec.shape)
+    return tensors
+
+
+def nbytes(spec: TensorSpec) -> int | None:
+    """The frame length a numeric spec needs (None for strings)."""
+    if spec.dtype == STRING:
+        return None
+    return int(math.prod(spec.shape) * _ITEMSIZE[spec.dtype])
+
+
+def _as_bytes(value: Any) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode()
+    raise ProtocolError(f"string tensors hold bytes or str, not {type(value).__name__}")
+
+
+_ITEMSIZE = {name: np.dtype(name).itemsize for name in DType.__args__ if name != STRING}  # type: ignore[attr-defined]
+
+# TensorFlow's DataType names (as in SignatureDefs and TF Serving's JSON) and ours.
+DT_TO_DTYPE = {
+    "DT_FLOAT": "float32", "DT_DOUBLE": "float64", "DT_HALF": "float16",
+    "DT_INT8": "int8", "DT_INT16": "int16", "DT_INT32": "int32", "DT_INT64": "int64",
+    "DT_UINT8": "uint8", "DT_UINT16": "uint16", "DT_UINT32": "uint32", "DT_UINT64": "uint64",
+    "DT_BOOL": "bool", "DT_STRING": STRING, "DT_COMPLEX64": "complex64", "DT_COMPLEX128": "complex128",
+}
+
+
+def can_cast(source: str, target: str) -> bool:
+    """Whether a request tensor of dtype ``source`` may feed an input of dtype ``target``.
+
+    Numbers convert within their kind or upwards (JSON integers feed float inputs, float64
+    feeds float32) as TF Serving's JSON parser does; strings only feed strings.
+    """
+    if source == target:
+        return True
+    if STRING in (source, target):
+        return False
+    return bool(np.can_cast(np.dtype(source), np.dtype(target), casting="same_kind"))
