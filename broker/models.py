@@ -149,7 +149,7 @@ class ServedModel:
 
     def version_of_label(self, label: str) -> int:
         if label not in self.labels:
-            raise NotFound(f"Unrecognized servable version label: {label}")
+            raise InvalidArgument(f"Unrecognized servable version label: {label}")  # (TF Serving: 400)
         return self.labels[label]
 
     def resolve(self, version: int | None, label: str | None) -> ServedVersion:

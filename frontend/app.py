@@ -1,4 +1,4 @@
-"""The HTTP frontend: TF Serving's REST API as a Starlette app, ``frontend.app:app``.
+"""The HTTP frontend: TF Serving's REST API on ASGI, ``frontend.app:app``.
 
 Runs under uvicorn or gunicorn (``gunicorn -k uvicorn_worker.UvicornWorker frontend.app:app``)
 and never imports TensorFlow: it parses JSON into arrays and passes them to the broker
@@ -7,9 +7,11 @@ command line: TFBROKER_ADDRESS (the broker's frontend socket), TFBROKER_TIMEOUT_
 request deadline, TF Serving's --rest_api_timeout_in_ms), TFBROKER_LIMITS (RequestLimits as
 flags) and TFBROKER_FRONTEND_INDEX (N in the process title ``tfbroker: frontend:N``).
 
-Every answer, errors included, is JSON: ``{"error": "…"}`` with the status of the error's
-class (broker/errors.py); a 503 carries ``Retry-After``. A caller may ask for a shorter
-deadline than TFBROKER_TIMEOUT_MS with the header ``X-Request-Timeout-Ms``. A client that
+Everything under ``/v1/`` is served here on raw ASGI (frontend/routes.py matches the paths
+as TF Serving does); Starlette serves the rest (404) and the lifespan. Every answer, errors
+included, is JSON: ``{"error": "…"}`` with the status of the error's class
+(broker/errors.py); a 503 carries ``Retry-After``. A caller may ask for a shorter deadline
+than TFBROKER_TIMEOUT_MS with the header ``X-Request-Timeout-Ms``. A client that
 disconnects cancels its request: the broker drops it if it has not been dispatched.
 """
 
@@ -19,7 +21,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import re
 import shlex
 from typing import Any, AsyncIterator
 
@@ -28,14 +29,13 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from broker.config import DEFAULT_TIMEOUT_MS, FRONTEND_INDEX_ENV, LIMITS_ENV, TIMEOUT_ENV, RequestLimits
 from broker.errors import Internal, InvalidArgument, NotFound, PayloadTooLarge, TFBrokerError, Unavailable
 from broker.flags import parse_flags
 from broker.process import set_title
-from broker.protocol import MAX_INT64
+from frontend import routes
 from frontend.client import AsyncClient
 from frontend.json_tensor import format_predictions, parse_predict_body
 
@@ -44,117 +44,75 @@ log = logging.getLogger("tfbroker.frontend")
 RETRY_AFTER_S = "1"  # what a 503 (queue full, model loading, worker restarting) tells callers
 TIMEOUT_HEADER = b"x-request-timeout-ms"
 DISCONNECT_WATCH_AFTER_S = 0.05
+JSON = (b"content-type", b"application/json")
+# TF Serving's answer to a CORS preflight.
+CORS = [(b"access-control-allow-origin", b"*"), (b"access-control-allow-methods", b"POST, GET"),
+        (b"access-control-allow-headers", b"Content-Type")]
+
+Answer = tuple[int, bytes, list[tuple[bytes, bytes]]]  # status, JSON body, extra headers
 
 
-_PREFIX = "/v1/models/"
-_MODEL_PATH = re.compile(
-    r"(?P<name>[^/:]+)"
-    r"(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
-    r"(?:(?P<metadata>/metadata)|:(?P<verb>[a-z]+))?")
+def error_answer(error: TFBrokerError) -> Answer:
+    headers = [(b"retry-after", RETRY_AFTER_S.encode())] if error.http_status == 503 else []
+    return error.http_status, orjson.dumps({"error": error.message}), headers
 
 
-def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    content = body if isinstance(body, bytes) else orjson.dumps(body)
-    return Response(content, status_code=status, media_type="application/json", headers=headers)
+class RestApi:
+    """Everything under /v1/: predict on the hot path, status and metadata, and TF Serving's
+    errors for anything else; other paths go to ``app`` (Starlette: 404 and the lifespan)."""
 
-
-def error_response(error: TFBrokerError) -> Response:
-    headers = {"retry-after": RETRY_AFTER_S} if error.http_status == 503 else None
-    return json_response({"error": error.message}, error.http_status, headers)
-
-
-def parse_version(text: str | None) -> int | None:
-    if text is None:
-        return None
-    version = int(text)
-    if version > MAX_INT64:
-        raise InvalidArgument(f"Malformed request: version {text} does not fit a 64-bit integer")
-    return version
-
-
-class ModelsEndpoint:
-    """Everything under /v1/models/: status and metadata through Starlette, and predict."""
-
-    def __init__(self, client: AsyncClient, timeout_s: float, limits: RequestLimits) -> None:
+    def __init__(self, app: ASGIApp, client: AsyncClient, timeout_s: float, limits: RequestLimits) -> None:
+        self.app = app
         self.client = client
         self.timeout_s = timeout_s
         self.limits = limits
-
-    async def handle(self, request: Request) -> Response:
-        match = _MODEL_PATH.fullmatch(request.path_params["rest"])
-        try:
-            if match is None:
-                raise NotFound(f"Malformed request: {request.method} {request.url.path}")
-            name, label, verb = match["name"], match["label"], match["verb"]
-            version = parse_version(match["version"])
-            if request.method == "POST":  # :predict is served by PredictFastPath
-                if verb in ("classify", "regress"):
-                    return json_response({"error": f"{verb} is not supported yet; use :predict"}, 501)
-                raise NotFound(f"Malformed request: POST {request.url.path}")
-            if verb is not None:
-                raise NotFound(f"Malformed request: GET {request.url.path}")
-            if match["metadata"]:
-                return await self.metadata(name, version, label)
-            status = await self.client.status(name, version=version, label=label)
-            return json_response({"model_version_status": status["model_version_status"]})
-        except TFBrokerError as exc:
-            return error_response(exc)
-
-    async def run_predict(self, body: bytes, name: str, version: str | None, label: str | None,
-                          timeout_s: float) -> tuple[int, bytes, str]:
-        """(HTTP status, JSON body, serving version or "") for one :predict call."""
-        try:
-            inputs, signature, row_format = parse_predict_body(body, self.limits)
-            prediction = await self.client.predict(name, inputs, version=parse_version(version), label=label,
-                                                   signature_name=signature, timeout_s=timeout_s)
-            return 200, format_predictions(prediction.outputs, row_format), str(prediction.version)
-        except TFBrokerError as exc:
-            return exc.http_status, orjson.dumps({"error": exc.message}), ""
-        except Exception as exc:  # noqa: BLE001 - a bug answers this request with JSON, not the process
-            log.exception("predict failed")
-            return 500, orjson.dumps({"error": f"frontend error: {type(exc).__name__}: {exc}"}), ""
-
-    async def metadata(self, name: str, version: int | None, label: str | None) -> Response:
-        reply = await self.client.metadata(name, version=version, label=label)
-        return json_response({
-            "model_spec": {"name": name, "signature_name": "", "version": str(reply["version"])},
-            "metadata": {"signature_def": reply["signature_def"]},
-        })
-
-
-class PredictFastPath:
-    """POST .../:predict straight on ASGI, around the Starlette app that serves the rest.
-
-    The hot path of every request: no routing table, middleware or Request and Response
-    objects (a third of a frontend's CPU per request, measured with py-spy under bench).
-    """
-
-    def __init__(self, app: ASGIApp, endpoint: ModelsEndpoint) -> None:
-        self.app = app
-        self.endpoint = endpoint
         self.waiting = 0  # predictions waiting on the broker (max_concurrent_predictions)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "")
-        if (scope["type"] != "http" or scope["method"] != "POST" or not path.endswith(":predict")
-                or not path.startswith(_PREFIX)):
+        if scope["type"] != "http" or not routes.is_api_path(scope["path"]):
             await self.app(scope, receive, send)
             return
-        match = _MODEL_PATH.fullmatch(path[len(_PREFIX):])
-        if match is None:
-            await self.app(scope, receive, send)
-            return
-        limits = self.endpoint.limits
+        raw = scope.get("raw_path")
+        path = raw.decode("latin-1").partition("?")[0] if raw else scope["path"]
+        method = scope["method"]
         try:
-            body = await _read_body(scope, receive, limits.max_request_body_bytes)
-            timeout_s = _timeout_s(scope, self.endpoint.timeout_s)
-            if self.waiting >= limits.max_concurrent_predictions:
-                # Overload: refuse before spending anything on the request, so the admitted
-                # ones keep the CPU and their latency stays bounded.
-                raise Unavailable(f"this frontend has {self.waiting} predictions waiting, its limit; retry later")
+            if method == "OPTIONS":
+                answer: Answer = 200, b"", CORS
+            else:
+                call = routes.parse(method, path)
+                if call.verb == "predict":
+                    await self.predict(call, scope, receive, send)
+                    return
+                answer = await self.answer(call, scope, receive)
         except TFBrokerError as exc:
-            await _respond(send, exc.http_status, orjson.dumps({"error": exc.message}), "")
-            return
+            answer = error_answer(exc)
+        except Exception as exc:  # noqa: BLE001 - a bug answers this request with JSON, not the process
+            log.exception("%s %s failed", method, path)
+            answer = error_answer(Internal(f"frontend error: {type(exc).__name__}: {exc}"))
+        await _respond(send, *answer)
+
+    async def answer(self, call: routes.RestCall, scope: Scope, receive: Receive) -> Answer:
+        if call.verb in ("classify", "regress"):
+            await _read_body(scope, receive, self.limits.max_request_body_bytes)
+            return 501, orjson.dumps({"error": f"{call.verb} is not supported yet; use :predict"}), []
+        if call.verb == "metadata":
+            reply = await self.client.metadata(call.model, version=call.version, label=call.label)
+            body = {"model_spec": {"name": call.model, "signature_name": "", "version": str(reply["version"])},
+                    "metadata": {"signature_def": reply["signature_def"]}}
+        else:
+            status = await self.client.status(call.model, version=call.version, label=call.label)
+            body = {"model_version_status": status["model_version_status"]}
+        return 200, orjson.dumps(body), []
+
+    async def predict(self, call: routes.RestCall, scope: Scope, receive: Receive, send: Send) -> None:
+        """The hot path of every request: no routing table, middleware, Request or Response
+        objects (a third of a frontend's CPU per request, measured with py-spy under bench)."""
+        body = await _read_body(scope, receive, self.limits.max_request_body_bytes)
+        timeout_s = _timeout_s(scope, self.timeout_s)
+        if self.waiting >= self.limits.max_concurrent_predictions:
+            # Overload: refuse before spending anything on the request, so the admitted
+            # ones keep the CPU and their latency stays bounded.
+            raise Unavailable(f"this frontend has {self.waiting} predictions waiting, its limit; retry later")
         # A request still waiting after DISCONNECT_WATCH_AFTER_S starts watching for its client
         # going away, and is cancelled (taken out of the broker's queue) when it does. Most
         # requests are answered sooner and never pay for the watcher task.
@@ -174,8 +132,7 @@ class PredictFastPath:
         timer = asyncio.get_running_loop().call_later(DISCONNECT_WATCH_AFTER_S, watch)
         self.waiting += 1
         try:
-            status, content, model_version = await self.endpoint.run_predict(
-                body, match["name"], match["version"], match["label"], timeout_s)
+            answer = await self.run_predict(body, call, timeout_s)
         except asyncio.CancelledError:
             if watchers and watchers[0].done() and not watchers[0].cancelled():
                 return  # the client is gone: nobody to answer
@@ -186,16 +143,25 @@ class PredictFastPath:
             for watcher in watchers:
                 watcher.remove_done_callback(on_receive)
                 watcher.cancel()
-        await _respond(send, status, content, model_version)
+        await _respond(send, *answer)
+
+    async def run_predict(self, body: bytes, call: routes.RestCall, timeout_s: float) -> Answer:
+        try:
+            inputs, signature, row_format = parse_predict_body(body, self.limits)
+            prediction = await self.client.predict(call.model, inputs, version=call.version, label=call.label,
+                                                   signature_name=signature, timeout_s=timeout_s)
+            return (200, format_predictions(prediction.outputs, row_format),
+                    [(b"x-model-version", str(prediction.version).encode())])
+        except TFBrokerError as exc:
+            return error_answer(exc)
+        except Exception as exc:  # noqa: BLE001 - a bug answers this request with JSON, not the process
+            log.exception("predict failed")
+            return error_answer(Internal(f"frontend error: {type(exc).__name__}: {exc}"))
 
 
-async def _respond(send: Send, status: int, content: bytes, model_version: str) -> None:
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode())]
-    if model_version:
-        headers.append((b"x-model-version", model_version.encode()))
-    if status == 503:
-        headers.append((b"retry-after", RETRY_AFTER_S.encode()))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
+async def _respond(send: Send, status: int, content: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [JSON, (b"content-length", str(len(content)).encode()), *headers]})
     await send({"type": "http.response.body", "body": content})
 
 
@@ -223,19 +189,22 @@ def _timeout_s(scope: Scope, default_s: float) -> float:
     for name, value in scope["headers"]:
         if name == TIMEOUT_HEADER:
             if not value.isdigit() or int(value) < 1:
-                raise InvalidArgument(f"X-Request-Timeout-Ms must be a positive integer, got {value.decode(errors='replace')!r}")
+                raise InvalidArgument("X-Request-Timeout-Ms must be a positive integer, got "
+                                      f"{value.decode(errors='replace')!r}")
             return min(default_s, int(value) / 1000.0)
     return default_s
 
 
-async def http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    return json_response({"error": f"{exc.detail}: {request.method} {request.url.path}"}, exc.status_code)
+async def not_found(request: Request, exc: Exception) -> Response:
+    status = exc.status_code if isinstance(exc, HTTPException) else 404
+    error = NotFound(f"{request.method} {request.url.path} is not part of the API (it is under /v1/)")
+    return Response(orjson.dumps({"error": error.message}), status_code=status, media_type="application/json")
 
 
 async def server_error(request: Request, exc: Exception) -> Response:
     log.error("request %s %s failed", request.method, request.url.path, exc_info=exc)
-    return error_response(Internal(f"frontend error: {type(exc).__name__}: {exc}"))
+    status, content, _ = error_answer(Internal(f"frontend error: {type(exc).__name__}: {exc}"))
+    return Response(content, status_code=status, media_type="application/json")
 
 
 def limits_from_env() -> RequestLimits:
@@ -257,13 +226,9 @@ def create_app(client: AsyncClient | None = None, *, timeout_s: float | None = N
         yield
         client.close()
 
-    endpoint = ModelsEndpoint(client, timeout_s, limits)
-    app = Starlette(
-        routes=[Route("/v1/models/{rest:path}", endpoint.handle, methods=["GET", "POST"])],
-        exception_handlers={HTTPException: http_error, Exception: server_error},
-        lifespan=lifespan,
-    )
-    return PredictFastPath(app, endpoint)  # type: ignore[return-value]
+    rest = Starlette(routes=[], exception_handlers={HTTPException: not_found, Exception: server_error},
+                     lifespan=lifespan)
+    return RestApi(rest, client, timeout_s, limits)
 
 
 app = create_app()

@@ -183,8 +183,8 @@ def test_versions_and_labels(served: BrokerProcess) -> None:
     assert served.predict("linear", {"instances": [2.0]}, suffix="/labels/stable").json() == {"predictions": [4.0]}
     assert served.predict("linear", {"instances": [2.0]}, suffix="/versions/1").status_code == 404
     response = served.predict("linear", {"instances": [2.0]}, suffix="/labels/canary")
-    assert response.status_code == 404
-    assert "canary" in response.json()["error"]
+    assert response.status_code == 400, "TF Serving's InvalidArgument for a label it does not know"
+    assert response.json() == {"error": "Unrecognized servable version label: canary"}
 
 
 # --- the process architecture ---------------------------------------------------------------
@@ -286,10 +286,13 @@ def test_bad_values_in_a_joined_batch_fail_alone(served: BrokerProcess) -> None:
 
 
 def test_unknown_paths_and_unsupported_verbs(served: BrokerProcess) -> None:
-    assert served.http.get("/v1/nothing").status_code == 404
-    assert "error" in served.http.get("/v1/nothing").json()
-    assert served.http.post("/v1/models/linear:explode", json={}).status_code == 404
+    assert served.http.get("/v1/nothing").json() == {"error": "Malformed request: GET /v1/nothing"}
+    assert served.http.get("/v1/nothing").status_code == 400
+    assert served.http.get("/v2/nothing").status_code == 404
+    assert served.http.post("/v1/models/linear:explode", json={}).status_code == 400
     assert served.http.get("/v1/models/nosuchmodel").status_code == 404
+    assert served.http.post("/V1/MODELS/linear:PREDICT", json={"instances": [2.0]}).json() == {"predictions": [4.0]}
+    assert served.http.get("/v1/models/lin%65ar").json()["model_version_status"][0]["state"] == "AVAILABLE"
 
 
 def test_python_client_raises_the_wire_errors(served: BrokerProcess) -> None:

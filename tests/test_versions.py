@@ -185,7 +185,7 @@ def test_labels_removal_and_the_control_channel(start_broker: Any, test_models: 
     assert drained.returncode == 0, drained.stderr
     assert broker.predict("lab", {"instances": [0.0]}).json() == {"predictions": [10.0]}
     assert broker.predict("lab", {"instances": [0.0]}, "/versions/2").status_code == 503
-    assert broker.predict("lab", {"instances": [0.0]}, "/labels/stable").status_code == 404
+    assert broker.predict("lab", {"instances": [0.0]}, "/labels/stable").status_code == 400
     assert ctl(broker, "load", "lab", "2", "--wait").returncode == 0
     assert broker.predict("lab", {"instances": [0.0]}).json() == {"predictions": [20.0]}
     assert broker.predict("lab", {"instances": [0.0]}, "/labels/stable").json() == {"predictions": [20.0]}
@@ -214,7 +214,7 @@ def test_labels_removal_and_the_control_channel(start_broker: Any, test_models: 
     assert reloaded.returncode == 0 and "model other added" in reloaded.stdout, reloaded
     broker.wait_available(["other"])
     assert broker.predict("other", {"instances": [0.0]}).json() == {"predictions": [30.0]}
-    assert broker.predict("lab", {"instances": [0.0]}, "/labels/stable").status_code == 404
+    assert broker.predict("lab", {"instances": [0.0]}, "/labels/stable").status_code == 400
     config.write_text("model_config_list { config { name: ")
     broken = ctl(broker, "reload-config")
     assert broken.returncode == 1 and "old one stays in force" in broken.stderr

@@ -110,18 +110,41 @@ def test_service_errors_map_to_their_status(http: SyncASGI, fake: FakeClient, er
     assert response.headers.get("retry-after") == ("1" if status == 503 else None)
 
 
-@pytest.mark.parametrize(("method", "path", "status"), [
-    ("POST", "/v1/models/m:frobnicate", 404),
-    ("GET", "/v1/models/m:predict", 404),
-    ("POST", "/v1/models/m/versions/x:predict", 404),
-    ("POST", "/v1/models/m:classify", 501),
-    ("GET", "/v2/models/m", 404),
-    ("PUT", "/v1/models/m", 405),
+@pytest.mark.parametrize(("method", "path", "status", "error"), [
+    ("POST", "/v1/models/m:frobnicate", 400, "Malformed request: POST /v1/models/m:frobnicate"),
+    ("GET", "/v1/models/m:predict", 400, "Malformed request: GET /v1/models/m:predict"),
+    ("POST", "/v1/models/m/versions/x:predict", 400, "Malformed request: POST /v1/models/m/versions/x:predict"),
+    ("PUT", "/v1/models/m", 400, "Malformed request: PUT /v1/models/m"),
+    ("DELETE", "/v1/models/m:predict", 400, "Malformed request: DELETE /v1/models/m:predict"),
+    ("GET", "/v1/models", 400, "Missing model name in request."),
+    ("GET", "/v1/models/", 400, "Malformed request: GET /v1/models/"),
+    ("GET", "/v1/", 400, "Malformed request: GET /v1/"),
+    ("GET", "/v1/models/m/versions/99999999999999999999", 400,
+     "Failed to convert version: 99999999999999999999 to numeric."),
+    ("POST", "/v1/models/m/versions/99999999999999999999:predict", 400,
+     "Failed to convert version: 99999999999999999999 to numeric."),
+    ("POST", "/v1/models/m:classify", 501, "classify is not supported yet; use :predict"),
+    ("GET", "/v2/models/m", 404, None),
+    ("GET", "/v1", 404, None),
 ])
-def test_malformed_urls(http: SyncASGI, method: str, path: str, status: int) -> None:
+def test_tf_serving_routing_errors(http: SyncASGI, method: str, path: str, status: int, error: str | None) -> None:
     response = http.request(method, path, json={"instances": [1]})
-    assert response.status_code == status
-    assert "error" in response.json()
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    assert response.json()["error"] == error if error else "error" in response.json()
+
+
+def test_names_and_labels_are_percent_decoded_and_paths_match_in_any_case(http: SyncASGI, fake: FakeClient) -> None:
+    assert http.post("/V1/Models/m:PREDICT", json={"instances": [1]}).json() == {"predictions": [2]}
+    http.get("/v1/models/my%20model/labels/blue%2Fgreen")
+    assert fake.calls[-1] == ("status", {"model": "my model", "version": None, "label": "blue/green"})
+
+
+def test_cors_preflight(http: SyncASGI) -> None:
+    response = http.request("OPTIONS", "/v1/models/m:predict")
+    assert response.status_code == 200
+    assert response.headers["access-control-allow-origin"] == "*"
+    assert response.headers["access-control-allow-methods"] == "POST, GET"
 
 
 def test_a_bug_in_the_client_is_a_json_500_and_the_app_keeps_serving(http: SyncASGI, fake: FakeClient) -> None:
