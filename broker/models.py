@@ -11,7 +11,7 @@ from broker.batching import BatchQueue, Task
 from broker.config import ModelConfig
 from broker.errors import InvalidArgument, NotFound, Unavailable
 from broker.protocol import SignatureSpec, TensorSpec
-from broker.tensors import can_cast, nbytes
+from broker.tensors import TF_NAMES, can_cast, nbytes
 from broker.supervisor import Child
 from broker.versions import VersionSnapshot, VersionState, aspired_versions
 
@@ -211,8 +211,8 @@ def check_inputs(served: ServedVersion, signature_name: str, specs: list[TensorS
             raise InvalidArgument(f"input '{name}' is given twice")
         want = expected[name][0]
         if not can_cast(spec.dtype, want):
-            raise InvalidArgument(f"input '{name}' has type {spec.dtype}, which does not convert to the "
-                                  f"signature's {want}")
+            raise InvalidArgument(f"input '{name}': values of type {TF_NAMES[spec.dtype]} are not of expected type: "
+                                  f"{TF_NAMES[want]}")
         size = nbytes(spec)
         if size is not None and len(frame) != size:
             raise InvalidArgument(f"input '{name}': {len(frame)} bytes do not fill shape {list(spec.shape)} "

@@ -92,14 +92,25 @@ DT_TO_DTYPE = {
 }
 
 
-def can_cast(source: str, target: str) -> bool:
-    """Whether a request tensor of dtype ``source`` may feed an input of dtype ``target``.
+# TensorFlow's names of our dtypes, as its error messages print them (DataTypeString).
+TF_NAMES = {"float32": "float", "float64": "double", "float16": "half", "int8": "int8", "int16": "int16",
+            "int32": "int32", "int64": "int64", "uint8": "uint8", "uint16": "uint16", "uint32": "uint32",
+            "uint64": "uint64", "bool": "bool", "complex64": "complex64", "complex128": "complex128",
+            STRING: "string"}
 
-    Numbers convert within their kind or upwards (JSON integers feed float inputs, float64
-    feeds float32) as TF Serving's JSON parser does; strings only feed strings.
-    """
+
+def can_cast(source: str, target: str) -> bool:
+    """Whether a request tensor of dtype ``source`` may feed an input of dtype ``target``,
+    by TF Serving's JSON rules (util/json_tensor.cc): numbers feed numbers, but a float never
+    feeds an integer input and booleans and strings feed only their own kind. Whether each
+    value fits (an integer in int32, a float in float32) is checked by the worker, which
+    sees the values (workers/batch.py)."""
     if source == target:
         return True
-    if STRING in (source, target):
-        return False
-    return bool(np.can_cast(np.dtype(source), np.dtype(target), casting="same_kind"))
+    kinds = np.dtype(source).kind if source != STRING else "S", np.dtype(target).kind if target != STRING else "S"
+    return kinds in _CASTS
+
+
+# (source kind, target kind): i signed, u unsigned, f float, c complex, b bool, S string.
+_CASTS = frozenset({("i", "i"), ("i", "u"), ("u", "u"), ("u", "i"), ("i", "f"), ("u", "f"), ("f", "f"),
+                    ("i", "c"), ("u", "c"), ("f", "c"), ("c", "c")})

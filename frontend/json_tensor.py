@@ -8,7 +8,12 @@ Responses: row format answers ``{"predictions": [...]}``, one element per row (o
 there are several outputs); columnar answers ``{"outputs": ...}``. String outputs whose name
 ends in ``_bytes``, or that are not UTF-8, are written as ``{"b64": "..."}``.
 
-Numbers are parsed as int64 or float64 and converted to the signature's types by the worker.
+Numbers are parsed as int64 or float64 (uint64 beyond int64; integers beyond 64 bits as
+float64, as TF Serving's parser reads them) and converted to the signature's types by the
+worker under TF Serving's rules: the broker refuses a dtype that does not fit (a float for
+an integer input, a number for a bool or a string input), the worker a value that does not
+(an integer beyond int32, one beyond 2**24 - 1 for float32). A null, or a boolean among
+numbers, is refused here. NaN, Infinity and -Infinity are taken and written as those words.
 
 Every request is held to RequestLimits (broker/config.py): the rank of a value, the number
 of instances, the length of a string and the bytes of all tensors are checked from the
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import math
 from typing import Any
 
@@ -39,7 +45,7 @@ def parse_predict_body(body: bytes, limits: RequestLimits = DEFAULT_LIMITS) -> t
     try:
         request = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise InvalidArgument(f"JSON Parse error: {exc}") from exc
+        request = _parse_leniently(body, exc)
     if not isinstance(request, dict):
         raise InvalidArgument("JSON Value: the request body is not a JSON object")
     signature = request.get("signature_name", "serving_default")
@@ -49,30 +55,56 @@ def parse_predict_body(body: bytes, limits: RequestLimits = DEFAULT_LIMITS) -> t
     if has_instances == has_inputs:
         raise InvalidArgument("Missing 'inputs' or 'instances' key" if not has_instances else
                               "Not both 'inputs' and 'instances' can be specified in the request")
-    parser = _Parser(limits)
+    parser = _Parser(limits, mixed_types=b"true" in body or b"false" in body or b"null" in body)
     if has_instances:
         return parser.instances(request["instances"]), signature, True
     return parser.columns(request["inputs"]), signature, False
 
 
 def format_predictions(outputs: dict[str, np.ndarray], row_format: bool) -> bytes:
+    """TF Serving's JSON: floats in their shortest form that reads back the same (float32 as
+    float32), whole ones with ".0"; NaN, Infinity and -Infinity as those bare words."""
+    special = any(v.dtype.kind in "fc" and not np.isfinite(v).all() for v in outputs.values())
+    if special:
+        outputs = {n: _mark_non_finite(v) if v.dtype.kind == "f" else v for n, v in outputs.items()}
     if row_format:
-        return orjson.dumps({"predictions": _rows(outputs)}, option=orjson.OPT_SERIALIZE_NUMPY)
-    if len(outputs) == 1:
+        text = orjson.dumps({"predictions": _rows(outputs)}, option=orjson.OPT_SERIALIZE_NUMPY)
+    elif len(outputs) == 1:
         (name, value), = outputs.items()
-        return orjson.dumps({"outputs": _jsonable(name, value)}, option=orjson.OPT_SERIALIZE_NUMPY)
-    return orjson.dumps({"outputs": {n: _jsonable(n, v) for n, v in outputs.items()}},
-                        option=orjson.OPT_SERIALIZE_NUMPY)
+        text = orjson.dumps({"outputs": _jsonable(name, value)}, option=orjson.OPT_SERIALIZE_NUMPY)
+    else:
+        text = orjson.dumps({"outputs": {n: _jsonable(n, v) for n, v in outputs.items()}},
+                            option=orjson.OPT_SERIALIZE_NUMPY)
+    if special:
+        for word in _NON_FINITE.values():
+            text = text.replace(b'"' + _MARK + word + b'"', word)
+    return text
 
 
 # --- implementation ---
 
+_MARK = b"\\u0000"  # how orjson writes the NUL that marks a non-finite float in the slow path
+_NON_FINITE = {"nan": b"NaN", "inf": b"Infinity", "-inf": b"-Infinity"}
+
+
+def _mark_non_finite(value: np.ndarray) -> np.ndarray:
+    """An object array where each non-finite float is a marked string, each other a Python
+    float in the source precision's shortest form (replaced in the JSON text afterwards)."""
+    marked = np.empty(value.shape, dtype=object)
+    for index, v in np.ndenumerate(value):
+        if np.isfinite(v):
+            marked[index] = float(repr(v.item()) if value.dtype == np.float64 else str(v))
+        else:
+            marked[index] = "\u0000" + _NON_FINITE[str(float(v))].decode()
+    return marked
+
 class _Parser:
     """JSON values to arrays, within the limits; counts the bytes of the request's tensors."""
 
-    def __init__(self, limits: RequestLimits) -> None:
+    def __init__(self, limits: RequestLimits, mixed_types: bool) -> None:
         self.limits = limits
         self.tensor_bytes = 0
+        self.mixed_types = mixed_types  # the body has booleans or nulls: check numeric values for them
 
     def instances(self, instances: Any) -> dict[str, np.ndarray]:
         if not isinstance(instances, list) or not instances:
@@ -109,7 +141,10 @@ class _Parser:
             array = _string_array(value, name, self.limits.max_string_bytes)
             self._count(sum(len(v) for v in array.reshape(-1)) - math.prod(shape) * 8, name)
             return array
-        return _to_array(value, name)
+        array = _to_array(value, name)
+        if self.mixed_types and array.dtype.kind != "b":
+            _refuse_non_numbers(value, name)
+        return array
 
     def _count(self, nbytes: int, name: str) -> None:
         self.tensor_bytes += nbytes
@@ -124,10 +159,37 @@ def _to_array(value: Any, name: str) -> np.ndarray:
     except (ValueError, OverflowError) as exc:
         raise InvalidArgument(f"input '{name}': {_ragged_message(exc)}") from exc
     if array.dtype.kind not in "biuf":
+        _refuse_non_numbers(value, name)
         raise InvalidArgument(f"input '{name}' holds values that are not numbers, booleans or strings")
-    if array.dtype.kind == "u":
-        array = array.astype(np.int64)
+    if array.dtype.kind == "u" and array.max() <= np.iinfo(np.int64).max:
+        array = array.astype(np.int64)  # (uint64 only for values beyond int64)
     return array
+
+
+def _refuse_non_numbers(value: Any, name: str) -> None:
+    """TF Serving's TypeError for a null, a boolean among numbers, or an integer beyond 64 bits."""
+    flat = value if isinstance(value, list) else [value]
+    while flat and isinstance(flat[0], list):
+        flat = [v for row in flat for v in (row if isinstance(row, list) else [row])]
+    kinds = {type(v) for v in flat}
+    for v in flat:
+        if v is None:
+            raise InvalidArgument(f"input '{name}': JSON Value: null Type: Null is not of expected type: a number")
+        if isinstance(v, bool) and len(kinds) > 1:
+            raise InvalidArgument(f"input '{name}': JSON Value: {str(v).lower()} Type: {v} is not of expected type: "
+                                  "a number")
+        if isinstance(v, int) and not isinstance(v, bool) and not -(1 << 63) <= v < (1 << 64):
+            raise InvalidArgument(f"input '{name}': JSON Value: {v} Type: Number does not fit a 64-bit integer")
+
+
+def _parse_leniently(body: bytes, error: Exception) -> Any:
+    """JSON with NaN, Infinity and -Infinity, which TF Serving takes (and orjson does not)."""
+    if b"NaN" not in body and b"Infinity" not in body:
+        raise InvalidArgument(f"JSON Parse error: {error}") from error
+    try:
+        return json.loads(body)
+    except ValueError as exc:
+        raise InvalidArgument(f"JSON Parse error: {exc}") from exc
 
 
 def _holds_strings(value: Any) -> bool:

@@ -11,6 +11,9 @@
 - slow/1: y[i] = x[i] * 0 + (calls of the model so far, this one included), after about
   0.3 s of busy work: a test sees from any answer how many batches the worker has run
   (warm-up included), and so whether a request it gave up on ever reached the model
+- typed/1: identity of one input of each dtype TF Serving's JSON knows (f32, f64, i32, i64,
+  flag bool, s string, all [batch]); outputs named after the inputs with "_out" (s_bytes
+  for the string), for the exact JSON rules both ways
 - broken/1: a directory that is not a SavedModel
 - versions/N (N = 1..3): y = 0.5x + 10N, so every answer tells which version made it; tests
   copy these into a served base path to swap versions
@@ -74,6 +77,19 @@ class Slow(tf.Module):
         return {"y": x * 0.0 + calls + tf.reduce_sum(w) * 0.0}
 
 
+class Typed(tf.Module):
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.float32, name="f32"),
+                                  tf.TensorSpec([None], tf.float64, name="f64"),
+                                  tf.TensorSpec([None], tf.int32, name="i32"),
+                                  tf.TensorSpec([None], tf.int64, name="i64"),
+                                  tf.TensorSpec([None], tf.bool, name="flag"),
+                                  tf.TensorSpec([None], tf.string, name="s")])
+    def serve(self, f32: tf.Tensor, f64: tf.Tensor, i32: tf.Tensor, i64: tf.Tensor, flag: tf.Tensor,
+              s: tf.Tensor) -> dict[str, tf.Tensor]:
+        return {"f32_out": tf.identity(f32), "f64_out": tf.identity(f64), "i32_out": tf.identity(i32),
+                "i64_out": tf.identity(i64), "flag_out": tf.identity(flag), "s_bytes": tf.identity(s)}
+
+
 def write_warmup_file(version_dir: str, input_name: str) -> None:
     """TF Serving's assets.extra/tf_serving_warmup_requests: TFRecord of PredictionLog."""
     from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
@@ -101,6 +117,8 @@ def main(directory: str) -> None:
     checked = Checked()
     tf.saved_model.save(checked, os.path.join(directory, "checked", "1"),
                         signatures={"serving_default": checked.serve})
+    typed = Typed()
+    tf.saved_model.save(typed, os.path.join(directory, "typed", "1"), signatures={"serving_default": typed.serve})
     slow = Slow(iterations=int(os.environ.get("SLOW_ITERATIONS", "1000")))
     tf.saved_model.save(slow, os.path.join(directory, "slow", "1"), signatures={"serving_default": slow.serve})
     for version in (1, 2, 3):

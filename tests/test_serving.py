@@ -225,7 +225,7 @@ BAD_REQUESTS = [
     ("linear", b'[1, 2]', 400, "not a JSON object"),
     ("linear", b'{"signature_name": "serving_default"}', 400, "Missing 'inputs' or 'instances'"),
     ("linear", b'{"instances": [1.0], "inputs": [1.0]}', 400, "Not both"),
-    ("linear", b'{"instances": ["a", "b"]}', 400, "does not convert"),
+    ("linear", b'{"instances": ["a", "b"]}', 400, "values of type string are not of expected type: float"),
     ("linear", b'{"instances": [1.0], "signature_name": "nope"}', 400, 'Serving signature name: "nope" not found'),
     ("linear", b'{"instances": [[1.0], [2.0, 3.0]]}', 400, "ragged"),
     ("linear", b'{"instances": [{"z": 1.0}]}', 400, "'z' is not an input"),

@@ -18,6 +18,7 @@ import numpy as np
 
 from broker import protocol, tensors
 from broker.errors import DeadlineExceeded, Internal, InvalidArgument, ProtocolError, TFBrokerError
+from broker.tensors import TF_NAMES
 from workers.model import Signature
 
 log = logging.getLogger(__name__)
@@ -175,11 +176,40 @@ def _cast_inputs(signature: Signature, task: TaskInput) -> TaskInput:
     cast = {}
     for name, array in task.inputs.items():
         dtype = signature.inputs[name].dtype
-        if dtype == protocol.STRING:
+        if dtype == protocol.STRING or array.dtype.name == dtype:
             cast[name] = array
         else:
-            cast[name] = array if array.dtype.name == dtype else array.astype(dtype)
+            _check_values_fit(array, dtype)
+            cast[name] = array.astype(dtype)
     return TaskInput(task.request_id, cast, task.rows)  # (its error is None: only runnable tasks get here)
+
+
+def _check_values_fit(array: np.ndarray, dtype: str) -> None:
+    """TF Serving's rules for values of another dtype: an integer must fit the integer type
+    and be exact in a float type (at most 2**24 - 1 for float32), a finite float must be in
+    the float type's range; NaN and infinities pass. InvalidArgument otherwise."""
+    if not array.size:
+        return
+    target = np.dtype(dtype)
+    if array.dtype.kind in "iu" and target.kind in "iu":
+        info = np.iinfo(target)
+        low, high = array.min(), array.max()
+        if low < info.min or high > info.max:
+            bad = low if low < info.min else high
+            raise InvalidArgument(f"JSON Value: {bad} Type: Number is not of expected type: {TF_NAMES[dtype]}")
+    elif array.dtype.kind in "iu" and target.kind == "f":
+        exact = (1 << np.finfo(target).nmant + 1) - 1
+        bad = array[np.abs(array.astype(np.float64)) > exact]
+        if bad.size:
+            raise InvalidArgument(f"Cannot convert JSON value: {bad.flat[0]} to {TF_NAMES[dtype]} without loss of "
+                                  "precision.")
+    elif array.dtype.kind == "f" and target.kind == "f" and target.itemsize < array.dtype.itemsize:
+        limit = np.finfo(target).max
+        finite = array[np.isfinite(array)]
+        bad = finite[np.abs(finite) > limit]
+        if bad.size:
+            raise InvalidArgument(f"Cannot convert JSON value: {bad.flat[0]:g} to {TF_NAMES[dtype]} without loss of "
+                                  "precision.")
 
 
 def _rows(tensors: dict[str, np.ndarray]) -> int:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from broker.config import ModelConfig
-from broker.errors import NotFound, Unavailable
+from broker.errors import InvalidArgument, NotFound, Unavailable
 from broker.models import ServedModel, ServedVersion, fingerprint
 from broker.source import SETTLE_S, VersionSource
 from broker.versions import VersionState
@@ -92,8 +92,8 @@ def test_resolution_pins_the_newest_available_version_and_labels_follow_availabi
     assert model.resolve(None, None).version == 1
     with pytest.raises(Unavailable):
         model.resolve(2, None)
-    with pytest.raises(NotFound):
-        model.resolve(None, "canary")
+    with pytest.raises(InvalidArgument, match="Unrecognized servable version label: canary"):
+        model.resolve(None, "canary")  # TF Serving's InvalidArgument (400)
 
     model.versions[2].state = VersionState.AVAILABLE
     model.update_labels()

@@ -48,7 +48,7 @@ def test_equal_length_strings_stay_bytes_objects() -> None:
     (b'{"instances": [{"a": 1}, {"b": 2}]}', "same inputs"),
     (b'{"instances": [{"a": 1}, 2]}', "mixes"),
     (b'{"instances": [{"b64": "!!"}]}', "base64"),
-    (b'{"instances": [null]}', "not numbers"),
+    (b'{"instances": [null]}', "JSON Value: null Type: Null is not of expected type"),
     (b'{"instances": [1], "signature_name": 3}', "signature_name"),
 ])
 def test_bad_bodies(body: bytes, message: str) -> None:

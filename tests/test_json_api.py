@@ -1,0 +1,118 @@
+"""TF Serving's JSON tensors, exactly, against a running server: what each dtype takes and
+refuses, NaN and infinities both ways, int64 exactly, and a property test of the codec."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import BrokerProcess, make_model_config, stop_and_check
+
+BASE = {"f32": [1.5], "f64": [1.5], "i32": [1], "i64": [1], "flag": [True], "s": ["a"]}
+
+
+@pytest.fixture(scope="module")
+def typed(test_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProcess]:
+    tmp = tmp_path_factory.mktemp("typed")
+    (tmp / "models.config").write_text(make_model_config({"typed": test_models / "typed"}))
+    broker = BrokerProcess(tmp, [f"--model_config_file={tmp / 'models.config'}"], frontends=1)
+    try:
+        broker.wait_available(["typed"])
+        yield broker
+    finally:
+        stop_and_check(broker)
+
+
+def call(broker: BrokerProcess, **inputs: Any) -> Any:
+    body = json.dumps({"inputs": {**BASE, **inputs}}, allow_nan=True)
+    return broker.http.post("/v1/models/typed:predict", content=body, headers={"content-type": "application/json"})
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("i32", [2 ** 31], "JSON Value: 2147483648 Type: Number is not of expected type: int32"),
+    ("i32", [1.5], "values of type double are not of expected type: int32"),
+    ("i64", [1.0], "values of type double are not of expected type: int64"),
+    ("flag", [1], "values of type int64 are not of expected type: bool"),
+    ("f32", [True], "values of type bool are not of expected type: float"),
+    ("f32", [True, 1.0], "JSON Value: true Type: True is not of expected type: a number"),
+    ("f32", [None], "JSON Value: null Type: Null is not of expected type: a number"),
+    ("f32", [16777216], "Cannot convert JSON value: 16777216 to float without loss of precision."),
+    ("f32", [1e300], "Cannot convert JSON value: 1e+300 to float without loss of precision."),
+    ("s", [5], "values of type int64 are not of expected type: string"),
+    ("i64", [["a"]], None),
+])
+def test_values_that_do_not_fit_the_signature_are_refused(typed: BrokerProcess, field: str, value: Any,
+                                                         message: str | None) -> None:
+    response = call(typed, **{field: value})
+    assert response.status_code == 400, response.text
+    if message:
+        assert message in response.json()["error"]
+
+
+def test_values_that_fit_are_taken_and_written_as_tf_serving_writes_them(typed: BrokerProcess) -> None:
+    response = call(typed, f32=[16777215, 0.1, float("nan"), float("inf"), -float("inf"), 2.0],
+                    f64=[0.1, 1e300, 3.0, float("nan"), 2.0, 1.0],
+                    i32=[-(2 ** 31), 2 ** 31 - 1, 0, 1, 2, 3], i64=[2 ** 63 - 1, -(2 ** 63), 9007199254740993, 0, 1, 2],
+                    flag=[True, False, True, False, True, False], s=["a", "b", "", "é", "x", {"b64": "AAE="}])
+    assert response.status_code == 200, response.text
+    text = response.text
+    assert '"f32_out":[16777215.0,0.1,NaN,Infinity,-Infinity,2.0]' in text
+    assert '"f64_out":[0.1,1e' in text and ',3.0,NaN,2.0,1.0]' in text  # (1e300 or 1e+300: the same number)
+    assert '"i64_out":[9223372036854775807,-9223372036854775808,9007199254740993,0,1,2]' in text
+    outputs = json.loads(text)["outputs"]
+    assert outputs["i32_out"] == [-(2 ** 31), 2 ** 31 - 1, 0, 1, 2, 3]
+    assert outputs["flag_out"] == [True, False, True, False, True, False]
+    assert outputs["s_bytes"] == [{"b64": base64.b64encode(v).decode()} for v in [b"a", b"b", b"", "é".encode(), b"x",
+                                                                                   b"\x00\x01"]]
+
+
+columns = st.integers(1, 4).flatmap(lambda n: st.fixed_dictionaries({
+    "f32": st.lists(st.floats(width=32, allow_nan=False), min_size=n, max_size=n),
+    "f64": st.lists(st.floats(allow_nan=False), min_size=n, max_size=n),
+    "i32": st.lists(st.integers(-(2 ** 31), 2 ** 31 - 1), min_size=n, max_size=n),
+    "i64": st.lists(st.integers(-(2 ** 63), 2 ** 63 - 1), min_size=n, max_size=n),
+    "flag": st.lists(st.booleans(), min_size=n, max_size=n),
+    "s": st.lists(st.binary(max_size=8), min_size=n, max_size=n)}))
+
+
+def test_every_dtype_round_trips_exactly(typed: BrokerProcess) -> None:
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(columns)
+    def check(values: dict[str, list[Any]]) -> None:
+        body = {**values, "s": [{"b64": base64.b64encode(v).decode()} for v in values["s"]]}
+        response = call(typed, **body)
+        assert response.status_code == 200, response.text
+        out = json.loads(response.text)["outputs"]
+        assert out["i32_out"] == values["i32"] and out["i64_out"] == values["i64"]
+        assert out["flag_out"] == values["flag"]
+        assert out["f64_out"] == values["f64"]
+        assert np.array(out["f32_out"], np.float32).tolist() == np.array(values["f32"], np.float32).tolist()
+        assert [base64.b64decode(v["b64"]) for v in out["s_bytes"]] == values["s"]
+
+    check()
+
+
+def test_arbitrary_json_documents_get_200_or_a_json_4xx(typed: BrokerProcess) -> None:
+    leaves = st.none() | st.booleans() | st.integers(-(2 ** 70), 2 ** 70) | st.floats() | st.text(max_size=4)
+    documents = st.recursive(leaves, lambda c: st.lists(c, max_size=3) | st.dictionaries(
+        st.sampled_from(["instances", "inputs", "signature_name", "f32", "i64", "s", "b64", "flag"]), c, max_size=4),
+        max_leaves=16)
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(documents)
+    def check(document: Any) -> None:
+        response = typed.http.post("/v1/models/typed:predict", content=json.dumps(document, allow_nan=True),
+                                   headers={"content-type": "application/json"})
+        assert response.status_code == 200 or 400 <= response.status_code < 500, (document, response.text)
+        assert response.headers["content-type"] == "application/json"
+        response.json()
+
+    check()
+    assert call(typed).status_code == 200
