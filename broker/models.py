@@ -183,7 +183,7 @@ def _because(served: ServedVersion) -> str:
 
 
 def check_inputs(served: ServedVersion, signature_name: str, specs: list[TensorSpec],
-                 frames: list[Any]) -> tuple[int, Any]:
+                 frames: list[Any], method: str = "predict") -> tuple[int, Any]:
     """Validate a request's tensors against the signature; return its rows (batch dimension)
     and its join key: tasks of one batch with equal keys (same inputs, numeric dtypes and
     inner shapes) travel to the worker joined, one tensor per input (``None``: never joined).
@@ -195,6 +195,8 @@ def check_inputs(served: ServedVersion, signature_name: str, specs: list[TensorS
     signature = served.signatures.get(signature_name)
     if signature is None:
         raise InvalidArgument(f'Serving signature name: "{signature_name}" not found in signature def')
+    if method != "predict":
+        return _check_examples(served, signature_name, signature, method, specs)
     expected = signature.inputs
     given = set()
     rows: set[int] = set()
@@ -233,3 +235,31 @@ def check_inputs(served: ServedVersion, signature_name: str, specs: list[TensorS
     if scalar or len(rows) != 1 or 0 in rows:
         return 1, None  # runs alone: nothing to batch along
     return rows.pop(), tuple(join_key) if join_key else None
+
+
+PREDICT_METHOD = "tensorflow/serving/predict"
+# TF Serving's method names, and the outputs each needs (servables/tensorflow/classifier.cc,
+# regressor.cc).
+_METHODS = {"classify": ("classification", "tensorflow/serving/classify", ("classes", "scores")),
+            "regress": ("regression", "tensorflow/serving/regress", ("outputs",))}
+
+
+def _check_examples(served: ServedVersion, signature_name: str, signature: SignatureSpec, method: str,
+                    specs: list[TensorSpec]) -> tuple[int, Any]:
+    """A classify or regress request: one string tensor of serialized examples, for a
+    signature of that method with one input and the outputs the method reads. A TF2 export
+    marks every signature "predict": one whose single input is a string and whose outputs
+    are the method's serves it too."""
+    kind, method_name, outputs = _METHODS[method]
+    declared = served.signature_def.get("signature_def", {}).get(signature_name, {}).get("method_name", "")
+    takes_examples = len(signature.inputs) == 1 and next(iter(signature.inputs.values()))[0] == "string"
+    if declared != method_name and not (declared == PREDICT_METHOD and takes_examples):
+        raise InvalidArgument(f"Expected {kind} signature method_name to be {method_name}. Was: {declared}")
+    if len(signature.inputs) != 1:
+        raise InvalidArgument("Expected one input Tensor.")
+    if not any(name in signature.outputs for name in outputs):
+        raise InvalidArgument(f"Expected {kind} signature outputs to contain "
+                              + " or ".join(f"'{name}'" for name in outputs))
+    if len(specs) != 1 or specs[0].dtype != "string" or len(specs[0].shape) != 1:
+        raise InvalidArgument(f"a {method} request carries one string tensor of serialized tf.Examples")
+    return specs[0].shape[0], None  # runs alone: examples never join a numeric batch

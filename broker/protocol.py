@@ -30,10 +30,12 @@ Commands and their headers
 --------------------------
 Client (frontend or ``frontend.client``) to broker, on the broker's frontend ROUTER:
 
-    REQUEST   Request {id, model, version?, label?, signature, timeout_ms, inputs: [spec…]}
-              + one frame per input. ``version`` and ``label`` are optional: the latest
-              available version serves when both are absent. ``timeout_ms`` is the
-              request's deadline, counted from when the broker receives it.
+    REQUEST   Request {id, model, method?, version?, label?, signature, timeout_ms, inputs:
+              [spec…]} + one frame per input. ``version`` and ``label`` are optional: the
+              latest available version serves when both are absent. ``timeout_ms`` is the
+              request's deadline, counted from when the broker receives it. ``method``
+              "classify" or "regress" (default "predict") sends one string input of
+              serialized tf.Examples to a signature of that method (TF Serving's APIs).
     METADATA  Query {id, model, version?, label?}
     STATUS    Query {id, model, version?, label?}
     STATS     Query {id}                 the broker's counters (monitoring, bench/)
@@ -187,6 +189,7 @@ class Header(msgspec.Struct, kw_only=True, omit_defaults=True):
 class Request(Header, kw_only=True):
     id: Id
     model: Name
+    method: Literal["predict", "classify", "regress"] = "predict"
     signature: Name = "serving_default"
     version: Version | None = None
     label: Name | None = None

@@ -185,7 +185,7 @@ class Broker:
             if key in self._queued:
                 raise InvalidArgument(f"request id {header.id} is already queued on this connection")
             served = self._resolve(header.model, header.version, header.label)
-            rows, join_key = check_inputs(served, header.signature, header.inputs, frames[1:])
+            rows, join_key = check_inputs(served, header.signature, header.inputs, frames[1:], header.method)
             now = time.monotonic()
             timeout_s = min(header.timeout_ms, self.config.rest_api_timeout_in_ms) / 1000.0
             task = Task(rows, now + timeout_s, Pending(client, header.id, frames, join_key))

@@ -37,6 +37,7 @@ from broker.flags import parse_flags
 from broker.process import set_title
 from frontend import routes
 from frontend.client import AsyncClient
+from frontend.examples import format_results, parse_examples
 from frontend.json_tensor import format_predictions, parse_predict_body
 
 log = logging.getLogger("tfbroker.frontend")
@@ -93,8 +94,13 @@ class RestApi:
 
     async def answer(self, call: routes.RestCall, scope: Scope, receive: Receive) -> Answer:
         if call.verb in ("classify", "regress"):
-            await _read_body(scope, receive, self.limits.max_request_body_bytes)
-            return 501, orjson.dumps({"error": f"{call.verb} is not supported yet; use :predict"}), []
+            examples, signature = parse_examples(
+                await _read_body(scope, receive, self.limits.max_request_body_bytes), call.verb)
+            run = self.client.classify if call.verb == "classify" else self.client.regress
+            result = await run(call.model, examples, version=call.version, label=call.label,
+                               signature_name=signature, timeout_s=_timeout_s(scope, self.timeout_s))
+            return (200, format_results(call.verb, result.outputs, len(examples)),
+                    [(b"x-model-version", str(result.version).encode())])
         if call.verb == "metadata":
             reply = await self.client.metadata(call.model, version=call.version, label=call.label)
             body = {"model_spec": {"name": call.model, "signature_name": "", "version": str(reply["version"])},

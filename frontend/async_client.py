@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import zmq
 
@@ -49,6 +49,20 @@ class AsyncClient(ClientBase):
                       timeout_s: float | None = None) -> Prediction:
         return prediction(await self.request(*self._predict_call(model, inputs, version, label, signature_name,
                                                                  timeout_s)))
+
+    async def classify(self, model: str, examples: Sequence[bytes], *, version: int | None = None,
+                       label: str | None = None, signature_name: str = "serving_default",
+                       timeout_s: float | None = None) -> Prediction:
+        """Run a classify signature on serialized tf.Examples; the outputs (classes, scores)."""
+        return prediction(await self.request(*self._examples_call("classify", model, examples, version, label,
+                                                                  signature_name, timeout_s)))
+
+    async def regress(self, model: str, examples: Sequence[bytes], *, version: int | None = None,
+                      label: str | None = None, signature_name: str = "serving_default",
+                      timeout_s: float | None = None) -> Prediction:
+        """Run a regress signature on serialized tf.Examples; the outputs (outputs)."""
+        return prediction(await self.request(*self._examples_call("regress", model, examples, version, label,
+                                                                  signature_name, timeout_s)))
 
     async def metadata(self, model: str, *, version: int | None = None, label: str | None = None) -> dict[str, Any]:
         return as_dict(await self.request(*self._query_call(protocol.METADATA, model, version, label)))

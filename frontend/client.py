@@ -18,7 +18,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import msgspec
 import numpy as np
@@ -51,13 +51,14 @@ def default_address() -> str:
 
 
 def encode_predict(request_id: int, model: str, inputs: Mapping[str, Any], *, version: int | None,
-                   label: str | None, signature_name: str, timeout_s: float) -> list[Any]:
+                   label: str | None, signature_name: str, timeout_s: float, method: str = "predict") -> list[Any]:
     try:
         arrays = {name: value if isinstance(value, np.ndarray) else np.asarray(value)
                   for name, value in inputs.items()}
         specs, frames = tensors.encode_tensors(arrays)
-        header = protocol.Request(id=request_id, model=model, version=version, label=label,
-                                  signature=signature_name, timeout_ms=_timeout_ms(timeout_s), inputs=specs)
+        header = protocol.Request(id=request_id, model=model, method=method,  # type: ignore[arg-type]
+                                  version=version, label=label, signature=signature_name,
+                                  timeout_ms=_timeout_ms(timeout_s), inputs=specs)
         return protocol.encode(protocol.REQUEST, header, frames)
     except (ValueError, TypeError, OverflowError) as exc:  # ProtocolError is a ValueError
         raise InvalidArgument(f"cannot send these inputs: {exc}") from exc
@@ -132,12 +133,20 @@ class ClientBase:
         self._ids = itertools.count(1)
 
     def _predict_call(self, model: str, inputs: Mapping[str, Any], version: int | None, label: str | None,
-                      signature_name: str, timeout_s: float | None) -> tuple[int, list[Any], float]:
+                      signature_name: str, timeout_s: float | None,
+                      method: str = "predict") -> tuple[int, list[Any], float]:
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         request_id = next(self._ids)
         frames = encode_predict(request_id, model, inputs, version=version, label=label,
-                                signature_name=signature_name, timeout_s=timeout_s)
+                                signature_name=signature_name, timeout_s=timeout_s, method=method)
         return request_id, frames, timeout_s
+
+    def _examples_call(self, method: str, model: str, examples: Sequence[bytes], version: int | None,
+                       label: str | None, signature_name: str, timeout_s: float | None) -> tuple[int, list[Any], float]:
+        """A classify or regress call: serialized tf.Examples as the signature's one input."""
+        array = np.empty(len(examples), dtype=object)
+        array[:] = list(examples)
+        return self._predict_call(model, {"": array}, version, label, signature_name, timeout_s, method)
 
     def _query_call(self, command: bytes, model: str | None = None, version: int | None = None,
                     label: str | None = None) -> tuple[int, list[Any], float]:
@@ -162,6 +171,20 @@ class Client(ClientBase):
                 timeout_s: float | None = None) -> Prediction:
         return prediction(self.request(*self._predict_call(model, inputs, version, label, signature_name,
                                                            timeout_s)))
+
+    def classify(self, model: str, examples: Sequence[bytes], *, version: int | None = None,
+                 label: str | None = None, signature_name: str = "serving_default",
+                 timeout_s: float | None = None) -> Prediction:
+        """Run a classify signature on serialized tf.Examples; the outputs (classes, scores)."""
+        return prediction(self.request(*self._examples_call("classify", model, examples, version, label,
+                                                            signature_name, timeout_s)))
+
+    def regress(self, model: str, examples: Sequence[bytes], *, version: int | None = None,
+                label: str | None = None, signature_name: str = "serving_default",
+                timeout_s: float | None = None) -> Prediction:
+        """Run a regress signature on serialized tf.Examples; the outputs (outputs)."""
+        return prediction(self.request(*self._examples_call("regress", model, examples, version, label,
+                                                            signature_name, timeout_s)))
 
     def metadata(self, model: str, *, version: int | None = None, label: str | None = None) -> dict[str, Any]:
         return as_dict(self.request(*self._query_call(protocol.METADATA, model, version, label)))

@@ -32,6 +32,7 @@ class TaskInput:
     inputs: dict[str, np.ndarray]
     rows: int
     error: TFBrokerError | None = None
+    examples: bool = False  # serialized tf.Examples for a classify or regress signature: fed as they are
 
 
 Outcome = dict[str, np.ndarray] | TFBrokerError
@@ -78,7 +79,7 @@ def decode_batch(frames: Sequence[Any], counts: Sequence[int], deadlines: Sequen
         if now > deadline:
             tasks.append(TaskInput(request_id, {}, 0, DeadlineExceeded("Deadline Exceeded")))
             continue
-        tasks.append(TaskInput(request_id, arrays, _rows(arrays)))
+        tasks.append(TaskInput(request_id, arrays, _rows(arrays), examples=header.method != "predict"))
     return tasks
 
 
@@ -176,12 +177,12 @@ def _cast_inputs(signature: Signature, task: TaskInput) -> TaskInput:
     cast = {}
     for name, array in task.inputs.items():
         dtype = signature.inputs[name].dtype
-        if dtype == protocol.STRING or array.dtype.name == dtype:
+        if dtype == protocol.STRING or array.dtype.name == dtype or task.examples:
             cast[name] = array
         else:
             _check_values_fit(array, dtype)
             cast[name] = array.astype(dtype)
-    return TaskInput(task.request_id, cast, task.rows)  # (its error is None: only runnable tasks get here)
+    return TaskInput(task.request_id, cast, task.rows, examples=task.examples)  # (only runnable tasks get here)
 
 
 def _check_values_fit(array: np.ndarray, dtype: str) -> None:
@@ -220,8 +221,9 @@ def _rows(tensors: dict[str, np.ndarray]) -> int:
 
 
 def _shape_key(task: TaskInput, index: int) -> Any:
-    """Tasks whose inputs have the same inner shapes can share one model call."""
-    if not task.rows:
+    """Tasks whose inputs have the same inner shapes can share one model call. Examples run
+    alone: their signature's declared input dtype may not be the one fed (TF1 exports)."""
+    if not task.rows or task.examples:
         return ("alone", index)
     return tuple((name, a.shape[1:]) for name, a in sorted(task.inputs.items()))
 

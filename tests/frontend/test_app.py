@@ -31,6 +31,11 @@ class FakeClient:
         (value,) = inputs.values()
         return Prediction({"y": value + 1}, model, 3)
 
+    async def classify(self, model: str, examples: list[bytes], **kwargs: Any) -> Prediction:
+        self.calls.append(("classify", {"model": model, "examples": examples, **kwargs}))
+        return Prediction({"classes": np.array([[b"a", b"b"]] * len(examples), dtype=object),
+                           "scores": np.array([[0.1, 0.9]] * len(examples), np.float32)}, model, 3)
+
     async def status(self, model: str, **kwargs: Any) -> dict[str, Any]:
         self.calls.append(("status", {"model": model, **kwargs}))
         return {"model_version_status": [{"version": "3", "state": "AVAILABLE",
@@ -123,7 +128,7 @@ def test_service_errors_map_to_their_status(http: SyncASGI, fake: FakeClient, er
      "Failed to convert version: 99999999999999999999 to numeric."),
     ("POST", "/v1/models/m/versions/99999999999999999999:predict", 400,
      "Failed to convert version: 99999999999999999999 to numeric."),
-    ("POST", "/v1/models/m:classify", 501, "classify is not supported yet; use :predict"),
+    ("POST", "/v1/models/m:classify", 400, "When method is classify, key 'examples' is expected and was not found"),
     ("GET", "/v2/models/m", 404, None),
     ("GET", "/v1", 404, None),
 ])
@@ -172,3 +177,9 @@ def test_limits_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> No
     assert limits_from_env() == limits
     monkeypatch.delenv(LIMITS_ENV)
     assert limits_from_env() == RequestLimits()
+
+
+def test_classify_writes_label_and_score_pairs(http: SyncASGI, fake: FakeClient) -> None:
+    response = http.post("/v1/models/m:classify", json={"examples": [{"x": 1}, {"x": 2}], "signature_name": "c"})
+    assert response.json() == {"results": [[["a", 0.1], ["b", 0.9]], [["a", 0.1], ["b", 0.9]]]}
+    assert fake.calls[-1][1]["signature_name"] == "c" and len(fake.calls[-1][1]["examples"]) == 2

@@ -1,0 +1,188 @@
+"""TF Serving's :classify and :regress bodies: JSON examples to serialized tf.Example protos,
+and the model's outputs to ``{"results": …}``, without TensorFlow.
+
+The protos are built with protobuf from message definitions of our own with TensorFlow's
+names and field numbers (tensorflow/core/example/{example,feature}.proto), in a private
+descriptor pool. The JSON rules are TF Serving's (util/json_tensor.cc): a feature's values
+are a value or a list of values, all of one kind: integers and booleans go to int64_list,
+other numbers to float_list (exact in float32), strings and ``{"b64": …}`` to bytes_list.
+Context features are merged into every example, as TF Serving's servables do.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any
+
+import numpy as np
+import orjson
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+from broker.errors import Internal, InvalidArgument
+
+_F = descriptor_pb2.FieldDescriptorProto
+
+
+def _example_classes() -> dict[str, Any]:
+    file = descriptor_pb2.FileDescriptorProto(name="tfbroker/example.proto", package="tensorflow", syntax="proto3")
+
+    def message(name: str, *fields: tuple[str, int, int, int, str]) -> descriptor_pb2.DescriptorProto:
+        msg = file.message_type.add(name=name)
+        for field_name, number, kind, label, type_name in fields:
+            msg.field.add(name=field_name, number=number, type=kind, label=label, type_name=type_name or None)
+        return msg
+
+    repeated, optional = _F.LABEL_REPEATED, _F.LABEL_OPTIONAL
+    message("BytesList", ("value", 1, _F.TYPE_BYTES, repeated, ""))
+    message("FloatList", ("value", 1, _F.TYPE_FLOAT, repeated, ""))
+    message("Int64List", ("value", 1, _F.TYPE_INT64, repeated, ""))
+    feature = message("Feature", ("bytes_list", 1, _F.TYPE_MESSAGE, optional, ".tensorflow.BytesList"),
+                      ("float_list", 2, _F.TYPE_MESSAGE, optional, ".tensorflow.FloatList"),
+                      ("int64_list", 3, _F.TYPE_MESSAGE, optional, ".tensorflow.Int64List"))
+    feature.oneof_decl.add(name="kind")
+    for field in feature.field:
+        field.oneof_index = 0
+    features = message("Features", ("feature", 1, _F.TYPE_MESSAGE, repeated, ".tensorflow.Features.FeatureEntry"))
+    entry = features.nested_type.add(name="FeatureEntry")
+    entry.field.add(name="key", number=1, type=_F.TYPE_STRING, label=optional)
+    entry.field.add(name="value", number=2, type=_F.TYPE_MESSAGE, label=optional, type_name=".tensorflow.Feature")
+    entry.options.map_entry = True
+    message("Example", ("features", 1, _F.TYPE_MESSAGE, optional, ".tensorflow.Features"))
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(file)
+    return {name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"tensorflow.{name}"))
+            for name in ("Example", "Feature")}
+
+
+_CLASSES = _example_classes()
+Example = _CLASSES["Example"]
+Feature = _CLASSES["Feature"]
+_KIND_NAMES = {"bytes_list": "bytes", "float_list": "float", "int64_list": "int64"}
+_FLOAT32_EXACT_INT = (1 << 24) - 1
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def parse_examples(body: bytes, verb: str) -> tuple[list[bytes], str]:
+    """(serialized tf.Examples, signature_name) from a :classify or :regress body."""
+    try:
+        request = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidArgument(f"JSON Parse error: {exc}") from exc
+    if not isinstance(request, dict):
+        raise InvalidArgument("JSON Value: the request body is not a JSON object")
+    signature = request.get("signature_name", "serving_default")
+    if not isinstance(signature, str):
+        raise InvalidArgument(f"JSON Value: {_text(signature)} not formatted correctly. 'signature_name' key must "
+                              "be a string value.")
+    context = _features(request["context"]) if "context" in request else None
+    if "examples" not in request:
+        raise InvalidArgument(f"When method is {verb}, key 'examples' is expected and was not found")
+    examples = request["examples"]
+    if not isinstance(examples, list):
+        raise InvalidArgument("Expecting 'examples' value to be an list/array")
+    if not examples:
+        raise InvalidArgument("'examples' value is an empty array")
+    serialized = []
+    for value in examples:
+        example = Example()
+        if context is not None:
+            for name, feature in context.items():
+                example.features.feature[name].CopyFrom(feature)
+        for name, feature in _features(value).items():
+            example.features.feature[name].CopyFrom(feature)  # an example's own feature wins over the context's
+        serialized.append(example.SerializeToString(deterministic=True))
+    return serialized, signature
+
+
+def format_results(verb: str, outputs: dict[str, np.ndarray], count: int) -> bytes:
+    """``{"results": …}`` from the signature's outputs for ``count`` examples."""
+    if verb == "regress":
+        values = outputs.get("outputs")
+        if values is None or values.shape[:1] != (count,) or values.size != count:
+            raise Internal(f"the regression output has shape {None if values is None else list(values.shape)}, "
+                           f"expected [{count}] or [{count}, 1]")
+        return orjson.dumps({"results": [_decimal(v) for v in values.reshape(-1)]})
+    classes, scores = outputs.get("classes"), outputs.get("scores")
+    shape = (classes if classes is not None else scores).shape  # type: ignore[union-attr]
+    if len(shape) != 2 or shape[0] != count or (classes is not None and scores is not None
+                                                 and classes.shape != scores.shape):
+        raise Internal(f"classification outputs of shape {list(shape)} for {count} examples")
+    results = []
+    for i in range(count):
+        labels = [_label(classes[i, j]) if classes is not None else "" for j in range(shape[1])]
+        row_scores = [_decimal(scores[i, j]) if scores is not None else 0.0 for j in range(shape[1])]
+        results.append([[label, score] for label, score in zip(labels, row_scores)])
+    return orjson.dumps({"results": results})
+
+
+# --- implementation ---
+
+def _features(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise InvalidArgument(f"Example must be JSON object but got JSON {_json_type(value)}")
+    features = {}
+    for name, content in value.items():
+        feature = Feature()
+        for item in content if isinstance(content, list) else [content]:
+            _add_value(feature, name, item)
+        features[name] = feature
+    return features
+
+
+def _add_value(feature: Any, name: str, value: Any) -> None:
+    if value is None or isinstance(value, list) or (isinstance(value, dict) and not _is_b64(value)):
+        raise InvalidArgument(f"Feature: {name} has element with unexpected JSON type: {_json_type(value)}")
+    if isinstance(value, bool) or isinstance(value, int):
+        _of_kind(feature, name, "int64_list")
+        if value > (1 << 63) - 1:
+            raise InvalidArgument(f"Feature: {name} has uint64 element. Only int64 is supported.")
+        feature.int64_list.value.append(int(value))
+    elif isinstance(value, float):
+        _of_kind(feature, name, "float_list")
+        if abs(value) > _FLOAT32_MAX and value == value and abs(value) != float("inf"):
+            raise InvalidArgument(f"Cannot convert JSON value: {value:g} to float without loss of precision.")
+        feature.float_list.value.append(value)
+    elif isinstance(value, str):
+        _of_kind(feature, name, "bytes_list")
+        feature.bytes_list.value.append(value.encode())
+    else:
+        _of_kind(feature, name, "bytes_list")
+        try:
+            feature.bytes_list.value.append(base64.b64decode(value["b64"], validate=True))
+        except binascii.Error as exc:
+            raise InvalidArgument("Unable to base64 decode") from exc
+
+
+def _of_kind(feature: Any, name: str, kind: str) -> None:
+    current = feature.WhichOneof("kind")
+    if current is None:
+        getattr(feature, kind).SetInParent()
+    elif current != kind:
+        raise InvalidArgument(f"Unexpected element type in feature: {name} expecting type: {_KIND_NAMES[current]}")
+
+
+def _is_b64(value: dict[str, Any]) -> bool:
+    return len(value) == 1 and isinstance(value.get("b64"), str)
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "Null"
+    if isinstance(value, bool):
+        return "True" if value else "False"
+    names: dict[type, str] = {dict: "Object", list: "Array", str: "String"}
+    return names.get(type(value), "Number")
+
+
+def _text(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def _decimal(value: Any) -> float:
+    """A float32 output in its shortest form (what TF Serving writes), as a Python float."""
+    return float(str(np.float32(value))) if np.isfinite(value) else float(value)
+
+
+def _label(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
