@@ -107,10 +107,10 @@ def can_cast(source: str, target: str) -> bool:
     sees the values (workers/batch.py)."""
     if source == target:
         return True
-    kinds = np.dtype(source).kind if source != STRING else "S", np.dtype(target).kind if target != STRING else "S"
-    return kinds in _CASTS
+    return (_KINDS.get(source), _KINDS.get(target)) in _CASTS
 
 
+_KINDS = {**{name: np.dtype(name).kind for name in DType.__args__ if name != STRING}, STRING: "S"}  # type: ignore[attr-defined]
 # (source kind, target kind): i signed, u unsigned, f float, c complex, b bool, S string.
 _CASTS = frozenset({("i", "i"), ("i", "u"), ("u", "u"), ("u", "i"), ("i", "f"), ("u", "f"), ("f", "f"),
                     ("i", "c"), ("u", "c"), ("f", "c"), ("c", "c")})

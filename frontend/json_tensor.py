@@ -55,7 +55,7 @@ def parse_predict_body(body: bytes, limits: RequestLimits = DEFAULT_LIMITS) -> t
     if has_instances == has_inputs:
         raise InvalidArgument("Missing 'inputs' or 'instances' key" if not has_instances else
                               "Not both 'inputs' and 'instances' can be specified in the request")
-    parser = _Parser(limits, mixed_types=b"true" in body or b"false" in body or b"null" in body)
+    parser = _Parser(limits, mixed_types=_may_hold_literals(body))
     if has_instances:
         return parser.instances(request["instances"]), signature, True
     return parser.columns(request["inputs"]), signature, False
@@ -64,21 +64,24 @@ def parse_predict_body(body: bytes, limits: RequestLimits = DEFAULT_LIMITS) -> t
 def format_predictions(outputs: dict[str, np.ndarray], row_format: bool) -> bytes:
     """TF Serving's JSON: floats in their shortest form that reads back the same (float32 as
     float32), whole ones with ".0"; NaN, Infinity and -Infinity as those bare words."""
-    special = any(v.dtype.kind in "fc" and not np.isfinite(v).all() for v in outputs.values())
-    if special:
-        outputs = {n: _mark_non_finite(v) if v.dtype.kind == "f" else v for n, v in outputs.items()}
-    if row_format:
-        text = orjson.dumps({"predictions": _rows(outputs)}, option=orjson.OPT_SERIALIZE_NUMPY)
-    elif len(outputs) == 1:
-        (name, value), = outputs.items()
-        text = orjson.dumps({"outputs": _jsonable(name, value)}, option=orjson.OPT_SERIALIZE_NUMPY)
-    else:
-        text = orjson.dumps({"outputs": {n: _jsonable(n, v) for n, v in outputs.items()}},
-                            option=orjson.OPT_SERIALIZE_NUMPY)
-    if special:
+    text = _dump(outputs, row_format)
+    # orjson writes NaN and infinities as null: only then, write the floats again the slow way.
+    if b"null" in text and any(v.dtype.kind == "f" and not np.isfinite(v).all() for v in outputs.values()):
+        marked = {n: _mark_non_finite(v) if v.dtype.kind == "f" else v for n, v in outputs.items()}
+        text = _dump(marked, row_format)
         for word in _NON_FINITE.values():
             text = text.replace(b'"' + _MARK + word + b'"', word)
     return text
+
+
+def _dump(outputs: dict[str, np.ndarray], row_format: bool) -> bytes:
+    if row_format:
+        return orjson.dumps({"predictions": _rows(outputs)}, option=orjson.OPT_SERIALIZE_NUMPY)
+    if len(outputs) == 1:
+        (name, value), = outputs.items()
+        return orjson.dumps({"outputs": _jsonable(name, value)}, option=orjson.OPT_SERIALIZE_NUMPY)
+    return orjson.dumps({"outputs": {n: _jsonable(n, v) for n, v in outputs.items()}},
+                        option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 # --- implementation ---
@@ -164,6 +167,12 @@ def _to_array(value: Any, name: str) -> np.ndarray:
     if array.dtype.kind == "u" and array.max() <= np.iinfo(np.int64).max:
         array = array.astype(np.int64)  # (uint64 only for values beyond int64)
     return array
+
+
+def _may_hold_literals(body: bytes) -> bool:
+    """Whether the body may hold true, false or null (then numeric values are checked for
+    them); one-byte searches first, as most bodies hold neither an "l" nor a "u"."""
+    return (b"l" in body and (b"false" in body or b"null" in body)) or (b"u" in body and b"true" in body)
 
 
 def _refuse_non_numbers(value: Any, name: str) -> None:
