@@ -12,7 +12,7 @@ from typing import IO
 import zmq
 
 from broker.config import BatchingParameters, ModelConfig, ServerConfig
-from broker.config_files import load_batching_parameters, load_model_config
+from broker.config_files import load_batching_parameters, load_metrics_path, load_model_config
 from broker.process import EXIT_CONFIG_ERROR, EXIT_FAULT, EXIT_OK, set_title, setup_logging
 from broker.server import Broker
 
@@ -31,7 +31,8 @@ def run(config: ServerConfig) -> int:
         models = resolve_models(config)
         batching = (load_batching_parameters(config.batching_parameters_file)
                     if config.batching_parameters_file else BatchingParameters())
-        broker = Broker(config, models, batching)
+        metrics_path = load_metrics_path(config.monitoring_config_file) if config.monitoring_config_file else ""
+        broker = Broker(config, models, batching, metrics_path)
     except ValueError as exc:
         log.error("%s", exc)
         return EXIT_CONFIG_ERROR

@@ -120,6 +120,9 @@ FRONTENDS_ENV = "TFBROKER_FRONTENDS"  # gunicorn workers (frontend/gunicorn_conf
 BIND_ENV = "TFBROKER_BIND"  # gunicorn's bind address; fd://N for the broker's listening socket
 LOG_LEVEL_ENV = "TFBROKER_LOG_LEVEL"
 LIMITS_ENV = "TFBROKER_LIMITS"  # RequestLimits as flags (broker/flags.py)
+METRICS_PATH_ENV = "TFBROKER_METRICS_PATH"  # the Prometheus path the frontends serve ("" none)
+# prometheus-client's directory for the frontends' shared counters (multiprocess mode).
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def default_runtime_dir(rest_api_port: int) -> str:
@@ -194,6 +197,9 @@ class ServerConfig:
     model_config_file_poll_wait_seconds: float = field(default=0.0, metadata=_help(
         "Seconds between re-reads of --model_config_file (models added, removed, relabelled); "
         "0 never (use `python -m broker.ctl reload-config`)."))
+    monitoring_config_file: str = field(default="", metadata=_help(
+        "TF Serving text-protobuf MonitoringConfig; prometheus_config { enable: true } serves Prometheus "
+        "metrics on the REST port (path default /monitoring/prometheus/metrics)."))
     tensorflow_intra_op_parallelism: int = field(default=0, metadata=_help(
         "Threads a model worker gives one TensorFlow op; 0 lets TensorFlow choose (all cores)."))
     tensorflow_inter_op_parallelism: int = field(default=0, metadata=_help(

@@ -48,6 +48,41 @@ def _batching_parameters_message() -> type:
 BatchingParametersProto = _batching_parameters_message()
 
 
+def _monitoring_config_message() -> type:
+    """TF Serving's MonitoringConfig (config/monitoring_config.proto), same names and numbers."""
+    fdp = descriptor_pb2.FileDescriptorProto(name="tfbroker/monitoring_config.proto", package="tensorflow.serving",
+                                             syntax="proto3")
+    F = descriptor_pb2.FieldDescriptorProto
+    prometheus = fdp.message_type.add(name="PrometheusConfig")
+    prometheus.field.add(name="enable", number=1, type=F.TYPE_BOOL, label=F.LABEL_OPTIONAL)
+    prometheus.field.add(name="path", number=2, type=F.TYPE_STRING, label=F.LABEL_OPTIONAL)
+    monitoring = fdp.message_type.add(name="MonitoringConfig")
+    monitoring.field.add(name="prometheus_config", number=1, type=F.TYPE_MESSAGE, label=F.LABEL_OPTIONAL,
+                         type_name=".tensorflow.serving.PrometheusConfig")
+    pool = descriptor_pool.DescriptorPool()
+    pool.AddSerializedFile(fdp.SerializeToString())
+    return GetMessageClass(pool.FindMessageTypeByName("tensorflow.serving.MonitoringConfig"))
+
+
+MonitoringConfigProto = _monitoring_config_message()
+DEFAULT_METRICS_PATH = "/monitoring/prometheus/metrics"  # TF Serving's default
+
+
+def load_metrics_path(path: str) -> str:
+    """The Prometheus path a --monitoring_config_file enables, or "" when it enables none."""
+    proto = MonitoringConfigProto()
+    try:
+        text_format.Parse(_read(path, "monitoring config file"), proto)
+    except text_format.ParseError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
+    if not proto.prometheus_config.enable:
+        return ""
+    metrics_path = proto.prometheus_config.path or DEFAULT_METRICS_PATH
+    if not metrics_path.startswith("/") or metrics_path.lower().startswith("/v1/"):
+        raise ValueError(f"{path}: the Prometheus path must start with / and not be under /v1/, got {metrics_path!r}")
+    return metrics_path
+
+
 def _read(path: str, what: str) -> str:
     try:
         with open(path, encoding="utf-8") as fh:

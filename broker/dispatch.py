@@ -15,13 +15,14 @@ class Pending:
     """A request in the broker: who asked, the frames to forward (header, then tensors), and
     its join key (see broker.models.check_inputs)."""
 
-    __slots__ = ("client", "request_id", "frames", "join_key")
+    __slots__ = ("client", "request_id", "frames", "join_key", "admitted")
 
-    def __init__(self, client: bytes, request_id: int, frames: list[Any], join_key: Any) -> None:
+    def __init__(self, client: bytes, request_id: int, frames: list[Any], join_key: Any, admitted: float) -> None:
         self.client = client
         self.request_id = request_id
         self.frames = frames
         self.join_key = join_key
+        self.admitted = admitted  # monotonic seconds, for the queueing latency
 
 
 def build_batch(batch_id: int, signature: str, padded_rows: int, tasks: Sequence[Task],

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -18,11 +19,13 @@ import time
 from typing import TYPE_CHECKING
 
 from broker import protocol
-from broker.config import ADDRESS_ENV, BIND_ENV, FRONTENDS_ENV, LIMITS_ENV, LOG_LEVEL_ENV, TIMEOUT_ENV
+from broker.config import (ADDRESS_ENV, BIND_ENV, FRONTENDS_ENV, LIMITS_ENV, LOG_LEVEL_ENV, METRICS_DIR_ENV,
+                           METRICS_PATH_ENV, TIMEOUT_ENV)
 from broker.errors import Unavailable
 from broker.dispatch import describe_tasks
 from broker.flags import dataclass_to_argv
 from broker.security import CLIENT_SECRET_KEY_ENV, SERVER_KEY_ENV
+from broker.stats import children_of
 from broker.models import ServedVersion, WorkerLink
 from broker.versions import VersionState
 from broker.process import EXIT_MODEL_LOAD_ERROR
@@ -68,7 +71,7 @@ class Fleet:
                      BIND_ENV: f"fd://{self._listener.fileno()}",
                      LOG_LEVEL_ENV: self.config.log_level,
                      LIMITS_ENV: " ".join(dataclass_to_argv(self.config.limits)),
-                     **self._curve_env()},
+                     **self._metrics_env(), **self._curve_env()},
                 pass_fds=(self._listener.fileno(),))
             self._frontends.append(child)
             spawn_child(child)
@@ -103,6 +106,13 @@ class Fleet:
         for child in self._frontends:
             if child.running and child.process is not None:
                 child.process.send_signal(signal.SIGHUP)
+
+    def pids_by_role(self) -> dict[str, list[int]]:
+        """The live processes of each role, for the CPU and memory metrics."""
+        workers = [s.worker.child.pid for s in self.serving if s.worker is not None and s.worker.child.running]
+        masters = [c.pid for c in self._frontends if c.running and c.pid is not None]
+        return {"broker": [os.getpid()], "worker": [pid for pid in workers if pid is not None],
+                "frontend": [pid for master in masters for pid in [master, *children_of(master)]]}
 
     def frontends_running(self) -> bool:
         return any(child.process is not None and child.process.poll() is None for child in self._frontends)
@@ -152,6 +162,7 @@ class Fleet:
         served.signatures = header.signatures
         served.signature_def = header.signature_def
         link.ready = True
+        served.counters.record_load("OK", time.monotonic() - link.child.started_at)
         if served.state is VersionState.UNLOADING:
             return  # came back after a restart, but is on its way out
         served.state = VersionState.AVAILABLE
@@ -225,6 +236,7 @@ class Fleet:
             if served.worker is not None:
                 served.worker.ready = False
             if code == EXIT_MODEL_LOAD_ERROR or not restartable(code):
+                served.counters.record_load("error")
                 served.error = served.error or f"worker exited with code {code} while loading"
                 log.error("model %s version %d failed to load: %s", served.model, served.version, served.error)
                 self._retire(served)
@@ -277,6 +289,15 @@ class Fleet:
         for child in self._frontends:
             if child.restart_at and now >= child.restart_at:
                 spawn_child(child)
+
+    def _metrics_env(self) -> dict[str, str]:
+        """The Prometheus path, and a fresh directory where the frontends share their counters."""
+        if not self.broker.metrics_path:
+            return {}
+        directory = os.path.join(self.config.resolved_runtime_dir, "metrics")
+        shutil.rmtree(directory, ignore_errors=True)
+        os.makedirs(directory, mode=0o700)
+        return {METRICS_PATH_ENV: self.broker.metrics_path, METRICS_DIR_ENV: directory}
 
     def _curve_env(self) -> dict[str, str]:
         """Children reach a CURVE broker with the broker's own key pair."""

@@ -10,8 +10,9 @@ from typing import Any
 from broker.batching import BatchQueue, Task
 from broker.config import ModelConfig
 from broker.errors import InvalidArgument, NotFound, Unavailable
-from broker.protocol import SignatureSpec, TensorSpec
+from broker.protocol import SignatureSpec, TensorSpec, VersionStats
 from broker.tensors import TF_NAMES, can_cast, nbytes
+from broker.stats import VersionCounters
 from broker.supervisor import Child
 from broker.versions import VersionSnapshot, VersionState, aspired_versions
 
@@ -76,6 +77,7 @@ class ServedVersion:
     files: tuple[Any, ...] = ()  # fingerprint() of the directory when it was loaded
     draining: bool = False  # `broker.ctl drain`: loaded, but takes no new requests
     ended_at: float = 0.0
+    counters: VersionCounters = field(default_factory=VersionCounters)  # for the metrics
 
     @property
     def failed(self) -> bool:
@@ -263,3 +265,15 @@ def _check_examples(served: ServedVersion, signature_name: str, signature: Signa
     if len(specs) != 1 or specs[0].dtype != "string" or len(specs[0].shape) != 1:
         raise InvalidArgument(f"a {method} request carries one string tensor of serialized tf.Examples")
     return specs[0].shape[0], None  # runs alone: examples never join a numeric batch
+
+
+def version_stats(served: ServedVersion) -> VersionStats:
+    counters, link = served.counters, served.worker
+    return VersionStats(
+        model=served.model, version=served.version, state=served.state.value,
+        queued=sum(len(q) for q in served.queues.values()),
+        in_flight=sum(len(tasks) for tasks in link.in_flight.values()) if link is not None else 0,
+        batches=counters.batches, rows=counters.rows, rejected=counters.rejected,
+        batch_sizes=dict(counters.batch_sizes), queue_latency_buckets=list(counters.queue_latency_buckets),
+        queue_latency_sum_us=counters.queue_latency_sum_us, load_attempts=dict(counters.load_attempts),
+        load_latency_s=counters.load_latency_s, restarts=link.child.restarts if link is not None else 0)

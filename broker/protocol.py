@@ -38,7 +38,8 @@ Client (frontend or ``frontend.client``) to broker, on the broker's frontend ROU
               serialized tf.Examples to a signature of that method (TF Serving's APIs).
     METADATA  Query {id, model, version?, label?}
     STATUS    Query {id, model, version?, label?}
-    STATS     Query {id}                 the broker's counters (monitoring, bench/)
+    STATS     Query {id}                 the broker's counters, each version's, and the CPU and
+                                         memory of its processes by role (metrics, bench/)
     CANCEL    Cancel {id}                the client gave up: drop the request if it has not
                                          been dispatched (it is answered with ERROR 499)
     HEARTBEAT Heartbeat {}
@@ -49,7 +50,8 @@ Broker to client:
               per output (REQUEST); MetadataReply {kind: "m", id, model, version,
               signature_def} (METADATA); StatusReply {kind: "s", id, model,
               model_version_status: [{version, state, status}…]} (STATUS); StatsReply
-              {kind: "c", id, counters: {name: n}} (STATS)
+              {kind: "c", id, counters: {name: n}, versions: [VersionStats…], processes:
+              [[role, processes, cpu_seconds, rss_bytes]…]} (STATS)
     ERROR     Error {id, code, message}  ``code`` is the HTTP status (broker/errors.py);
                                          ``id`` is nil when the message had none readable
     HEARTBEAT Heartbeat {}               the answer to a client's HEARTBEAT
@@ -240,9 +242,37 @@ class StatusReply(Header, tag_field="kind", tag="s"):
     model_version_status: list[Json]
 
 
+class VersionStats(msgspec.Struct, kw_only=True):
+    """One model version's counters and gauges, for the metrics (broker/stats.py)."""
+
+    model: Name
+    version: Version
+    state: str
+    queued: int
+    in_flight: int
+    batches: int
+    rows: int
+    rejected: int
+    batch_sizes: dict[int, int]  # formed batches by rows
+    queue_latency_buckets: list[int]  # tasks by wait, one count per bound of QUEUE_LATENCY_BOUNDS_US and over
+    queue_latency_sum_us: float
+    load_attempts: dict[str, int]  # by outcome: OK, or the error
+    load_latency_s: float
+    restarts: int
+
+
+class ProcessStats(msgspec.Struct, array_like=True):
+    role: str
+    processes: int
+    cpu_seconds: float
+    rss_bytes: int
+
+
 class StatsReply(Header, tag_field="kind", tag="c"):
     id: Id
     counters: dict[str, int]
+    versions: list[VersionStats] = msgspec.field(default_factory=list)
+    processes: list[ProcessStats] = msgspec.field(default_factory=list)
 
 
 class ControlReply(Header, tag_field="kind", tag="ctl"):

@@ -31,9 +31,10 @@ from broker.errors import (Cancelled, DeadlineExceeded, Internal, InvalidArgumen
                            TFBrokerError, Unavailable)
 from broker.fleet import ACCEPT_DRAIN_S, Fleet
 from broker.manager import VersionManager
-from broker.models import ServedModel, ServedVersion, WorkerLink, check_inputs
+from broker.models import ServedModel, ServedVersion, WorkerLink, check_inputs, version_stats
 from broker.security import KeyRing, load_key_pair, make_server, start_authenticator
 from broker.source import VersionSource
+from broker.stats import process_stats
 from broker.zmqio import NOBLOCK, recv_message, send_message
 
 log = logging.getLogger("tfbroker.broker")
@@ -52,8 +53,10 @@ COUNTERS = ("requests", "batches", "rows", "joined", "rejected", "expired", "can
 
 
 class Broker:
-    def __init__(self, config: ServerConfig, models: list[ModelConfig], batching: BatchingParameters) -> None:
+    def __init__(self, config: ServerConfig, models: list[ModelConfig], batching: BatchingParameters,
+                 metrics_path: str = "") -> None:
         self.config = config
+        self.metrics_path = metrics_path  # the Prometheus path the frontends serve ("" none)
         self.batching = batching
         self.models: dict[str, ServedModel] = {}
         self.signals: queue.SimpleQueue[int] = queue.SimpleQueue()
@@ -188,12 +191,16 @@ class Broker:
             rows, join_key = check_inputs(served, header.signature, header.inputs, frames[1:], header.method)
             now = time.monotonic()
             timeout_s = min(header.timeout_ms, self.config.rest_api_timeout_in_ms) / 1000.0
-            task = Task(rows, now + timeout_s, Pending(client, header.id, frames, join_key))
+            task = Task(rows, now + timeout_s, Pending(client, header.id, frames, join_key, now))
             queue_ = served.queues.get(header.signature)
             if queue_ is None:
                 queue_ = served.queues[header.signature] = BatchQueue(self.batching,
                                                                       batching=self.config.enable_batching)
-            queue_.schedule(task, now)
+            try:
+                queue_.schedule(task, now)
+            except Unavailable:
+                served.counters.rejected += 1
+                raise
             self._queued[key] = (queue_, task)
             self.counters["requests"] += 1
         except TFBrokerError as exc:
@@ -237,7 +244,9 @@ class Broker:
                                     model_version_status=[v.status_json() for v in versions])
 
     def _stats(self, header: protocol.Query) -> protocol.StatsReply:
-        return protocol.StatsReply(id=header.id, counters=self.stats())
+        versions = [version_stats(served) for model in self.models.values() for served in model.versions.values()]
+        return protocol.StatsReply(id=header.id, counters=self.stats(), versions=versions,
+                                   processes=process_stats(self.fleet.pids_by_role()))
 
     def _reply_error(self, client: bytes, request_id: int | None, error: TFBrokerError) -> None:
         body = protocol.Error(id=request_id, code=error.http_status, message=error.message[:protocol.MAX_MESSAGE_CHARS])
@@ -311,12 +320,13 @@ class Broker:
                 for signature, queue_ in queues:
                     batch = queue_.next_batch(now, idle=not link.in_flight)
                     if batch is not None:
-                        self._send_batch(link, signature, batch, now)
+                        self._send_batch(served, link, signature, batch, now)
                         break
                 else:
                     break
 
-    def _send_batch(self, link: WorkerLink, signature: str, batch: Batch, now: float) -> None:
+    def _send_batch(self, served: ServedVersion, link: WorkerLink, signature: str, batch: Batch,
+                    now: float) -> None:
         live = [t for t in batch.tasks if t.deadline > now]
         if len(live) < len(batch.tasks):  # out of time before any device time was spent
             expired = [t for t in batch.tasks if t.deadline <= now]
@@ -335,6 +345,7 @@ class Broker:
         self.counters["batches"] += 1
         self.counters["rows"] += rows
         self.counters["joined"] += isinstance(header, protocol.JoinedBatch)
+        served.counters.record_batch(rows, [now - task.payload.admitted for task in live])
 
     def _send_worker(self, identity: bytes, command: bytes, header: protocol.Header, frames: Any = ()) -> None:
         send_message(self.backend, [identity, *protocol.encode(command, header, frames)], copy=False)

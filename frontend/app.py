@@ -22,6 +22,7 @@ import contextlib
 import logging
 import os
 import shlex
+import time
 from typing import Any, AsyncIterator
 
 import orjson
@@ -38,6 +39,9 @@ from broker.process import set_title
 from frontend import routes
 from frontend.client import AsyncClient
 from frontend.examples import format_results, parse_examples
+from frontend.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from frontend.metrics import Metrics
+from frontend.metrics import from_env as metrics_from_env
 from frontend.json_tensor import format_predictions, parse_predict_body
 
 log = logging.getLogger("tfbroker.frontend")
@@ -62,27 +66,36 @@ class RestApi:
     """Everything under /v1/: predict on the hot path, status and metadata, and TF Serving's
     errors for anything else; other paths go to ``app`` (Starlette: 404 and the lifespan)."""
 
-    def __init__(self, app: ASGIApp, client: AsyncClient, timeout_s: float, limits: RequestLimits) -> None:
+    def __init__(self, app: ASGIApp, client: AsyncClient, timeout_s: float, limits: RequestLimits,
+                 metrics: Metrics | None = None) -> None:
         self.app = app
         self.client = client
         self.timeout_s = timeout_s
         self.limits = limits
+        self.metrics = metrics
         self.waiting = 0  # predictions waiting on the broker (max_concurrent_predictions)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not routes.is_api_path(scope["path"]):
+            if self.metrics is not None and scope["type"] == "http" and scope["path"] == self.metrics.path:
+                await self.scrape(send)
+                return
             await self.app(scope, receive, send)
             return
         raw = scope.get("raw_path")
         path = raw.decode("latin-1").partition("?")[0] if raw else scope["path"]
         method = scope["method"]
+        started = time.monotonic()
+        call = None
         try:
             if method == "OPTIONS":
                 answer: Answer = 200, b"", CORS
             else:
                 call = routes.parse(method, path)
                 if call.verb == "predict":
-                    await self.predict(call, scope, receive, send)
+                    status = await self.predict(call, scope, receive, send)
+                    if self.metrics is not None:
+                        self.metrics.observe(call.model, call.verb, status, started)
                     return
                 answer = await self.answer(call, scope, receive)
         except TFBrokerError as exc:
@@ -91,6 +104,20 @@ class RestApi:
             log.exception("%s %s failed", method, path)
             answer = error_answer(Internal(f"frontend error: {type(exc).__name__}: {exc}"))
         await _respond(send, *answer)
+        if self.metrics is not None and call is not None:
+            self.metrics.observe(call.model, call.verb, answer[0], started)
+
+    async def scrape(self, send: Send) -> None:
+        """The metrics page: every frontend's requests, and the broker's figures."""
+        assert self.metrics is not None
+        try:
+            stats = await self.client.stats_reply()
+        except TFBrokerError:
+            stats = None  # the broker is away: the frontends' own figures still answer
+        content = self.metrics.render(stats)
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", METRICS_CONTENT_TYPE), (b"content-length", str(len(content)).encode())]})
+        await send({"type": "http.response.body", "body": content})
 
     async def answer(self, call: routes.RestCall, scope: Scope, receive: Receive) -> Answer:
         if call.verb in ("classify", "regress"):
@@ -110,9 +137,10 @@ class RestApi:
             body = {"model_version_status": status["model_version_status"]}
         return 200, orjson.dumps(body), []
 
-    async def predict(self, call: routes.RestCall, scope: Scope, receive: Receive, send: Send) -> None:
+    async def predict(self, call: routes.RestCall, scope: Scope, receive: Receive, send: Send) -> int:
         """The hot path of every request: no routing table, middleware, Request or Response
-        objects (a third of a frontend's CPU per request, measured with py-spy under bench)."""
+        objects (a third of a frontend's CPU per request, measured with py-spy under bench).
+        Returns the HTTP status it answered (499 when the client went away)."""
         body = await _read_body(scope, receive, self.limits.max_request_body_bytes)
         timeout_s = _timeout_s(scope, self.timeout_s)
         if self.waiting >= self.limits.max_concurrent_predictions:
@@ -141,7 +169,7 @@ class RestApi:
             answer = await self.run_predict(body, call, timeout_s)
         except asyncio.CancelledError:
             if watchers and watchers[0].done() and not watchers[0].cancelled():
-                return  # the client is gone: nobody to answer
+                return 499  # the client is gone: nobody to answer
             raise
         finally:
             self.waiting -= 1
@@ -150,6 +178,7 @@ class RestApi:
                 watcher.remove_done_callback(on_receive)
                 watcher.cancel()
         await _respond(send, *answer)
+        return answer[0]
 
     async def run_predict(self, body: bytes, call: routes.RestCall, timeout_s: float) -> Answer:
         try:
@@ -234,7 +263,7 @@ def create_app(client: AsyncClient | None = None, *, timeout_s: float | None = N
 
     rest = Starlette(routes=[], exception_handlers={HTTPException: not_found, Exception: server_error},
                      lifespan=lifespan)
-    return RestApi(rest, client, timeout_s, limits)
+    return RestApi(rest, client, timeout_s, limits, metrics_from_env())
 
 
 app = create_app()

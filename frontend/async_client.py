@@ -20,8 +20,8 @@ from broker import protocol
 from broker.config import DEFAULT_HEARTBEAT_INTERVAL_S, DEFAULT_HEARTBEAT_LIVENESS
 from broker.errors import DeadlineExceeded, Internal, ProtocolError, Unavailable
 from broker.zmqio import NOBLOCK, POLLIN, POLLOUT, events, recv_message, send_message
-from frontend.client import (DEFAULT_TIMEOUT_S, GRACE_S, ClientBase, Prediction, as_dict, encode_cancel,
-                             new_socket, prediction)
+from frontend.client import (DEFAULT_TIMEOUT_S, GRACE_S, ClientBase, Prediction, as_dict, decode_reply,
+                             encode_cancel, new_socket, prediction)
 
 # While requests wait, a silent broker gets a heartbeat each interval and is given up after
 # liveness silent intervals (its pending requests then fail with Unavailable).
@@ -73,6 +73,13 @@ class AsyncClient(ClientBase):
     async def stats(self) -> dict[str, Any]:
         """The broker's counters (see Client.stats)."""
         return as_dict(await self.request(*self._query_call(protocol.STATS)))
+
+    async def stats_reply(self) -> protocol.StatsReply:
+        """All the broker's figures: counters, each version's, and its processes' (metrics)."""
+        reply = decode_reply(await self.request(*self._query_call(protocol.STATS)))
+        if not isinstance(reply, protocol.StatsReply):
+            raise Internal("the broker answered STATS with something else")
+        return reply
 
     async def request(self, request_id: int, frames: list[Any], timeout_s: float) -> protocol.Message:
         """Send one message and wait for its answer: the transport seam of this client."""

@@ -15,7 +15,7 @@ inherited from the broker), TFBROKER_TIMEOUT_MS (request deadline), TFBROKER_LOG
 import gc
 import os
 
-from broker.config import BIND_ENV, FRONTEND_INDEX_ENV, FRONTENDS_ENV, LOG_LEVEL_ENV
+from broker.config import BIND_ENV, FRONTEND_INDEX_ENV, FRONTENDS_ENV, LOG_LEVEL_ENV, METRICS_DIR_ENV
 from broker.process import die_with_parent
 
 worker_class = "uvicorn_worker.UvicornWorker"
@@ -39,6 +39,14 @@ def pre_fork(server, worker):  # noqa: ANN001
     # Keep the preloaded modules out of the garbage collector's reach, so the workers'
     # collections do not write to (and so copy) the pages they share with the master.
     gc.freeze()
+
+
+def child_exit(server, worker):  # noqa: ANN001
+    # A frontend that is gone keeps its counts in the shared metrics, but not its live gauges.
+    if os.environ.get(METRICS_DIR_ENV):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)
 
 
 def post_fork(server, worker):  # noqa: ANN001

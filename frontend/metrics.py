@@ -1,0 +1,172 @@
+"""Prometheus metrics on the REST port (``--monitoring_config_file``), one view from any frontend.
+
+Each frontend counts its requests in prometheus-client's multiprocess files
+(PROMETHEUS_MULTIPROC_DIR, which the broker gives the frontends it starts), so whichever
+frontend is scraped sums them all; the broker's counters, each version's batching figures
+and the CPU and memory of every process role come from the broker (STATS) at scrape time.
+TF Serving's series keep TF Serving's names (``:tensorflow:serving:request_count``,
+``:tensorflow:serving:request_latency``, ``:tensorflow:serving:batching_session:queuing_latency``,
+``:tensorflow:cc:saved_model:load_attempt_count``, ``…:load_latency``); ours start with
+``tfbroker_``. docs/metrics.md lists them all.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Iterator, Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from broker import protocol
+from broker.config import METRICS_DIR_ENV, METRICS_PATH_ENV
+from broker.stats import QUEUE_LATENCY_BOUNDS_US
+
+CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+# Request latency buckets in microseconds, as TF Serving's request_latency.
+LATENCY_BOUNDS_US = (250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
+                     2_500_000, 5_000_000, 10_000_000, 30_000_000)
+SERVING_APIS = ("predict", "classify", "regress")  # what TF Serving's request_count counts
+BATCH_SIZE_BOUNDS = tuple(2 ** i for i in range(13))  # 1 … 4096 rows
+# TF Serving's request_count status: the gRPC code of the HTTP status.
+STATUS_CODES = {200: "OK", 400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 413: "INVALID_ARGUMENT", 499: "CANCELLED",
+                500: "INTERNAL", 501: "UNIMPLEMENTED", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
+
+
+class Metrics:
+    """The frontend's own series; ``render`` adds the broker's and TF Serving's names."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.directory = os.environ.get(METRICS_DIR_ENV, "")
+        self.registry = CollectorRegistry() if self.directory else None
+        kwargs: dict[str, Any] = {"registry": self.registry} if self.registry is not None else {}
+        self.requests = Counter("tfbroker_requests", "REST requests by model, API and HTTP status.",
+                                ["model", "api", "status"], **kwargs)
+        self.latency = Histogram(":tensorflow:serving:request_latency",
+                                 "Distribution of wall time (in microseconds) for REST requests.",
+                                 ["model_name", "API", "entrypoint"], buckets=LATENCY_BOUNDS_US, **kwargs)
+
+    def observe(self, model: str, api: str, status: int, started: float) -> None:
+        self.requests.labels(model, api, str(status)).inc()
+        self.latency.labels(model, api, "REST").observe((time.monotonic() - started) * 1e6)
+
+    def render(self, stats: protocol.StatsReply | None) -> bytes:
+        registry = CollectorRegistry()
+        own: Any = (MultiProcessCollector(None, path=self.directory) if self.directory
+                    else _Reuse(self.requests, self.latency))
+        registry.register(own)
+        registry.register(_Derived(own, stats))
+        return generate_latest(registry)
+
+
+def from_env() -> Metrics | None:
+    path = os.environ.get(METRICS_PATH_ENV, "")
+    return Metrics(path) if path else None
+
+
+class _Reuse:
+    """The frontend's own metrics, when it runs alone (no multiprocess directory)."""
+
+    def __init__(self, *metrics: Any) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self.metrics:
+            yield from metric.collect()
+
+
+class _Derived:
+    """TF Serving's request_count from our request counter, and the broker's series."""
+
+    def __init__(self, own: Any, stats: protocol.StatsReply | None) -> None:
+        self.own = own  # the collector of the frontends' own series
+        self.stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        counts: dict[tuple[str, str], float] = {}
+        for metric in self.own.collect():
+            for sample in metric.samples:
+                if sample.name == "tfbroker_requests_total" and sample.labels["api"] in SERVING_APIS:
+                    key = (sample.labels["model"], STATUS_CODES.get(int(sample.labels["status"]), "UNKNOWN"))
+                    counts[key] = counts.get(key, 0.0) + sample.value
+        # TF Serving's name exactly (prometheus-client would append _total to a counter).
+        request_count = Metric(":tensorflow:serving:request_count", "The total number of requests.", "unknown")
+        for (model, status), value in sorted(counts.items()):
+            request_count.add_sample(":tensorflow:serving:request_count", {"model_name": model, "status": status},
+                                     value)
+        yield request_count
+        if self.stats is not None:
+            yield from _broker_families(self.stats)
+
+
+def _broker_families(stats: protocol.StatsReply) -> Iterator[Metric]:
+    broker = CounterMetricFamily("tfbroker_broker_events", "Broker events: requests admitted, batches formed, "
+                                 "rejected, expired, cancelled, malformed messages…", labels=["event"])
+    for name, value in sorted(stats.counters.items()):
+        broker.add_metric([name], value)
+    yield broker
+    version_labels = ["model", "version"]
+    queued = GaugeMetricFamily("tfbroker_queued_requests", "Requests waiting in the batch queues.",
+                               labels=version_labels)
+    in_flight = GaugeMetricFamily("tfbroker_in_flight_requests", "Requests in batches handed to the worker.",
+                                  labels=version_labels)
+    available = GaugeMetricFamily("tfbroker_version_available", "1 while the version takes requests.",
+                                  labels=version_labels)
+    batches = CounterMetricFamily("tfbroker_batches", "Batches formed.", labels=version_labels)
+    rejected = CounterMetricFamily("tfbroker_rejected_requests", "Requests refused: the queue was full (503).",
+                                   labels=version_labels)
+    restarts = CounterMetricFamily("tfbroker_worker_restarts", "Restarts of the version's worker.",
+                                   labels=version_labels)
+    batch_size = HistogramMetricFamily("tfbroker_batch_size", "Rows in the batches formed.", labels=version_labels)
+    queuing = HistogramMetricFamily(":tensorflow:serving:batching_session:queuing_latency",
+                                    "Distribution of wall time (in microseconds) requests wait in the batch queue.",
+                                    labels=["thread_pool_name", "model", "version"])
+    loads = Metric(":tensorflow:cc:saved_model:load_attempt_count", "The number of times a SavedModel was "
+                   "attempted to load.", "unknown")
+    load_latency = Metric(":tensorflow:cc:saved_model:load_latency", "Latency in microseconds for SavedModels "
+                          "that were successfully loaded.", "unknown")
+    for v in stats.versions:
+        labels = [v.model, str(v.version)]
+        queued.add_metric(labels, v.queued)
+        in_flight.add_metric(labels, v.in_flight)
+        available.add_metric(labels, 1 if v.state == "AVAILABLE" else 0)
+        batches.add_metric(labels, v.batches)
+        rejected.add_metric(labels, v.rejected)
+        restarts.add_metric(labels, v.restarts)
+        sizes = [(bound, sum(n for size, n in v.batch_sizes.items() if low < size <= bound))
+                 for low, bound in zip((0, *BATCH_SIZE_BOUNDS), BATCH_SIZE_BOUNDS)]
+        batch_size.add_metric(labels, _buckets(sizes, v.batches), sum_value=v.rows)
+        queue_counts = list(zip(QUEUE_LATENCY_BOUNDS_US, v.queue_latency_buckets))
+        queuing.add_metric(["batching", *labels], _buckets(queue_counts, sum(v.queue_latency_buckets)),
+                           sum_value=v.queue_latency_sum_us)
+        path = f"{v.model}/{v.version}"
+        for outcome, count in sorted(v.load_attempts.items()):
+            loads.add_sample(":tensorflow:cc:saved_model:load_attempt_count",
+                             {"model_path": path, "status": "success" if outcome == "OK" else outcome}, count)
+        if v.load_latency_s:
+            load_latency.add_sample(":tensorflow:cc:saved_model:load_latency", {"model_path": path},
+                                    round(v.load_latency_s * 1e6))
+    yield from (queued, in_flight, available, batches, rejected, restarts, batch_size, queuing, loads, load_latency)
+    cpu = CounterMetricFamily("tfbroker_process_cpu_seconds", "CPU seconds of the live processes of each role.",
+                              labels=["role"])
+    rss = GaugeMetricFamily("tfbroker_process_resident_memory_bytes", "Resident memory of each role's processes.",
+                            labels=["role"])
+    processes = GaugeMetricFamily("tfbroker_processes", "Live processes of each role.", labels=["role"])
+    for p in stats.processes:
+        cpu.add_metric([p.role], p.cpu_seconds)
+        rss.add_metric([p.role], p.rss_bytes)
+        processes.add_metric([p.role], p.processes)
+    yield from (cpu, rss, processes)
+
+
+def _buckets(counts: Sequence[tuple[float, int]], total: int) -> list[tuple[str, float]]:
+    """Cumulative Prometheus buckets from (upper bound, count) pairs; +Inf holds ``total``."""
+    buckets, running = [], 0
+    for bound, value in counts:
+        running += value
+        buckets.append((str(float(bound)), float(running)))
+    buckets.append(("+Inf", float(total)))
+    return buckets
