@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import subprocess
@@ -9,7 +10,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import httpx
 import pytest
@@ -159,6 +160,19 @@ def test_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
                             capture_output=True, timeout=300)
     assert result.returncode == 0, result.stderr.decode(errors="replace")[-3000:]
     return directory
+
+
+@contextlib.contextmanager
+def serving(tmp: Path, models: dict[str, Path], args: Sequence[str] = (), frontends: int = 1,
+            labels: dict[str, dict[str, int]] | None = None) -> Iterator[BrokerProcess]:
+    """A broker serving ``models`` (a model config file in ``tmp``) until the block ends."""
+    (tmp / "models.config").write_text(make_model_config(models, labels))
+    broker = BrokerProcess(tmp, [f"--model_config_file={tmp / 'models.config'}", *args], frontends=frontends)
+    try:
+        broker.wait_available(list(models))
+        yield broker
+    finally:
+        stop_and_check(broker)
 
 
 def stop_and_check(broker: BrokerProcess) -> None:

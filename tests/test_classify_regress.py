@@ -6,24 +6,18 @@ from typing import Any, Iterator
 
 import pytest
 
-from tests.conftest import TESTDATA, BrokerProcess, make_model_config, needs_testdata, stop_and_check
+from tests.conftest import TESTDATA, BrokerProcess, needs_testdata, serving
 
 pytestmark = needs_testdata
 
 
 @pytest.fixture(scope="module")
 def tfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProcess]:
-    tmp = tmp_path_factory.mktemp("tfs")
     models = {"half_plus_two": TESTDATA / "saved_model_half_plus_two_cpu",
               "half_plus_three": TESTDATA / "saved_model_half_plus_three",
               "tf2": TESTDATA / "saved_model_half_plus_two_tf2_cpu"}
-    (tmp / "models.config").write_text(make_model_config(models, labels={"half_plus_two": {"stable": 123}}))
-    broker = BrokerProcess(tmp, [f"--model_config_file={tmp / 'models.config'}"], frontends=1)
-    try:
-        broker.wait_available(list(models))
+    with serving(tmp_path_factory.mktemp("tfs"), models, labels={"half_plus_two": {"stable": 123}}) as broker:
         yield broker
-    finally:
-        stop_and_check(broker)
 
 
 def post(broker: BrokerProcess, path: str, body: Any) -> Any:

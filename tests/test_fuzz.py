@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from broker import protocol, tensors
 from broker.supervisor import terminate
 from frontend.client import Client
-from tests.conftest import ROOT, BrokerProcess, make_model_config, pid_alive, stop_and_check, wait_for
+from tests.conftest import ROOT, BrokerProcess, pid_alive, serving, wait_for
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 
@@ -45,14 +45,8 @@ frame_lists = st.lists(st.binary(max_size=24), max_size=3)
 
 @pytest.fixture(scope="module")
 def fuzzed(test_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProcess]:
-    tmp = tmp_path_factory.mktemp("fuzzed")
-    (tmp / "models.config").write_text(make_model_config({"linear": test_models / "linear"}))
-    broker = BrokerProcess(tmp, [f"--model_config_file={tmp / 'models.config'}"], frontends=1)
-    try:
-        broker.wait_available(["linear"])
+    with serving(tmp_path_factory.mktemp("fuzzed"), {"linear": test_models / "linear"}) as broker:
         yield broker
-    finally:
-        stop_and_check(broker)
 
 
 def dealer(address: str, identity: bytes | None = None) -> tuple[zmq.Context, zmq.Socket]:

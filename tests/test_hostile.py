@@ -19,7 +19,7 @@ import pytest
 
 from broker.errors import Cancelled, DeadlineExceeded, InvalidArgument
 from frontend.client import AsyncClient, Client
-from tests.conftest import TESTDATA, BrokerProcess, make_model_config, stop_and_check
+from tests.conftest import TESTDATA, BrokerProcess, serving
 
 LIMITS = {"max_request_body_bytes": 200_000, "max_json_depth": 6, "max_instances": 1000,
           "max_string_bytes": 1000, "max_tensor_bytes": 400_000}
@@ -27,19 +27,13 @@ LIMITS = {"max_request_body_bytes": 200_000, "max_json_depth": 6, "max_instances
 
 @pytest.fixture(scope="module")
 def guarded(test_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProcess]:
-    tmp = tmp_path_factory.mktemp("guarded")
     models = {name: test_models / name for name in ("linear", "two_io", "mlp", "slow")}
     if TESTDATA.is_dir():
         models["half_plus_two"] = TESTDATA / "saved_model_half_plus_two_cpu"
-    (tmp / "models.config").write_text(make_model_config(models))
     # One batch in flight: a second request waits in the broker's queue while the slow model runs.
-    broker = BrokerProcess(tmp, [f"--model_config_file={tmp / 'models.config'}", "--batches_in_flight=1",
-                                 *[f"--{k}={v}" for k, v in LIMITS.items()]], frontends=2)
-    try:
-        broker.wait_available(list(models))
+    args = ["--batches_in_flight=1", *[f"--{k}={v}" for k, v in LIMITS.items()]]
+    with serving(tmp_path_factory.mktemp("guarded"), models, args, frontends=2) as broker:
         yield broker
-    finally:
-        stop_and_check(broker)
 
 
 def b64(text: str) -> dict[str, str]:

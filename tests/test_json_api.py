@@ -13,21 +13,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import BrokerProcess, make_model_config, stop_and_check
+from tests.conftest import BrokerProcess, serving
 
 BASE = {"f32": [1.5], "f64": [1.5], "i32": [1], "i64": [1], "flag": [True], "s": ["a"]}
 
 
 @pytest.fixture(scope="module")
 def typed(test_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProcess]:
-    tmp = tmp_path_factory.mktemp("typed")
-    (tmp / "models.config").write_text(make_model_config({"typed": test_models / "typed"}))
-    broker = BrokerProcess(tmp, [f"--model_config_file={tmp / 'models.config'}"], frontends=1)
-    try:
-        broker.wait_available(["typed"])
+    with serving(tmp_path_factory.mktemp("typed"), {"typed": test_models / "typed"}) as broker:
         yield broker
-    finally:
-        stop_and_check(broker)
 
 
 def call(broker: BrokerProcess, **inputs: Any) -> Any:

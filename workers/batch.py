@@ -146,7 +146,8 @@ def run_joined(signature: Signature, batch: JoinedBatch, padded_rows: int) -> di
     try:
         inputs = _cast_inputs(signature, TaskInput(-1, batch.inputs, total)).inputs
     except TFBrokerError as exc:
-        return [exc] * len(batch.ids)
+        # A value one task sent that does not fit (TF Serving's rules) fails that task alone.
+        return _run_alone(signature, batch.split()) if len(batch.ids) > 1 else [exc]
     run_rows = max(total, padded_rows)
     if run_rows > total:  # pad by repeating the first row: valid for any dtype
         inputs = {n: np.concatenate([a, np.repeat(a[:1], run_rows - total, axis=0)]) for n, a in inputs.items()}

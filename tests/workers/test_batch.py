@@ -173,3 +173,13 @@ def test_a_task_without_a_batch_dimension_runs_alone_unpadded() -> None:
     assert np.asarray(outcomes[0]["y"]).tolist() == 3.0  # type: ignore[index]
     assert np.asarray(outcomes[1]["y"]).tolist() == [2.0]  # type: ignore[index]
     assert calls == [(), (1,)], "each alone, neither padded"
+
+
+def test_a_value_that_does_not_fit_fails_its_task_alone_in_a_joined_batch() -> None:
+    calls: list[int] = []
+    signature = Signature("serving_default", {"x": TensorInfo("float32", (-1,))}, {"y": TensorInfo("float32", (-1,))},
+                          lambda inputs: calls.append(len(inputs["x"])) or {"y": inputs["x"] * 2})
+    batch = JoinedBatch([1, 2], [1, 1], {"x": np.array([1.0, 1e300])})
+    good, bad = run_joined(signature, batch, 0)  # type: ignore[misc]
+    assert np.asarray(good["y"]).tolist() == [2.0]  # type: ignore[index]
+    assert isinstance(bad, InvalidArgument) and "without loss of precision" in bad.message
