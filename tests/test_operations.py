@@ -193,8 +193,11 @@ def test_sigterm_lets_accepted_requests_finish(start_broker: Any, test_models: P
     errors: list[str] = []
 
     def hammer(_: int) -> list[int]:
+        # A fresh connection per request, so that a reset can only mean an accepted request
+        # dropped: on a kept-alive connection, a request crossing the server's close of the
+        # idle connection was never accepted, and HTTP leaves it to the client to retry.
         statuses = []
-        with httpx.Client(base_url=broker.base_url, timeout=30) as http:
+        with httpx.Client(base_url=broker.base_url, timeout=30, headers={"connection": "close"}) as http:
             while time.monotonic() < stop_at:
                 try:
                     response = http.post("/v1/models/batch_reporter:predict", json={"instances": [1.0]})
