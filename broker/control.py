@@ -19,7 +19,7 @@ import zmq
 
 from broker import protocol
 from broker.config_files import load_model_config
-from broker.errors import InvalidArgument, TFBrokerError
+from broker.errors import InvalidArgument, ProtocolError, TFBrokerError
 from broker.models import ServedVersion
 
 if TYPE_CHECKING:
@@ -72,7 +72,7 @@ class ControlChannel:
                 log.log(logging.DEBUG if header.op == "status" else logging.INFO, "control: %s %s", header.op,
                         msgspec.json.encode(header.args).decode())
                 body = self._ops[header.op](header.args)
-            except protocol.ProtocolError as exc:  # malformed: answer, keep serving
+            except ProtocolError as exc:  # malformed: answer, keep serving
                 self._send(client, protocol.ERROR, protocol.Error(
                     id=request_id, code=400, message=f"malformed control message: {exc}"))
             except TFBrokerError as exc:

@@ -9,6 +9,7 @@ from typing import Any, Iterable, Sequence
 
 from broker import protocol, tensors
 from broker.batching import Task
+from broker.errors import ProtocolError
 
 
 class Pending:
@@ -100,7 +101,7 @@ def describe_tasks(tasks: Iterable[Task], most: int = 8) -> str:
             break
         try:
             request = protocol.decode_header(protocol.REQUEST, task.payload.frames[0])
-        except protocol.ProtocolError:
+        except ProtocolError:
             parts.append("(unreadable request)")
             continue
         inputs = ", ".join(f"{s.name or '(only)'} {s.dtype}{list(s.shape)}" for s in request.inputs)

@@ -20,11 +20,9 @@ picks a header apart by hand and a malformed message is an error answer, never a
 exception in a poll loop. Headers that share a command (the answers of REPLY, the forms of
 BATCH and RESULT) carry a ``kind`` tag.
 
-Tensors travel as a spec ``[name, dtype, shape]`` in the header plus one frame each
-(broker/tensors.py encodes and decodes them). ``dtype`` is a numpy name ("float32",
-"int64", "bool", …) or "string". Numeric frames are the C-contiguous buffer of the array
-(zero-copy on both sides); a "string" frame is a msgpack array of byte strings. An input named "" is the signature's only input (TF
-Serving's unnamed ``"instances": [1.0, 2.0]``).
+Tensors travel as a spec ``[name, dtype, shape]`` in the header plus one frame each, never
+pickled (broker/tensors.py: numeric frames are the array's buffer, strings a msgpack array of
+byte strings). An input named "" is the signature's only input (``"instances": [1.0, 2.0]``).
 
 Commands and their headers
 --------------------------
@@ -124,8 +122,6 @@ import msgspec
 
 from broker.errors import ProtocolError
 
-__all__ = ["ProtocolError"]  # re-exported: decoding raises it
-
 TAG = b"TFB02"
 
 REQUEST = b"\x01"
@@ -153,8 +149,6 @@ MAX_DIM = 1 << 40
 MAX_TIMEOUT_MS = 24 * 3600 * 1000
 MAX_MESSAGE_CHARS = 1 << 16
 MAX_INT64 = (1 << 63) - 1
-
-Frame = bytes | memoryview
 
 Id = Annotated[int, msgspec.Meta(ge=0, le=MAX_INT64)]
 Version = Annotated[int, msgspec.Meta(ge=0, le=MAX_INT64)]

@@ -14,7 +14,9 @@ import msgspec
 import numpy as np
 
 from broker.errors import ProtocolError
-from broker.protocol import STRING, DType, Frame, TensorSpec
+from broker.protocol import STRING, DType, TensorSpec
+
+Frame = bytes | memoryview
 
 _encoder = msgspec.msgpack.Encoder()
 _strings = msgspec.msgpack.Decoder(list[bytes])
