@@ -64,6 +64,9 @@ class Unavailable(ServiceError):
 class DeadlineExceeded(ServiceError):
     http_status = 504
 
+    def __init__(self, message: str = "Deadline Exceeded") -> None:  # TF Serving's (gRPC's) words
+        super().__init__(message)
+
 
 class Internal(ServiceError):
     http_status = 500

@@ -1,7 +1,7 @@
 """The tfbroker wire protocol (TFB/2): frontends, broker, workers and ctl over ZeroMQ.
 
-Depends only on the standard library, msgspec and numpy, so frontends import it without
-TensorFlow. Every message, in both directions, is a multipart ZeroMQ message:
+Depends only on the standard library and msgspec. Every message, in both directions, is a
+multipart ZeroMQ message:
 
     Frame 0   b"TFB02"                 protocol tag and version; a peer with another tag
                                        is rejected on its first message
@@ -9,8 +9,7 @@ TensorFlow. Every message, in both directions, is a multipart ZeroMQ message:
     Frame 2   msgpack map              the header: one typed struct per message kind
     Frame 3…  raw bytes                payload: one frame per tensor, never pickled
 
-A ROUTER socket sees the sender's identity frame in front of Frame 0. No empty delimiter
-frame is used: every peer is a DEALER.
+A ROUTER sees the sender's identity frame before Frame 0; no empty delimiter (all DEALERs).
 
 The header of each message kind is a ``msgspec.Struct`` below; ``encode`` and ``decode`` are
 the only way in and out. ``decode`` checks the tag, that the command is one the receiving
@@ -213,14 +212,19 @@ class Heartbeat(Header):
     pass
 
 
-class PredictReply(Header, tag_field="kind", tag="p"):
-    id: Id
+class Outputs(Header, kw_only=True):
+    """A model's outputs: one frame per spec (PredictReply to a client, JoinedResult from a worker)."""
+
     model: Name
     version: Version
     outputs: Specs
 
     def frame_count(self) -> int:
         return len(self.outputs)
+
+
+class PredictReply(Outputs, kw_only=True, tag_field="kind", tag="p"):
+    id: Id
 
 
 class MetadataReply(Header, tag_field="kind", tag="m"):
@@ -341,14 +345,8 @@ class TaskResult(Header, tag_field="kind", tag="t"):
         return sum(self.counts)
 
 
-class JoinedResult(Header, tag_field="kind", tag="j"):
+class JoinedResult(Outputs, kw_only=True, tag_field="kind", tag="j"):
     batch: Id
-    model: Name
-    version: Version
-    outputs: Specs
-
-    def frame_count(self) -> int:
-        return len(self.outputs)
 
 
 class Disconnect(Header):
@@ -440,10 +438,13 @@ def decode_header(command: bytes, frame: Any) -> Any:
 
 def salvage_id(frames: Sequence[Any]) -> int | None:
     """The ``id`` of a message that failed to decode, if one can be read, to answer it."""
-    if len(frames) < 3:
-        return None
+    return header_id(frames[2]) if len(frames) >= 3 else None
+
+
+def header_id(frame: Any) -> int | None:
+    """The ``id`` in a header frame, whatever else it holds, or None."""
     try:
-        found: _IdOnly = _id_only.decode(frames[2])
+        found: _IdOnly = _id_only.decode(frame)
         return found.id
     except (msgspec.DecodeError, msgspec.ValidationError):
         return None

@@ -47,7 +47,6 @@ RECV_BURST = 512  # messages taken from one socket before the other gets its tur
 RCVHWM = 20_000
 SNDHWM = 100_000
 FRAME_OVERHEAD_BYTES = 1 << 16  # a header frame's allowance on top of --max_tensor_bytes
-DEADLINE_MESSAGE = "Deadline Exceeded"  # TF Serving's (gRPC's) words for a request out of time
 COUNTERS = ("requests", "batches", "rows", "joined", "rejected", "expired", "cancelled", "malformed_client",
             "malformed_worker", "failed_handlers", "auth_refused")
 
@@ -331,7 +330,7 @@ class Broker:
         if len(live) < len(batch.tasks):  # out of time before any device time was spent
             expired = [t for t in batch.tasks if t.deadline <= now]
             self.counters["expired"] += len(expired)
-            self.fail_tasks(expired, DeadlineExceeded(DEADLINE_MESSAGE))
+            self.fail_tasks(expired, DeadlineExceeded())
         if not live:
             return
         for task in live:
@@ -384,7 +383,7 @@ class Broker:
                 expired = queue_.expire(now)
                 if expired:
                     self.counters["expired"] += len(expired)
-                    self.fail_tasks(expired, DeadlineExceeded(DEADLINE_MESSAGE))
+                    self.fail_tasks(expired, DeadlineExceeded())
 
     def _handle_signals(self, now: float) -> None:
         while not self.signals.empty():

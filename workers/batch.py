@@ -69,7 +69,7 @@ def decode_batch(frames: Sequence[Any], counts: Sequence[int], deadlines: Sequen
     for count, deadline in zip(counts, deadlines):
         parts = frames[offset:offset + count]
         offset += count
-        request_id = protocol.salvage_id([b"", b"", parts[0]]) or 0
+        request_id = protocol.header_id(parts[0]) or 0
         try:
             header = protocol.decode_header(protocol.REQUEST, parts[0])
             arrays = tensors.decode_tensors(header.inputs, parts[1:])
@@ -77,7 +77,7 @@ def decode_batch(frames: Sequence[Any], counts: Sequence[int], deadlines: Sequen
             tasks.append(TaskInput(request_id, {}, 0, InvalidArgument(f"protocol error: {exc}")))
             continue
         if now > deadline:
-            tasks.append(TaskInput(request_id, {}, 0, DeadlineExceeded("Deadline Exceeded")))
+            tasks.append(TaskInput(request_id, {}, 0, DeadlineExceeded()))
             continue
         tasks.append(TaskInput(request_id, arrays, _rows(arrays), examples=header.method != "predict"))
     return tasks

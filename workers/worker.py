@@ -27,8 +27,6 @@ from workers.config import WorkerConfig
 
 log = logging.getLogger("tfbroker.worker")
 
-DEADLINE_MESSAGE = "Deadline Exceeded"
-
 
 def run(config: WorkerConfig) -> int:
     set_title(f"worker:{config.model_name}:{config.version}")
@@ -156,7 +154,7 @@ class Worker:
         batch, expired = split_expired(header.ids, header.rows, inputs, deadlines, time.monotonic())
         if expired:  # out of time while waiting here: answered unrun; the others run without them
             live = iter(run_joined_outcomes(signature, batch, 0) if batch.ids else ())
-            self._send_outcomes(header.batch, header.ids, [DeadlineExceeded(DEADLINE_MESSAGE) if i in expired
+            self._send_outcomes(header.batch, header.ids, [DeadlineExceeded() if i in expired
                                                            else next(live) for i in range(len(header.ids))])
             return
         result = run_joined(signature, batch, header.padded_rows)
@@ -173,10 +171,7 @@ class Worker:
         if ids is None:
             ids, offset = [], 0
             for count in header.counts:
-                try:
-                    ids.append(protocol.decode_header(protocol.REQUEST, message.frames[offset]).id)
-                except ProtocolError:
-                    ids.append(protocol.salvage_id([b"", b"", message.frames[offset]]) or 0)
+                ids.append(protocol.header_id(message.frames[offset]) or 0)
                 offset += count
         self._send_outcomes(header.batch, ids, [error] * len(ids))
 

@@ -1,0 +1,76 @@
+"""``python -m bench.ab --base REV``: this build against an earlier one, interleaved, at c=64.
+
+Checks REV out in a git worktree (same venv), then for each round starts each build alone
+(tfbroker, 2 frontends, bench's mlp), warms it up with wrk for 2 s and measures 5 s at 64
+concurrent one-instance requests. ``--curve`` adds this build with CURVE on every socket.
+Prints each run and the medians: builds compared side by side on a noisy machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import zmq.auth
+
+import bench.servers as servers
+from bench.load import wrk
+from bench.run import PORT, log
+from bench.servers import ROOT, SERVER_ENV, Server
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.ab", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base", required=True, help="the earlier build: a git revision")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--curve", action="store_true", help="also this build with CURVE")
+    args = parser.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="tfb-ab-"))
+    base = work / "base"
+    subprocess.run(["git", "worktree", "add", "-q", "--detach", str(base), args.base], cwd=ROOT, check=True)
+    try:
+        subprocess.run([sys.executable, "-c", f"from workers.demo_models import save_mlp; "
+                        f"save_mlp({str(work / 'mlp' / '1')!r})"], cwd=ROOT, check=True, capture_output=True)
+        builds: dict[str, tuple[Path, list[str]]] = {f"base ({args.base})": (base, []), "this build": (ROOT, [])}
+        if args.curve:
+            zmq.auth.create_certificates(str(work), "broker")
+            builds["this build, CURVE"] = (ROOT, [f"--curve_secret_key_file={work / 'broker.key_secret'}"])
+        results = run(builds, work, args.rounds)
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=ROOT, check=False)
+    print("\n| build | c=64 req/s (runs) | median | p99 (median) | errors |\n| --- | --- | ---: | ---: | ---: |")
+    for name, runs in results.items():
+        print(f"| {name} | {', '.join(str(round(r[0])) for r in runs)} | {round(statistics.median(r[0] for r in runs))} "
+              f"| {statistics.median(r[1] for r in runs):.1f} ms | {sum(r[2] for r in runs)} |")
+
+
+def run(builds: dict[str, tuple[Path, list[str]]], work: Path, rounds: int) -> dict[str, list[tuple[float, float, int]]]:
+    body = json.dumps({"instances": [[0.5] * 256]})
+    results: dict[str, list[tuple[float, float, int]]] = {name: [] for name in builds}
+    for round_ in range(rounds):
+        for name, (tree, extra) in builds.items():
+            argv = [sys.executable, "-m", "broker", "--model_name=mlp", f"--model_base_path={work / 'mlp'}",
+                    f"--rest_api_port={PORT}", "--rest_api_host=127.0.0.1", "--frontends=2",
+                    f"--runtime_dir={tempfile.mkdtemp(prefix='tfb-')}", "--log_level=warning", *extra]
+            server = Server(name=name, argv=argv, url=f"http://127.0.0.1:{PORT}/v1/models/mlp:predict", env=SERVER_ENV)
+            servers.ROOT = tree  # the build's own packages come first on its path (python -m from its tree)
+            try:
+                server.start()
+                wrk(server.url, body, 64, 2)
+                result = wrk(server.url, body, 64, 5)
+            finally:
+                server.stop()
+                servers.ROOT = ROOT
+            rate = result["requests"] / result["duration_s"]
+            results[name].append((rate, result["p99_ms"], result["errors"]))
+            log(f"round {round_ + 1}: {name}: {rate:.0f} requests/s, p99 {result['p99_ms']:.1f} ms")
+    return results
+
+
+if __name__ == "__main__":
+    main()
