@@ -173,6 +173,32 @@ class RequestLimits:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class LookupBatching:
+    """The I/O batchers' own batching (TF Serving's parameters, for the lookup stage): one
+    queue per model version, whatever the signature. A batch's lookups run as one vectorised
+    step per table (and one Redis MGET), each distinct key once."""
+
+    lookup_max_batch_size: int = field(default=512, metadata=_help(
+        "Largest lookup batch, in rows of the requests it holds."))
+    lookup_batch_timeout_micros: int = field(default=500, metadata=_help(
+        "Close an underfull lookup batch once its first request has waited this long (an idle I/O "
+        "batcher takes it at once)."))
+    lookup_max_enqueued_batches: int = field(default=100, metadata=_help(
+        "Lookup batches queued per model version; beyond it HTTP 503."))
+
+    def __post_init__(self) -> None:
+        try:
+            self.parameters()  # the same checks as the model's batching
+        except ValueError as exc:
+            raise ValueError(f"lookup_{exc}") from exc
+
+    def parameters(self) -> BatchingParameters:
+        return BatchingParameters(max_batch_size=self.lookup_max_batch_size,
+                                  batch_timeout_micros=self.lookup_batch_timeout_micros,
+                                  max_enqueued_batches=self.lookup_max_enqueued_batches)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class ServerConfig:
     """What ``python -m broker`` runs: TF Serving's flags first, then ours."""
 
@@ -245,6 +271,12 @@ class ServerConfig:
         "Where the demo models are made when no model is named (default: ~/.cache/tfbroker/demo_models)."))
     log_level: str = field(default="info", metadata=_help("debug, info, warning or error."))
     limits: RequestLimits = field(default=RequestLimits(), metadata=_help("Flags of RequestLimits."))
+    iobatchers: int = field(default=1, metadata=_help(
+        "I/O batcher processes, started when a version declares lookups (assets.extra/lookups.json); more "
+        "give lookups more CPU (memory-mapped tables are shared through the page cache)."))
+    lookup_redis_timeout_ms: int = field(default=1000, metadata=_help(
+        "Longest an I/O batcher waits on a Redis table for one batch; past it the batch's requests get 503."))
+    lookup_batching: LookupBatching = field(default=LookupBatching(), metadata=_help("Flags of LookupBatching."))
 
     def __post_init__(self) -> None:
         if self.model_config_file and (self.model_name or self.model_base_path):
@@ -277,6 +309,10 @@ class ServerConfig:
             raise ValueError("--curve_client_keys_dir needs --curve_secret_key_file")
         if self.kill_grace_s <= 0:
             raise ValueError(f"kill_grace_s must be > 0, got {self.kill_grace_s}")
+        if self.iobatchers < 1:
+            raise ValueError(f"iobatchers must be >= 1, got {self.iobatchers}")
+        if self.lookup_redis_timeout_ms < 1:
+            raise ValueError(f"lookup_redis_timeout_ms must be >= 1, got {self.lookup_redis_timeout_ms}")
 
     @property
     def resolved_runtime_dir(self) -> str:

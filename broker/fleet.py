@@ -18,17 +18,16 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
+from broker import lifecycle as lc
 from broker import protocol
 from broker.config import (ADDRESS_ENV, BIND_ENV, FRONTENDS_ENV, LIMITS_ENV, LOG_LEVEL_ENV, METRICS_DIR_ENV,
                            METRICS_PATH_ENV, TIMEOUT_ENV)
-from broker.errors import Unavailable
 from broker.dispatch import describe_tasks
 from broker.flags import dataclass_to_argv
 from broker.security import CLIENT_SECRET_KEY_ENV, SERVER_KEY_ENV
 from broker.stats import children_of
 from broker.models import ServedVersion, WorkerLink
 from broker.versions import VersionState
-from broker.process import EXIT_MODEL_LOAD_ERROR
 from broker.supervisor import (Child, reap_children, restartable, schedule_restart, spawn_child, stop_children,
                                terminate_child)
 from workers.config import WorkerConfig
@@ -71,7 +70,7 @@ class Fleet:
                      BIND_ENV: f"fd://{self._listener.fileno()}",
                      LOG_LEVEL_ENV: self.config.log_level,
                      LIMITS_ENV: " ".join(dataclass_to_argv(self.config.limits)),
-                     **self._metrics_env(), **self._curve_env()},
+                     **self._metrics_env(), **self.curve_env()},
                 pass_fds=(self._listener.fileno(),))
             self._frontends.append(child)
             spawn_child(child)
@@ -112,6 +111,7 @@ class Fleet:
         workers = [s.worker.child.pid for s in self.serving if s.worker is not None and s.worker.child.running]
         masters = [c.pid for c in self._frontends if c.running and c.pid is not None]
         return {"broker": [os.getpid()], "worker": [pid for pid in workers if pid is not None],
+                "iobatcher": self.broker.lookups.pids(),
                 "frontend": [pid for master in masters for pid in [master, *children_of(master)]]}
 
     def frontends_running(self) -> bool:
@@ -121,34 +121,41 @@ class Fleet:
         """Whatever frontend is left, then the workers (after the batches in hand)."""
         self.stop_frontends()
         stop_children(self._frontends, grace_s=1.0)
-        for served in self.serving:
-            if served.worker is not None and served.worker.ready:
-                self.broker.send_disconnect(served.worker)
-                served.state = VersionState.UNLOADING
+        now = time.monotonic()
+        self.broker.versions.stop_all(now)
         stop_children([s.worker.child for s in self.serving if s.worker], self.config.shutdown_grace_s)
-        for served in self.serving:
-            served.state = VersionState.END
-
-    def spawn_worker(self, served: ServedVersion) -> None:
-        """Start the worker of a version; it is LOADING until it sends READY."""
-        self.serving.append(served)
-        self._spawn_worker(served)
-
-    def stop_worker(self, served: ServedVersion, now: float) -> None:
-        """Stop the worker of a version that holds no requests: SIGTERM it (it ends when
-        reaped), or, when it is waiting for a restart, end the version now."""
-        if served.worker is None:
-            return
-        child = served.worker.child
-        if child.running and child.process is not None:
-            child.process.send_signal(signal.SIGTERM)
-            return
-        child.restart_at = 0.0
-        self._retire(served)
-        self.broker.versions.on_worker_exit(served, now)
+        self._reap_workers(now)
 
     def link(self, identity: bytes) -> WorkerLink | None:
         return self._links.get(identity)
+
+    # --- what a version's lifecycle asks for (broker/manager.py carries it out) ---
+
+    def spawn_worker(self, served: ServedVersion) -> None:
+        self.serving.append(served)
+        self._spawn_worker(served)
+
+    def restart_worker(self, served: ServedVersion, now: float) -> None:
+        if served.worker is not None:
+            schedule_restart(served.worker.child, now)
+
+    def forget_worker(self, served: ServedVersion) -> None:
+        """The version has ended: no restart, no link."""
+        if served.worker is not None:
+            served.worker.child.restart_at = 0.0
+            self._links.pop(served.worker.identity, None)
+        if served in self.serving:
+            self.serving.remove(served)
+
+    def disconnect_worker(self, served: ServedVersion, now: float) -> None:
+        if served.worker is not None:
+            self.broker.send_disconnect(served.worker)
+            served.worker.disconnect_sent = now
+
+    def terminate_worker(self, served: ServedVersion, reason: str) -> None:
+        if served.worker is not None:
+            served.worker.ready = False
+            terminate_child(served.worker.child, reason)
 
     # --- messages from workers ---
 
@@ -159,23 +166,16 @@ class Fleet:
         if (header.model, header.version) != (served.model, served.version):
             log.error("worker %r said READY for %s:%d; ignored", link.identity, header.model, header.version)
             return
-        served.signatures = header.signatures
-        served.signature_def = header.signature_def
+        served.model_signatures = header.signatures
+        served.model_signature_def = header.signature_def
+        self.broker.lookups.describe(served)  # what clients send: lookup inputs in place of their outputs
         link.ready = True
-        served.counters.record_load("OK", time.monotonic() - link.child.started_at)
-        if served.state is VersionState.UNLOADING:
-            return  # came back after a restart, but is on its way out
-        served.state = VersionState.AVAILABLE
-        served.error = ""
-        log.info("serving model %s version %d (pid %s, signatures %s)", served.model, served.version,
-                 header.pid, sorted(served.signatures))
-        self.broker.versions.on_available(served)
-        self._announce()
+        log.info("worker for model %s version %d is ready (pid %s)", served.model, served.version, header.pid)
+        self.broker.versions.handle(served, lc.WorkerReady(), time.monotonic())
 
     def on_disconnect(self, link: WorkerLink, header: protocol.Disconnect) -> None:
-        served = self._version_of(link)
-        if served is not None and header.error:
-            served.error = header.error
+        if header.error:
+            link.error = header.error
 
     # --- the housekeeping tick ---
 
@@ -192,125 +192,7 @@ class Fleet:
                 log.error("%s (pid %s) exited with code %d; restarting", child.name, child.pid, code)
                 schedule_restart(child, now)
 
-    # --- implementation ---
-
-    def _spawn_worker(self, served: ServedVersion) -> None:
-        params = self.broker.batching
-        warmup = params.allowed_batch_sizes or tuple(sorted({1, params.max_batch_size}))
-        config = WorkerConfig(
-            model_name=served.model, version=served.version, path=served.path,
-            backend_address=self.config.resolved_backend_address,
-            heartbeat_interval_s=self.config.heartbeat_interval_s,
-            heartbeat_liveness=self.config.heartbeat_liveness,
-            warmup_batch_sizes=warmup, log_level=self.config.log_level,
-            tensorflow_intra_op_parallelism=self.config.tensorflow_intra_op_parallelism,
-            tensorflow_inter_op_parallelism=self.config.tensorflow_inter_op_parallelism)
-        child = Child(name=f"worker:{served.model}:{served.version}",
-                      argv=["-m", "workers", *dataclass_to_argv(config)], env=self._curve_env())
-        if served.worker is not None:  # a restart keeps the back-off state
-            child.restarts = served.worker.child.restarts
-            self._links.pop(served.worker.identity, None)
-        spawn_child(child)
-        identity = f"{served.model}:{served.version}:{child.pid}".encode()
-        served.worker = WorkerLink(child, identity, last_heard=time.monotonic())
-        served.state = VersionState.LOADING
-        self._links[identity] = served.worker
-
-    def _reap_workers(self, now: float) -> None:
-        links = {s.worker.child.pid: s for s in self.serving if s.worker is not None}
-        for child, code in reap_children([s.worker.child for s in links.values() if s.worker]):
-            served = links[child.pid]
-            was_ready = served.worker is not None and served.worker.ready
-            if served.worker is not None and served.worker.in_flight and code != 0:
-                log.error("worker %s (pid %s) exited with code %d holding these requests: %s", child.name,
-                          child.pid, code, describe_tasks(t for ts in served.worker.in_flight.values() for t in ts))
-            if served.state is VersionState.UNLOADING:
-                self.broker.fail_version(served, Unavailable(
-                    f"model {served.model} version {served.version} was unloaded"))
-                self._retire(served)
-                self.broker.versions.on_worker_exit(served, now)
-                continue
-            self.broker.fail_version(served, Unavailable(
-                f"model {served.model} version {served.version} is unavailable: its worker exited "
-                f"(code {code}) and is restarting"))
-            if served.worker is not None:
-                served.worker.ready = False
-            if code == EXIT_MODEL_LOAD_ERROR or not restartable(code):
-                served.counters.record_load("error")
-                served.error = served.error or f"worker exited with code {code} while loading"
-                log.error("model %s version %d failed to load: %s", served.model, served.version, served.error)
-                self._retire(served)
-                self.broker.versions.on_worker_exit(served, now)
-                continue
-            served.state = VersionState.LOADING
-            log.error("worker for model %s version %d (pid %s) exited with code %d%s; restarting",
-                      served.model, served.version, child.pid, code, " while serving" if was_ready else "")
-            schedule_restart(child, now)
-
-    def _retire(self, served: ServedVersion) -> None:
-        """Forget the worker of a version that has ended."""
-        if served.worker is not None:
-            self._links.pop(served.worker.identity, None)
-        if served in self.serving:
-            self.serving.remove(served)
-
-    def _murder_workers(self, now: float) -> None:
-        """A worker that stopped answering gets SIGTERM (it writes its traceback: faulthandler),
-        its requests get 503 at once, and SIGKILL follows after kill_grace_s."""
-        expiry_s = self.config.heartbeat_expiry_s
-        for served in self.serving:
-            link = served.worker
-            if link is None or not link.child.running:
-                continue
-            if link.child.terminated_at:
-                if now - link.child.terminated_at > self.config.kill_grace_s:
-                    terminate_child(link.child, "still running after SIGTERM", kill=True)
-                continue
-            if link.ready and now - link.last_heard > expiry_s:
-                reason = f"no heartbeat for {now - link.last_heard:.1f} s"
-            elif not link.ready and now - link.child.started_at > self.config.worker_load_timeout_s:
-                reason = f"not ready after {self.config.worker_load_timeout_s:.0f} s"
-                served.error = f"loading took longer than {self.config.worker_load_timeout_s:.0f} s"
-            else:
-                continue
-            terminate_child(link.child, reason)
-            if link.ready and served.state is not VersionState.UNLOADING:
-                link.ready = False
-                served.state = VersionState.LOADING  # takes no requests until it is back
-                self.broker.fail_version(served, Unavailable(
-                    f"model {served.model} version {served.version} is unavailable: its worker stopped "
-                    "answering and is restarting"))
-
-    def _restart_due(self, now: float) -> None:
-        for served in self.serving:
-            link = served.worker
-            if link is not None and link.child.restart_at and now >= link.child.restart_at:
-                self._spawn_worker(served)
-        for child in self._frontends:
-            if child.restart_at and now >= child.restart_at:
-                spawn_child(child)
-
-    def _metrics_env(self) -> dict[str, str]:
-        """The Prometheus path, and a fresh directory where the frontends share their counters."""
-        if not self.broker.metrics_path:
-            return {}
-        directory = os.path.join(self.config.resolved_runtime_dir, "metrics")
-        shutil.rmtree(directory, ignore_errors=True)
-        os.makedirs(directory, mode=0o700)
-        return {METRICS_PATH_ENV: self.broker.metrics_path, METRICS_DIR_ENV: directory}
-
-    def _curve_env(self) -> dict[str, str]:
-        """Children reach a CURVE broker with the broker's own key pair."""
-        key_file = self.config.curve_secret_key_file
-        return {CLIENT_SECRET_KEY_ENV: key_file, SERVER_KEY_ENV: key_file} if key_file else {}
-
-    def _version_of(self, link: WorkerLink) -> ServedVersion | None:
-        for served in self.serving:
-            if served.worker is link:
-                return served
-        return None
-
-    def _announce(self) -> None:
+    def announce(self) -> None:
         """Tell the person who started the broker how to call it, once everything is up."""
         if self._announced or any(s.state is not VersionState.AVAILABLE for s in self.serving):
             return
@@ -328,6 +210,94 @@ class Fleet:
             if example:
                 lines.append(f"  curl -d '{example}' {base}:predict")
         print("\n".join(lines), file=sys.stdout, flush=True)
+
+    # --- implementation ---
+
+    def _spawn_worker(self, served: ServedVersion) -> None:
+        params = self.broker.batching
+        warmup = params.allowed_batch_sizes or tuple(sorted({1, params.max_batch_size}))
+        config = WorkerConfig(
+            model_name=served.model, version=served.version, path=served.path,
+            backend_address=self.config.resolved_backend_address,
+            heartbeat_interval_s=self.config.heartbeat_interval_s,
+            heartbeat_liveness=self.config.heartbeat_liveness,
+            warmup_batch_sizes=warmup, log_level=self.config.log_level,
+            tensorflow_intra_op_parallelism=self.config.tensorflow_intra_op_parallelism,
+            tensorflow_inter_op_parallelism=self.config.tensorflow_inter_op_parallelism)
+        child = Child(name=f"worker:{served.model}:{served.version}",
+                      argv=["-m", "workers", *dataclass_to_argv(config)], env=self.curve_env())
+        if served.worker is not None:  # a restart keeps the back-off state
+            child.restarts = served.worker.child.restarts
+            self._links.pop(served.worker.identity, None)
+        spawn_child(child)
+        identity = f"{served.model}:{served.version}:{child.pid}".encode()
+        served.worker = WorkerLink(child, identity, last_heard=time.monotonic())
+        self._links[identity] = served.worker
+
+    def _reap_workers(self, now: float) -> None:
+        links = {s.worker.child.pid: s for s in self.serving if s.worker is not None}
+        for child, code in reap_children([s.worker.child for s in links.values() if s.worker]):
+            served = links[child.pid]
+            link = served.worker
+            assert link is not None
+            link.ready = False
+            if link.in_flight and code != 0:
+                log.error("worker %s (pid %s) exited with code %d holding these requests: %s", child.name,
+                          child.pid, code, describe_tasks(t for ts in link.in_flight.values() for t in ts))
+            elif served.state is not VersionState.UNLOADING:
+                log.error("worker %s (pid %s) exited with code %d", child.name, child.pid, code)
+            self.broker.versions.handle(served, lc.WorkerExited(code, restartable(code), link.error), now)
+
+    def _murder_workers(self, now: float) -> None:
+        """A worker that stopped answering gets SIGTERM (it writes its traceback: faulthandler),
+        its requests get 503 at once, and SIGKILL follows after kill_grace_s."""
+        expiry_s = self.config.heartbeat_expiry_s
+        for served in list(self.serving):
+            link = served.worker
+            if link is None or not link.child.running:
+                continue
+            if link.child.terminated_at:
+                if now - link.child.terminated_at > self.config.kill_grace_s:
+                    terminate_child(link.child, "still running after SIGTERM", kill=True)
+                continue
+            if link.ready and now - link.last_heard > expiry_s:
+                event = lc.WorkerSilent(f"no heartbeat for {now - link.last_heard:.1f} s")
+            elif not link.ready and now - link.child.started_at > self.config.worker_load_timeout_s:
+                limit = f"{self.config.worker_load_timeout_s:.0f} s"
+                event = lc.WorkerSilent(f"not ready after {limit}", load_error=f"loading took longer than {limit}")
+            else:
+                continue
+            self.broker.versions.handle(served, event, now)
+
+    def _restart_due(self, now: float) -> None:
+        for served in list(self.serving):
+            link = served.worker
+            if link is not None and link.child.restart_at and now >= link.child.restart_at:
+                self._spawn_worker(served)
+                self.broker.versions.handle(served, lc.WorkerStarted(), now)
+        for child in self._frontends:
+            if child.restart_at and now >= child.restart_at:
+                spawn_child(child)
+
+    def _metrics_env(self) -> dict[str, str]:
+        """The Prometheus path, and a fresh directory where the frontends share their counters."""
+        if not self.broker.metrics_path:
+            return {}
+        directory = os.path.join(self.config.resolved_runtime_dir, "metrics")
+        shutil.rmtree(directory, ignore_errors=True)
+        os.makedirs(directory, mode=0o700)
+        return {METRICS_PATH_ENV: self.broker.metrics_path, METRICS_DIR_ENV: directory}
+
+    def curve_env(self) -> dict[str, str]:
+        """Children reach a CURVE broker with the broker's own key pair."""
+        key_file = self.config.curve_secret_key_file
+        return {CLIENT_SECRET_KEY_ENV: key_file, SERVER_KEY_ENV: key_file} if key_file else {}
+
+    def _version_of(self, link: WorkerLink) -> ServedVersion | None:
+        for served in self.serving:
+            if served.worker is link:
+                return served
+        return None
 
 
 def bind_http(host: str, port: int) -> socket.socket:

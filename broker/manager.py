@@ -1,10 +1,12 @@
-"""The broker's version manager: applies broker/versions.py's steps to real workers.
+"""The broker's version manager: carries out what the pure policies decide.
 
-Each housekeeping tick it asks the pure policy for the next step of every model and carries
-it out: Load spawns a worker for the version (LOADING until its READY); Unload stops new
-admissions to it (UNLOADING), lets its queued and in-flight batches finish, then tells the
-worker to go. Requests are pinned to a version at admission, so a swap never fails or mixes
-one. It also applies config reloads and the control channel's load, unload, label and drain.
+Each housekeeping tick it asks broker/versions.py for the next step of every model (load or
+unload a version) and feeds it to that version's lifecycle (broker/lifecycle.py), as it feeds
+the events the fleet and the lookup stage report (worker READY or exit, tables loaded,
+drained). The lifecycle alone changes a version's state; ``handle`` carries out the actions
+it returns (spawn, load tables, fail requests, disconnect, terminate). Requests are pinned to
+a version at admission, so a swap never fails or mixes one. It also applies config reloads
+and the control channel's load, unload, label and drain.
 """
 
 from __future__ import annotations
@@ -12,10 +14,13 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+import os
+import time
+
+from broker import lifecycle as lc
 from broker.config import ModelConfig
-from broker.errors import InvalidArgument, NotFound
+from broker.errors import InvalidArgument, NotFound, Unavailable
 from broker.models import ServedModel, ServedVersion, find_versions, fingerprint
-from broker.supervisor import terminate_child
 from broker.versions import Load, VersionState, next_action
 
 if TYPE_CHECKING:
@@ -27,6 +32,8 @@ log = logging.getLogger("tfbroker.versions")
 ENDED_HISTORY = 4
 # Steps taken per model per tick; each one changes a state, so a few always suffice.
 MAX_STEPS_PER_TICK = 8
+# Where a version declares its lookups (paths in it are relative to this directory).
+LOOKUPS_FILE = os.path.join("assets.extra", "lookups.json")
 
 
 class VersionManager:
@@ -41,25 +48,27 @@ class VersionManager:
                 if action is None:
                     break
                 if isinstance(action, Load):
-                    self._load(model, action.version)
+                    self._load(model, action.version, now)
                 else:
-                    self._unload(model, action.version, now)
+                    served = model.versions[action.version]
+                    log.info("unloading model %s version %d (was %s)", model.name, served.version, served.state.value)
+                    self.handle(served, lc.UnloadAsked(), now)
             self._finish_unloads(model, now)
             self._note_labels(model)
             self._prune(model)
 
-    def on_available(self, served: ServedVersion) -> None:
-        """A worker said READY: new admissions go to it from now on (the latest AVAILABLE wins)."""
-        model = self.broker.models.get(served.model)
-        if model is not None:
-            self._note_labels(model)
+    def handle(self, served: ServedVersion, event: lc.Event, now: float) -> None:
+        """Feed one event to the version's lifecycle and carry out the actions it returns."""
+        for action in served.life.handle(event):
+            self._carry_out(served, action, now)
 
-    def on_worker_exit(self, served: ServedVersion, now: float) -> None:
-        """The worker of a version exited for good (unloaded, or failed to load)."""
-        served.state = VersionState.END
-        served.ended_at = now
-        if not served.error:
-            log.info("model %s version %d unloaded", served.model, served.version)
+    def stop_all(self, now: float) -> None:
+        """Shutdown: every version unloads after the requests it holds."""
+        for model in self.broker.models.values():
+            for served in list(model.versions.values()):
+                self.handle(served, lc.UnloadAsked(), now)
+                if not served.has_work():
+                    self.handle(served, lc.Drained(), now)
 
     # --- configuration ---
 
@@ -157,34 +166,62 @@ class VersionManager:
             raise NotFound(f"no model named {name}")
         return model
 
-    def _load(self, model: ServedModel, number: int) -> None:
+    def _load(self, model: ServedModel, number: int, now: float) -> None:
         path = model.on_disk[number]
-        served = ServedVersion(model.name, number, path, files=fingerprint(path))
+        name = f"model {model.name} version {number}"
+        life = lc.Lifecycle(name, needs_tables=os.path.isfile(os.path.join(path, LOOKUPS_FILE)))
+        served = ServedVersion(model.name, number, path, life, files=fingerprint(path), load_started=now)
         model.versions[number] = served
-        log.info("loading model %s version %d from %s", model.name, number, path)
-        self.broker.fleet.spawn_worker(served)
+        log.info("loading %s from %s%s", name, path, " (with lookup tables)" if life.needs_tables else "")
+        self.handle(served, lc.Load(), now)
 
-    def _unload(self, model: ServedModel, number: int, now: float) -> None:
-        served = model.versions[number]
-        was = served.state
-        served.state = VersionState.UNLOADING
-        log.info("unloading model %s version %d (was %s)", model.name, number, was.value)
-        if was is VersionState.LOADING and served.worker is not None:
-            self.broker.fleet.stop_worker(served, now)  # nothing admitted yet: no need to wait
+    def _carry_out(self, served: ServedVersion, action: lc.Action, now: float) -> None:
+        fleet = self.broker.fleet
+        if isinstance(action, lc.SpawnWorker):
+            fleet.spawn_worker(served)
+        elif isinstance(action, lc.RestartWorker):
+            fleet.restart_worker(served, now)
+        elif isinstance(action, lc.CancelRestart):
+            fleet.forget_worker(served)
+        elif isinstance(action, lc.Disconnect):
+            fleet.disconnect_worker(served, now)
+        elif isinstance(action, lc.Terminate):
+            fleet.terminate_worker(served, action.reason)
+        elif isinstance(action, lc.LoadTables):
+            self.broker.lookups.load_tables(served)
+        elif isinstance(action, lc.UnloadTables):
+            self.broker.lookups.unload_tables(served)
+        elif isinstance(action, lc.FailRequests):
+            self.broker.fail_version(served, Unavailable(action.message))
+        elif isinstance(action, lc.BecameAvailable):
+            served.counters.record_load("OK", time.monotonic() - served.load_started)
+            log.info("serving model %s version %d (signatures %s)", served.model, served.version,
+                     sorted(served.signatures))
+            model = self.broker.models.get(served.model)
+            if model is not None:
+                self._note_labels(model)  # the latest AVAILABLE version takes new admissions
+            fleet.announce()
+        elif isinstance(action, lc.Ended):
+            served.ended_at = now
+            fleet.forget_worker(served)
+            if served.error:
+                served.counters.record_load("error")
+                log.error("model %s version %d failed to load: %s", served.model, served.version, served.error)
+            else:
+                log.info("model %s version %d unloaded", served.model, served.version)
 
     def _finish_unloads(self, model: ServedModel, now: float) -> None:
-        """Tell an UNLOADING version's worker to go once its requests are answered; kill it if
-        it has not gone ``shutdown_grace_s`` after that."""
-        for served in model.versions.values():
-            if served.state is not VersionState.UNLOADING or served.worker is None:
+        """An UNLOADING version whose requests have left every stage is Drained; its worker
+        gets ``shutdown_grace_s`` to go after it was told to."""
+        for served in list(model.versions.values()):
+            if served.state is not VersionState.UNLOADING:
                 continue
+            if not served.has_work():
+                self.handle(served, lc.Drained(), now)
             link = served.worker
-            if not served.has_work() and not link.disconnect_sent and link.ready:
-                self.broker.send_disconnect(link)
-                link.disconnect_sent = now
-            elif (link.disconnect_sent and not link.child.terminated_at
-                  and now - link.disconnect_sent > self.config.shutdown_grace_s):
-                terminate_child(link.child, f"still running {self.config.shutdown_grace_s:.0f} s after unload")
+            if (link is not None and link.disconnect_sent and not link.child.terminated_at
+                    and now - link.disconnect_sent > self.config.shutdown_grace_s):
+                self.handle(served, lc.GraceExpired(), now)
 
     def _note_labels(self, model: ServedModel) -> None:
         for change in model.update_labels():

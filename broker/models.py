@@ -10,7 +10,8 @@ from typing import Any
 from broker.batching import BatchQueue, Task
 from broker.config import ModelConfig
 from broker.errors import InvalidArgument, NotFound, Unavailable
-from broker.protocol import SignatureSpec, TensorSpec, VersionStats
+from broker.lifecycle import Lifecycle
+from broker.protocol import LookupSpec, SignatureSpec, TensorSpec, VersionStats
 from broker.tensors import TF_NAMES, can_cast, nbytes
 from broker.stats import VersionCounters
 from broker.supervisor import Child
@@ -56,7 +57,8 @@ class WorkerLink:
 
     child: Child
     identity: bytes
-    ready: bool = False
+    ready: bool = False  # this process said READY (and has not been taken for dead since)
+    error: str = ""  # why it failed to load, from its DISCONNECT
     last_heard: float = 0.0
     last_sent: float = 0.0
     in_flight: dict[int, list[Task]] = field(default_factory=dict)
@@ -68,27 +70,43 @@ class ServedVersion:
     model: str
     version: int
     path: str
-    state: VersionState = VersionState.START
-    error: str = ""
-    signatures: dict[str, SignatureSpec] = field(default_factory=dict)  # from READY
+    life: Lifecycle  # its state: broker/lifecycle.py alone changes it
+    # What clients send and see (metadata): the model's own signatures (from READY), with a
+    # lookup's raw input in place of the tensor it looks up (broker/lookups.py).
+    signatures: dict[str, SignatureSpec] = field(default_factory=dict)
     signature_def: dict[str, Any] = field(default_factory=dict)
+    model_signatures: dict[str, SignatureSpec] = field(default_factory=dict)
+    model_signature_def: dict[str, Any] = field(default_factory=dict)
     queues: dict[str, BatchQueue] = field(default_factory=dict)
     worker: WorkerLink | None = None
     files: tuple[Any, ...] = ()  # fingerprint() of the directory when it was loaded
     draining: bool = False  # `broker.ctl drain`: loaded, but takes no new requests
+    lookups: list[LookupSpec] = field(default_factory=list)  # from its tables' LOADED
+    lookup_queue: BatchQueue | None = None  # requests waiting for an I/O batcher
+    lookups_in_flight: int = 0  # requests at an I/O batcher
+    load_started: float = 0.0  # monotonic s
     ended_at: float = 0.0
     counters: VersionCounters = field(default_factory=VersionCounters)  # for the metrics
 
     @property
+    def state(self) -> VersionState:
+        return self.life.state
+
+    @property
+    def error(self) -> str:
+        return self.life.error
+
+    @property
     def failed(self) -> bool:
-        return self.state is VersionState.END and bool(self.error)
+        return self.life.failed
 
     def snapshot(self) -> VersionSnapshot:
         return VersionSnapshot(self.version, self.state, self.failed)
 
     def has_work(self) -> bool:
-        """Requests admitted to this version and not answered yet."""
-        return any(len(q) for q in self.queues.values()) or bool(self.worker and self.worker.in_flight)
+        """Requests admitted to this version and not answered yet, in any stage."""
+        return (any(len(q) for q in self.queues.values()) or bool(self.worker and self.worker.in_flight)
+                or bool(self.lookup_queue) or self.lookups_in_flight > 0)
 
     def status_json(self) -> dict[str, Any]:
         return {
@@ -185,16 +203,17 @@ def _because(served: ServedVersion) -> str:
 
 
 def check_inputs(served: ServedVersion, signature_name: str, specs: list[TensorSpec],
-                 frames: list[Any], method: str = "predict") -> tuple[int, Any]:
+                 frames: list[Any], method: str = "predict", *, model_side: bool = False) -> tuple[int, Any]:
     """Validate a request's tensors against the signature; return its rows (batch dimension)
     and its join key: tasks of one batch with equal keys (same inputs, numeric dtypes and
     inner shapes) travel to the worker joined, one tensor per input (``None``: never joined).
 
     Cheap checks on the header and frame lengths only: the broker never decodes tensors.
     A request without one common batch dimension (a scalar, inputs with different first
-    dimensions, zero rows) runs alone, as one row.
+    dimensions, zero rows) runs alone, as one row. ``model_side``: against the model's own
+    signature (a request whose lookups are done), not the one clients see.
     """
-    signature = served.signatures.get(signature_name)
+    signature = (served.model_signatures if model_side else served.signatures).get(signature_name)
     if signature is None:
         raise InvalidArgument(f'Serving signature name: "{signature_name}" not found in signature def')
     if method != "predict":

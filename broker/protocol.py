@@ -1,9 +1,9 @@
-"""The tfbroker wire protocol (TFB/2): frontends, broker, workers and ctl over ZeroMQ.
+"""The tfbroker wire protocol (TFB/3): frontends, broker, workers, I/O batchers and ctl over ZeroMQ.
 
 Depends only on the standard library and msgspec. Every message, in both directions, is a
 multipart ZeroMQ message:
 
-    Frame 0   b"TFB02"                 protocol tag and version; a peer with another tag
+    Frame 0   b"TFB03"                 protocol tag and version; a peer with another tag
                                        is rejected on its first message
     Frame 1   one byte                 command (below)
     Frame 2   msgpack map              the header: one typed struct per message kind
@@ -55,8 +55,8 @@ Broker to client:
 
 Worker to broker, on the broker's backend ROUTER (the worker's identity is its own):
 
-    READY      Ready {model, version, pid, signatures: {name: {inputs: {n: [dtype, shape]},
-               outputs: {…}}}, signature_def: {…}}   loaded and warmed up; send batches
+    READY      Ready {kind: "w", model, version, pid, signatures: {name: {inputs: {n: [dtype,
+               shape]}, outputs: {…}}}, signature_def: {…}}   loaded and warmed up
     RESULT     TaskResult {kind: "t", batch, counts: [n…]} then, per task in batch order,
                ``n`` frames that form a complete client message without the tag:
                ``[REPLY|ERROR, header, frames…]``; or, for a joined BATCH whose outputs are
@@ -79,6 +79,24 @@ Broker to worker:
     HEARTBEAT  Heartbeat {}
     DISCONNECT Disconnect {}              stop after the batches in hand
 
+I/O batcher to broker, on the same backend ROUTER:
+
+    READY      IoReady {kind: "io", pid}          up; send LOAD for the tables it should hold
+    LOADED     TablesLoaded {model, version, lookups: [[input, input_dtype, output,
+               output_dtype, dim]…], error}        a version's tables are loaded, or ``error``
+    RESULT     LookupResult {kind: "l", batch, counts: [n…], outputs: [spec…], failures:
+               [[task, code, message]…], keys, unique_keys} + one frame per output: each
+               task's looked-up tensors in order (``n`` = 0 for a failed task)
+    HEARTBEAT, DISCONNECT as a worker's
+
+Broker to I/O batcher:
+
+    LOAD       Tables {model, version, path}     load ``path/assets.extra/lookups.json``
+    UNLOAD     Tables {model, version}           drop that version's tables
+    BATCH      LookupBatch {kind: "l", batch, model, version, counts: [n…], timeouts_ms,
+               inputs: [spec…]} + one frame per input: each task's lookup inputs in order
+    HEARTBEAT, DISCONNECT as to a worker
+
 Control client (``python -m broker.ctl``) to broker, on the broker's control ROUTER:
 
     CONTROL    Control {id, op, args: {model?, version?, label?}}
@@ -94,6 +112,8 @@ Dialogs
                                                     may not send)
     W: READY            then repeat  B: BATCH  W: RESULT   (at most batches_in_flight
                                                     BATCHes unanswered per worker)
+    I: READY            B: LOAD… I: LOADED…, then BATCH / RESULT as a worker's, and LOAD,
+                                                    UNLOAD as versions come and go
     any peer: HEARTBEAT whenever it has sent nothing for heartbeat_interval_s
 
 Any message counts as a sign of life. A peer silent for interval × liveness is dead: the
@@ -121,7 +141,7 @@ import msgspec
 
 from broker.errors import ProtocolError
 
-TAG = b"TFB02"
+TAG = b"TFB03"
 
 REQUEST = b"\x01"
 REPLY = b"\x02"
@@ -136,6 +156,9 @@ DISCONNECT = b"\x0a"
 STATS = b"\x0b"
 CONTROL = b"\x0c"
 CANCEL = b"\x0d"
+LOAD = b"\x0e"
+UNLOAD = b"\x0f"
+LOADED = b"\x10"
 
 STRING = "string"
 
@@ -294,7 +317,7 @@ class SignatureSpec(msgspec.Struct, kw_only=True):
     outputs: dict[Name, tuple[DType, list[Annotated[int, msgspec.Meta(ge=-1)]] | None]]
 
 
-class Ready(Header):
+class Ready(Header, tag_field="kind", tag="w"):
     model: Name
     version: Version
     pid: int
@@ -353,6 +376,73 @@ class Disconnect(Header):
     error: Annotated[str, msgspec.Meta(max_length=MAX_MESSAGE_CHARS)] = ""
 
 
+# --- I/O batcher <-> broker ---
+
+class IoReady(Header, tag_field="kind", tag="io"):
+    pid: int
+
+
+class LookupSpec(msgspec.Struct, array_like=True, frozen=True):
+    """One declared lookup: the raw input clients send, the tensor the model gets in its place."""
+
+    input: Name
+    input_dtype: Literal["string", "int64"]
+    output: Name
+    output_dtype: Literal["int64", "float32"]
+    dim: Count  # the embedding's width; 0 for a vocabulary (the output has the input's shape)
+
+
+class Tables(Header):
+    model: Name
+    version: Version
+    path: Annotated[str, msgspec.Meta(max_length=4096)] = ""
+
+
+class TablesLoaded(Header):
+    model: Name
+    version: Version
+    lookups: Annotated[list[LookupSpec], msgspec.Meta(max_length=MAX_TENSORS)]
+    error: Annotated[str, msgspec.Meta(max_length=MAX_MESSAGE_CHARS)] = ""
+
+
+class LookupBatch(Header, kw_only=True, tag_field="kind", tag="l"):
+    batch: Id
+    model: Name
+    version: Version
+    counts: Tasks
+    timeouts_ms: Timeouts
+    inputs: Specs
+
+    def __post_init__(self) -> None:
+        if len(self.counts) != len(self.timeouts_ms) or sum(self.counts) != len(self.inputs):
+            raise ValueError("one count and timeout per task, and the counts must add up to the inputs")
+
+    def frame_count(self) -> int:
+        return len(self.inputs)
+
+
+class LookupFailure(msgspec.Struct, array_like=True):
+    task: Count
+    code: Annotated[int, msgspec.Meta(ge=400, le=599)]
+    message: Annotated[str, msgspec.Meta(max_length=MAX_MESSAGE_CHARS)]
+
+
+class LookupResult(Header, kw_only=True, tag_field="kind", tag="l"):
+    batch: Id
+    counts: Tasks
+    outputs: Specs
+    failures: Annotated[list[LookupFailure], msgspec.Meta(max_length=MAX_TASKS)] = msgspec.field(default_factory=list)
+    keys: Count = 0  # keys looked up, and how many of them were distinct (the batching's gain)
+    unique_keys: Count = 0
+
+    def __post_init__(self) -> None:
+        if sum(self.counts) != len(self.outputs) or any(f.task >= len(self.counts) for f in self.failures):
+            raise ValueError("the counts must add up to the outputs, and failures name tasks of the batch")
+
+    def frame_count(self) -> int:
+        return len(self.outputs)
+
+
 # --- control ---
 
 class ControlArgs(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -371,15 +461,17 @@ Reply = Union[PredictReply, MetadataReply, StatusReply, StatsReply, ControlReply
 
 HEADER_TYPES: dict[bytes, Any] = {
     REQUEST: Request, REPLY: Reply, ERROR: Error, METADATA: Query, STATUS: Query, HEARTBEAT: Heartbeat,
-    READY: Ready, BATCH: Union[TaskBatch, JoinedBatch], RESULT: Union[TaskResult, JoinedResult],
-    DISCONNECT: Disconnect, STATS: Query, CONTROL: Control, CANCEL: Cancel,
+    READY: Union[Ready, IoReady], BATCH: Union[TaskBatch, JoinedBatch, LookupBatch],
+    RESULT: Union[TaskResult, JoinedResult, LookupResult], DISCONNECT: Disconnect, STATS: Query, CONTROL: Control,
+    CANCEL: Cancel, LOAD: Tables, UNLOAD: Tables, LOADED: TablesLoaded,
 }
 
 # What each socket takes: anything else is answered (clients) or dropped and counted (workers).
 CLIENT_TO_BROKER = frozenset({REQUEST, METADATA, STATUS, STATS, CANCEL, HEARTBEAT})
 BROKER_TO_CLIENT = frozenset({REPLY, ERROR, HEARTBEAT})
-WORKER_TO_BROKER = frozenset({READY, RESULT, HEARTBEAT, DISCONNECT})
+WORKER_TO_BROKER = frozenset({READY, RESULT, HEARTBEAT, DISCONNECT, LOADED})  # workers and I/O batchers
 BROKER_TO_WORKER = frozenset({BATCH, HEARTBEAT, DISCONNECT})
+BROKER_TO_IOBATCHER = frozenset({BATCH, HEARTBEAT, DISCONNECT, LOAD, UNLOAD})
 CTL_TO_BROKER = frozenset({CONTROL})
 
 _DECODERS = {command: msgspec.msgpack.Decoder(kind) for command, kind in HEADER_TYPES.items()}

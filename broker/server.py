@@ -30,6 +30,7 @@ from broker.dispatch import Pending, build_batch, cut_joined_result, split_task_
 from broker.errors import (Cancelled, DeadlineExceeded, Internal, InvalidArgument, NotFound, ProtocolError,
                            TFBrokerError, Unavailable)
 from broker.fleet import ACCEPT_DRAIN_S, Fleet
+from broker.lookups import COUNTERS as LOOKUP_COUNTERS, LookupStage
 from broker.manager import VersionManager
 from broker.models import ServedModel, ServedVersion, WorkerLink, check_inputs, version_stats
 from broker.security import KeyRing, load_key_pair, make_server, start_authenticator
@@ -61,10 +62,12 @@ class Broker:
         self.signals: queue.SimpleQueue[int] = queue.SimpleQueue()
         self.keys = load_key_pair(config.curve_secret_key_file) if config.curve_secret_key_file else None
         self.fleet = Fleet(self)
+        self.lookups = LookupStage(self)
         self.source = VersionSource(config.file_system_poll_wait_seconds)
         self.versions = VersionManager(self)
         self.versions.apply_model_config(models)
-        self.counters: collections.Counter[str] = collections.Counter({name: 0 for name in COUNTERS})
+        self.counters: collections.Counter[str] = collections.Counter(
+            {name: 0 for name in (*COUNTERS, *LOOKUP_COUNTERS)})
         self._queued: dict[tuple[bytes, int], tuple[BatchQueue, Task]] = {}  # for CANCEL
         self._batch_ids = itertools.count(1)
         self._stop_requested_at: float | None = None
@@ -125,6 +128,7 @@ class Broker:
                 self.control.process()
             now = time.monotonic()
             self._dispatch(now)
+            self.lookups.dispatch(now)
             if now >= self._next_housekeeping:
                 self._housekeeping(now)
             self._handle_signals(now)
@@ -154,14 +158,14 @@ class Broker:
             except ProtocolError as exc:
                 self.counters["malformed_client"] += 1
                 self._warn("malformed message from a client: %s", exc)
-                self._reply_error(client, protocol.salvage_id(frames[1:]), InvalidArgument(f"protocol error: {exc}"))
+                self.reply_error(client, protocol.salvage_id(frames[1:]), InvalidArgument(f"protocol error: {exc}"))
                 continue
             try:
                 self._handle_client(client, message, frames)
             except Exception as exc:  # noqa: BLE001 - a bug for one request must not stop the broker
                 self.counters["failed_handlers"] += 1
                 log.exception("cannot handle a %r message from a client", message.command)
-                self._reply_error(client, getattr(message.header, "id", None), Internal(f"broker error: {exc}"))
+                self.reply_error(client, getattr(message.header, "id", None), Internal(f"broker error: {exc}"))
 
     def _handle_client(self, client: bytes, message: protocol.Message, frames: list[Any]) -> None:
         command, header = message.command, message.header
@@ -176,7 +180,7 @@ class Broker:
                 reply = {protocol.METADATA: self._metadata, protocol.STATUS: self._status,
                          protocol.STATS: self._stats}[command](header)
             except TFBrokerError as exc:
-                self._reply_error(client, header.id, exc)
+                self.reply_error(client, header.id, exc)
                 return
             send_message(self.frontend, [client, *protocol.encode(protocol.REPLY, reply)])
 
@@ -190,29 +194,35 @@ class Broker:
             rows, join_key = check_inputs(served, header.signature, header.inputs, frames[1:], header.method)
             now = time.monotonic()
             timeout_s = min(header.timeout_ms, self.config.rest_api_timeout_in_ms) / 1000.0
-            task = Task(rows, now + timeout_s, Pending(client, header.id, frames, join_key, now))
-            queue_ = served.queues.get(header.signature)
-            if queue_ is None:
-                queue_ = served.queues[header.signature] = BatchQueue(self.batching,
-                                                                      batching=self.config.enable_batching)
-            try:
-                queue_.schedule(task, now)
-            except Unavailable:
-                served.counters.rejected += 1
-                raise
-            self._queued[key] = (queue_, task)
+            task = Task(rows, now + timeout_s, Pending(client, header.id, frames, join_key, now, header))
+            self.enqueue(served, header.signature, task, now, self.lookups.queue_for(served, header.signature))
             self.counters["requests"] += 1
         except TFBrokerError as exc:
             if isinstance(exc, Unavailable):
                 self.counters["rejected"] += 1
-            self._reply_error(client, header.id, exc)
+            self.reply_error(client, header.id, exc)
+
+    def enqueue(self, served: ServedVersion, signature: str, task: Task, now: float,
+                queue_: BatchQueue | None = None) -> None:
+        """Queue an admitted request for its version's model (or, given, its lookup queue);
+        Unavailable when the queue is full."""
+        if queue_ is None:
+            queue_ = served.queues.get(signature)
+            if queue_ is None:
+                queue_ = served.queues[signature] = BatchQueue(self.batching, batching=self.config.enable_batching)
+        try:
+            queue_.schedule(task, now)
+        except Unavailable:
+            served.counters.rejected += 1
+            raise
+        self._queued[(task.payload.client, task.payload.request_id)] = (queue_, task)
 
     def _cancel(self, client: bytes, request_id: int) -> None:
         """Drop a request its client gave up on, unless it has been dispatched already."""
         entry = self._queued.pop((client, request_id), None)
         if entry is not None and entry[0].remove(entry[1]):
             self.counters["cancelled"] += 1
-            self._reply_error(client, request_id, Cancelled("the client cancelled the request"))
+            self.reply_error(client, request_id, Cancelled("the client cancelled the request"))
 
     def _model(self, name: str | None) -> ServedModel:
         model = self.models.get(name) if name is not None else None
@@ -247,7 +257,7 @@ class Broker:
         return protocol.StatsReply(id=header.id, counters=self.stats(), versions=versions,
                                    processes=process_stats(self.fleet.pids_by_role()))
 
-    def _reply_error(self, client: bytes, request_id: int | None, error: TFBrokerError) -> None:
+    def reply_error(self, client: bytes, request_id: int | None, error: TFBrokerError) -> None:
         body = protocol.Error(id=request_id, code=error.http_status, message=error.message[:protocol.MAX_MESSAGE_CHARS])
         send_message(self.frontend, [client, *protocol.encode(protocol.ERROR, body)])
 
@@ -255,7 +265,7 @@ class Broker:
         for task in tasks:
             pending: Pending = task.payload
             self._queued.pop((pending.client, pending.request_id), None)
-            self._reply_error(pending.client, pending.request_id, error)
+            self.reply_error(pending.client, pending.request_id, error)
 
     # --- workers ---
 
@@ -267,11 +277,11 @@ class Broker:
                 return
             identity = frames[0].bytes
             link = self.fleet.link(identity)
-            if link is None:
+            io_link = self.lookups.link(identity) if link is None else None
+            if link is None and io_link is None:
                 self._warn("message from unknown worker %r; telling it to stop", identity)
-                self._send_worker(identity, protocol.DISCONNECT, protocol.Disconnect())
+                self.send_backend(identity, protocol.DISCONNECT, protocol.Disconnect())
                 continue
-            link.last_heard = time.monotonic()
             try:
                 message = protocol.decode(frames[1:], protocol.WORKER_TO_BROKER)
             except ProtocolError as exc:
@@ -279,12 +289,21 @@ class Broker:
                 self._warn("dropping a malformed message from worker %r: %s", identity, exc)
                 continue
             try:
-                if message.command == protocol.RESULT:
+                if io_link is not None:
+                    io_link.last_heard = time.monotonic()
+                    self.lookups.on_message(io_link, message)
+                    continue
+                assert link is not None
+                link.last_heard = time.monotonic()
+                header = message.header
+                if isinstance(header, (protocol.TaskResult, protocol.JoinedResult)):
                     self._deliver(link, message)
-                elif message.command == protocol.READY:
-                    self.fleet.on_ready(link, message.header)
-                elif message.command == protocol.DISCONNECT:
-                    self.fleet.on_disconnect(link, message.header)
+                elif isinstance(header, protocol.Ready):
+                    self.fleet.on_ready(link, header)
+                elif isinstance(header, protocol.Disconnect):
+                    self.fleet.on_disconnect(link, header)
+                elif not isinstance(header, protocol.Heartbeat):
+                    raise TypeError(f"a model worker does not send {type(header).__name__}")
             except Exception:  # noqa: BLE001 - one worker's bad message must not stop the broker
                 self.counters["failed_handlers"] += 1
                 log.exception("cannot handle a %r message from worker %r", message.command, identity)
@@ -324,21 +343,27 @@ class Broker:
                 else:
                     break
 
-    def _send_batch(self, served: ServedVersion, link: WorkerLink, signature: str, batch: Batch,
-                    now: float) -> None:
-        live = [t for t in batch.tasks if t.deadline > now]
-        if len(live) < len(batch.tasks):  # out of time before any device time was spent
-            expired = [t for t in batch.tasks if t.deadline <= now]
+    def drop_expired(self, tasks: list[Task], now: float) -> list[Task]:
+        """The tasks with time left, taken off the cancel map; the others are answered 504
+        before any device time is spent on them."""
+        live = [t for t in tasks if t.deadline > now]
+        if len(live) < len(tasks):
+            expired = [t for t in tasks if t.deadline <= now]
             self.counters["expired"] += len(expired)
             self.fail_tasks(expired, DeadlineExceeded())
-        if not live:
-            return
         for task in live:
             self._queued.pop((task.payload.client, task.payload.request_id), None)
+        return live
+
+    def _send_batch(self, served: ServedVersion, link: WorkerLink, signature: str, batch: Batch,
+                    now: float) -> None:
+        live = self.drop_expired(batch.tasks, now)
+        if not live:
+            return
         rows = sum(t.size for t in live)
         batch_id = next(self._batch_ids)
         header, frames = build_batch(batch_id, signature, self.batching.padded_size(rows), live, now)
-        self._send_worker(link.identity, protocol.BATCH, header, frames)
+        self.send_backend(link.identity, protocol.BATCH, header, frames)
         link.in_flight[batch_id] = live
         link.last_sent = now
         self.counters["batches"] += 1
@@ -346,21 +371,21 @@ class Broker:
         self.counters["joined"] += isinstance(header, protocol.JoinedBatch)
         served.counters.record_batch(rows, [now - task.payload.admitted for task in live])
 
-    def _send_worker(self, identity: bytes, command: bytes, header: protocol.Header, frames: Any = ()) -> None:
+    def send_backend(self, identity: bytes, command: bytes, header: protocol.Header, frames: Any = ()) -> None:
         send_message(self.backend, [identity, *protocol.encode(command, header, frames)], copy=False)
 
     def send_heartbeat(self, link: WorkerLink, now: float) -> None:
-        self._send_worker(link.identity, protocol.HEARTBEAT, protocol.Heartbeat())
+        self.send_backend(link.identity, protocol.HEARTBEAT, protocol.Heartbeat())
         link.last_sent = now
 
     def send_disconnect(self, link: WorkerLink) -> None:
-        self._send_worker(link.identity, protocol.DISCONNECT, protocol.Disconnect())
+        self.send_backend(link.identity, protocol.DISCONNECT, protocol.Disconnect())
 
     # --- rhythm ---
 
     def _poll_timeout_ms(self) -> int:
         now = time.monotonic()
-        nearest = self._next_housekeeping
+        nearest = min(self._next_housekeeping, self.lookups.next_deadline() or self._next_housekeeping)
         for served in self.fleet.serving:
             link = served.worker
             if link is None or len(link.in_flight) >= self.config.batches_in_flight:
@@ -374,16 +399,16 @@ class Broker:
     def _housekeeping(self, now: float) -> None:
         self._next_housekeeping = now + HOUSEKEEPING_S
         self.fleet.manage(now)
+        self.lookups.manage(now)
         if self._stop_requested_at is None:
             self.control.poll_config(now)
             self.source.poll(list(self.models.values()), now)
             self.versions.reconcile(now)
-        for served in self.fleet.serving:
-            for queue_ in served.queues.values():
-                expired = queue_.expire(now)
-                if expired:
-                    self.counters["expired"] += len(expired)
-                    self.fail_tasks(expired, DeadlineExceeded())
+        expired = [t for s in self.fleet.serving for q in s.queues.values() for t in q.expire(now)]
+        expired += self.lookups.expire(now)
+        if expired:
+            self.counters["expired"] += len(expired)
+            self.fail_tasks(expired, DeadlineExceeded())
 
     def _handle_signals(self, now: float) -> None:
         while not self.signals.empty():
@@ -416,13 +441,16 @@ class Broker:
         self.fleet.roll_frontends()
 
     def _shutdown(self) -> None:
+        serving = list(self.fleet.serving)
         self.fleet.stop()
-        for served in self.fleet.serving:
+        self.lookups.stop()
+        for served in serving:
             self.fail_version(served, Unavailable("the server is shutting down"))
         log.info("stopped")
 
     def fail_version(self, served: ServedVersion, error: TFBrokerError) -> None:
         """Answer every request queued for or running on ``served`` with ``error``."""
+        self.lookups.fail_version(served, error)
         for queue_ in served.queues.values():
             self.fail_tasks(queue_.drain(), error)
         if served.worker is not None:

@@ -115,7 +115,9 @@ class Worker:
         except ProtocolError as exc:
             log.error("dropping a malformed message from the broker: %s", exc)
             return True
-        if message.command == protocol.BATCH:
+        if isinstance(message.header, protocol.LookupBatch):
+            log.error("dropping a lookup batch: this is a model worker")
+        elif message.command == protocol.BATCH:
             received = time.monotonic()
             try:
                 self._run_batch(message, received)

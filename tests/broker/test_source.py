@@ -8,6 +8,8 @@ import pytest
 
 from broker.config import ModelConfig
 from broker.errors import InvalidArgument, NotFound, Unavailable
+from broker import lifecycle as lc
+from broker.lifecycle import Lifecycle
 from broker.models import ServedModel, ServedVersion, fingerprint
 from broker.source import SETTLE_S, VersionSource
 from broker.versions import VersionState
@@ -57,8 +59,11 @@ def test_a_failed_version_is_tried_again_once_its_files_change(tmp_path: Path) -
     model = ServedModel(ModelConfig(name="m", base_path=str(tmp_path)))
     source = VersionSource(poll_wait_s=1.0)
     source.scan_now([model], now=0.0)
-    model.versions[1] = ServedVersion("m", 1, str(path), state=VersionState.END, error="bad graph",
-                                      files=fingerprint(str(path)))
+    life = Lifecycle("model m version 1")
+    life.handle(lc.Load())
+    life.handle(lc.WorkerExited(4, restartable=False, error="bad graph"))
+    assert life.state is VersionState.END
+    model.versions[1] = ServedVersion("m", 1, str(path), life, files=fingerprint(str(path)))
     assert not source.poll([model], now=1.0)  # unchanged: stays failed
     assert model.versions[1].failed
     (path / "saved_model.pb").write_bytes(b"fixed graph")
@@ -77,16 +82,34 @@ def test_polling_off_scans_nothing(tmp_path: Path) -> None:
     assert model.on_disk == {}
 
 
-def available(model: ServedModel, number: int, **fields: object) -> ServedVersion:
-    served = ServedVersion("m", number, f"/m/{number}", state=VersionState.AVAILABLE, **fields)  # type: ignore[arg-type]
+# The events that bring a lifecycle from START to each state.
+TO_STATE = {VersionState.LOADING: [lc.Load()], VersionState.AVAILABLE: [lc.Load(), lc.WorkerReady()],
+            VersionState.UNLOADING: [lc.Load(), lc.WorkerReady(), lc.UnloadAsked()]}
+
+
+def to_state(served: ServedVersion, state: VersionState) -> None:
+    """Drive a version's lifecycle on to ``state`` with the events the broker would feed it."""
+    order = [VersionState.START, *TO_STATE]
+    for event in TO_STATE[state][order.index(served.state):]:
+        served.life.handle(event)
+    assert served.state is state
+
+
+def version(model: ServedModel, number: int, state: VersionState, **fields: object) -> ServedVersion:
+    served = ServedVersion("m", number, f"/m/{number}", Lifecycle(f"version {number}"), **fields)  # type: ignore[arg-type]
+    to_state(served, state)
     model.versions[number] = served
     return served
+
+
+def available(model: ServedModel, number: int, **fields: object) -> ServedVersion:
+    return version(model, number, VersionState.AVAILABLE, **fields)
 
 
 def test_resolution_pins_the_newest_available_version_and_labels_follow_availability() -> None:
     model = ServedModel(ModelConfig(name="m", base_path="/m"), wanted_labels={"stable": 1, "canary": 2})
     available(model, 1)
-    model.versions[2] = ServedVersion("m", 2, "/m/2", state=VersionState.LOADING)
+    version(model, 2, VersionState.LOADING)
     model.update_labels()
     assert model.labels == {"stable": 1}  # canary waits for version 2
     assert model.resolve(None, None).version == 1
@@ -95,13 +118,13 @@ def test_resolution_pins_the_newest_available_version_and_labels_follow_availabi
     with pytest.raises(InvalidArgument, match="Unrecognized servable version label: canary"):
         model.resolve(None, "canary")  # TF Serving's InvalidArgument (400)
 
-    model.versions[2].state = VersionState.AVAILABLE
+    to_state(model.versions[2], VersionState.AVAILABLE)
     model.update_labels()
     assert model.labels == {"stable": 1, "canary": 2}
     assert model.resolve(None, None).version == 2
     assert model.resolve(None, "stable").version == 1
 
-    model.versions[1].state = VersionState.UNLOADING
+    to_state(model.versions[1], VersionState.UNLOADING)
     model.update_labels()
     assert model.labels == {"canary": 2}
     with pytest.raises(NotFound):

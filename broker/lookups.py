@@ -1,0 +1,373 @@
+"""The lookup stage: a version that declares lookups (``assets.extra/lookups.json``) has its
+requests go through an I/O batcher before its model.
+
+A request is pinned to its version at admission. If its signature takes a looked-up tensor,
+it waits in the version's lookup queue (``--lookup_*`` batching, one queue per version), is
+sent in a LookupBatch to an I/O batcher that holds that version's tables, and comes back as
+the model's own inputs (the request's other inputs pass through untouched), which go to
+the same version's model queue. A version's tables load with it (LOAD to every I/O batcher,
+TablesLoaded to its lifecycle once all have answered) and unload when it ends, after its
+last request has left every stage.
+
+The I/O batchers are the broker's children (``tfbroker: iobatcher``), started when the first
+version with lookups loads; one that dies fails its lookups in flight with 503 and is
+restarted, and loads again the tables of every live version.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from msgspec import structs
+
+from broker import lifecycle as lc
+from broker import protocol
+from broker.batching import BatchQueue, Task
+from broker.dispatch import Pending
+from broker.errors import Internal, TFBrokerError, Unavailable, from_code
+from broker.flags import dataclass_to_argv
+from broker.models import ServedVersion, check_inputs
+from broker.supervisor import (Child, reap_children, restartable, schedule_restart, spawn_child, stop_children,
+                               terminate_child)
+from broker.tensors import TF_NAMES
+from broker.versions import VersionState
+
+if TYPE_CHECKING:
+    from broker.server import Broker
+
+log = logging.getLogger("tfbroker.lookups")
+
+COUNTERS = ("lookup_batches", "lookup_tasks", "lookup_keys", "lookup_unique_keys", "lookup_failed")
+
+
+@dataclass(slots=True)
+class IoLink:
+    """The broker's side of one I/O batcher process."""
+
+    child: Child
+    index: int
+    identity: bytes = b""
+    ready: bool = False
+    last_heard: float = 0.0
+    last_sent: float = 0.0
+    loaded: set[tuple[str, int]] = field(default_factory=set)  # versions whose tables it holds
+    in_flight: dict[int, tuple[ServedVersion, list[Task]]] = field(default_factory=dict)
+
+
+class LookupStage:
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        self.config = broker.config
+        self.params = self.config.lookup_batching.parameters()
+        self._links: list[IoLink] = []
+        self._by_identity: dict[bytes, IoLink] = {}
+        self._versions: list[ServedVersion] = []  # versions whose tables are (being) loaded
+        self._batch_ids = itertools.count(1)
+        self._stopping = False
+
+    # --- what a version's lifecycle asks for ---
+
+    def load_tables(self, served: ServedVersion) -> None:
+        if not self._links:
+            self._start()
+        self._versions.append(served)
+        for link in self._links:
+            if link.ready:
+                self._send(link, protocol.LOAD, protocol.Tables(model=served.model, version=served.version,
+                                                                path=served.path))
+
+    def unload_tables(self, served: ServedVersion) -> None:
+        if served in self._versions:
+            self._versions.remove(served)
+        key = (served.model, served.version)
+        for link in self._links:
+            if key in link.loaded and link.ready:
+                self._send(link, protocol.UNLOAD, protocol.Tables(model=served.model, version=served.version))
+            link.loaded.discard(key)
+
+    def describe(self, served: ServedVersion) -> None:
+        """What clients send and see: the model's signatures with each lookup's raw input in
+        place of the tensor it looks up (metadata too). Once the worker's READY and the
+        tables' LOADED are both in."""
+        served.signatures = {name: _client_signature(spec, served.lookups)
+                             for name, spec in served.model_signatures.items()}
+        served.signature_def = _client_signature_def(served.model_signature_def, served.lookups)
+
+    # --- requests ---
+
+    def queue_for(self, served: ServedVersion, signature: str) -> BatchQueue | None:
+        """The version's lookup queue when ``signature`` takes a looked-up tensor, else None.
+        Unavailable when no I/O batcher holds the version's tables."""
+        inputs = served.model_signatures.get(signature)
+        if not served.lookups or inputs is None or not any(lk.output in inputs.inputs for lk in served.lookups):
+            return None
+        key = (served.model, served.version)
+        if not any(link.ready and key in link.loaded for link in self._links):
+            raise Unavailable(f"no I/O batcher holds the lookup tables of model {served.model} version "
+                              f"{served.version} right now (restarting)")
+        if served.lookup_queue is None:
+            served.lookup_queue = BatchQueue(self.params, batching=self.config.enable_batching)
+        return served.lookup_queue
+
+    def dispatch(self, now: float) -> None:
+        """Hand due lookup batches to I/O batchers with a free slot that hold their tables."""
+        for served in self._versions:
+            queue_ = served.lookup_queue
+            if queue_ is None or not len(queue_):
+                continue
+            key = (served.model, served.version)
+            for link in sorted(self._links, key=lambda lk: len(lk.in_flight)):  # least loaded first
+                if not link.ready or key not in link.loaded:
+                    continue
+                while len(link.in_flight) < self.config.batches_in_flight:
+                    batch = queue_.next_batch(now, idle=not link.in_flight)
+                    if batch is None:
+                        break
+                    self._send_batch(link, served, batch.tasks, now)
+
+    def next_deadline(self) -> float | None:
+        deadlines = [d for s in self._versions if s.lookup_queue is not None
+                     for d in (s.lookup_queue.next_deadline(),) if d is not None]
+        return min(deadlines, default=None)
+
+    def expire(self, now: float) -> list[Task]:
+        return [t for s in self._versions if s.lookup_queue is not None for t in s.lookup_queue.expire(now)]
+
+    def fail_version(self, served: ServedVersion, error: TFBrokerError) -> None:
+        if served.lookup_queue is not None:
+            self.broker.fail_tasks(served.lookup_queue.drain(), error)
+
+    # --- messages from I/O batchers ---
+
+    def link(self, identity: bytes) -> IoLink | None:
+        return self._by_identity.get(identity)
+
+    def on_message(self, link: IoLink, message: protocol.Message) -> None:
+        header = message.header
+        if isinstance(header, protocol.IoReady):
+            self._on_ready(link)
+        elif isinstance(header, protocol.TablesLoaded):
+            self._on_loaded(link, header)
+        elif isinstance(header, protocol.LookupResult):
+            self._deliver(link, header, message.frames)
+        elif isinstance(header, protocol.Disconnect) and header.error:
+            log.error("I/O batcher %d: %s", link.index, header.error)
+        elif not isinstance(header, (protocol.Heartbeat, protocol.Disconnect)):
+            raise TypeError(f"an I/O batcher does not send {type(header).__name__}")
+
+    # --- the housekeeping tick ---
+
+    def manage(self, now: float) -> None:
+        for child, code in reap_children([link.child for link in self._links]):
+            link = next(lk for lk in self._links if lk.child is child)
+            self._lost(link, f"the I/O batcher exited (code {code})")
+            if not self._stopping:
+                log.error("iobatcher %d (pid %s) exited with code %d; restarting", link.index, child.pid, code)
+                if restartable(code):
+                    schedule_restart(child, now)
+        for link in self._links:
+            child = link.child
+            if child.restart_at and now >= child.restart_at:
+                self._spawn(link)
+            elif link.ready and now - link.last_heard > self.config.heartbeat_expiry_s and child.running:
+                self._lost(link, "the I/O batcher stopped answering")
+                terminate_child(child, f"no heartbeat for {now - link.last_heard:.1f} s")
+            elif link.ready and now - link.last_sent >= self.config.heartbeat_interval_s:
+                self._send(link, protocol.HEARTBEAT, protocol.Heartbeat())
+        self._check_loads()
+
+    def pids(self) -> list[int]:
+        return [link.child.pid for link in self._links if link.child.running and link.child.pid is not None]
+
+    def stop(self) -> None:
+        self._stopping = True
+        for link in self._links:
+            if link.ready:
+                self._send(link, protocol.DISCONNECT, protocol.Disconnect())
+        stop_children([link.child for link in self._links], self.config.shutdown_grace_s)
+
+    # --- implementation ---
+
+    def _start(self) -> None:
+        for index in range(self.config.iobatchers):
+            link = IoLink(Child(name=f"iobatcher:{index}", argv=[]), index)
+            self._links.append(link)
+            self._spawn(link)
+
+    def _spawn(self, link: IoLink) -> None:
+        from iobatcher.config import IoBatcherConfig
+
+        config = IoBatcherConfig(
+            index=link.index, backend_address=self.config.resolved_backend_address,
+            heartbeat_interval_s=self.config.heartbeat_interval_s, heartbeat_liveness=self.config.heartbeat_liveness,
+            redis_timeout_ms=self.config.lookup_redis_timeout_ms, log_level=self.config.log_level)
+        link.child.argv = ["-m", "iobatcher", *dataclass_to_argv(config)]
+        link.child.env = self.broker.fleet.curve_env()
+        self._by_identity.pop(link.identity, None)
+        spawn_child(link.child)
+        link.identity = f"iobatcher:{link.index}:{link.child.pid}".encode()
+        link.ready = False
+        link.loaded.clear()
+        link.last_heard = time.monotonic()
+        self._by_identity[link.identity] = link
+
+    def _on_ready(self, link: IoLink) -> None:
+        link.ready = True
+        for served in self._versions:
+            self._send(link, protocol.LOAD, protocol.Tables(model=served.model, version=served.version,
+                                                            path=served.path))
+
+    def _on_loaded(self, link: IoLink, header: protocol.TablesLoaded) -> None:
+        served = next((s for s in self._versions if (s.model, s.version) == (header.model, header.version)), None)
+        if served is None:
+            return  # unloaded meanwhile
+        if header.error:
+            log.error("model %s version %d: %s", served.model, served.version, header.error)
+            self.broker.versions.handle(served, lc.TablesFailed(header.error), time.monotonic())
+            return
+        link.loaded.add((served.model, served.version))
+        served.lookups = list(header.lookups)
+        if served.model_signatures:
+            self.describe(served)
+        self._check_loads()
+
+    def _check_loads(self) -> None:
+        """A version's tables are loaded once every I/O batcher that is up holds them."""
+        now = time.monotonic()
+        for served in list(self._versions):
+            key = (served.model, served.version)
+            ready = [link for link in self._links if link.ready]
+            if (served.state is VersionState.LOADING and not served.life.tables_ready and ready
+                    and all(key in link.loaded for link in ready)):
+                self.broker.versions.handle(served, lc.TablesLoaded(), now)
+
+    def _send_batch(self, link: IoLink, served: ServedVersion, tasks: list[Task], now: float) -> None:
+        live = self.broker.drop_expired(tasks, now)
+        if not live:
+            return
+        names = {lk.input for lk in served.lookups}
+        counts: list[int] = []
+        specs: list[protocol.TensorSpec] = []
+        frames: list[Any] = []
+        for task in live:
+            request: protocol.Request = task.payload.request
+            picked = [(spec, frame) for spec, frame in zip(request.inputs, task.payload.frames[1:])
+                      if _input_name(spec, served, request.signature) in names]
+            counts.append(len(picked))
+            specs.extend(structs.replace(spec, name=_input_name(spec, served, request.signature))
+                         for spec, _ in picked)
+            frames.extend(frame for _, frame in picked)
+        batch_id = next(self._batch_ids)
+        timeouts = [max(1, int((t.deadline - now) * 1000 + 0.999)) for t in live]
+        header = protocol.LookupBatch(batch=batch_id, model=served.model, version=served.version, counts=counts,
+                                      timeouts_ms=timeouts, inputs=specs)
+        self._send(link, protocol.BATCH, header, frames)
+        link.in_flight[batch_id] = (served, live)
+        served.lookups_in_flight += len(live)
+        counters = self.broker.counters
+        counters["lookup_batches"] += 1
+        counters["lookup_tasks"] += len(live)
+
+    def _deliver(self, link: IoLink, result: protocol.LookupResult, frames: list[Any]) -> None:
+        entry = link.in_flight.pop(result.batch, None)
+        if entry is None:
+            return
+        served, tasks = entry
+        served.lookups_in_flight -= len(tasks)
+        counters = self.broker.counters
+        if len(result.counts) != len(tasks):
+            counters["malformed_worker"] += 1
+            self.broker.fail_tasks(tasks, Internal("the I/O batcher returned a malformed result"))
+            return
+        counters["lookup_keys"] += result.keys
+        counters["lookup_unique_keys"] += result.unique_keys
+        failures = {f.task: f for f in result.failures}
+        now = time.monotonic()
+        offset = 0
+        for i, (task, count) in enumerate(zip(tasks, result.counts)):
+            outputs, looked_up = result.outputs[offset:offset + count], frames[offset:offset + count]
+            offset += count
+            failure = failures.get(i)
+            if failure is not None:
+                counters["lookup_failed"] += 1
+                self.broker.reply_error(task.payload.client, task.payload.request_id,
+                                        from_code(failure.code, failure.message))
+                continue
+            self._to_model(served, task, outputs, looked_up, now)
+
+    def _to_model(self, served: ServedVersion, task: Task, outputs: list[protocol.TensorSpec],
+                  looked_up: list[Any], now: float) -> None:
+        """The request, its lookups done, goes to its version's model queue."""
+        pending: Pending = task.payload
+        request = pending.request
+        assert request is not None  # kept at admission for this stage
+        names = {lk.input for lk in served.lookups}
+        kept = [(spec, frame) for spec, frame in zip(request.inputs, pending.frames[1:])
+                if _input_name(spec, served, request.signature) not in names]
+        specs = [spec for spec, _ in kept] + list(outputs)
+        model_request = structs.replace(request, inputs=specs)
+        frames = [protocol.encode_header(model_request), *[frame for _, frame in kept], *looked_up]
+        try:
+            rows, join_key = check_inputs(served, request.signature, specs, frames[1:], model_side=True)
+            follow = Task(rows, task.deadline, Pending(pending.client, pending.request_id, frames, join_key,
+                                                       pending.admitted))
+            self.broker.enqueue(served, request.signature, follow, now)
+        except TFBrokerError as exc:
+            self.broker.reply_error(pending.client, pending.request_id, exc)
+
+    def _lost(self, link: IoLink, why: str) -> None:
+        """The I/O batcher is gone: its lookups in flight get 503 at once."""
+        link.ready = False
+        link.loaded.clear()
+        for served, tasks in link.in_flight.values():
+            served.lookups_in_flight -= len(tasks)
+            self.broker.fail_tasks(tasks, Unavailable(f"{why}; lookups of model {served.model} are retried "
+                                                      "by the next request"))
+        link.in_flight.clear()
+
+    def _send(self, link: IoLink, command: bytes, header: protocol.Header, frames: Any = ()) -> None:
+        self.broker.send_backend(link.identity, command, header, frames)
+        link.last_sent = time.monotonic()
+
+
+def _input_name(spec: protocol.TensorSpec, served: ServedVersion, signature: str) -> str:
+    """An unnamed input is the signature's only one."""
+    if spec.name:
+        return spec.name
+    inputs = served.signatures.get(signature)
+    return next(iter(inputs.inputs)) if inputs is not None and len(inputs.inputs) == 1 else ""
+
+
+def _client_signature(spec: protocol.SignatureSpec, lookups: list[protocol.LookupSpec]) -> protocol.SignatureSpec:
+    inputs = dict(spec.inputs)
+    for lookup in lookups:
+        if lookup.output in inputs:
+            _, shape = inputs.pop(lookup.output)
+            if shape is not None and lookup.dim:
+                shape = shape[:-1]
+            inputs[lookup.input] = (lookup.input_dtype, shape)
+    return protocol.SignatureSpec(inputs=inputs, outputs=spec.outputs)
+
+
+def _client_signature_def(signature_def: dict[str, Any], lookups: list[protocol.LookupSpec]) -> dict[str, Any]:
+    """TF Serving's metadata JSON with the same substitution."""
+    out = dict(signature_def)
+    defs = {}
+    for name, sig in signature_def.get("signature_def", {}).items():
+        inputs = dict(sig.get("inputs", {}))
+        for lookup in lookups:
+            tensor = inputs.pop(lookup.output, None)
+            if tensor is None:
+                continue
+            shape = dict(tensor.get("tensor_shape", {}))
+            if lookup.dim and shape.get("dim"):
+                shape["dim"] = shape["dim"][:-1]
+            inputs[lookup.input] = {"dtype": "DT_" + TF_NAMES[lookup.input_dtype].upper(), "tensor_shape": shape,
+                                    "name": f"{lookup.input} (looked up into {lookup.output} by tfbroker)"}
+        defs[name] = {**sig, "inputs": inputs}
+    out["signature_def"] = defs
+    return out

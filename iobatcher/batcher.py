@@ -1,0 +1,224 @@
+"""The I/O batcher: holds the lookup tables of the versions the broker names, answers lookup
+batches. Never imports TensorFlow.
+
+One loop, as the worker's: receive a message, act, send heartbeats when quiet. A LookupBatch
+is looked up table by table over the whole batch: the keys of every task together, each
+distinct key once (one vectorised step, or one Redis MGET), then cut back per task. A task
+whose keys are missing under ``on_missing: error`` fails alone (400); a table that cannot be
+reached fails the tasks that use it (503).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import numpy as np
+import zmq
+
+from broker import protocol, tensors
+from broker.errors import DeadlineExceeded, InvalidArgument, ProtocolError, TFBrokerError, Unavailable
+from broker.process import EXIT_OK, die_with_parent, parent_alive, set_title, setup_logging
+from broker.security import client_keys_from_env, make_client
+from broker.zmqio import send_message
+from iobatcher.config import IoBatcherConfig
+from iobatcher.tables import Table, TableError, load_tables
+
+log = logging.getLogger("tfbroker.iobatcher")
+
+
+def run(config: IoBatcherConfig) -> int:
+    set_title("iobatcher")
+    setup_logging(config.log_level, f"iobatcher:{config.index}")
+    die_with_parent()
+    batcher = IoBatcher(config)
+    signal.signal(signal.SIGTERM, batcher.handle_signal)
+    signal.signal(signal.SIGINT, batcher.handle_signal)
+    return batcher.serve()
+
+
+class IoBatcher:
+    def __init__(self, config: IoBatcherConfig) -> None:
+        self.config = config
+        self.identity = f"iobatcher:{config.index}:{os.getpid()}".encode()
+        self.tables: dict[tuple[str, int], list[Table]] = {}
+        self._stopping = False
+        self._last_sent = 0.0
+
+    def handle_signal(self, signum: int, frame: Any) -> None:
+        self._stopping = True
+
+    def serve(self) -> int:
+        context = zmq.Context()
+        sock = context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, self.identity)
+        sock.setsockopt(zmq.LINGER, 0)
+        curve = client_keys_from_env()
+        if curve is not None:
+            make_client(sock, *curve)
+        sock.connect(self.config.backend_address)
+        self._socket = sock
+        self._send(protocol.READY, protocol.IoReady(pid=os.getpid()))
+        interval_s = self.config.heartbeat_interval_s
+        expiry_s = interval_s * self.config.heartbeat_liveness
+        last_heard = time.monotonic()
+        try:
+            while not self._stopping and parent_alive():
+                if sock.poll(int(interval_s * 1000)):
+                    last_heard = time.monotonic()
+                    if not self._handle(sock.recv_multipart(copy=False)):
+                        break
+                now = time.monotonic()
+                if now - self._last_sent >= interval_s:
+                    self._send(protocol.HEARTBEAT, protocol.Heartbeat())
+                if now - last_heard > expiry_s:
+                    # The broker restarts its I/O batchers; a fresh one is cheaper than a reconnect.
+                    log.warning("no word from the broker for %.1f s; exiting", now - last_heard)
+                    break
+        finally:
+            for tables in self.tables.values():
+                for table in tables:
+                    table.close()
+            sock.close(linger=1000)
+            context.term()
+        return EXIT_OK
+
+    # --- implementation ---
+
+    def _handle(self, frames: list[Any]) -> bool:
+        try:
+            message = protocol.decode(frames, protocol.BROKER_TO_IOBATCHER)
+        except ProtocolError as exc:
+            log.error("dropping a malformed message from the broker: %s", exc)
+            return True
+        header = message.header
+        if isinstance(header, protocol.LookupBatch):
+            received = time.monotonic()
+            try:
+                self._run_batch(header, message.frames, received)
+            except Exception as exc:  # noqa: BLE001 - last resort: the batch fails, the batcher goes on
+                log.exception("lookup batch %d failed unexpectedly", header.batch)
+                failures = [protocol.LookupFailure(i, 500, f"I/O batcher error: {type(exc).__name__}: {exc}")
+                            for i in range(len(header.counts))]
+                self._send(protocol.RESULT, protocol.LookupResult(batch=header.batch, counts=[0] * len(header.counts),
+                                                                  outputs=[], failures=failures))
+        elif isinstance(header, protocol.Tables) and message.command == protocol.LOAD:
+            self._load(header)
+        elif isinstance(header, protocol.Tables):
+            for table in self.tables.pop((header.model, header.version), []):
+                table.close()
+            log.info("unloaded the tables of model %s version %d", header.model, header.version)
+        elif isinstance(header, protocol.Disconnect):
+            log.info("the broker asked this I/O batcher to stop")
+            return False
+        return True
+
+    def _load(self, header: protocol.Tables) -> None:
+        key = (header.model, header.version)
+        started = time.monotonic()
+        try:
+            tables = self.tables.get(key) or load_tables(header.path, self.config.redis_timeout_ms)
+        except TableError as exc:
+            log.error("model %s version %d: %s", header.model, header.version, exc)
+            self._send(protocol.LOADED, protocol.TablesLoaded(model=header.model, version=header.version, lookups=[],
+                                                              error=str(exc)[:protocol.MAX_MESSAGE_CHARS]))
+            return
+        self.tables[key] = tables
+        log.info("loaded %d lookup tables of model %s version %d in %.2f s", len(tables), header.model,
+                 header.version, time.monotonic() - started)
+        self._send(protocol.LOADED, protocol.TablesLoaded(model=header.model, version=header.version,
+                                                          lookups=[t.spec for t in tables]))
+
+    def _run_batch(self, header: protocol.LookupBatch, frames: list[Any], received: float) -> None:
+        count = len(header.counts)
+        errors: dict[int, TFBrokerError] = {}
+        tables = self.tables.get((header.model, header.version))
+        inputs: list[dict[str, np.ndarray]] = []
+        offset = 0
+        for i, (n, timeout_ms) in enumerate(zip(header.counts, header.timeouts_ms)):
+            specs, task_frames = header.inputs[offset:offset + n], frames[offset:offset + n]
+            offset += n
+            inputs.append({})
+            if tables is None:
+                errors[i] = Unavailable(f"this I/O batcher holds no tables of model {header.model} version "
+                                        f"{header.version}")
+            elif time.monotonic() > received + timeout_ms / 1000:
+                errors[i] = DeadlineExceeded()
+            else:
+                try:
+                    inputs[i] = tensors.decode_tensors(specs, task_frames)
+                except ProtocolError as exc:
+                    errors[i] = InvalidArgument(f"protocol error: {exc}")
+        outputs: list[dict[str, np.ndarray]] = [{} for _ in range(count)]
+        keys = unique = 0
+        for table in tables or ():
+            done = _lookup(table, inputs, errors, outputs)
+            keys += done[0]
+            unique += done[1]
+        counts, specs, out_frames, failures = [], [], [], []
+        for i in range(count):
+            if i in errors:
+                counts.append(0)
+                failures.append(protocol.LookupFailure(i, errors[i].http_status, errors[i].message))
+                continue
+            task_specs, task_frames = tensors.encode_tensors(outputs[i])
+            counts.append(len(task_specs))
+            specs.extend(task_specs)
+            out_frames.extend(task_frames)
+        self._send(protocol.RESULT, protocol.LookupResult(batch=header.batch, counts=counts, outputs=specs,
+                                                          failures=failures, keys=keys, unique_keys=unique), out_frames)
+
+    def _send(self, command: bytes, header: protocol.Header, frames: Any = ()) -> None:
+        send_message(self._socket, protocol.encode(command, header, frames), copy=False)
+        self._last_sent = time.monotonic()
+
+
+def _lookup(table: Table, inputs: list[dict[str, np.ndarray]], errors: dict[int, TFBrokerError],
+            outputs: list[dict[str, np.ndarray]]) -> tuple[int, int]:
+    """One table over the whole batch: every task's keys together, each distinct key once.
+    Fills ``outputs``, or ``errors`` for the tasks that fail; (keys, distinct keys)."""
+    spec = table.spec
+    users = [i for i, given in enumerate(inputs) if spec.input in given and i not in errors]
+    arrays = []
+    for i in users[:]:
+        array = inputs[i][spec.input]
+        if (array.dtype == object) != (spec.input_dtype == protocol.STRING) or array.dtype.kind == "f":
+            errors[i] = InvalidArgument(f"input '{spec.input}' must be {spec.input_dtype}, got {array.dtype}")
+            users.remove(i)
+            continue
+        arrays.append(array)
+    if not users:
+        return 0, 0
+    flat = np.concatenate([a.reshape(-1) for a in arrays])
+    distinct, inverse = _distinct(flat)
+    try:
+        values, missing = table.lookup(distinct)
+    except TFBrokerError as exc:
+        for i in users:
+            errors[i] = exc
+        return len(flat), len(distinct)
+    start = 0
+    for i, array in zip(users, arrays):
+        picks = inverse[start:start + array.size]
+        start += array.size
+        if table.on_missing == "error" and missing[picks].any():
+            key = distinct[picks[missing[picks]][0]]
+            shown = key.decode(errors="replace") if isinstance(key, bytes) else int(key)
+            errors[i] = InvalidArgument(f"input '{spec.input}': key {shown!r} is not in the lookup table")
+            continue
+        outputs[i][spec.output] = values[picks].reshape(array.shape + values.shape[1:])
+    return len(flat), len(distinct)
+
+
+def _distinct(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct keys and, for each key, its index among them."""
+    if flat.dtype != object:
+        return np.unique(flat, return_inverse=True)  # type: ignore[return-value]
+    index: dict[bytes, int] = {}
+    inverse = np.fromiter((index.setdefault(k, len(index)) for k in flat), dtype=np.int64, count=len(flat))
+    distinct = np.empty(len(index), dtype=object)
+    distinct[:] = list(index)
+    return distinct, inverse

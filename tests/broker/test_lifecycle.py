@@ -1,0 +1,176 @@
+"""A version's lifecycle as a pure state machine: events in, state and actions out, no processes."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import pytest
+
+from broker import lifecycle as lc
+from broker.lifecycle import Lifecycle, Worker
+from broker.versions import Load, Unload, VersionSnapshot, VersionState, next_action
+
+S = VersionState
+
+
+def run(life: Lifecycle, *events: lc.Event) -> list[lc.Action]:
+    actions: list[lc.Action] = []
+    for event in events:
+        actions.extend(life.handle(event))
+    return actions
+
+
+def kinds(actions: Sequence[lc.Action]) -> list[type]:
+    return [type(a) for a in actions]
+
+
+def test_a_plain_version_loads_serves_drains_and_ends() -> None:
+    life = Lifecycle("v1")
+    assert kinds(run(life, lc.Load())) == [lc.SpawnWorker]
+    assert life.state is S.LOADING
+    assert kinds(run(life, lc.WorkerReady())) == [lc.BecameAvailable]
+    assert life.state is S.AVAILABLE
+    assert run(life, lc.UnloadAsked()) == []  # admissions stop; the worker stays for its requests
+    assert life.state is S.UNLOADING
+    assert kinds(run(life, lc.Drained())) == [lc.Disconnect]
+    assert run(life, lc.Drained()) == []  # told once
+    assert kinds(run(life, lc.WorkerExited(0, True))) == [lc.FailRequests, lc.Ended]
+    assert life.state is S.END and not life.failed
+
+
+@pytest.mark.parametrize("order", [(lc.WorkerReady(), lc.TablesLoaded()), (lc.TablesLoaded(), lc.WorkerReady())])
+def test_a_version_with_tables_is_available_only_once_both_parts_are(order: tuple[lc.Event, lc.Event]) -> None:
+    life = Lifecycle("v1", needs_tables=True)
+    assert kinds(run(life, lc.Load())) == [lc.SpawnWorker, lc.LoadTables]
+    assert run(life, order[0]) == []
+    assert life.state is S.LOADING
+    assert kinds(run(life, order[1])) == [lc.BecameAvailable]
+    assert life.state is S.AVAILABLE
+
+
+def test_tables_unload_only_when_the_version_ends_after_its_last_request() -> None:
+    life = Lifecycle("v1", needs_tables=True)
+    actions = run(life, lc.Load(), lc.WorkerReady(), lc.TablesLoaded(), lc.UnloadAsked())
+    assert lc.UnloadTables() not in actions
+    assert kinds(run(life, lc.Drained())) == [lc.Disconnect]
+    assert kinds(run(life, lc.WorkerExited(0, True))) == [lc.FailRequests, lc.UnloadTables, lc.Ended]
+
+
+def test_failed_tables_fail_the_load_and_stop_the_worker() -> None:
+    life = Lifecycle("v2", needs_tables=True)
+    run(life, lc.Load())
+    actions = run(life, lc.TablesFailed("vocab.txt does not exist"))
+    assert kinds(actions) == [lc.Terminate]
+    assert life.state is S.UNLOADING
+    assert run(life, lc.WorkerReady()) == []  # too late: it is on its way out
+    assert kinds(run(life, lc.WorkerExited(-15, True))) == [lc.FailRequests, lc.UnloadTables, lc.Ended]
+    assert life.failed and "vocab.txt does not exist" in life.error
+
+
+def test_failed_tables_after_the_worker_is_ready_disconnect_it() -> None:
+    life = Lifecycle("v2", needs_tables=True)
+    run(life, lc.Load(), lc.WorkerReady())
+    assert kinds(run(life, lc.TablesFailed("corrupt"))) == [lc.Disconnect]
+
+
+def test_a_model_that_does_not_load_ends_with_the_workers_error_and_no_restart() -> None:
+    life = Lifecycle("v1")
+    run(life, lc.Load())
+    actions = run(life, lc.WorkerExited(4, restartable=False, error="no saved_model.pb"))
+    assert lc.RestartWorker() not in actions and lc.Ended() in actions
+    assert life.failed and life.error == "no saved_model.pb"
+
+
+def test_a_worker_that_dies_while_serving_restarts_and_the_version_comes_back() -> None:
+    life = Lifecycle("v1", needs_tables=True)
+    run(life, lc.Load(), lc.WorkerReady(), lc.TablesLoaded())
+    actions = run(life, lc.WorkerExited(-9, True))
+    assert kinds(actions) == [lc.FailRequests, lc.RestartWorker]
+    assert life.state is S.LOADING and life.worker is Worker.RESTARTING
+    assert run(life, lc.WorkerStarted()) == []
+    assert kinds(run(life, lc.WorkerReady())) == [lc.BecameAvailable]  # its tables stayed loaded
+
+
+def test_a_silent_worker_is_terminated_and_its_requests_failed() -> None:
+    life = Lifecycle("v1")
+    run(life, lc.Load(), lc.WorkerReady())
+    assert kinds(run(life, lc.WorkerSilent("no heartbeat for 3.1 s"))) == [lc.Terminate, lc.FailRequests]
+    assert life.state is S.LOADING
+    assert kinds(run(life, lc.WorkerExited(-15, True))) == [lc.FailRequests, lc.RestartWorker]
+
+
+def test_a_worker_too_slow_to_load_fails_the_version() -> None:
+    life = Lifecycle("v1")
+    run(life, lc.Load())
+    run(life, lc.WorkerSilent("not ready after 600 s", load_error="loading took longer than 600 s"))
+    run(life, lc.WorkerExited(-15, True))
+    assert life.failed and life.error == "loading took longer than 600 s"
+
+
+def test_unloading_while_a_restart_waits_ends_at_once() -> None:
+    life = Lifecycle("v1")
+    run(life, lc.Load(), lc.WorkerReady(), lc.WorkerExited(1, True))
+    assert kinds(run(life, lc.UnloadAsked())) == [lc.CancelRestart, lc.Ended]
+    assert life.state is S.END and not life.failed
+
+
+def test_unloading_a_loading_version_stops_its_worker_without_waiting() -> None:
+    life = Lifecycle("v1")
+    run(life, lc.Load())
+    assert kinds(run(life, lc.UnloadAsked())) == [lc.Terminate]
+    assert kinds(run(life, lc.WorkerExited(-15, True))) == [lc.FailRequests, lc.Ended]
+
+
+def test_a_worker_that_ignores_its_disconnect_is_terminated_after_the_grace() -> None:
+    life = Lifecycle("v1")
+    run(life, lc.Load(), lc.WorkerReady(), lc.UnloadAsked(), lc.Drained())
+    assert kinds(run(life, lc.GraceExpired())) == [lc.Terminate]
+
+
+def test_a_version_never_started_ends_on_unload_and_end_is_final() -> None:
+    life = Lifecycle("v1")
+    assert kinds(run(life, lc.UnloadAsked())) == [lc.Ended]
+    for event in (lc.Load(), lc.WorkerReady(), lc.TablesLoaded(), lc.Drained(), lc.WorkerExited(0, True)):
+        assert run(life, event) == []
+    assert life.state is S.END
+
+
+def test_a_swap_with_tables_driven_by_the_policy_never_leaves_the_model_without_an_available_version() -> None:
+    """Versions 1 then 2, both with tables, under the availability-preserving policy: the
+    policy's steps and the processes' events interleave as in the broker."""
+    lives = {1: Lifecycle("v1", needs_tables=True)}
+    run(lives[1], lc.Load(), lc.TablesLoaded(), lc.WorkerReady())
+    aspired = {2}
+    available_throughout = True
+    log: list[str] = []
+    pending_events = {2: [lc.WorkerReady(), lc.TablesLoaded()]}
+    for _ in range(20):
+        snapshots = [VersionSnapshot(n, life.state, life.failed) for n, life in lives.items()]
+        step = next_action(snapshots, aspired)
+        if isinstance(step, Load):
+            lives[step.version] = Lifecycle(f"v{step.version}", needs_tables=True)
+            log += [type(a).__name__ for a in run(lives[step.version], lc.Load())]
+        elif isinstance(step, Unload):
+            run(lives[step.version], lc.UnloadAsked())
+            log += [type(a).__name__ for a in run(lives[step.version], lc.Drained())]
+            log += [type(a).__name__ for a in run(lives[step.version], lc.WorkerExited(0, True))]
+        elif pending_events.get(2):
+            log += [type(a).__name__ for a in run(lives[2], pending_events[2].pop(0))]
+        else:
+            break
+        available_throughout &= any(life.state is S.AVAILABLE for life in lives.values())
+    assert available_throughout
+    assert lives[1].state is S.END and lives[2].state is S.AVAILABLE
+    # version 2's tables load before it is available; version 1's go after its worker.
+    assert log.index("LoadTables") < log.index("BecameAvailable") < log.index("Disconnect") < log.index("UnloadTables")
+
+
+def test_shutdown_of_every_state_reaches_end() -> None:
+    for events in ([], [lc.Load()], [lc.Load(), lc.WorkerReady()], [lc.Load(), lc.WorkerReady(), lc.WorkerExited(1, True)]):
+        life = Lifecycle("v", needs_tables=True)
+        run(life, *events)
+        actions = run(life, lc.UnloadAsked(), lc.Drained())
+        if life.state is not S.END:
+            actions += run(life, lc.WorkerExited(0, True))
+        assert life.state is S.END, events
+        assert lc.Ended() in actions
