@@ -18,7 +18,7 @@ from broker.server import Broker
 
 log = logging.getLogger("tfbroker.broker")
 
-DEMO_MODELS = ("half_plus_two", "mlp")
+DEMO_MODELS = ("half_plus_two", "mlp", "text")
 
 
 def run(config: ServerConfig) -> int:

@@ -8,6 +8,7 @@ EXIT_MODEL_LOAD_ERROR is not restarted: its version goes to END with the error i
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import os
 import shutil
@@ -325,14 +326,20 @@ def drop_new_connections(sock: socket.socket) -> None:
 
 
 def _example_body(served: ServedVersion) -> str:
-    """A request body for the ready message, for a model with one numeric input of rank 1 or 2."""
+    """A request body for the ready message: TF Serving's row format, one instance (three
+    for a lone rank-1 input), for inputs of rank 1 or 2 with known inner sizes."""
     signature = served.signatures.get("serving_default")
-    if not signature or len(signature.inputs) != 1:
+    if not signature or not signature.inputs:
         return ""
-    dtype, shape = next(iter(signature.inputs.values()))
-    if dtype == "string" or shape is None or not 1 <= len(shape) <= 2:
-        return ""
-    if len(shape) == 1 or shape[1] in (-1, 1):
-        return '{"instances": [1.0, 2.0, 5.0]}'
-    row = "[" + ", ".join(["0.5"] * shape[1]) + "]"
-    return f'{{"instances": [{row}]}}'
+    values = {}
+    for name, (dtype, shape) in signature.inputs.items():
+        if shape is None or not 1 <= len(shape) <= 2 or (len(shape) == 2 and shape[1] < 1 and dtype != "string"):
+            return ""
+        value: object = "example" if dtype == "string" else 0.5
+        if len(shape) == 2:
+            value = [value] * (3 if shape[1] < 1 else shape[1])
+        values[name] = value
+    if len(values) == 1 and not isinstance(next(iter(values.values())), list):
+        return '{"instances": [1.0, 2.0, 5.0]}' if dtype != "string" else '{"instances": ["example"]}'
+    instance = json.dumps(values if len(values) > 1 else next(iter(values.values())))
+    return f'{{"instances": [{instance}]}}'

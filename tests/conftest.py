@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import socket
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import httpx
+import numpy as np
 import pytest
 
 from broker.supervisor import terminate
@@ -195,3 +197,23 @@ def start_broker(tmp_path: Path) -> Iterator[Any]:
     yield start
     for broker in started:
         stop_and_check(broker)
+
+
+def reference_outputs(model: Path, batches: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """What TensorFlow computes in-process for each batch (in a child, to keep TF out of pytest)."""
+    work = Path(os.environ.get("TMPDIR", "/tmp"))
+    stamp = f"{os.getpid()}-{time.monotonic_ns()}"
+    inputs, outputs = work / f"ref-in-{stamp}.npz", work / f"ref-out-{stamp}.npz"
+    np.savez(inputs, **{f"{i:04d}/{name}": value for i, batch in enumerate(batches) for name, value in batch.items()})
+    try:
+        subprocess.run([sys.executable, str(ROOT / "tests" / "reference.py"), str(model), str(inputs), str(outputs)],
+                       check=True, capture_output=True, timeout=120)
+        with np.load(outputs) as data:
+            results: list[dict[str, np.ndarray]] = [{} for _ in batches]
+            for key in data.files:
+                index, name = key.split("/")
+                results[int(index)][name] = data[key]
+        return results
+    finally:
+        inputs.unlink(missing_ok=True)
+        outputs.unlink(missing_ok=True)

@@ -19,17 +19,28 @@
   copy these into a served base path to swap versions
 - warm_good/1: linear with TF Serving's warm-up file (two good PredictionLog records)
 - warm_bad/1: linear whose warm-up file asks for an input the model lacks
+- text/1, text/2: the text model (workers/demo_models.py) with its lookups in
+  assets.extra/lookups.json (a vocabulary with OOV buckets, an embedding keyed by user);
+  version 2's words, users and weights differ from version 1's. text_ref/N: the same
+  model and tables with the lookups inside the graph (tf.lookup), the reference.
+- kinds/1: identity of tag_id int64 [batch], item_vec float32 [batch, 3], shop_vec float32
+  [batch, 4] (outputs *_out), looked up from tag (vocabulary tags.txt, default_value -7),
+  item (embedding items.npy by row id, on_missing error) and shop (Redis, dim 4; the URL's
+  port is REDIS_PORT, which tests replace)
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+
+import numpy as np
 
 import tensorflow as tf
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from workers.demo_models import save_linear, save_mlp  # noqa: E402
+from workers.demo_models import make_text_tables, save_linear, save_mlp, save_text_model  # noqa: E402
 
 
 class BatchReporter(tf.Module):
@@ -105,6 +116,30 @@ def write_warmup_file(version_dir: str, input_name: str) -> None:
             writer.write(entry.SerializeToString())
 
 
+class Kinds(tf.Module):
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.int64, name="tag_id"),
+                                  tf.TensorSpec([None, 3], tf.float32, name="item_vec"),
+                                  tf.TensorSpec([None, 4], tf.float32, name="shop_vec")])
+    def serve(self, tag_id: tf.Tensor, item_vec: tf.Tensor, shop_vec: tf.Tensor) -> dict[str, tf.Tensor]:
+        return {"tag_out": tf.identity(tag_id), "item_out": tf.identity(item_vec), "shop_out": tf.identity(shop_vec)}
+
+
+def save_kinds(path: str) -> None:
+    kinds = Kinds()
+    tf.saved_model.save(kinds, path, signatures={"serving_default": kinds.serve})
+    extra = os.path.join(path, "assets.extra")
+    os.makedirs(extra)
+    with open(os.path.join(extra, "tags.txt"), "w") as f:
+        f.write("news\nsport\nweather\n")
+    np.save(os.path.join(extra, "items.npy"), np.arange(30, dtype=np.float32).reshape(10, 3))
+    lookups = [{"input": "tag", "output": "tag_id", "vocabulary": "tags.txt", "default_value": -7},
+               {"input": "item", "output": "item_vec", "embedding": "items.npy", "on_missing": "error"},
+               {"input": "shop", "output": "shop_vec", "redis": "redis://127.0.0.1:REDIS_PORT/0", "key_prefix": "shop:",
+                "dim": 4}]
+    with open(os.path.join(extra, "lookups.json"), "w") as f:
+        json.dump({"lookups": lookups}, f)
+
+
 def main(directory: str) -> None:
     save_linear(os.path.join(directory, "linear", "1"), a=0.5, b=2.0)
     save_linear(os.path.join(directory, "linear", "2"), a=0.5, b=3.0)
@@ -127,6 +162,11 @@ def main(directory: str) -> None:
     write_warmup_file(os.path.join(directory, "warm_good", "1"), "x")
     save_linear(os.path.join(directory, "warm_bad", "1"))
     write_warmup_file(os.path.join(directory, "warm_bad", "1"), "not_an_input")
+    for version in (1, 2):
+        tables = make_text_tables(vocab_size=300, users=50, dim=8, num_oov_buckets=3, version=version)
+        save_text_model(os.path.join(directory, "text", str(version)), tables)
+        save_text_model(os.path.join(directory, "text_ref", str(version)), tables, lookups_inside=True)
+    save_kinds(os.path.join(directory, "kinds", "1"))
     os.makedirs(os.path.join(directory, "broken", "1"), exist_ok=True)
     with open(os.path.join(directory, "broken", "1", "saved_model.pb"), "wb") as fh:
         fh.write(b"this is not a protobuf")

@@ -6,8 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,7 +19,7 @@ import zmq
 from broker import protocol
 from broker.errors import InvalidArgument, NotFound
 from frontend.client import AsyncClient, Client
-from tests.conftest import (ROOT, TESTDATA, BrokerProcess, make_model_config, needs_testdata,
+from tests.conftest import (TESTDATA, BrokerProcess, make_model_config, needs_testdata, reference_outputs,
                             stop_and_check, wait_for)
 
 MAX_BATCH = 8
@@ -50,26 +48,6 @@ def served(test_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         yield broker
     finally:
         stop_and_check(broker)
-
-
-def reference_outputs(model: Path, batches: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-    """What TensorFlow computes in-process for each batch (in a child, to keep TF out of pytest)."""
-    work = Path(os.environ.get("TMPDIR", "/tmp"))
-    stamp = f"{os.getpid()}-{time.monotonic_ns()}"
-    inputs, outputs = work / f"ref-in-{stamp}.npz", work / f"ref-out-{stamp}.npz"
-    np.savez(inputs, **{f"{i:04d}/{name}": value for i, batch in enumerate(batches) for name, value in batch.items()})
-    try:
-        subprocess.run([sys.executable, str(ROOT / "tests" / "reference.py"), str(model), str(inputs), str(outputs)],
-                       check=True, capture_output=True, timeout=120)
-        with np.load(outputs) as data:
-            results: list[dict[str, np.ndarray]] = [{} for _ in batches]
-            for key in data.files:
-                index, name = key.split("/")
-                results[int(index)][name] = data[key]
-        return results
-    finally:
-        inputs.unlink(missing_ok=True)
-        outputs.unlink(missing_ok=True)
 
 
 # --- TF Serving's own test models ---------------------------------------------------------
