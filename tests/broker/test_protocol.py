@@ -94,10 +94,33 @@ def header(**fields: object) -> bytes:
                                        inputs=[["x", "float32", [3]]]), b""],
      protocol.BROKER_TO_WORKER, "batch dimension of 2 rows"),
     ([b"TFB03", protocol.RESULT, header(kind="?", batch=1)], protocol.WORKER_TO_BROKER, "bad header"),
+    ([b"TFB03", protocol.BATCH, header(kind="l", batch=1, model="m", version=1, counts=[2], timeouts_ms=[5],
+                                       inputs=[["w", "string", [1]]]), b""],
+     protocol.BROKER_TO_IOBATCHER, "counts must add up"),
+    ([b"TFB03", protocol.RESULT, header(kind="l", batch=1, counts=[0], outputs=[], failures=[[3, 400, "x"]])],
+     protocol.WORKER_TO_BROKER, "failures name tasks"),
+    ([b"TFB03", protocol.LOADED, header(model="m", version=1, lookups=[["w", "float32", "ids", "int64", 0]])],
+     protocol.WORKER_TO_BROKER, r"lookups\[0\]"),
+    ([b"TFB03", protocol.LOAD, header(model="m", version=1, path="/p")], protocol.BROKER_TO_WORKER,
+     "not one this socket takes"),
 ])
 def test_malformed_messages_are_rejected(frames: list[bytes], accept: frozenset[bytes], problem: str) -> None:
     with pytest.raises(ProtocolError, match=problem):
         protocol.decode(frames, accept)
+
+
+def test_lookup_messages_round_trip() -> None:
+    batch = protocol.LookupBatch(batch=7, model="m", version=2, counts=[1, 0], timeouts_ms=[5, 9],
+                                 inputs=[protocol.TensorSpec("w", "string", (2,))])
+    result = protocol.LookupResult(batch=7, counts=[1, 0], outputs=[protocol.TensorSpec("ids", "int64", (2,))],
+                                   failures=[protocol.LookupFailure(1, 503, "store down")], keys=2, unique_keys=1)
+    loaded = protocol.TablesLoaded(model="m", version=2, lookups=[protocol.LookupSpec("w", "string", "ids", "int64", 0)])
+    for command, message, accept in ((protocol.BATCH, batch, protocol.BROKER_TO_IOBATCHER),
+                                     (protocol.RESULT, result, protocol.WORKER_TO_BROKER),
+                                     (protocol.LOADED, loaded, protocol.WORKER_TO_BROKER),
+                                     (protocol.READY, protocol.IoReady(pid=5), protocol.WORKER_TO_BROKER)):
+        frames = protocol.encode(command, message, [b"x"] * message.frame_count())
+        assert protocol.decode(frames, accept).header == message
 
 
 def test_the_id_of_a_malformed_request_is_salvaged_to_answer_it() -> None:
@@ -133,11 +156,12 @@ msgpack_values = st.recursive(
     | st.binary(max_size=8),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(
         st.sampled_from(["id", "model", "inputs", "kind", "batch", "counts", "rows", "ids", "timeouts_ms",
-                         "timeout_ms", "signature", "outputs", "version", "label", "x"]), children, max_size=6),
+                         "timeout_ms", "signature", "outputs", "version", "label", "x", "failures", "lookups",
+                         "path", "pid"]), children, max_size=6),
     max_leaves=20)
 commands = st.sampled_from(sorted(protocol.HEADER_TYPES)) | st.binary(min_size=0, max_size=2)
 sockets = st.sampled_from([protocol.CLIENT_TO_BROKER, protocol.WORKER_TO_BROKER, protocol.BROKER_TO_WORKER,
-                           protocol.BROKER_TO_CLIENT, protocol.CTL_TO_BROKER])
+                           protocol.BROKER_TO_CLIENT, protocol.CTL_TO_BROKER, protocol.BROKER_TO_IOBATCHER])
 
 
 @settings(max_examples=400, deadline=None)
