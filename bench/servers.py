@@ -52,7 +52,8 @@ def title(pid: int) -> str:
 def role(pid: int) -> str:
     text = title(pid)
     for prefix, name in (("tfbroker: frontend", "frontends"), ("tfbroker: broker", "broker"),
-                         ("tfbroker: worker", "worker"), ("gunicorn: master", "master"),
+                         ("tfbroker: worker", "worker"), ("tfbroker: iobatcher", "iobatcher"),
+                         ("gunicorn: master", "master"),
                          ("gunicorn: worker", "workers")):
         if text.startswith(prefix):
             return name
