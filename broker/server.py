@@ -22,12 +22,12 @@ from typing import Any, Iterable
 
 import zmq
 
-from broker import protocol
+from broker import protocol, queries
 from broker.batching import Batch, BatchQueue, Task
 from broker.config import BatchingParameters, ModelConfig, ServerConfig
 from broker.control import ControlChannel
 from broker.dispatch import Pending, build_batch, cut_joined_result, split_task_result
-from broker.errors import (Cancelled, DeadlineExceeded, Internal, InvalidArgument, NotFound, ProtocolError,
+from broker.errors import (Cancelled, DeadlineExceeded, Internal, InvalidArgument, ProtocolError,
                            TFBrokerError, Unavailable)
 from broker.fleet import ACCEPT_DRAIN_S, Fleet
 from broker.lookups import COUNTERS as LOOKUP_COUNTERS, LookupStage
@@ -177,7 +177,8 @@ class Broker:
             send_message(self.frontend, [client, *protocol.encode(protocol.HEARTBEAT, protocol.Heartbeat())])
         else:
             try:
-                reply = {protocol.METADATA: self._metadata, protocol.STATUS: self._status,
+                reply = {protocol.METADATA: lambda h: queries.metadata(self.models, h),
+                         protocol.STATUS: lambda h: queries.status(self.models, h),
                          protocol.STATS: self._stats}[command](header)
             except TFBrokerError as exc:
                 self.reply_error(client, header.id, exc)
@@ -190,7 +191,7 @@ class Broker:
             key = (client, header.id)
             if key in self._queued:
                 raise InvalidArgument(f"request id {header.id} is already queued on this connection")
-            served = self._resolve(header.model, header.version, header.label)
+            served = queries.resolve(self.models, header.model, header.version, header.label)
             rows, join_key = check_inputs(served, header.signature, header.inputs, frames[1:], header.method)
             now = time.monotonic()
             timeout_s = min(header.timeout_ms, self.config.rest_api_timeout_in_ms) / 1000.0
@@ -223,34 +224,6 @@ class Broker:
         if entry is not None and entry[0].remove(entry[1]):
             self.counters["cancelled"] += 1
             self.reply_error(client, request_id, Cancelled("the client cancelled the request"))
-
-    def _model(self, name: str | None) -> ServedModel:
-        model = self.models.get(name) if name is not None else None
-        if model is None:
-            raise NotFound(f"Servable not found for request: Latest({name})")
-        return model
-
-    def _resolve(self, name: str | None, version: int | None, label: str | None) -> ServedVersion:
-        return self._model(name).resolve(version, label)
-
-    def _metadata(self, header: protocol.Query) -> protocol.MetadataReply:
-        served = self._resolve(header.model, header.version, header.label)
-        return protocol.MetadataReply(id=header.id, model=served.model, version=served.version,
-                                      signature_def=served.signature_def)
-
-    def _status(self, header: protocol.Query) -> protocol.StatusReply:
-        model = self.models.get(header.model) if header.model is not None else None
-        if model is None or not model.versions:
-            raise NotFound(f"Could not find any versions of model {header.model}")
-        versions = list(model.versions.values())
-        wanted = model.version_of_label(header.label) if header.label else header.version
-        if wanted is not None:
-            versions = [v for v in versions if v.version == wanted]
-            if not versions:
-                raise NotFound(f"Could not find version {wanted} of model {header.model}")
-        versions.sort(key=lambda v: v.version, reverse=True)
-        return protocol.StatusReply(id=header.id, model=model.name,
-                                    model_version_status=[v.status_json() for v in versions])
 
     def _stats(self, header: protocol.Query) -> protocol.StatsReply:
         versions = [version_stats(served) for model in self.models.values() for served in model.versions.values()]
