@@ -18,11 +18,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--duration_s", type=float, default=5.0, help="Measured seconds per cell.")
     parser.add_argument("--quick", action="store_true", help="A short smoke run: fewer servers and cells.")
     parser.add_argument("--repeat", type=int, default=1,
-                        help="Runs per cell; the run with the median requests/s is reported.")
+                        help="Rounds over every server (interleaved); per cell the median requests/s is reported.")
+    parser.add_argument("--instances", default="1,32", help="Instances per request, comma-separated.")
     parser.add_argument("--servers", default="", help="Comma-separated subset, e.g. naive-2,tfbroker-4,client.")
     args = parser.parse_args(argv)
     config = BenchConfig(out=args.out, duration_s=2.0 if args.quick else args.duration_s, quick=args.quick,
-                         servers=tuple(s for s in args.servers.split(",") if s), repeat=max(1, args.repeat))
+                         servers=tuple(s for s in args.servers.split(",") if s), repeat=max(1, args.repeat),
+                         instances=tuple(int(n) for n in args.instances.split(",")))
     sys.exit(run(config))
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-ROLES = ("frontends", "broker", "worker", "workers", "master")
+ROLES = ("frontends", "broker", "worker", "workers", "master", "mosec-http")
 
 
 def reference_batch(cell: dict[str, Any]) -> int:
@@ -17,12 +17,15 @@ def reference_batch(cell: dict[str, Any]) -> int:
 def enrich(results: dict[str, Any]) -> list[dict[str, Any]]:
     inprocess = {row["batch_size"]: row for row in results["inprocess"]}
     cells = results["cells"]
-    naive = {(c["instances"], c["concurrency"]): c for c in cells if c["server"] == "naive-2"}
     for cell in cells:
         cell["rps"] = cell["requests"] / cell["duration_s"]
         cell["samples_per_s"] = cell["rps"] * cell["instances"]
-        base = naive.get((cell["instances"], cell["concurrency"]))
-        cell["x_naive2"] = cell["rps"] / (base["requests"] / base["duration_s"]) if base else None
+    for peer, key in (("naive-2", "x_naive2"), ("mosec", "x_mosec"), ("mosec-orjson", "x_mosec_orjson")):
+        base = {(c["instances"], c["concurrency"]): c["rps"] for c in cells if c["server"] == peer}
+        for cell in cells:
+            reference = base.get((cell["instances"], cell["concurrency"]))
+            cell[key] = cell["rps"] / reference if reference else None
+    for cell in cells:
         limit = inprocess.get(reference_batch(cell))
         cell["x_inprocess"] = cell["samples_per_s"] / limit["samples_per_s"] if limit else None
     return cells
@@ -38,8 +41,10 @@ def markdown(results: dict[str, Any]) -> str:
     lines += ["", f"## Served ({results['duration_s']:.0f} s per cell, median of {results.get('repeat', 1)} run(s), "
               f"{results['cpus']} CPUs, load from wrk -t1 or bench.client_load, closed loop)", "",
               "| server | inst/req | conc | req/s | samples/s | p50 ms | p99 ms | errors | PSS MB | "
-              "CPU ms/req by role | load gen CPU ms/req | mean batch | × naive-2 | × in-process |",
-              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
+              "CPU ms/req by role | load gen CPU ms/req | mean batch | × naive-2 | × mosec | × mosec-orjson | "
+              "× in-process |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: "
+              "| ---: |"]
     for c in cells:
         roles = ", ".join(f"{r} {c['cpu_ms_per_request'][r]:.3f}" for r in ROLES if r in c["cpu_ms_per_request"])
         errors = c["errors"] + c.get("wrong", 0)
@@ -47,7 +52,8 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {c['server']} | {c['instances']} | {c['concurrency']} | {c['rps']:.0f} | {c['samples_per_s']:.0f} | "
             f"{c['p50_ms']:.2f} | {c['p99_ms']:.2f} | {errors} | {c['pss_mb']:.0f} | {roles} | "
             f"{c['load_cpu_s'] * 1000 / max(1, c['requests']):.3f} | "
-            f"{_fmt(c.get('mean_batch_rows'), '.1f')} | {_fmt(c['x_naive2'], '.2f')} | {_fmt(c['x_inprocess'], '.2f')} |")
+            f"{_fmt(c.get('mean_batch_rows'), '.1f')} | {_fmt(c['x_naive2'], '.2f')} | {_fmt(c['x_mosec'], '.2f')} | "
+            f"{_fmt(c['x_mosec_orjson'], '.2f')} | {_fmt(c['x_inprocess'], '.2f')} |")
     lines += ["", "× in-process compares samples/s with the in-process limit at the request's own batch size "
               "(one-instance requests: min(concurrency, 64)). Errors count non-200 answers, socket errors and, "
               "for the client, answers that differ from in-process TensorFlow.", "",
@@ -91,7 +97,7 @@ def plots(results: dict[str, Any], out: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for kind in ("naive", "tfbroker"):
         points = sorted((int(m["server"].split("-")[1]), m["pss_mb"]) for m in results["memory"]
-                        if m["server"].startswith(kind + "-"))
+                        if m["server"].startswith(kind + "-") and m["server"].split("-")[1].isdigit())
         if points:
             ax.plot(*zip(*points), marker="o", label=f"{kind} ({'workers' if kind == 'naive' else 'frontends'})")
     ax.set_xlabel("HTTP processes")

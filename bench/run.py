@@ -19,12 +19,14 @@ import numpy as np
 
 from bench import report
 from bench.load import client_load, wrk
-from bench.servers import ROOT, Server, cpu_by_role, naive_server, tfbroker_server, total_pss_mb
+from bench.servers import (ROOT, Server, cpu_by_role, mosec_server, naive_server, tfbroker_granian_server,
+                           tfbroker_server, total_pss_mb)
 from frontend.client import Client
 
-SERVERS = ("naive-2", "naive-4", "tfbroker-2", "tfbroker-4", "tfbroker-8", "client")
-QUICK_SERVERS = ("naive-2", "tfbroker-2", "client")
-CONCURRENCY = (1, 16, 64)
+SERVERS = ("naive-2", "naive-4", "mosec", "mosec-orjson", "tfbroker-2", "tfbroker-4", "tfbroker-8",
+           "tfbroker-granian-2", "client")
+QUICK_SERVERS = ("naive-2", "mosec", "tfbroker-2", "client")
+CONCURRENCY = (1, 16, 64, 256)
 CLIENT_CONCURRENCY = (1, 16, 64, 256)
 INSTANCES = (1, 32)
 PORT = 18501
@@ -36,7 +38,8 @@ class BenchConfig:
     duration_s: float
     quick: bool
     servers: tuple[str, ...] = ()
-    repeat: int = 1  # runs per cell; the run with the median requests/s is reported
+    repeat: int = 1  # rounds over every server; per cell the run with the median requests/s is reported
+    instances: tuple[int, ...] = (1, 32)
 
 
 def run(config: BenchConfig) -> int:
@@ -55,22 +58,25 @@ def run(config: BenchConfig) -> int:
         with np.load(work / "probe_in.npz") as xs, np.load(work / "probe_out.npz") as ys:
             np.savez(probe, **{k: xs[k] for k in xs.files}, **{"y" + k[1:]: ys[k] for k in ys.files})
         names = config.servers or (QUICK_SERVERS if config.quick else SERVERS)
-        cells: list[dict[str, Any]] = []
-        memory: list[dict[str, Any]] = []
-        for name in names:
-            server = _server(name, str(model_base), work)
-            log(f"starting {name}")
-            server.start()
-            try:
-                _check_answers(server, probe)
-                if name == "client":
-                    cells += _client_series(server, probe, config)
-                else:
-                    cells += _http_series(server, probe, config)
-                memory.append({"server": name, "pss_mb": total_pss_mb(server.process.pid)})  # type: ignore[union-attr]
-            finally:
-                server.stop()
-        results = {"inprocess": inprocess, "cells": cells, "memory": memory,
+        runs: list[dict[str, Any]] = []
+        memory: dict[str, list[float]] = {}
+        for round_ in range(config.repeat):  # interleaved: every server once per round
+            for name in names:
+                server = _server(name, str(model_base), work)
+                log(f"round {round_ + 1}/{config.repeat}: starting {name}")
+                server.start()
+                try:
+                    _check_answers(server, probe)
+                    if name == "client":
+                        runs += _client_series(server, probe, config)
+                    else:
+                        runs += _http_series(server, probe, config)
+                    memory.setdefault(name, []).append(total_pss_mb(server.process.pid))  # type: ignore[union-attr]
+                finally:
+                    server.stop()
+        cells = _medians(runs)
+        results = {"inprocess": inprocess, "cells": cells,
+                   "memory": [{"server": name, "pss_mb": sorted(v)[len(v) // 2]} for name, v in memory.items()],
                    "duration_s": config.duration_s, "repeat": config.repeat, "cpus": os.cpu_count()}
         (out / "results.json").write_text(json.dumps(results, indent=1))
         table = report.markdown(results)
@@ -105,6 +111,10 @@ def _server(name: str, model_base: str, work: Path) -> Server:
     runtime = tempfile.mkdtemp(prefix="tfb-", dir="/tmp")
     if kind == "naive":
         return naive_server(model_base + "/1", int(count), PORT)
+    if kind == "mosec":
+        return mosec_server(model_base + "/1", PORT, count or "default")
+    if name.startswith("tfbroker-granian-"):
+        return tfbroker_granian_server(model_base, int(name.rsplit("-", 1)[1]), PORT, runtime)
     if kind == "tfbroker":
         return tfbroker_server(model_base, int(count), PORT, runtime)
     if kind == "client":  # the broker alone: the Python client is its only caller
@@ -135,13 +145,18 @@ def _broker_stats(server: Server) -> dict[str, int] | None:
         return client.stats()
 
 
-def _median_run(server: Server, config: BenchConfig, load: Any) -> dict[str, Any]:
-    """Measure a cell ``config.repeat`` times; report the run with the median requests/s."""
-    runs = sorted((_measure(server, config, load) for _ in range(config.repeat)),
-                  key=lambda r: r["requests"] / r["duration_s"])
-    cell = runs[len(runs) // 2]
-    cell["runs_rps"] = [round(r["requests"] / r["duration_s"], 1) for r in runs]
-    return cell
+def _medians(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (server, instances, concurrency), the round with the median requests/s, and every round's."""
+    by_cell: dict[tuple[str, int, int], list[dict[str, Any]]] = {}
+    for run_ in runs:
+        by_cell.setdefault((run_["server"], run_["instances"], run_["concurrency"]), []).append(run_)
+    cells = []
+    for same in by_cell.values():
+        same.sort(key=lambda r: r["requests"] / r["duration_s"])
+        cell = same[len(same) // 2]
+        cell["runs_rps"] = [round(r["requests"] / r["duration_s"], 1) for r in same]
+        cells.append(cell)
+    return cells
 
 
 def _measure(server: Server, config: BenchConfig, load: Any) -> dict[str, Any]:
@@ -163,9 +178,9 @@ def _http_series(server: Server, probe: Path, config: BenchConfig) -> list[dict[
     with np.load(probe) as data:
         bodies = {n: _body(data[f"x{n}"]) for n in INSTANCES}
     wrk(server.url, bodies[1], 16, 2)  # warm up
-    for n in INSTANCES:
+    for n in config.instances:
         for c in CONCURRENCY:
-            cell = _median_run(server, config, functools.partial(wrk, server.url, bodies[n], c, config.duration_s))
+            cell = _measure(server, config, functools.partial(wrk, server.url, bodies[n], c, config.duration_s))
             cell.update(server=server.name, instances=n, concurrency=c)
             cells.append(cell)
             log(f"{server.name} n={n} c={c}: {cell['requests'] / cell['duration_s']:.0f} req/s, "
@@ -176,10 +191,10 @@ def _http_series(server: Server, probe: Path, config: BenchConfig) -> list[dict[
 def _client_series(server: Server, probe: Path, config: BenchConfig) -> list[dict[str, Any]]:
     cells = []
     client_load(server.address, str(probe), 1, 16, 2)  # warm up
-    for n in INSTANCES:
+    for n in config.instances:
         for c in CLIENT_CONCURRENCY:
-            cell = _median_run(server, config, functools.partial(client_load, server.address, str(probe), n, c,
-                                                              config.duration_s))
+            cell = _measure(server, config, functools.partial(client_load, server.address, str(probe), n, c,
+                                                           config.duration_s))
             cell.update(server="client", instances=n, concurrency=c)
             cells.append(cell)
             log(f"client n={n} c={c}: {cell['requests'] / cell['duration_s']:.0f} req/s, "

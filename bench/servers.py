@@ -51,6 +51,12 @@ def title(pid: int) -> str:
 
 def role(pid: int) -> str:
     text = title(pid)
+    if "bin/mosec " in text:
+        return "mosec-http"
+    if "bench.mosec_app" in text or "multiprocessing" in text:
+        return "workers"
+    if "granian" in text:
+        return "frontends"
     for prefix, name in (("tfbroker: frontend", "frontends"), ("tfbroker: broker", "broker"),
                          ("tfbroker: worker", "worker"), ("tfbroker: iobatcher", "iobatcher"),
                          ("gunicorn: master", "master"),
@@ -138,6 +144,31 @@ def naive_server(model_dir: str, workers: int, port: int) -> Server:
               "-b", f"127.0.0.1:{port}", "--timeout", "120", "bench.naive_app:app"],
         url=f"http://127.0.0.1:{port}/v1/models/mlp:predict",
         env={"BENCH_MODEL_DIR": model_dir, **SERVER_ENV})
+
+
+def mosec_server(model_dir: str, port: int, json: str = "default") -> Server:
+    """mosec with its own JSON (``default``) or with orjson (``orjson``): bench/mosec_app.py."""
+    return Server(
+        name="mosec" if json == "default" else f"mosec-{json}",
+        argv=[sys.executable, "-m", "bench.mosec_app", "--port", str(port), "--address", "127.0.0.1",
+              "--log-level", "warning"],
+        url=f"http://127.0.0.1:{port}/v1/models/mlp:predict",
+        env={"BENCH_MODEL_DIR": model_dir, "BENCH_MOSEC_JSON": json, **SERVER_ENV})
+
+
+def tfbroker_granian_server(base_path: str, frontends: int, port: int, runtime_dir: str) -> Server:
+    """The broker alone (--frontends=0) and its frontends under granian (a Rust HTTP server
+    running the same ASGI app) instead of gunicorn and uvicorn."""
+    broker = (f"{sys.executable} -m broker --model_name=mlp --model_base_path={base_path} --frontends=0 "
+              f"--rest_api_port={port} --runtime_dir={runtime_dir} --log_level=warning")
+    granian = (f"{sys.executable} -m granian --interface asgi --workers {frontends} --host 127.0.0.1 --port {port} "
+               "--log-level warning frontend.app:app")
+    return Server(
+        name=f"tfbroker-granian-{frontends}",
+        argv=["sh", "-c", f"{broker} & exec {granian}"],  # the broker ends up a child of granian
+        url=f"http://127.0.0.1:{port}/v1/models/mlp:predict",
+        env={**SERVER_ENV, "TFBROKER_ADDRESS": f"ipc://{runtime_dir}/frontend.sock"},
+        address=f"ipc://{runtime_dir}/frontend.sock")
 
 
 def tfbroker_server(base_path: str, frontends: int, port: int, runtime_dir: str,

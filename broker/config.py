@@ -161,7 +161,7 @@ class RequestLimits:
     max_tensor_bytes: int = field(default=256 << 20, metadata=_help(
         "Most bytes of tensors in one request (also the largest ZeroMQ frame the broker takes); "
         "more gets 400."))
-    max_concurrent_predictions: int = field(default=128, metadata=_help(
+    max_concurrent_predictions: int = field(default=512, metadata=_help(
         "Predictions one frontend has waiting on the broker; beyond it, 503 with Retry-After at once, "
         "before the body is parsed. With the broker's queue bound it caps how long an admitted request waits."))
 
