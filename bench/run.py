@@ -24,7 +24,7 @@ from bench.servers import (ROOT, Server, cpu_by_role, mosec_server, naive_server
 from frontend.client import Client
 
 SERVERS = ("naive-2", "naive-4", "mosec", "mosec-orjson", "tfbroker-2", "tfbroker-4", "tfbroker-8",
-           "tfbroker-granian-2", "client")
+           "tfbroker-granian-2", "tfbroker-rsgi-2", "client")
 QUICK_SERVERS = ("naive-2", "mosec", "tfbroker-2", "client")
 CONCURRENCY = (1, 16, 64, 256)
 CLIENT_CONCURRENCY = (1, 16, 64, 256)
@@ -113,8 +113,9 @@ def _server(name: str, model_base: str, work: Path) -> Server:
         return naive_server(model_base + "/1", int(count), PORT)
     if kind == "mosec":
         return mosec_server(model_base + "/1", PORT, count or "default")
-    if name.startswith("tfbroker-granian-"):
-        return tfbroker_granian_server(model_base, int(name.rsplit("-", 1)[1]), PORT, runtime)
+    if name.startswith(("tfbroker-granian-", "tfbroker-rsgi-")):
+        interface = "rsgi" if "-rsgi-" in name else "asgi"
+        return tfbroker_granian_server(model_base, int(name.rsplit("-", 1)[1]), PORT, runtime, interface)
     if kind == "tfbroker":
         return tfbroker_server(model_base, int(count), PORT, runtime)
     if kind == "client":  # the broker alone: the Python client is its only caller

@@ -156,15 +156,17 @@ def mosec_server(model_dir: str, port: int, json: str = "default") -> Server:
         env={"BENCH_MODEL_DIR": model_dir, "BENCH_MOSEC_JSON": json, **SERVER_ENV})
 
 
-def tfbroker_granian_server(base_path: str, frontends: int, port: int, runtime_dir: str) -> Server:
-    """The broker alone (--frontends=0) and its frontends under granian (a Rust HTTP server
-    running the same ASGI app) instead of gunicorn and uvicorn."""
+def tfbroker_granian_server(base_path: str, frontends: int, port: int, runtime_dir: str,
+                            interface: str = "asgi") -> Server:
+    """The broker alone (--frontends=0) and its frontends under granian (a Rust HTTP server)
+    instead of gunicorn and uvicorn: the ASGI app, or the same API through RSGI (frontend/rsgi.py)."""
     broker = (f"{sys.executable} -m broker --model_name=mlp --model_base_path={base_path} --frontends=0 "
               f"--rest_api_port={port} --runtime_dir={runtime_dir} --log_level=warning")
-    granian = (f"{sys.executable} -m granian --interface asgi --workers {frontends} --host 127.0.0.1 --port {port} "
-               "--log-level warning frontend.app:app")
+    app = "frontend.rsgi:app" if interface == "rsgi" else "frontend.app:app"
+    granian = (f"{sys.executable} -m granian --interface {interface} --workers {frontends} --host 127.0.0.1 "
+               f"--port {port} --log-level warning {app}")
     return Server(
-        name=f"tfbroker-granian-{frontends}",
+        name=f"tfbroker-{'rsgi' if interface == 'rsgi' else 'granian'}-{frontends}",
         argv=["sh", "-c", f"{broker} & exec {granian}"],  # the broker ends up a child of granian
         url=f"http://127.0.0.1:{port}/v1/models/mlp:predict",
         env={**SERVER_ENV, "TFBROKER_ADDRESS": f"ipc://{runtime_dir}/frontend.sock"},

@@ -143,10 +143,7 @@ class RestApi:
         Returns the HTTP status it answered (499 when the client went away)."""
         body = await _read_body(scope, receive, self.limits.max_request_body_bytes)
         timeout_s = _timeout_s(scope, self.timeout_s)
-        if self.waiting >= self.limits.max_concurrent_predictions:
-            # Overload: refuse before spending anything on the request, so the admitted
-            # ones keep the CPU and their latency stays bounded.
-            raise Unavailable(f"this frontend has {self.waiting} predictions waiting, its limit; retry later")
+        self.check_capacity()
         # A request still waiting after DISCONNECT_WATCH_AFTER_S starts watching for its client
         # going away, and is cancelled (taken out of the broker's queue) when it does. Most
         # requests are answered sooner and never pay for the watcher task.
@@ -180,6 +177,12 @@ class RestApi:
         await _respond(send, *answer)
         return answer[0]
 
+    def check_capacity(self) -> None:
+        """Overload: refuse before spending anything on the request, so the admitted ones keep
+        the CPU and their latency stays bounded."""
+        if self.waiting >= self.limits.max_concurrent_predictions:
+            raise Unavailable(f"this frontend has {self.waiting} predictions waiting, its limit; retry later")
+
     async def run_predict(self, body: bytes, call: routes.RestCall, timeout_s: float) -> Answer:
         try:
             inputs, signature, row_format = parse_predict_body(body, self.limits)
@@ -200,11 +203,32 @@ async def _respond(send: Send, status: int, content: bytes, headers: list[tuple[
     await send({"type": "http.response.body", "body": content})
 
 
+def check_content_length(value: bytes | str | None, limit: int) -> None:
+    """413 before the body is read when its announced length exceeds ``limit``."""
+    if value is not None and value.isdigit() and int(value) > limit:
+        raise PayloadTooLarge(f"the request body ({int(value)} bytes) exceeds the limit of {limit} bytes")
+
+
+def check_body_size(size: int, limit: int) -> None:
+    if size > limit:
+        raise PayloadTooLarge(f"the request body exceeds the limit of {limit} bytes")
+
+
+def timeout_from_header(value: bytes | str | None, default_s: float) -> float:
+    """The deadline: the server's, or less when the caller asks (X-Request-Timeout-Ms)."""
+    if value is None:
+        return default_s
+    if not value.isdigit() or int(value) < 1:
+        shown = value.decode(errors="replace") if isinstance(value, bytes) else value
+        raise InvalidArgument(f"X-Request-Timeout-Ms must be a positive integer, got {shown!r}")
+    return min(default_s, int(value) / 1000.0)
+
+
 async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     """The request body, refused (413) as soon as it is known to exceed ``limit`` bytes."""
     for name, value in scope["headers"]:
-        if name == b"content-length" and value.isdigit() and int(value) > limit:
-            raise PayloadTooLarge(f"the request body ({int(value)} bytes) exceeds the limit of {limit} bytes")
+        if name == b"content-length":
+            check_content_length(value, limit)
     chunks, size = [], 0
     while True:
         message = await receive()
@@ -212,21 +236,16 @@ async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
             raise InvalidArgument("the client went away before sending the whole request")
         chunk = message.get("body", b"")
         size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"the request body exceeds the limit of {limit} bytes")
+        check_body_size(size, limit)
         chunks.append(chunk)
         if not message.get("more_body"):
             return b"".join(chunks)
 
 
 def _timeout_s(scope: Scope, default_s: float) -> float:
-    """The deadline: the server's, or less when the caller asks (X-Request-Timeout-Ms)."""
     for name, value in scope["headers"]:
         if name == TIMEOUT_HEADER:
-            if not value.isdigit() or int(value) < 1:
-                raise InvalidArgument("X-Request-Timeout-Ms must be a positive integer, got "
-                                      f"{value.decode(errors='replace')!r}")
-            return min(default_s, int(value) / 1000.0)
+            return timeout_from_header(value, default_s)
     return default_s
 
 
