@@ -146,6 +146,15 @@ def naive_server(model_dir: str, workers: int, port: int) -> Server:
         env={"BENCH_MODEL_DIR": model_dir, **SERVER_ENV})
 
 
+def raw_asgi_server(workers: int, port: int) -> Server:
+    """bench/raw_asgi.py under gunicorn and uvicorn as the frontends run: the HTTP and JSON floor."""
+    return Server(
+        name=f"raw-asgi-{workers}",
+        argv=[sys.executable, "-m", "gunicorn", "-k", "uvicorn_worker.UvicornWorker", "-w", str(workers),
+              "-b", f"127.0.0.1:{port}", "bench.raw_asgi:app"],
+        url=f"http://127.0.0.1:{port}/v1/models/mlp:predict", env=SERVER_ENV)
+
+
 def mosec_server(model_dir: str, port: int, json: str = "default") -> Server:
     """mosec with its own JSON (``default``) or with orjson (``orjson``): bench/mosec_app.py."""
     return Server(
