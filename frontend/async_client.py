@@ -27,6 +27,10 @@ from frontend.client import (DEFAULT_TIMEOUT_S, GRACE_S, ClientBase, Prediction,
 # liveness silent intervals (its pending requests then fail with Unavailable).
 HEARTBEAT_INTERVAL_S = DEFAULT_HEARTBEAT_INTERVAL_S
 HEARTBEAT_LIVENESS = DEFAULT_HEARTBEAT_LIVENESS
+# This process's pid, kept current across forks (gunicorn forks the frontends from a
+# preloaded app): comparing it costs nothing, os.getpid() is a system call per request.
+_process = [os.getpid()]
+os.register_at_fork(after_in_child=lambda: _process.__setitem__(0, os.getpid()))
 
 
 class AsyncClient(ClientBase):
@@ -41,6 +45,11 @@ class AsyncClient(ClientBase):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._heartbeat: asyncio.TimerHandle | None = None
         self._pending: dict[int, asyncio.Future[protocol.Message]] = {}
+        # Each waiting request's last moment (loop time) and deadline: swept every heartbeat
+        # interval rather than one timer per request, since the broker answers 504 itself at
+        # the deadline; this only catches a broker that never answers.
+        self._deadlines: dict[int, tuple[float, float]] = {}
+        self._writable = False  # the socket has been connected once
         self._outbox: list[tuple[list[Any], asyncio.Future[protocol.Message]]] = []
         self._last_heard = 0.0
 
@@ -86,11 +95,13 @@ class AsyncClient(ClientBase):
         sock, loop = self._ensure_socket()
         future: asyncio.Future[protocol.Message] = loop.create_future()
         self._pending[request_id] = future
-        timer = loop.call_later(timeout_s + GRACE_S, _expire, future, timeout_s)
+        self._deadlines[request_id] = (loop.time() + timeout_s + GRACE_S, timeout_s)
         try:
-            if not events(sock) & POLLOUT:
+            if not self._writable:
                 # Not connected yet (IMMEDIATE): give the connection a moment, then give up.
+                # Once connected, a broker that goes away makes the send fail (Unavailable).
                 await self._wait_writable(sock)
+                self._writable = True
             self._outbox.append((frames, future))
             if len(self._outbox) == 1:
                 loop.call_soon(self._flush)
@@ -101,8 +112,8 @@ class AsyncClient(ClientBase):
             self._cancel(request_id)
             raise
         finally:
-            timer.cancel()
             self._pending.pop(request_id, None)
+            self._deadlines.pop(request_id, None)
 
     def _cancel(self, request_id: int) -> None:
         if self._socket is not None:
@@ -145,8 +156,8 @@ class AsyncClient(ClientBase):
 
     def _ensure_socket(self) -> tuple[zmq.Socket, asyncio.AbstractEventLoop]:
         loop = asyncio.get_running_loop()
-        if self._pid != os.getpid():  # first use, or first use after a fork
-            self._pid = os.getpid()
+        if self._pid != _process[0]:  # first use, or first use after a fork
+            self._pid = _process[0]
             self._context = zmq.Context()
             self._socket = None
             self._pending = {}
@@ -155,6 +166,7 @@ class AsyncClient(ClientBase):
         if self._socket is None:
             assert self._context is not None
             self._socket = new_socket(self._context, self.address)
+            self._writable = False
             self._loop = loop
             self._last_heard = time.monotonic()
             loop.add_reader(self._socket.fileno(), self._drain)
@@ -193,6 +205,7 @@ class AsyncClient(ClientBase):
         """Every heartbeat interval: with callers waiting, ping a silent broker, and give up
         on one silent for HEARTBEAT_LIVENESS intervals (fail its callers, fresh socket)."""
         now = time.monotonic()
+        self._expire_overdue()
         silent_s = now - self._last_heard
         if not self._pending:
             self._last_heard = now
@@ -207,6 +220,15 @@ class AsyncClient(ClientBase):
             self._drain()
         if self._loop is not None:
             self._heartbeat = self._loop.call_later(HEARTBEAT_INTERVAL_S, self._check_broker)
+
+    def _expire_overdue(self) -> None:
+        if self._loop is None:
+            return
+        now = self._loop.time()
+        for request_id, (last, timeout_s) in list(self._deadlines.items()):
+            future = self._pending.get(request_id)
+            if now >= last and future is not None:
+                _expire(future, timeout_s)
 
     def _reset(self, error: Exception) -> None:
         """Drop the socket (a new one is made on next use) and fail everyone waiting on it."""
