@@ -1,7 +1,10 @@
 """The I/O batcher: holds the lookup tables of the versions the broker names, answers lookup
 batches. Never imports TensorFlow.
 
-One loop, as the worker's: receive a message, act, send heartbeats when quiet. A LookupBatch
+One loop, as the worker's: receive a message, act, send heartbeats when quiet. Tables load
+in a thread beside it (a vocabulary or key file of millions of lines takes seconds to read,
+longer than the broker waits for a heartbeat); LOADED goes out from the loop when a load
+ends, and batches for a version are only sent once it has. A LookupBatch
 is looked up table by table over the whole batch: the keys of every task together, each
 distinct key once (one vectorised step, or one Redis MGET), then cut back per task. A task
 whose keys are missing under ``on_missing: error`` fails alone (400); a table that cannot be
@@ -14,6 +17,7 @@ import logging
 import os
 import signal
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -28,6 +32,8 @@ from iobatcher.config import IoBatcherConfig
 from iobatcher.tables import Table, TableError, load_tables
 
 log = logging.getLogger("tfbroker.iobatcher")
+
+LOAD_CHECK_S = 0.02  # how often the loop looks at loads in progress
 
 
 def run(config: IoBatcherConfig) -> int:
@@ -45,6 +51,8 @@ class IoBatcher:
         self.config = config
         self.identity = f"iobatcher:{config.index}:{os.getpid()}".encode()
         self.tables: dict[tuple[str, int], list[Table]] = {}
+        self._loading: dict[tuple[str, int], tuple[Future[list[Table]], float]] = {}
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix="tables")
         self._stopping = False
         self._last_sent = 0.0
 
@@ -67,10 +75,12 @@ class IoBatcher:
         last_heard = time.monotonic()
         try:
             while not self._stopping and parent_alive():
-                if sock.poll(int(interval_s * 1000)):
+                wait_s = LOAD_CHECK_S if self._loading else interval_s
+                if sock.poll(int(wait_s * 1000)):
                     last_heard = time.monotonic()
                     if not self._handle(sock.recv_multipart(copy=False)):
                         break
+                self._finish_loads()
                 now = time.monotonic()
                 if now - self._last_sent >= interval_s:
                     self._send(protocol.HEARTBEAT, protocol.Heartbeat())
@@ -79,9 +89,11 @@ class IoBatcher:
                     log.warning("no word from the broker for %.1f s; exiting", now - last_heard)
                     break
         finally:
-            for tables in self.tables.values():
-                for table in tables:
-                    table.close()
+            self._loader.shutdown(wait=True, cancel_futures=True)
+            for key in list(self._loading):
+                self._drop(key)
+            for key in list(self.tables):
+                self._drop(key)
             sock.close(linger=1000)
             context.term()
         return EXIT_OK
@@ -108,8 +120,7 @@ class IoBatcher:
         elif isinstance(header, protocol.Tables) and message.command == protocol.LOAD:
             self._load(header)
         elif isinstance(header, protocol.Tables):
-            for table in self.tables.pop((header.model, header.version), []):
-                table.close()
+            self._drop((header.model, header.version))
             log.info("unloaded the tables of model %s version %d", header.model, header.version)
         elif isinstance(header, protocol.Disconnect):
             log.info("the broker asked this I/O batcher to stop")
@@ -118,19 +129,42 @@ class IoBatcher:
 
     def _load(self, header: protocol.Tables) -> None:
         key = (header.model, header.version)
-        started = time.monotonic()
-        try:
-            tables = self.tables.get(key) or load_tables(header.path, self.config.redis_timeout_ms)
-        except TableError as exc:
-            log.error("model %s version %d: %s", header.model, header.version, exc)
-            self._send(protocol.LOADED, protocol.TablesLoaded(model=header.model, version=header.version, lookups=[],
-                                                              error=str(exc)[:protocol.MAX_MESSAGE_CHARS]))
-            return
-        self.tables[key] = tables
-        log.info("loaded %d lookup tables of model %s version %d in %.2f s", len(tables), header.model,
-                 header.version, time.monotonic() - started)
-        self._send(protocol.LOADED, protocol.TablesLoaded(model=header.model, version=header.version,
+        if key in self.tables:  # already held (a LOAD sent again after a restart of the broker's view)
+            self._send_loaded(key, self.tables[key])
+        elif key not in self._loading:
+            future = self._loader.submit(load_tables, header.path, self.config.redis_timeout_ms)
+            self._loading[key] = (future, time.monotonic())
+
+    def _finish_loads(self) -> None:
+        for key, (future, started) in list(self._loading.items()):
+            if not future.done():
+                continue
+            del self._loading[key]
+            try:
+                tables = future.result()
+            except Exception as exc:  # noqa: BLE001 - TableError names the problem; anything else fails the load too
+                if not isinstance(exc, TableError):
+                    log.exception("loading the tables of model %s version %d failed", key[0], key[1])
+                log.error("model %s version %d: %s", key[0], key[1], exc)
+                self._send(protocol.LOADED, protocol.TablesLoaded(model=key[0], version=key[1], lookups=[],
+                                                                  error=str(exc)[:protocol.MAX_MESSAGE_CHARS]))
+                continue
+            self.tables[key] = tables
+            log.info("loaded %d lookup tables of model %s version %d in %.2f s", len(tables), key[0], key[1],
+                     time.monotonic() - started)
+            self._send_loaded(key, tables)
+
+    def _send_loaded(self, key: tuple[str, int], tables: list[Table]) -> None:
+        self._send(protocol.LOADED, protocol.TablesLoaded(model=key[0], version=key[1],
                                                           lookups=[t.spec for t in tables]))
+
+    def _drop(self, key: tuple[str, int]) -> None:
+        """Forget a version's tables, or the load in progress (its tables are closed when it ends)."""
+        loading = self._loading.pop(key, None)
+        if loading is not None:
+            loading[0].add_done_callback(_close_loaded)
+        for table in self.tables.pop(key, []):
+            table.close()
 
     def _run_batch(self, header: protocol.LookupBatch, frames: list[Any], received: float) -> None:
         count = len(header.counts)
@@ -211,6 +245,12 @@ def _lookup(table: Table, inputs: list[dict[str, np.ndarray]], errors: dict[int,
             continue
         outputs[i][spec.output] = values[picks].reshape(array.shape + values.shape[1:])
     return len(flat), len(distinct)
+
+
+def _close_loaded(future: Future[list[Table]]) -> None:
+    if not future.cancelled() and future.exception() is None:
+        for table in future.result():
+            table.close()
 
 
 def _distinct(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -183,3 +183,27 @@ def test_tasks_out_of_time_and_versions_without_tables_are_answered_not_run(tmp_
     assert outputs[0]["ids"].tolist() == [0] and [(f.task, f.code) for f in result.failures] == [(1, 504)]
     result, _ = run_batch(batcher, [{"w": np.array([1.5], np.float32)}])  # a string table given floats
     assert [f.code for f in result.failures] == [400]
+
+
+def test_tables_load_beside_the_loop_and_loaded_follows_when_they_are_in(tmp_path: Path) -> None:
+    good = declare(tmp_path / "1", [{"input": "w", "output": "ids", "vocabulary": "v.txt"}], {"v.txt": "a\nb\n"})
+    bad = declare(tmp_path / "2", [{"input": "w", "output": "ids", "vocabulary": "gone.txt"}])
+    batcher = IoBatcher(IoBatcherConfig(index=0, backend_address="ipc:///nowhere"))
+    sent: list[Any] = []
+    batcher._send = lambda command, header, frames=(): sent.append(header)  # type: ignore[method-assign]
+    batcher._load(protocol.Tables(model="m", version=1, path=str(good)))
+    batcher._load(protocol.Tables(model="m", version=2, path=str(bad)))
+    deadline = time.monotonic() + 10
+    while batcher._loading and time.monotonic() < deadline:  # the loop's own check, as it runs it
+        batcher._finish_loads()
+        time.sleep(0.01)
+    loaded = {header.version: header for header in sent}
+    assert loaded[1].lookups == [protocol.LookupSpec("w", "string", "ids", "int64", 0)] and not loaded[1].error
+    assert "gone.txt does not exist" in loaded[2].error and ("m", 2) not in batcher.tables
+    # A version unloaded while its load is still running never reports, and its tables are closed.
+    batcher._load(protocol.Tables(model="m", version=3, path=str(good)))
+    batcher._drop(("m", 3))
+    time.sleep(0.2)
+    batcher._finish_loads()
+    assert 3 not in {header.version for header in sent} and ("m", 3) not in batcher.tables
+    batcher._loader.shutdown()
