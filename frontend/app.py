@@ -74,7 +74,6 @@ class RestApi:
         self.limits = limits
         self.metrics = metrics
         self.waiting = 0  # predictions waiting on the broker (max_concurrent_predictions)
-        self._loop: asyncio.AbstractEventLoop | None = None  # the one this process serves on
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not routes.is_api_path(scope["path"]):
@@ -148,10 +147,7 @@ class RestApi:
         # A request still waiting after DISCONNECT_WATCH_AFTER_S starts watching for its client
         # going away, and is cancelled (taken out of the broker's queue) when it does. Most
         # requests are answered sooner and never pay for the watcher task.
-        loop = self._loop
-        if loop is None or loop.is_closed():  # asyncio.get_running_loop() is a system call in Python 3.11
-            loop = self._loop = asyncio.get_running_loop()
-        current = asyncio.current_task(loop)
+        current = asyncio.current_task()
         watchers: list[asyncio.Future[Any]] = []
 
         def on_receive(done: asyncio.Future[Any]) -> None:
@@ -164,7 +160,7 @@ class RestApi:
             watcher.add_done_callback(on_receive)
             watchers.append(watcher)
 
-        timer = loop.call_later(DISCONNECT_WATCH_AFTER_S, watch)
+        timer = asyncio.get_running_loop().call_later(DISCONNECT_WATCH_AFTER_S, watch)
         self.waiting += 1
         try:
             answer = await self.run_predict(body, call, timeout_s)

@@ -155,11 +155,6 @@ class AsyncClient(ClientBase):
     # --- implementation ---
 
     def _ensure_socket(self) -> tuple[zmq.Socket, asyncio.AbstractEventLoop]:
-        sock, loop = self._socket, self._loop
-        if sock is not None and loop is not None and self._pid == _process[0] and not loop.is_closed():
-            # The usual case, without asking asyncio for the running loop: in Python 3.11 that
-            # is a getpid() system call, and the frontends paid three of them per request.
-            return sock, loop
         loop = asyncio.get_running_loop()
         if self._pid != _process[0]:  # first use, or first use after a fork
             self._pid = _process[0]
