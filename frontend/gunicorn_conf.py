@@ -18,7 +18,7 @@ import os
 from broker.config import BIND_ENV, FRONTEND_INDEX_ENV, FRONTENDS_ENV, LOG_LEVEL_ENV, METRICS_DIR_ENV
 from broker.process import die_with_parent
 
-worker_class = "uvicorn_worker.UvicornWorker"
+worker_class = "frontend.uvicorn_worker.FrontendWorker"
 workers = int(os.environ.get(FRONTENDS_ENV, os.cpu_count() or 2))
 bind = os.environ.get(BIND_ENV, "0.0.0.0:8501")
 preload_app = True
