@@ -16,9 +16,13 @@ from typing import Any
 from bench.servers import ROOT
 
 WRK_SCRIPT = """
+bodies = {%s}
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
-wrk.body = [==[%s]==]
+wrk.body = bodies[1]
+if #bodies > 1 then
+  request = function() return wrk.format(nil, nil, nil, bodies[math.random(#bodies)]) end
+end
 done = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(
@@ -29,9 +33,11 @@ end
 """
 
 
-def wrk(url: str, body: str, concurrency: int, duration_s: float) -> dict[str, Any]:
+def wrk(url: str, body: str | list[str], concurrency: int, duration_s: float) -> dict[str, Any]:
+    """One closed-loop wrk run; with several bodies each request takes one at random."""
+    bodies = [body] if isinstance(body, str) else body
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
-        script.write(WRK_SCRIPT % body)
+        script.write(WRK_SCRIPT % ",".join(f"[==[{b}]==]" for b in bodies))
     try:
         before = _children_cpu_s()
         result_ = subprocess.run(

@@ -24,14 +24,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bench.load import _children_cpu_s
-from bench.servers import ROOT, Server, cpu_by_role, pss_bytes, role, tfbroker_server, tree
+from bench.load import wrk
+from bench.run import _python, log
+from bench.servers import Server, cpu_by_role, pss_bytes, role, tfbroker_server, tree
 from frontend.client import Client
 
 WORDS = 8
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         log(f"making the models ({args.vocab} words, {args.users} users x {args.dim}) in {work}")
         _python("-c", "import sys; from bench.lookups import make_models; make_models(*sys.argv[1:])",
-                str(work), str(args.vocab), str(args.users), str(args.dim))
+                str(work), str(args.vocab), str(args.users), str(args.dim), timeout_s=1200)
         fill_redis(work)
         bodies = make_bodies(work, 2000)
         extra = ["--file_system_poll_wait_seconds=0"]
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         results: dict[str, list[dict[str, Any]]] = {name: [] for name in servers}
         for rep in range(args.repeat):
             for name, server in servers.items():
-                results[name].append(measure(server, bodies, args.concurrency, args.duration_s, work))
+                results[name].append(measure(server, bodies, args.concurrency, args.duration_s))
                 log(f"round {rep + 1}/{args.repeat} {name}: {results[name][-1]['rps']:.0f} req/s")
         print(report(results, args))
     finally:
@@ -133,32 +133,12 @@ def make_bodies(work: Path, count: int) -> list[str]:
     return bodies
 
 
-WRK_SCRIPT = """
-bodies = {%s}
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-request = function() return wrk.format(nil, nil, nil, bodies[math.random(#bodies)]) end
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format('{"requests": %%d, "duration_s": %%f, "errors": %%d, "p50_ms": %%f, "p99_ms": %%f}\\n',
-    summary.requests, summary.duration / 1e6, e.connect + e.read + e.write + e.timeout + e.status,
-    latency:percentile(50) / 1000, latency:percentile(99) / 1000))
-end
-"""
-
-
-def measure(server: Server, bodies: list[str], concurrency: int, duration_s: float, work: Path) -> dict[str, Any]:
+def measure(server: Server, bodies: list[str], concurrency: int, duration_s: float) -> dict[str, Any]:
     assert server.process is not None
-    script = work / "bodies.lua"
-    script.write_text(WRK_SCRIPT % ",".join("[==[" + b + "]==]" for b in bodies))
     with Client(server.address) as client:
         before, cpu_before = client.stats(), cpu_by_role(server.process.pid)
-        load_before = _children_cpu_s()
-        run = subprocess.run(["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(duration_s))}s", "--timeout", "10s",
-                              "-s", str(script), server.url], capture_output=True, timeout=duration_s + 60)
-        load_cpu = _children_cpu_s() - load_before
+        result = wrk(server.url, bodies, concurrency, duration_s)
         after, cpu_after = client.stats(), cpu_by_role(server.process.pid)
-    result = json.loads(run.stdout.decode().strip().splitlines()[-1])
     requests = max(1, result["requests"])
     worker_pss = sum(pss_bytes(pid) for pid in tree(server.process.pid) if role(pid) == "worker")
     return {
@@ -172,7 +152,7 @@ def measure(server: Server, bodies: list[str], concurrency: int, duration_s: flo
         "worker_pss_mb": worker_pss / 2**20,
         "cpu_ms_per_request": {r: 1000 * (cpu_after.get(r, 0.0) - cpu_before.get(r, 0.0)) / requests
                                for r in ("frontends", "broker", "iobatcher", "worker")},
-        "load_cpu_ms_per_request": 1000 * load_cpu / requests,
+        "load_cpu_ms_per_request": 1000 * result["load_cpu_s"] / requests,
     }
 
 
@@ -198,17 +178,6 @@ def report(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -
               f"redis {rps['redis, batched'] / rps['redis, 1 request per batch']:.2f}x; "
               f"I/O batcher / lookups inside the SavedModel: {rps['iobatcher, batched'] / rps['lookups inside the SavedModel']:.2f}x"]
     return "\n".join(lines)
-
-
-def log(message: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def _python(*args: str) -> None:
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    result = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, timeout=1200)
-    if result.returncode != 0:
-        raise RuntimeError(result.stderr.decode(errors="replace")[-2000:])
 
 
 if __name__ == "__main__":

@@ -93,9 +93,9 @@ def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def _python(*args: str) -> None:
+def _python(*args: str, timeout_s: float = 600) -> None:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    result = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, timeout=600)
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, timeout=timeout_s)
     if result.returncode != 0:
         raise RuntimeError(result.stderr.decode(errors="replace")[-2000:])
 

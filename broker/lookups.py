@@ -35,6 +35,7 @@ from broker.supervisor import (Child, reap_children, restartable, schedule_resta
                                terminate_child)
 from broker.tensors import TF_NAMES
 from broker.versions import VersionState
+from iobatcher.config import IoBatcherConfig
 
 if TYPE_CHECKING:
     from broker.server import Broker
@@ -199,8 +200,6 @@ class LookupStage:
             self._spawn(link)
 
     def _spawn(self, link: IoLink) -> None:
-        from iobatcher.config import IoBatcherConfig
-
         config = IoBatcherConfig(
             index=link.index, backend_address=self.config.resolved_backend_address,
             heartbeat_interval_s=self.config.heartbeat_interval_s, heartbeat_liveness=self.config.heartbeat_liveness,
