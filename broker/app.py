@@ -13,6 +13,8 @@ import zmq
 
 from broker.config import BatchingParameters, ModelConfig, ServerConfig
 from broker.config_files import load_batching_parameters, load_metrics_path, load_model_config
+from broker.devices import visible_gpus
+from broker.logs import LOG_FORMAT_ENV, VERBOSE_ENV, pass_on_tensorflow_output, verbose
 from broker.process import EXIT_CONFIG_ERROR, EXIT_FAULT, EXIT_OK, set_title, setup_logging
 from broker.server import Broker
 
@@ -25,6 +27,9 @@ def run(config: ServerConfig) -> int:
     """Exit codes (broker/process.py): 0 stopped cleanly; EXIT_CONFIG_ERROR for what a restart
     cannot fix (flags, config files, keys); EXIT_FAULT for what it may (a port or runtime
     directory in use, an unexpected error)."""
+    # Every child inherits these: one log format, and TensorFlow's start-up notes only with --verbose.
+    os.environ[LOG_FORMAT_ENV] = config.log_format
+    os.environ[VERBOSE_ENV] = "1" if config.verbose else "0"
     set_title("broker")
     setup_logging(config.log_level, "broker")
     try:
@@ -77,7 +82,10 @@ def make_demo_models(directory: str) -> None:
     if all(os.path.isdir(os.path.join(directory, name, "1")) for name in DEMO_MODELS):
         return
     log.info("making demo models in %s (once)", directory)
-    result = subprocess.run([sys.executable, "-m", "workers.demo_models", directory], check=False)
+    result = subprocess.run([sys.executable, "-m", "workers.demo_models", directory], check=False,
+                            stderr=None if verbose() else subprocess.PIPE, timeout=600)
+    if result.stderr:
+        pass_on_tensorflow_output(result.stderr, cpu_only=not visible_gpus())
     if result.returncode != 0:
         raise ValueError(f"could not make the demo models in {directory}")
 

@@ -270,6 +270,10 @@ class ServerConfig:
     demo_models_dir: str = field(default="", metadata=_help(
         "Where the demo models are made when no model is named (default: ~/.cache/tfbroker/demo_models)."))
     log_level: str = field(default="info", metadata=_help("debug, info, warning or error."))
+    log_format: str = field(default="text", metadata=_help(
+        "text (one line per event) or json (one JSON object per line, for log collectors); every process."))
+    verbose: bool = field(default=False, metadata=_help(
+        "Show TensorFlow's own start-up and info logs from the workers (kept out by default)."))
     limits: RequestLimits = field(default=RequestLimits(), metadata=_help("Flags of RequestLimits."))
     iobatchers: int = field(default=1, metadata=_help(
         "I/O batcher processes, started when a version declares lookups (assets.extra/lookups.json); more "
@@ -293,6 +297,8 @@ class ServerConfig:
             raise ValueError(f"batches_in_flight must be >= 1, got {self.batches_in_flight}")
         if self.heartbeat_interval_s <= 0 or self.heartbeat_liveness < 2:
             raise ValueError("heartbeat_interval_s must be > 0 and heartbeat_liveness >= 2")
+        if self.log_format not in ("text", "json"):
+            raise ValueError(f"log_format must be text or json, got {self.log_format!r}")
         if self.version_swap_policy not in SWAP_POLICIES:
             raise ValueError("version_swap_policy must be availability_preserving or resource_preserving, "
                              f"got {self.version_swap_policy!r}")

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
 import signal
 import sys
 
 import setproctitle
+
+from broker.logs import set_role, setup_logging  # noqa: F401 - setup_logging: every role's start-up
 
 PARENT_PID_ENV = "TFBROKER_PARENT_PID"
 
@@ -26,15 +27,7 @@ _PR_SET_PDEATHSIG = 1
 def set_title(role: str) -> None:
     """``tfbroker: ROLE`` in ps and top, so operators and tests find a process by its role."""
     setproctitle.setproctitle(f"tfbroker: {role}")
-
-
-def setup_logging(level: str, role: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format=f"%(asctime)s %(levelname)s [{role} %(process)d] %(name)s: %(message)s",
-        stream=sys.stderr,
-        force=True,
-    )
+    set_role(role)  # and in every log line
 
 
 def die_with_parent() -> None:

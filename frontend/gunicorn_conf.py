@@ -16,9 +16,12 @@ import gc
 import os
 
 from broker.config import BIND_ENV, FRONTEND_INDEX_ENV, FRONTENDS_ENV, LOG_LEVEL_ENV, METRICS_DIR_ENV
+from broker.logs import set_role
 from broker.process import die_with_parent
 
 worker_class = "frontend.uvicorn_worker.FrontendWorker"
+logger_class = "frontend.uvicorn_worker.FrontendLogger"  # tfbroker's log format (broker/logs.py)
+control_socket_disable = True  # gunicorn >= 25 would make ~/.gunicorn/gunicorn.ctl: the broker has its own
 workers = int(os.environ.get(FRONTENDS_ENV, os.cpu_count() or 2))
 bind = os.environ.get(BIND_ENV, "0.0.0.0:8501")
 preload_app = True
@@ -52,3 +55,4 @@ def child_exit(server, worker):  # noqa: ANN001
 def post_fork(server, worker):  # noqa: ANN001
     # N in the process title "tfbroker: frontend:N" (set by the app at start-up).
     os.environ[FRONTEND_INDEX_ENV] = str(worker.age)
+    set_role(f"frontend:{worker.age}")

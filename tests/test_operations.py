@@ -141,15 +141,6 @@ def test_children_die_with_a_killed_broker(start_broker: Any, test_models: Path)
     wait_for(lambda: not any(pid_alive(pid) for pid in children), 15, "orphaned children to exit")
 
 
-def test_demo_mode_makes_its_models_and_serves_them(start_broker: Any, tmp_path: Path) -> None:
-    broker = start_broker([f"--demo_models_dir={tmp_path / 'demo'}"], frontends=1)
-    broker.wait_available(["half_plus_two", "mlp"], timeout_s=180)
-    assert broker.predict("half_plus_two", {"instances": [1.0, 2.0, 5.0]}).json() == {"predictions": [2.5, 3.0, 4.5]}
-    response = broker.predict("mlp", {"instances": [[0.0] * 16]})
-    assert response.status_code == 200 and len(response.json()["predictions"][0]) == 4
-    wait_for(lambda: "curl -d" in broker.log(), 10, "the broker to print how to call it")
-
-
 @pytest.mark.parametrize(("args", "message"), [
     (["--model_config_file=/nonexistent.config"], "cannot read model config file"),
     (["--model_name=m"], "go together"),

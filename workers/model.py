@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 import tensorflow as tf
+from tensorflow.python.util import deprecation
 from google.protobuf import json_format
 from tensorflow.core.protobuf import config_pb2, meta_graph_pb2, saved_model_pb2
 
@@ -128,7 +129,8 @@ def _dtype_name(dtype: tf.dtypes.DType) -> str:
 def _load_v1(path: str, meta_graph: meta_graph_pb2.MetaGraphDef) -> dict[str, Signature]:
     graph = tf.Graph()
     session = tf.compat.v1.Session(graph=graph, config=_session_config)
-    with graph.as_default():
+    # The v1 loader is deprecated in TensorFlow 2, and says so in every worker: not the operator's concern.
+    with graph.as_default(), deprecation.silence():
         loaded = tf.compat.v1.saved_model.loader.load(session, [SERVE_TAG], path)
     signatures = {}
     for name, sig in loaded.signature_def.items():

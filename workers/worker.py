@@ -18,9 +18,11 @@ from typing import Any
 import zmq
 
 from broker import protocol, tensors
+from broker.devices import visible_gpus
 from broker.errors import DeadlineExceeded, Internal, InvalidArgument, NotFound, ProtocolError, TFBrokerError
 from broker.process import (EXIT_MODEL_LOAD_ERROR, EXIT_OK, die_with_parent, parent_alive,
                             set_title, setup_logging)
+from broker.logs import tensorflow_output
 from broker.security import client_keys_from_env, make_client
 from broker.zmqio import send_message
 from workers.config import WorkerConfig
@@ -37,8 +39,11 @@ def run(config: WorkerConfig) -> int:
     signal.signal(signal.SIGINT, worker.handle_signal)
     # Where the worker is when it crashes, or when the broker SIGTERMs it for missing
     # heartbeats (stuck in a model call, where no Python signal handler can run).
-    faulthandler.enable(sys.stderr)
-    faulthandler.register(signal.SIGTERM, file=sys.stderr, all_threads=True, chain=True)
+    # On a duplicate of stderr: TensorFlow's start-up output is captured (broker/logs.py), a
+    # traceback must not be.
+    fault_log = os.fdopen(os.dup(sys.stderr.fileno()), "w")
+    faulthandler.enable(fault_log)
+    faulthandler.register(signal.SIGTERM, file=fault_log, all_threads=True, chain=True)
     return worker.serve()
 
 
@@ -60,15 +65,17 @@ class Worker:
         self._context = zmq.Context()
         self._connect()
         try:
-            from workers import model as model_lib  # TensorFlow comes last
-            from workers import warmup
+            # TensorFlow comes last; its start-up notes are kept out of the log (broker/logs.py).
+            with tensorflow_output(cpu_only=not visible_gpus()):
+                from workers import model as model_lib
+                from workers import warmup
 
-            model_lib.configure_devices(self.config.tensorflow_intra_op_parallelism,
-                                        self.config.tensorflow_inter_op_parallelism)
-            started = time.monotonic()
-            self._model = model_lib.load(self.config.path)
-            records = warmup.warm_up_from_file(self._model)
-            warmup.warm_up_batch_sizes(self._model, self.config.warmup_batch_sizes)
+                model_lib.configure_devices(self.config.tensorflow_intra_op_parallelism,
+                                            self.config.tensorflow_inter_op_parallelism)
+                started = time.monotonic()
+                self._model = model_lib.load(self.config.path)
+                records = warmup.warm_up_from_file(self._model)
+                warmup.warm_up_batch_sizes(self._model, self.config.warmup_batch_sizes)
             log.info("loaded %s (%s loader, signatures %s, %d warm-up records) in %.1f s", self.config.path,
                      self._model.loader, sorted(self._model.signatures), records, time.monotonic() - started)
         except Exception as exc:  # noqa: BLE001 - any failure to load is reported the same way

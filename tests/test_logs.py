@@ -1,0 +1,91 @@
+"""The demo, and logs an operator can read (issue 13): one line per event in one format for every process,
+JSON on request, and TensorFlow's start-up notes kept out unless asked for."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from broker.logs import pass_on_tensorflow_output
+from tests.conftest import wait_for
+
+ABSL_LINE = re.compile(r"^[IWEF]\d{4} [\d:.]+\s+\d+ \S+\]")
+TEXT_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) "
+                       r"\[(broker|worker:[\w.-]+:\d+|iobatcher:\d+|frontends|frontend:\d+) \d+\] [\w.]+: ")
+NOISE = ("absl::InitializeLog", "is deprecated", "Restoring parameters", "oneDNN custom operations",
+         "cudart_stub", "cpu_feature_guard")
+
+
+def event_lines(log: str) -> list[str]:
+    """The log without what the broker prints for the person who started it (stdout)."""
+    return [line for line in log.splitlines()
+            if line.strip() and not line.startswith(("tfbroker: ready", "tfbroker: serving", "  curl"))]
+
+
+def test_demo_mode_serves_its_models_and_its_log_reads_as_one_line_per_event(start_broker: Any,
+                                                                             tmp_path: Path) -> None:
+    broker = start_broker([f"--demo_models_dir={tmp_path / 'demo'}"], frontends=2)
+    broker.wait_available(["half_plus_two", "mlp", "text"], timeout_s=180)
+    assert broker.predict("half_plus_two", {"instances": [1.0, 2.0, 5.0]}).json() == {"predictions": [2.5, 3.0, 4.5]}
+    response = broker.predict("mlp", {"instances": [[0.0] * 16]})
+    assert response.status_code == 200 and len(response.json()["predictions"][0]) == 4
+    wait_for(lambda: "curl -d" in broker.log(), 10, "the ready message")
+    lines = event_lines(broker.log())
+    odd = [line for line in lines if not TEXT_LINE.match(line)]
+    assert not odd, odd
+    assert not [line for line in lines if any(noise in line for noise in NOISE)]
+    roles = {TEXT_LINE.match(line).group(2).split(":")[0] for line in lines}  # type: ignore[union-attr]
+    assert roles >= {"broker", "worker", "iobatcher", "frontends", "frontend"}, roles
+    assert sum("tfbroker.worker: loaded" in line for line in lines) == 3
+
+
+def test_json_logs_from_every_process(start_broker: Any, test_models: Path) -> None:
+    broker = start_broker([f"--model_name=mlp", f"--model_base_path={test_models / 'mlp'}", "--log_format=json"])
+    broker.wait_available(["mlp"])
+    assert broker.predict("mlp", {"instances": [[0.0] * 8]}).status_code == 200
+    wait_for(lambda: "tfbroker: serving" in broker.log() or "curl" in broker.log(), 10, "the ready message")
+    records = []
+    for line in event_lines(broker.log()):
+        record = json.loads(line)  # every line is one JSON object
+        assert set(record) >= {"time", "level", "role", "pid", "logger", "message"}, record
+        records.append(record)
+    roles = {r["role"].split(":")[0] for r in records}
+    assert roles >= {"broker", "worker", "frontends", "frontend"}, roles
+    assert any(r["role"] == "worker:mlp:1" and r["message"].startswith("loaded ") for r in records)
+    assert not [r for r in records if any(noise in r["message"] for noise in NOISE)]
+
+
+def test_verbose_shows_tensorflows_own_logs(start_broker: Any, test_models: Path) -> None:
+    broker = start_broker([f"--model_name=mlp", f"--model_base_path={test_models / 'mlp'}", "--verbose"],
+                          frontends=1)
+    broker.wait_available(["mlp"])
+    assert any(ABSL_LINE.match(line) for line in broker.log().splitlines()), broker.log()[-2000:]
+
+
+def test_tensorflow_output_keeps_errors_and_drops_notes(caplog: pytest.LogCaptureFixture) -> None:
+    captured = b"\n".join([
+        b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
+        b"I0000 00:00:1796035711.059807   11425 port.cc:153] oneDNN custom operations are on.",
+        b"I0000 00:00:1796035711.107513   11425 cpu_feature_guard.cc:227] This TensorFlow binary is optimized.",
+        b"To enable the following instructions: AVX2 FMA, in other operations, rebuild TensorFlow.",
+        b"E0000 00:00:1796035712.960900   11425 cuda_platform.cc:52] failed call to cuInit: UNKNOWN ERROR (303)",
+        b"E0000 00:00:1796035712.960900   11425 op_kernel.cc:1840] OP_REQUIRES failed: out of memory",
+        b"F0000 00:00:1796035712.960900   11425 check.cc:12] Check failed: x == y",
+        b"a line some library printed",
+    ])
+    with caplog.at_level(logging.INFO, logger="tensorflow.cc"):
+        pass_on_tensorflow_output(captured, cpu_only=True)
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("ERROR", "OP_REQUIRES failed: out of memory (op_kernel.cc:1840)"),
+        ("CRITICAL", "Check failed: x == y (check.cc:12)"),
+        ("WARNING", "a line some library printed"),
+    ]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="tensorflow.cc"):
+        pass_on_tensorflow_output(captured, cpu_only=False)  # a GPU host: a failed cuInit is news
+    assert "failed call to cuInit" in caplog.records[0].getMessage()
