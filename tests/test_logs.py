@@ -45,7 +45,7 @@ def test_demo_mode_serves_its_models_and_its_log_reads_as_one_line_per_event(sta
 
 
 def test_json_logs_from_every_process(start_broker: Any, test_models: Path) -> None:
-    broker = start_broker([f"--model_name=mlp", f"--model_base_path={test_models / 'mlp'}", "--log_format=json"])
+    broker = start_broker(["--model_name=mlp", f"--model_base_path={test_models / 'mlp'}", "--log_format=json"])
     broker.wait_available(["mlp"])
     assert broker.predict("mlp", {"instances": [[0.0] * 8]}).status_code == 200
     wait_for(lambda: "tfbroker: serving" in broker.log() or "curl" in broker.log(), 10, "the ready message")
@@ -61,7 +61,7 @@ def test_json_logs_from_every_process(start_broker: Any, test_models: Path) -> N
 
 
 def test_verbose_shows_tensorflows_own_logs(start_broker: Any, test_models: Path) -> None:
-    broker = start_broker([f"--model_name=mlp", f"--model_base_path={test_models / 'mlp'}", "--verbose"],
+    broker = start_broker(["--model_name=mlp", f"--model_base_path={test_models / 'mlp'}", "--verbose"],
                           frontends=1)
     broker.wait_available(["mlp"])
     assert any(ABSL_LINE.match(line) for line in broker.log().splitlines()), broker.log()[-2000:]
