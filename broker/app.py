@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import importlib.util
 import logging
 import os
 import subprocess
@@ -33,6 +34,7 @@ def run(config: ServerConfig) -> int:
     set_title("broker")
     setup_logging(config.log_level, "broker")
     try:
+        check_server_install()
         models = resolve_models(config)
         batching = (load_batching_parameters(config.batching_parameters_file)
                     if config.batching_parameters_file else BatchingParameters())
@@ -64,6 +66,15 @@ def run(config: ServerConfig) -> int:
         broker.close()
         lock.close()
     return EXIT_OK
+
+
+def check_server_install() -> None:
+    """The broker itself never imports TensorFlow, but its workers do: say so at once on a
+    light install (frontends and clients only) rather than as a worker that fails to load."""
+    missing = [name for name in ("tensorflow", "tensorflow_serving") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ValueError(f"the broker's workers need {' and '.join(missing)}, which this installation lacks "
+                         "(the light install is for frontends and clients): pip install 'tfbroker[server]'")
 
 
 def resolve_models(config: ServerConfig) -> list[ModelConfig]:

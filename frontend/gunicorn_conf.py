@@ -23,7 +23,8 @@ worker_class = "frontend.uvicorn_worker.FrontendWorker"
 logger_class = "frontend.uvicorn_worker.FrontendLogger"  # tfbroker's log format (broker/logs.py)
 control_socket_disable = True  # gunicorn >= 25 would make ~/.gunicorn/gunicorn.ctl: the broker has its own
 workers = int(os.environ.get(FRONTENDS_ENV, os.cpu_count() or 2))
-bind = os.environ.get(BIND_ENV, "0.0.0.0:8501")
+# One address or several, comma-separated (unix:PATH, HOST:PORT, fd://N).
+bind = [address.strip() for address in os.environ.get(BIND_ENV, "0.0.0.0:8501").split(",") if address.strip()]
 preload_app = True
 proc_name = "tfbroker-frontends"
 loglevel = os.environ.get(LOG_LEVEL_ENV, "info")

@@ -27,6 +27,23 @@ needs_testdata = pytest.mark.skipif(
     reason=f"TF Serving's test models are not here ({TESTDATA} is absent outside the project's workspace)")
 
 
+def debian_binary(name: str, package: str) -> str:
+    """A program from Debian's packages (nginx, redis-server), installed when missing as CI
+    does (root, apt-get); the test skips, saying why, only where that is impossible."""
+    binary = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin")
+    if binary:
+        return binary
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        pytest.skip(f"{name} is not installed and cannot be installed here (needs root and apt-get)")
+    for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", package]):
+        subprocess.run(command, check=False, capture_output=True, timeout=600,
+                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    binary = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin")
+    if binary is None:
+        pytest.skip(f"{name} could not be installed from Debian's package {package}")
+    return binary
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from frontend.client import Client
-from tests.conftest import free_port, pid_alive, reference_outputs, serving, wait_for
+from tests.conftest import debian_binary, free_port, pid_alive, reference_outputs, serving, wait_for
 from tests.test_versions import version_states
 
 WORDS_PER_INSTANCE = 4
@@ -198,7 +198,7 @@ def redis_server(tmp_path: Path) -> Iterator[tuple[int, Any]]:
     """A real redis-server on a free loopback port (installed from Debian's packages if missing)."""
     import redis
 
-    binary = shutil.which("redis-server") or install_redis_server()
+    binary = debian_binary("redis-server", "redis-server")
     port = free_port()
     argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
             "--dir", str(tmp_path)]
@@ -223,18 +223,6 @@ def ping(client: Any) -> bool:
         return bool(client.ping())
     except Exception:  # noqa: BLE001 - not up yet
         return False
-
-
-def install_redis_server() -> str:
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        pytest.skip("redis-server is not installed and cannot be installed here (needs root and apt-get)")
-    for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "redis-server"]):
-        subprocess.run(command, check=False, capture_output=True, timeout=600,
-                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server could not be installed from Debian's packages")
-    return binary
 
 
 def test_every_kind_of_table_with_a_real_redis_then_redis_down_and_back(
