@@ -22,6 +22,7 @@ class Task:
     deadline: float
     payload: Any = None
     batch: Batch | None = None  # the batch holding it while queued (for remove)
+    requeued: bool = False  # was in flight on a worker that died, and queued again
 
 
 @dataclass(slots=True, eq=False)  # compared by identity: two batches are never the same
@@ -97,6 +98,16 @@ class BatchQueue:
             return None
         batch.closed = True
         return self._batches.popleft()
+
+    def requeue(self, tasks: list[Task]) -> None:
+        """Put tasks that were handed out back at the front, as one closed batch, whatever
+        ``max_enqueued_batches`` says: they were admitted already."""
+        batch = Batch(closed=True)
+        for task in tasks:
+            batch.tasks.append(task)
+            batch.size += task.size
+            task.batch = batch
+        self._batches.appendleft(batch)
 
     def next_deadline(self) -> float | None:
         """When the open batch times out, if the queue holds only an open batch."""

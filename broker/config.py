@@ -254,6 +254,10 @@ class ServerConfig:
     version_swap_policy: str = field(default=AVAILABILITY_PRESERVING, metadata=_help(
         "availability_preserving: load the new version next to the old one, then switch (two copies "
         "during a swap); resource_preserving: unload the old one first (briefly unavailable)."))
+    devices: str = field(default="", metadata=_help(
+        "Where model workers run: one worker per model version per device. Empty: every visible GPU "
+        "(CUDA_VISIBLE_DEVICES, else the NVIDIA driver's list), or the CPU when there is none; or a comma list "
+        "of gpuN and cpu (cpu,cpu: two CPU replicas). Each batch goes to the least loaded replica."))
     batches_in_flight: int = field(default=2, metadata=_help(
         "Batches handed to a worker before it answers, so the device never waits on Python."))
     heartbeat_interval_s: float = field(default=DEFAULT_HEARTBEAT_INTERVAL_S, metadata=_help(

@@ -145,16 +145,21 @@ class ControlChannel:
 
 
 def _version_status(served: ServedVersion) -> dict[str, Any]:
-    link = served.worker
+    links = served.links()
+    pids = [link.child.pid if link.child.running else None for link in links]
     return {
         "version": served.version,
         "state": served.state.value,
         "error": served.error,
         "draining": served.draining,
-        "pid": link.child.pid if link is not None and link.child.running else None,
+        "pid": pids[0] if pids else None,
         "queued": sum(len(q) for q in served.queues.values()),
-        "in_flight": sum(len(tasks) for tasks in link.in_flight.values()) if link is not None else 0,
+        "in_flight": sum(1 for link in links for _ in link.tasks()),
         "path": served.path,
+        # One worker per device (--devices): where each runs, and whether it takes batches.
+        "replicas": [{"device": link.device, "pid": pid, "ready": link.ready, "restarts": link.child.restarts,
+                      "batches": link.batches,
+                      "in_flight": sum(1 for _ in link.tasks())} for link, pid in zip(links, pids)],
     }
 
 

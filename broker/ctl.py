@@ -139,6 +139,12 @@ def format_status(status: dict[str, Any], only: str | None = None) -> str:
             note = "draining" if v["draining"] else (v["error"] or "")
             lines.append(f"  {v['version']:>8}  {v['state']:<10} {v['pid'] or '-':>8} {v['queued']:>7} "
                          f"{v['in_flight']:>9}  {note}")
+            replicas = v.get("replicas") or []
+            if len(replicas) > 1 or any(r["device"].startswith("gpu") for r in replicas):
+                for r in replicas:
+                    lines.append(f"  {'':>8}  {r['device']:<10} {r['pid'] or '-':>8} {'':>7} {r['in_flight']:>9}  "
+                                 f"{'ready' if r['ready'] else 'not ready'}, {r['batches']} batches, "
+                                 f"{r['restarts']} restarts")
         if not model["versions"]:
             lines.append("  (no versions)")
     return "\n".join(lines)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from dataclasses import dataclass
 
 NVIDIA_PROC_DIR = "/proc/driver/nvidia/gpus"
 
@@ -36,3 +37,46 @@ def visible_gpus() -> list[str]:
             return []
         return [str(i) for i, line in enumerate(out.stdout.splitlines()) if line.startswith("GPU ")]
     return []
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    """Where one replica of each model version runs: ``gpuN`` (CUDA device N alone visible to
+    it) or ``cpuN`` (no GPU visible; N tells CPU replicas apart)."""
+
+    name: str
+    cuda_visible_devices: str  # the worker's CUDA_VISIBLE_DEVICES ("" hides every GPU)
+
+    @property
+    def is_cpu(self) -> bool:
+        return self.name.startswith("cpu")
+
+
+CPU_ONLY = Device("cpu", "")  # the default on a host without GPUs
+
+
+def resolve_devices(spec: str) -> list[Device]:
+    """``--devices``: "" for every visible GPU (the CPU when there is none), or a comma list
+    of ``gpuN`` / ``N`` / ``cpu`` (``cpu,cpu``: two CPU replicas). ValueError names a bad one."""
+    visible = visible_gpus()
+    if not spec.strip():
+        names = [f"gpu{i}" for i in visible] or ["cpu"]
+    else:
+        names = [part.strip().lower() for part in spec.split(",")]
+    devices: list[Device] = []
+    cpus = sum(name == "cpu" for name in names)
+    for name in names:
+        if name == "cpu":
+            index = sum(d.is_cpu for d in devices)
+            devices.append(Device(f"cpu{index}" if cpus > 1 else "cpu", ""))
+            continue
+        gpu = name.removeprefix("gpu")
+        if not gpu.isdigit():
+            raise ValueError(f"--devices: {name!r} is not a device; use gpuN (a CUDA device id) or cpu")
+        if gpu not in visible:
+            raise ValueError(f"--devices: gpu{gpu} is not visible here (visible GPUs: "
+                             f"{', '.join(visible) or 'none'}; CUDA_VISIBLE_DEVICES and the NVIDIA driver decide)")
+        devices.append(Device(f"gpu{gpu}", gpu))
+    if len({d.name for d in devices}) != len(devices):
+        raise ValueError(f"--devices names a GPU twice: {spec!r} (one worker per model version per GPU)")
+    return devices

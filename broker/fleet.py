@@ -23,6 +23,7 @@ from broker import lifecycle as lc
 from broker import protocol
 from broker.config import (ADDRESS_ENV, BIND_ENV, FRONTENDS_ENV, LIMITS_ENV, LOG_LEVEL_ENV, METRICS_DIR_ENV,
                            METRICS_PATH_ENV, TIMEOUT_ENV)
+from broker.devices import CPU_ONLY, resolve_devices
 from broker.dispatch import describe_tasks
 from broker.flags import dataclass_to_argv
 from broker.security import CLIENT_SECRET_KEY_ENV, SERVER_KEY_ENV
@@ -49,6 +50,7 @@ class Fleet:
         self.config = broker.config
         self.serving: list[ServedVersion] = []  # versions that have (or are getting) a worker
         self._links: dict[bytes, WorkerLink] = {}
+        self.devices = resolve_devices(self.config.devices)  # ValueError: a configuration error
         self._frontends: list[Child] = []
         self._listener: socket.socket | None = None
         self._announced = False
@@ -109,7 +111,7 @@ class Fleet:
 
     def pids_by_role(self) -> dict[str, list[int]]:
         """The live processes of each role, for the CPU and memory metrics."""
-        workers = [s.worker.child.pid for s in self.serving if s.worker is not None and s.worker.child.running]
+        workers = [link.child.pid for s in self.serving for link in s.links() if link.child.running]
         masters = [c.pid for c in self._frontends if c.running and c.pid is not None]
         return {"broker": [os.getpid()], "worker": [pid for pid in workers if pid is not None],
                 "iobatcher": self.broker.lookups.pids(),
@@ -124,7 +126,7 @@ class Fleet:
         stop_children(self._frontends, grace_s=1.0)
         now = time.monotonic()
         self.broker.versions.stop_all(now)
-        stop_children([s.worker.child for s in self.serving if s.worker], self.config.shutdown_grace_s)
+        stop_children([link.child for s in self.serving for link in s.links()], self.config.shutdown_grace_s)
         self._reap_workers(now)
 
     def link(self, identity: bytes) -> WorkerLink | None:
@@ -132,31 +134,45 @@ class Fleet:
 
     # --- what a version's lifecycle asks for (broker/manager.py carries it out) ---
 
-    def spawn_worker(self, served: ServedVersion) -> None:
-        self.serving.append(served)
-        self._spawn_worker(served)
+    @property
+    def replicas(self) -> int:
+        """Workers per model version: one per device."""
+        return len(self.devices)
 
-    def restart_worker(self, served: ServedVersion, now: float) -> None:
-        if served.worker is not None:
-            schedule_restart(served.worker.child, now)
+    def spawn_worker(self, served: ServedVersion, replica: int) -> None:
+        if served not in self.serving:
+            self.serving.append(served)
+        self._spawn_worker(served, replica)
 
-    def forget_worker(self, served: ServedVersion) -> None:
+    def restart_worker(self, served: ServedVersion, replica: int, now: float) -> None:
+        link = _replica(served, replica)
+        if link is not None:
+            schedule_restart(link.child, now)
+
+    def cancel_restart(self, served: ServedVersion, replica: int) -> None:
+        link = _replica(served, replica)
+        if link is not None:
+            link.child.restart_at = 0.0
+            self._links.pop(link.identity, None)
+
+    def forget_version(self, served: ServedVersion) -> None:
         """The version has ended: no restart, no link."""
-        if served.worker is not None:
-            served.worker.child.restart_at = 0.0
-            self._links.pop(served.worker.identity, None)
+        for replica in range(len(served.workers)):
+            self.cancel_restart(served, replica)
         if served in self.serving:
             self.serving.remove(served)
 
-    def disconnect_worker(self, served: ServedVersion, now: float) -> None:
-        if served.worker is not None:
-            self.broker.send_disconnect(served.worker)
-            served.worker.disconnect_sent = now
+    def disconnect_worker(self, served: ServedVersion, replica: int, now: float) -> None:
+        link = _replica(served, replica)
+        if link is not None:
+            self.broker.send_disconnect(link)
+            link.disconnect_sent = now
 
-    def terminate_worker(self, served: ServedVersion, reason: str) -> None:
-        if served.worker is not None:
-            served.worker.ready = False
-            terminate_child(served.worker.child, reason)
+    def terminate_worker(self, served: ServedVersion, replica: int, reason: str) -> None:
+        link = _replica(served, replica)
+        if link is not None:
+            link.ready = False
+            terminate_child(link.child, reason)
 
     # --- messages from workers ---
 
@@ -171,8 +187,9 @@ class Fleet:
         served.model_signature_def = header.signature_def
         self.broker.lookups.describe(served)  # what clients send: lookup inputs in place of their outputs
         link.ready = True
-        log.info("worker for model %s version %d is ready (pid %s)", served.model, served.version, header.pid)
-        self.broker.versions.handle(served, lc.WorkerReady(), time.monotonic())
+        log.info("worker for model %s version %d on %s is ready (pid %s)", served.model, served.version,
+                 link.device, header.pid)
+        self.broker.versions.handle(served, lc.WorkerReady(link.replica), time.monotonic())
 
     def on_disconnect(self, link: WorkerLink, header: protocol.Disconnect) -> None:
         if header.error:
@@ -185,9 +202,9 @@ class Fleet:
         self._murder_workers(now)
         self._restart_due(now)
         for served in self.serving:
-            link = served.worker
-            if link is not None and link.ready and now - link.last_sent >= self.config.heartbeat_interval_s:
-                self.broker.send_heartbeat(link, now)
+            for link in served.links():
+                if link.ready and now - link.last_sent >= self.config.heartbeat_interval_s:
+                    self.broker.send_heartbeat(link, now)
         for child, code in reap_children(self._frontends):
             if not self._stopping:
                 log.error("%s (pid %s) exited with code %d; restarting", child.name, child.pid, code)
@@ -214,68 +231,75 @@ class Fleet:
 
     # --- implementation ---
 
-    def _spawn_worker(self, served: ServedVersion) -> None:
+    def _spawn_worker(self, served: ServedVersion, replica: int) -> None:
         params = self.broker.batching
         warmup = params.allowed_batch_sizes or tuple(sorted({1, params.max_batch_size}))
+        device = self.devices[replica]
         config = WorkerConfig(
             model_name=served.model, version=served.version, path=served.path,
             backend_address=self.config.resolved_backend_address,
             heartbeat_interval_s=self.config.heartbeat_interval_s,
             heartbeat_liveness=self.config.heartbeat_liveness,
             warmup_batch_sizes=warmup, log_level=self.config.log_level,
+            device="" if self.devices == [CPU_ONLY] else device.name,
             tensorflow_intra_op_parallelism=self.config.tensorflow_intra_op_parallelism,
             tensorflow_inter_op_parallelism=self.config.tensorflow_inter_op_parallelism)
-        child = Child(name=f"worker:{served.model}:{served.version}",
-                      argv=["-m", "workers", *dataclass_to_argv(config)], env=self.curve_env())
-        if served.worker is not None:  # a restart keeps the back-off state
-            child.restarts = served.worker.child.restarts
-            self._links.pop(served.worker.identity, None)
+        child = Child(name=config.title, argv=["-m", "workers", *dataclass_to_argv(config)],
+                      env={**self.curve_env(), "CUDA_VISIBLE_DEVICES": device.cuda_visible_devices})
+        while len(served.workers) <= replica:
+            served.workers.append(None)
+        old = served.workers[replica]
+        if old is not None:  # a restart keeps the back-off state
+            child.restarts = old.child.restarts
+            self._links.pop(old.identity, None)
         spawn_child(child)
         identity = f"{served.model}:{served.version}:{child.pid}".encode()
-        served.worker = WorkerLink(child, identity, last_heard=time.monotonic())
-        self._links[identity] = served.worker
+        link = WorkerLink(child, identity, replica=replica, device=device.name, last_heard=time.monotonic())
+        served.workers[replica] = link
+        self._links[identity] = link
 
     def _reap_workers(self, now: float) -> None:
-        links = {s.worker.child.pid: s for s in self.serving if s.worker is not None}
-        for child, code in reap_children([s.worker.child for s in links.values() if s.worker]):
-            served = links[child.pid]
-            link = served.worker
-            assert link is not None
+        owners = {link.child.pid: (served, link) for served in self.serving for link in served.links()}
+        for child, code in reap_children([link.child for _served, link in owners.values()]):
+            served, link = owners[child.pid]
             link.ready = False
             if link.in_flight and code != 0:
                 log.error("worker %s (pid %s) exited with code %d holding these requests: %s", child.name,
-                          child.pid, code, describe_tasks(t for ts in link.in_flight.values() for t in ts))
+                          child.pid, code, describe_tasks(link.tasks()))
             elif served.state is not VersionState.UNLOADING:
                 log.error("worker %s (pid %s) exited with code %d", child.name, child.pid, code)
-            self.broker.versions.handle(served, lc.WorkerExited(code, restartable(code), link.error), now)
+            event = lc.WorkerExited(code, restartable(code), link.error, replica=link.replica)
+            self.broker.versions.handle(served, event, now)
 
     def _murder_workers(self, now: float) -> None:
         """A worker that stopped answering gets SIGTERM (it writes its traceback: faulthandler),
-        its requests get 503 at once, and SIGKILL follows after kill_grace_s."""
+        its requests go to another replica or get 503 at once, and SIGKILL follows after
+        kill_grace_s."""
         expiry_s = self.config.heartbeat_expiry_s
         for served in list(self.serving):
-            link = served.worker
-            if link is None or not link.child.running:
-                continue
-            if link.child.terminated_at:
-                if now - link.child.terminated_at > self.config.kill_grace_s:
-                    terminate_child(link.child, "still running after SIGTERM", kill=True)
-                continue
-            if link.ready and now - link.last_heard > expiry_s:
-                event = lc.WorkerSilent(f"no heartbeat for {now - link.last_heard:.1f} s")
-            elif not link.ready and now - link.child.started_at > self.config.worker_load_timeout_s:
-                limit = f"{self.config.worker_load_timeout_s:.0f} s"
-                event = lc.WorkerSilent(f"not ready after {limit}", load_error=f"loading took longer than {limit}")
-            else:
-                continue
-            self.broker.versions.handle(served, event, now)
+            for link in served.links():
+                if not link.child.running:
+                    continue
+                if link.child.terminated_at:
+                    if now - link.child.terminated_at > self.config.kill_grace_s:
+                        terminate_child(link.child, "still running after SIGTERM", kill=True)
+                    continue
+                if link.ready and now - link.last_heard > expiry_s:
+                    event = lc.WorkerSilent(f"no heartbeat for {now - link.last_heard:.1f} s", replica=link.replica)
+                elif not link.ready and now - link.child.started_at > self.config.worker_load_timeout_s:
+                    limit = f"{self.config.worker_load_timeout_s:.0f} s"
+                    event = lc.WorkerSilent(f"not ready after {limit}", load_error=f"loading took longer than {limit}",
+                                            replica=link.replica)
+                else:
+                    continue
+                self.broker.versions.handle(served, event, now)
 
     def _restart_due(self, now: float) -> None:
         for served in list(self.serving):
-            link = served.worker
-            if link is not None and link.child.restart_at and now >= link.child.restart_at:
-                self._spawn_worker(served)
-                self.broker.versions.handle(served, lc.WorkerStarted(), now)
+            for link in served.links():
+                if link.child.restart_at and now >= link.child.restart_at:
+                    self._spawn_worker(served, link.replica)
+                    self.broker.versions.handle(served, lc.WorkerStarted(link.replica), now)
         for child in self._frontends:
             if child.restart_at and now >= child.restart_at:
                 spawn_child(child)
@@ -296,9 +320,13 @@ class Fleet:
 
     def _version_of(self, link: WorkerLink) -> ServedVersion | None:
         for served in self.serving:
-            if served.worker is link:
+            if any(candidate is link for candidate in served.workers):
                 return served
         return None
+
+
+def _replica(served: ServedVersion, replica: int) -> WorkerLink | None:
+    return served.workers[replica] if replica < len(served.workers) else None
 
 
 def bind_http(host: str, port: int) -> socket.socket:

@@ -1,6 +1,7 @@
 """One version's lifecycle: a pure state machine, the only code that changes a version's state.
 
-A version has up to two parts: its model in a worker process, and, when the version ships a
+A version has up to two parts: its model in worker processes (one replica per device,
+``--devices``), and, when the version ships a
 ``assets.extra/lookups.json``, its lookup tables in the I/O batchers. The machine is fed events
 (the policy's load or unload, worker READY or exit, tables loaded or failed, drained, the
 unload grace running out) and answers with the actions the broker carries out (spawn or
@@ -18,8 +19,14 @@ failed loads, shutdown) is tested without one (tests/broker/test_lifecycle.py).
                                    │  stage) the worker is told to go, terminated after
                                    │  the grace time
                                    ▼
-                                  END  (worker gone, tables unloaded; ``error`` says why a
+                                  END  (workers gone, tables unloaded; ``error`` says why a
                                         load failed: such a version is not retried)
+
+With several replicas a version becomes AVAILABLE when every replica is READY, and stays
+AVAILABLE while any one is: a replica that dies or goes silent is restarted, and its batches
+in flight go to the others (Requeue) instead of failing. Only when no replica is left
+READY does the version go back to LOADING and its requests get 503. Worker events and
+actions name their replica (0 when there is one).
 """
 
 from __future__ import annotations
@@ -53,10 +60,12 @@ class Load:
 class WorkerStarted:
     """The supervisor started the process again after a restart's back-off."""
 
+    replica: int = 0
+
 
 @dataclass(frozen=True, slots=True)
 class WorkerReady:
-    pass
+    replica: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,12 +73,14 @@ class WorkerExited:
     code: int
     restartable: bool  # False: a restart would fail the same way (EXIT_MODEL_LOAD_ERROR, …)
     error: str = ""  # what the worker said before it went (DISCONNECT), if anything
+    replica: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class WorkerSilent:
     reason: str  # no heartbeat, or not ready in time
     load_error: str = ""  # set when it never became READY: the version's load failed
+    replica: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,27 +117,40 @@ Event = (Load | WorkerStarted | WorkerReady | WorkerExited | WorkerSilent | Tabl
 
 @dataclass(frozen=True, slots=True)
 class SpawnWorker:
-    pass
+    replica: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class RestartWorker:
     """Start it again after the supervisor's back-off."""
 
+    replica: int = 0
+
 
 @dataclass(frozen=True, slots=True)
 class CancelRestart:
-    pass
+    replica: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class Disconnect:
     """Ask the worker to go after the batches in hand."""
 
+    replica: int = 0
+
 
 @dataclass(frozen=True, slots=True)
 class Terminate:
     reason: str
+    replica: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Requeue:
+    """The replica's batches in flight go back to the front of the queue, for the other
+    replicas (each request at most once: a batch that kills two workers is failed)."""
+
+    replica: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,9 +165,11 @@ class UnloadTables:
 
 @dataclass(frozen=True, slots=True)
 class FailRequests:
-    """Answer every request the version holds with 503 and this message."""
+    """Answer every request the version holds with 503 and this message (only the batches in
+    flight on ``replica``, when given)."""
 
     message: str
+    replica: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,22 +182,30 @@ class Ended:
     pass
 
 
-Action = (SpawnWorker | RestartWorker | CancelRestart | Disconnect | Terminate | LoadTables | UnloadTables
-          | FailRequests | BecameAvailable | Ended)
+Action = (SpawnWorker | RestartWorker | CancelRestart | Disconnect | Terminate | Requeue | LoadTables
+          | UnloadTables | FailRequests | BecameAvailable | Ended)
 
 
 class Lifecycle:
     """The state of one version; ``handle(event)`` is the only way to change it."""
 
-    __slots__ = ("name", "needs_tables", "state", "error", "worker", "tables_ready")
+    __slots__ = ("name", "needs_tables", "state", "error", "workers", "tables_ready", "served_before")
 
-    def __init__(self, name: str, needs_tables: bool = False) -> None:
+    def __init__(self, name: str, needs_tables: bool = False, replicas: int = 1) -> None:
+        if replicas < 1:
+            raise ValueError(f"a version needs at least one replica, got {replicas}")
         self.name = name  # "model version N", for messages
         self.needs_tables = needs_tables
         self.state = S.START
         self.error = ""
-        self.worker = Worker.NONE
+        self.workers = [Worker.NONE] * replicas
         self.tables_ready = False
+        self.served_before = False  # once AVAILABLE, one READY replica is enough to serve again
+
+    @property
+    def worker(self) -> Worker:
+        """The first replica's state (the only one, unless --devices names several)."""
+        return self.workers[0]
 
     @property
     def failed(self) -> bool:
@@ -188,11 +222,11 @@ class Lifecycle:
         if isinstance(event, UnloadAsked):
             return self._unload()
         if isinstance(event, WorkerStarted):
-            if self.worker is Worker.RESTARTING:
-                self.worker = Worker.STARTING
+            if self.workers[event.replica] is Worker.RESTARTING:
+                self.workers[event.replica] = Worker.STARTING
             return []
         if isinstance(event, WorkerReady):
-            return self._worker_ready()
+            return self._worker_ready(event.replica)
         if isinstance(event, TablesLoaded):
             self.tables_ready = True
             return self._maybe_available()
@@ -205,27 +239,37 @@ class Lifecycle:
         if isinstance(event, Drained):
             return self._drained()
         if isinstance(event, GraceExpired):
-            return [Terminate("still running after unload")] if state is S.UNLOADING else []
+            if state is not S.UNLOADING:
+                return []
+            return [Terminate("still running after unload", r) for r, w in enumerate(self.workers)
+                    if w is not Worker.NONE]
         raise TypeError(f"not an event: {event!r}")
 
     # --- implementation ---
 
     def _load(self) -> list[Action]:
         self.state = S.LOADING
-        self.worker = Worker.STARTING
-        return [SpawnWorker(), LoadTables()] if self.needs_tables else [SpawnWorker()]
+        self.workers = [Worker.STARTING] * len(self.workers)
+        actions: list[Action] = [SpawnWorker(r) for r in range(len(self.workers))]
+        return [*actions, LoadTables()] if self.needs_tables else actions
+
+    def _ready_count(self, but: int | None = None) -> int:
+        return sum(w is Worker.READY for r, w in enumerate(self.workers) if r != but)
 
     def _maybe_available(self) -> list[Action]:
-        if self.state is S.LOADING and self.worker is Worker.READY and (self.tables_ready or not self.needs_tables):
+        ready = self._ready_count()
+        enough = ready == len(self.workers) or (self.served_before and ready > 0)
+        if self.state is S.LOADING and enough and (self.tables_ready or not self.needs_tables):
             self.state = S.AVAILABLE
             self.error = ""
+            self.served_before = True
             return [BecameAvailable()]
         return []
 
-    def _worker_ready(self) -> list[Action]:
-        if self.worker is Worker.LEAVING:
+    def _worker_ready(self, replica: int) -> list[Action]:
+        if self.workers[replica] is Worker.LEAVING:
             return []
-        self.worker = Worker.READY
+        self.workers[replica] = Worker.READY
         return self._maybe_available()
 
     def _unload(self) -> list[Action]:
@@ -237,57 +281,86 @@ class Lifecycle:
         was = self.state
         self.state = S.UNLOADING
         if was is S.LOADING:  # nothing admitted yet: no need to wait
-            return self._send_worker_away("unloaded while loading")
-        return []  # AVAILABLE: new requests go elsewhere; the worker goes once Drained
+            return self._send_workers_away("unloaded while loading")
+        return []  # AVAILABLE: new requests go elsewhere; the workers go once Drained
 
     def _drained(self) -> list[Action]:
-        if self.state is not S.UNLOADING or self.worker is Worker.LEAVING:
+        if self.state is not S.UNLOADING:
             return []
-        return self._send_worker_away("unloaded")
+        return self._send_workers_away("unloaded")
 
-    def _send_worker_away(self, reason: str) -> list[Action]:
-        if self.worker is Worker.READY:
-            self.worker = Worker.LEAVING
-            return [Disconnect()]
-        if self.worker is Worker.STARTING:
-            self.worker = Worker.LEAVING
-            return [Terminate(reason)]
-        return self._end([CancelRestart()])  # waiting for a restart: nothing to stop
+    def _send_workers_away(self, reason: str, actions: list[Action] | None = None) -> list[Action]:
+        """Every replica still there is told to go (READY), terminated (STARTING), or not
+        restarted (RESTARTING); the version ends once none is left."""
+        actions = actions or []
+        for replica, worker in enumerate(self.workers):
+            if worker is Worker.READY:
+                self.workers[replica] = Worker.LEAVING
+                actions.append(Disconnect(replica))
+            elif worker is Worker.STARTING:
+                self.workers[replica] = Worker.LEAVING
+                actions.append(Terminate(reason, replica))
+            elif worker is Worker.RESTARTING:
+                self.workers[replica] = Worker.NONE
+                actions.append(CancelRestart(replica))
+        if all(w is Worker.NONE for w in self.workers):
+            return self._end(actions)
+        return actions
 
     def _fail_load(self, error: str) -> list[Action]:
-        """A part failed to load: the version ends with ``error``, once its worker is gone."""
+        """A part failed to load: the version ends with ``error``, once its workers are gone."""
         self.error = error
         self.state = S.UNLOADING
-        return self._send_worker_away(error)
+        return self._send_workers_away(error)
 
     def _worker_exited(self, event: WorkerExited) -> list[Action]:
-        if self.state is S.UNLOADING or self.worker is Worker.LEAVING:
-            return self._end([FailRequests(f"{self.name} was unloaded")])
+        replica, was = event.replica, self.workers[event.replica]
+        if self.state is S.UNLOADING or was is Worker.LEAVING:
+            self.workers[replica] = Worker.NONE
+            if all(w is Worker.NONE for w in self.workers):
+                return self._end([FailRequests(f"{self.name} was unloaded")])
+            if self._ready_count() and was is not Worker.LEAVING:
+                return [Requeue(replica)]  # it died while the others drain the version
+            return [FailRequests(f"{self.name} was unloaded", replica)]
         if self.state is S.LOADING and not event.restartable:
-            self.error = self.error or event.error or f"worker exited with code {event.code} while loading"
-            return self._end([FailRequests(f"{self.name} failed to load")])
-        self.state = S.LOADING  # takes no requests until its worker is back
-        self.worker = Worker.RESTARTING
+            self.workers[replica] = Worker.NONE
+            error = self.error or event.error or f"worker exited with code {event.code} while loading"
+            if all(w is Worker.NONE for w in self.workers):
+                self.error = error
+                return self._end([FailRequests(f"{self.name} failed to load")])
+            return self._fail_load(error)
+        if not event.restartable and self._ready_count(but=replica):
+            # This replica cannot come back (its model no longer loads here); the others serve.
+            self.workers[replica] = Worker.NONE
+            return [Requeue(replica)]
+        self.workers[replica] = Worker.RESTARTING
+        if self._ready_count():
+            return [Requeue(replica), RestartWorker(replica)]
+        self.state = S.LOADING  # takes no requests until a worker is back
         return [FailRequests(f"{self.name} is unavailable: its worker exited (code {event.code}) "
-                             "and is restarting"), RestartWorker()]
+                             "and is restarting"), RestartWorker(replica)]
 
     def _worker_silent(self, event: WorkerSilent) -> list[Action]:
-        actions: list[Action] = [Terminate(event.reason)]
+        replica = event.replica
+        actions: list[Action] = [Terminate(event.reason, replica)]
         if self.state is S.LOADING and event.load_error:
-            self.error = event.load_error  # the exit that follows ends the version
+            self.workers[replica] = Worker.LEAVING  # the exit that follows ends it
+            self.error = event.load_error
             self.state = S.UNLOADING
-            self.worker = Worker.LEAVING
-        elif self.state is S.AVAILABLE:
-            self.state = S.LOADING
-            actions.append(FailRequests(f"{self.name} is unavailable: its worker stopped answering "
-                                        "and is restarting"))
-        if self.worker is Worker.READY:
-            self.worker = Worker.STARTING
+            return self._send_workers_away(event.load_error, actions)
+        if self.workers[replica] is Worker.READY:
+            self.workers[replica] = Worker.STARTING  # so that its exit restarts it
+            if self._ready_count():
+                actions.append(Requeue(replica))
+            elif self.state is S.AVAILABLE:
+                self.state = S.LOADING
+                actions.append(FailRequests(f"{self.name} is unavailable: its worker stopped answering "
+                                            "and is restarting"))
         return actions
 
     def _end(self, actions: list[Action]) -> list[Action]:
         self.state = S.END
-        self.worker = Worker.NONE
+        self.workers = [Worker.NONE] * len(self.workers)
         if self.needs_tables:
             actions.append(UnloadTables())
         actions.append(Ended())

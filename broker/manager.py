@@ -169,7 +169,8 @@ class VersionManager:
     def _load(self, model: ServedModel, number: int, now: float) -> None:
         path = model.on_disk[number]
         name = f"model {model.name} version {number}"
-        life = lc.Lifecycle(name, needs_tables=os.path.isfile(os.path.join(path, LOOKUPS_FILE)))
+        life = lc.Lifecycle(name, needs_tables=os.path.isfile(os.path.join(path, LOOKUPS_FILE)),
+                            replicas=self.broker.fleet.replicas)
         served = ServedVersion(model.name, number, path, life, files=fingerprint(path), load_started=now)
         model.versions[number] = served
         log.info("loading %s from %s%s", name, path, " (with lookup tables)" if life.needs_tables else "")
@@ -178,21 +179,26 @@ class VersionManager:
     def _carry_out(self, served: ServedVersion, action: lc.Action, now: float) -> None:
         fleet = self.broker.fleet
         if isinstance(action, lc.SpawnWorker):
-            fleet.spawn_worker(served)
+            fleet.spawn_worker(served, action.replica)
         elif isinstance(action, lc.RestartWorker):
-            fleet.restart_worker(served, now)
+            fleet.restart_worker(served, action.replica, now)
         elif isinstance(action, lc.CancelRestart):
-            fleet.forget_worker(served)
+            fleet.cancel_restart(served, action.replica)
         elif isinstance(action, lc.Disconnect):
-            fleet.disconnect_worker(served, now)
+            fleet.disconnect_worker(served, action.replica, now)
         elif isinstance(action, lc.Terminate):
-            fleet.terminate_worker(served, action.reason)
+            fleet.terminate_worker(served, action.replica, action.reason)
+        elif isinstance(action, lc.Requeue):
+            self.broker.requeue(served, action.replica)
         elif isinstance(action, lc.LoadTables):
             self.broker.lookups.load_tables(served)
         elif isinstance(action, lc.UnloadTables):
             self.broker.lookups.unload_tables(served)
         elif isinstance(action, lc.FailRequests):
-            self.broker.fail_version(served, Unavailable(action.message))
+            if action.replica is None:
+                self.broker.fail_version(served, Unavailable(action.message))
+            else:
+                self.broker.fail_replica(served, action.replica, Unavailable(action.message))
         elif isinstance(action, lc.BecameAvailable):
             served.counters.record_load("OK", time.monotonic() - served.load_started)
             log.info("serving model %s version %d (signatures %s)", served.model, served.version,
@@ -203,7 +209,7 @@ class VersionManager:
             fleet.announce()
         elif isinstance(action, lc.Ended):
             served.ended_at = now
-            fleet.forget_worker(served)
+            fleet.forget_version(served)
             if served.error:
                 served.counters.record_load("error")
                 log.error("model %s version %d failed to load: %s", served.model, served.version, served.error)
@@ -218,9 +224,8 @@ class VersionManager:
                 continue
             if not served.has_work():
                 self.handle(served, lc.Drained(), now)
-            link = served.worker
-            if (link is not None and link.disconnect_sent and not link.child.terminated_at
-                    and now - link.disconnect_sent > self.config.shutdown_grace_s):
+            if any(link.disconnect_sent and not link.child.terminated_at
+                   and now - link.disconnect_sent > self.config.shutdown_grace_s for link in served.links()):
                 self.handle(served, lc.GraceExpired(), now)
 
     def _note_labels(self, model: ServedModel) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 from broker.batching import BatchQueue, Task
 from broker.config import ModelConfig
@@ -53,16 +53,25 @@ def fingerprint(path: str) -> tuple[tuple[str, int, int], ...]:
 
 @dataclass(slots=True)
 class WorkerLink:
-    """The broker's side of one worker process: its socket identity and its batches."""
+    """The broker's side of one worker process (a version's replica on one device): its socket
+    identity and its batches in flight (batch id -> signature, tasks)."""
 
     child: Child
     identity: bytes
+    replica: int = 0
+    device: str = "cpu"
     ready: bool = False  # this process said READY (and has not been taken for dead since)
     error: str = ""  # why it failed to load, from its DISCONNECT
     last_heard: float = 0.0
     last_sent: float = 0.0
-    in_flight: dict[int, list[Task]] = field(default_factory=dict)
+    in_flight: dict[int, tuple[str, list[Task]]] = field(default_factory=dict)
     disconnect_sent: float = 0.0  # when the broker told it to go (unload)
+    batches: int = 0  # batches sent to this process
+
+    def tasks(self) -> Iterator[Task]:
+        """Every request in its batches in flight."""
+        for _signature, tasks in self.in_flight.values():
+            yield from tasks
 
 
 @dataclass(slots=True)
@@ -78,7 +87,7 @@ class ServedVersion:
     model_signatures: dict[str, SignatureSpec] = field(default_factory=dict)
     model_signature_def: dict[str, Any] = field(default_factory=dict)
     queues: dict[str, BatchQueue] = field(default_factory=dict)
-    worker: WorkerLink | None = None
+    workers: list[WorkerLink | None] = field(default_factory=list)  # by replica (device), once spawned
     files: tuple[Any, ...] = ()  # fingerprint() of the directory when it was loaded
     draining: bool = False  # `broker.ctl drain`: loaded, but takes no new requests
     lookups: list[LookupSpec] = field(default_factory=list)  # from its tables' LOADED
@@ -105,8 +114,12 @@ class ServedVersion:
 
     def has_work(self) -> bool:
         """Requests admitted to this version and not answered yet, in any stage."""
-        return (any(len(q) for q in self.queues.values()) or bool(self.worker and self.worker.in_flight)
+        return (any(len(q) for q in self.queues.values()) or any(link.in_flight for link in self.links())
                 or bool(self.lookup_queue) or self.lookups_in_flight > 0)
+
+    def links(self) -> list[WorkerLink]:
+        """Its worker processes, one per replica that has been spawned."""
+        return [link for link in self.workers if link is not None]
 
     def status_json(self) -> dict[str, Any]:
         return {
@@ -287,12 +300,12 @@ def _check_examples(served: ServedVersion, signature_name: str, signature: Signa
 
 
 def version_stats(served: ServedVersion) -> VersionStats:
-    counters, link = served.counters, served.worker
+    counters, links = served.counters, served.links()
     return VersionStats(
         model=served.model, version=served.version, state=served.state.value,
         queued=sum(len(q) for q in served.queues.values()),
-        in_flight=sum(len(tasks) for tasks in link.in_flight.values()) if link is not None else 0,
+        in_flight=sum(1 for link in links for _ in link.tasks()),
         batches=counters.batches, rows=counters.rows, rejected=counters.rejected,
         batch_sizes=dict(counters.batch_sizes), queue_latency_buckets=list(counters.queue_latency_buckets),
         queue_latency_sum_us=counters.queue_latency_sum_us, load_attempts=dict(counters.load_attempts),
-        load_latency_s=counters.load_latency_s, restarts=link.child.restarts if link is not None else 0)
+        load_latency_s=counters.load_latency_s, restarts=sum(link.child.restarts for link in links))

@@ -49,7 +49,7 @@ RCVHWM = 20_000
 SNDHWM = 100_000
 FRAME_OVERHEAD_BYTES = 1 << 16  # a header frame's allowance on top of --max_tensor_bytes
 COUNTERS = ("requests", "batches", "rows", "joined", "rejected", "expired", "cancelled", "malformed_client",
-            "malformed_worker", "failed_handlers", "auth_refused")
+            "malformed_worker", "failed_handlers", "auth_refused", "requeued")
 
 
 class Broker:
@@ -283,10 +283,11 @@ class Broker:
 
     def _deliver(self, link: WorkerLink, message: protocol.Message) -> None:
         result = message.header
-        tasks = link.in_flight.pop(result.batch, None)
-        if tasks is None:
+        entry = link.in_flight.pop(result.batch, None)
+        if entry is None:
             self._warn("result for an unknown batch from %r", link.identity)
             return
+        tasks = entry[1]
         try:
             if isinstance(result, protocol.JoinedResult):
                 replies = cut_joined_result(result, message.frames, tasks)
@@ -301,13 +302,17 @@ class Broker:
             send_message(self.frontend, [task.payload.client, protocol.TAG, *reply], copy=False)
 
     def _dispatch(self, now: float) -> None:
+        """Each version's batches to its least loaded READY replica with a free slot."""
         slots = self.config.batches_in_flight
         for served in self.fleet.serving:
-            link = served.worker
-            if link is None or not link.ready:
+            ready = [link for link in served.workers if link is not None and link.ready]
+            if not ready or not served.queues:
                 continue
             queues = list(served.queues.items())
-            while len(link.in_flight) < slots:
+            while True:
+                link = min(ready, key=lambda lk: len(lk.in_flight)) if len(ready) > 1 else ready[0]
+                if len(link.in_flight) >= slots:
+                    break
                 for signature, queue_ in queues:
                     batch = queue_.next_batch(now, idle=not link.in_flight)
                     if batch is not None:
@@ -337,7 +342,8 @@ class Broker:
         batch_id = next(self._batch_ids)
         header, frames = build_batch(batch_id, signature, self.batching.padded_size(rows), live, now)
         self.send_backend(link.identity, protocol.BATCH, header, frames)
-        link.in_flight[batch_id] = live
+        link.in_flight[batch_id] = (signature, live)
+        link.batches += 1
         link.last_sent = now
         self.counters["batches"] += 1
         self.counters["rows"] += rows
@@ -360,8 +366,8 @@ class Broker:
         now = time.monotonic()
         nearest = min(self._next_housekeeping, self.lookups.next_deadline() or self._next_housekeeping)
         for served in self.fleet.serving:
-            link = served.worker
-            if link is None or len(link.in_flight) >= self.config.batches_in_flight:
+            if not any(link is not None and len(link.in_flight) < self.config.batches_in_flight
+                       for link in served.workers):
                 continue
             for queue_ in served.queues.values():
                 deadline = queue_.next_deadline()
@@ -426,10 +432,35 @@ class Broker:
         self.lookups.fail_version(served, error)
         for queue_ in served.queues.values():
             self.fail_tasks(queue_.drain(), error)
-        if served.worker is not None:
-            for tasks in served.worker.in_flight.values():
-                self.fail_tasks(tasks, error)
-            served.worker.in_flight.clear()
+        for replica in range(len(served.workers)):
+            self.fail_replica(served, replica, error)
+
+    def fail_replica(self, served: ServedVersion, replica: int, error: TFBrokerError) -> None:
+        """Answer the requests in the batches in flight on one replica with ``error``."""
+        link = served.workers[replica] if replica < len(served.workers) else None
+        if link is not None:
+            self.fail_tasks(list(link.tasks()), error)
+            link.in_flight.clear()
+
+    def requeue(self, served: ServedVersion, replica: int) -> None:
+        """A replica died or went silent with batches in flight: they go back to the front of
+        their queues, for the other replicas. A request requeued once already is failed (a
+        batch that kills every worker it reaches must not go round them all)."""
+        link = served.workers[replica] if replica < len(served.workers) else None
+        if link is None:
+            return
+        for signature, tasks in reversed(list(link.in_flight.values())):
+            again = [t for t in tasks if not t.requeued]
+            self.fail_tasks([t for t in tasks if t.requeued],
+                            Unavailable("two model workers failed while running this request"))
+            if again:
+                queue_ = served.queues[signature]
+                queue_.requeue(again)
+                for task in again:
+                    task.requeued = True
+                    self._queued[(task.payload.client, task.payload.request_id)] = (queue_, task)
+                self.counters["requeued"] += len(again)
+        link.in_flight.clear()
 
     def _warn(self, text: str, *args: Any) -> None:
         """A warning at most once a second: a peer that floods the broker must not flood the log."""

@@ -24,6 +24,14 @@ class WorkerConfig:
     tensorflow_inter_op_parallelism: int = field(default=0, metadata={
         "help": "TensorFlow ops run at once (0: TensorFlow's choice)."})
     log_level: str = field(default="info", metadata={"help": "debug, info, warning or error."})
+    device: str = field(default="", metadata={
+        "help": "The device of this replica (gpuN, cpuN), in its title; empty when the CPU is the only one. "
+                "The broker makes it the only one visible (CUDA_VISIBLE_DEVICES)."})
+
+    @property
+    def title(self) -> str:
+        """``worker:MODEL:VERSION``, with ``:DEVICE`` when there are replicas or GPUs."""
+        return f"worker:{self.model_name}:{self.version}" + (f":{self.device}" if self.device else "")
 
     def __post_init__(self) -> None:
         if self.version < 0:

@@ -31,8 +31,8 @@ log = logging.getLogger("tfbroker.worker")
 
 
 def run(config: WorkerConfig) -> int:
-    set_title(f"worker:{config.model_name}:{config.version}")
-    setup_logging(config.log_level, f"worker:{config.model_name}:{config.version}")
+    set_title(config.title)
+    setup_logging(config.log_level, config.title)
     die_with_parent()
     worker = Worker(config)
     signal.signal(signal.SIGTERM, worker.handle_signal)
@@ -76,8 +76,10 @@ class Worker:
                 self._model = model_lib.load(self.config.path)
                 records = warmup.warm_up_from_file(self._model)
                 warmup.warm_up_batch_sizes(self._model, self.config.warmup_batch_sizes)
-            log.info("loaded %s (%s loader, signatures %s, %d warm-up records) in %.1f s", self.config.path,
-                     self._model.loader, sorted(self._model.signatures), records, time.monotonic() - started)
+            log.info("loaded %s (%s loader, signatures %s, %d warm-up records) in %.1f s on %s "
+                     "(CUDA_VISIBLE_DEVICES=%r)", self.config.path, self._model.loader, sorted(self._model.signatures),
+                     records, time.monotonic() - started, self.config.device or "the default device",
+                     os.environ.get("CUDA_VISIBLE_DEVICES"))
         except Exception as exc:  # noqa: BLE001 - any failure to load is reported the same way
             log.error("cannot load model %s version %d: %s", self.config.model_name, self.config.version, exc)
             self._send(protocol.DISCONNECT, protocol.Disconnect(error=str(exc)[:2000]))

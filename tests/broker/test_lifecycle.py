@@ -174,3 +174,61 @@ def test_shutdown_of_every_state_reaches_end() -> None:
             actions += run(life, lc.WorkerExited(0, True))
         assert life.state is S.END, events
         assert lc.Ended() in actions
+
+
+# --- replicas: one worker per device (--devices) ---
+
+def test_replicas_all_ready_before_available_then_one_lost_is_covered_by_the_other() -> None:
+    life = Lifecycle("v1", replicas=2)
+    assert run(life, lc.Load()) == [lc.SpawnWorker(0), lc.SpawnWorker(1)]
+    assert run(life, lc.WorkerReady(1)) == [] and life.state is S.LOADING  # every device loads first
+    assert kinds(run(life, lc.WorkerReady(0))) == [lc.BecameAvailable]
+    # One dies: its batches go to the other, it restarts, the version keeps serving.
+    assert run(life, lc.WorkerExited(-9, True, replica=1)) == [lc.Requeue(1), lc.RestartWorker(1)]
+    assert life.state is S.AVAILABLE and life.workers == [Worker.READY, Worker.RESTARTING]
+    # The other dies too: nothing left to serve, so 503 and LOADING until one is back.
+    actions = run(life, lc.WorkerExited(-9, True, replica=0))
+    assert kinds(actions) == [lc.FailRequests, lc.RestartWorker] and actions[0] == lc.FailRequests(actions[0].message)
+    assert life.state is S.LOADING
+    run(life, lc.WorkerStarted(1))
+    assert kinds(run(life, lc.WorkerReady(1))) == [lc.BecameAvailable]  # one is enough once it has served
+    assert run(life, lc.WorkerStarted(0), lc.WorkerReady(0)) == []
+    assert life.workers == [Worker.READY, Worker.READY]
+
+
+def test_a_silent_replica_is_terminated_and_its_batches_move() -> None:
+    life = Lifecycle("v1", replicas=2)
+    run(life, lc.Load(), lc.WorkerReady(0), lc.WorkerReady(1))
+    assert run(life, lc.WorkerSilent("no heartbeat for 10 s", replica=0)) == [
+        lc.Terminate("no heartbeat for 10 s", 0), lc.Requeue(0)]
+    assert life.state is S.AVAILABLE
+    assert run(life, lc.WorkerExited(-15, True, replica=0)) == [lc.Requeue(0), lc.RestartWorker(0)]
+
+
+def test_a_replica_that_cannot_load_fails_the_version_and_stops_the_others() -> None:
+    life = Lifecycle("v1", replicas=3)
+    run(life, lc.Load(), lc.WorkerReady(2))
+    actions = run(life, lc.WorkerExited(4, False, "no such op", replica=0))
+    assert actions == [lc.Terminate("no such op", 1), lc.Disconnect(2)]
+    assert life.state is S.UNLOADING
+    assert run(life, lc.WorkerExited(-15, True, replica=1)) == [lc.FailRequests("v1 was unloaded", 1)]
+    assert kinds(run(life, lc.WorkerExited(0, True, replica=2))) == [lc.FailRequests, lc.Ended]
+    assert life.failed and life.error == "no such op"
+
+
+def test_unloading_replicas_go_together_and_the_version_ends_with_the_last() -> None:
+    life = Lifecycle("v1", replicas=2)
+    run(life, lc.Load(), lc.WorkerReady(0), lc.WorkerReady(1), lc.UnloadAsked())
+    assert run(life, lc.Drained()) == [lc.Disconnect(0), lc.Disconnect(1)]
+    assert run(life, lc.WorkerExited(0, True, replica=1)) == [lc.FailRequests("v1 was unloaded", 1)]
+    assert life.state is S.UNLOADING
+    assert run(life, lc.GraceExpired()) == [lc.Terminate("still running after unload", 0)]
+    assert kinds(run(life, lc.WorkerExited(0, True, replica=0))) == [lc.FailRequests, lc.Ended]
+    assert life.state is S.END and not life.failed
+
+
+def test_a_replica_that_stops_loading_after_serving_leaves_the_others_serving() -> None:
+    life = Lifecycle("v1", replicas=2)
+    run(life, lc.Load(), lc.WorkerReady(0), lc.WorkerReady(1))
+    assert run(life, lc.WorkerExited(4, False, "out of memory", replica=1)) == [lc.Requeue(1)]
+    assert life.state is S.AVAILABLE and life.workers == [Worker.READY, Worker.NONE]
