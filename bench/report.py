@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-ROLES = ("frontends", "broker", "worker", "workers", "master", "mosec-http")
+ROLES = ("frontends", "broker", "worker", "iobatcher", "workers", "master", "mosec-http", "nginx")
 
 
 def reference_batch(cell: dict[str, Any]) -> int:

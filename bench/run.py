@@ -20,11 +20,11 @@ import numpy as np
 from bench import report
 from bench.load import client_load, wrk
 from bench.servers import (ROOT, Server, cpu_by_role, mosec_server, naive_server, raw_asgi_server,
-                           tfbroker_granian_server, tfbroker_server, total_pss_mb)
+                           tfbroker_granian_server, tfbroker_nginx_server, tfbroker_server, total_pss_mb)
 from frontend.client import Client
 
 SERVERS = ("naive-2", "naive-4", "mosec", "mosec-orjson", "tfbroker-2", "tfbroker-4", "tfbroker-8",
-           "tfbroker-granian-2", "tfbroker-rsgi-2", "client")
+           "tfbroker-granian-2", "tfbroker-rsgi-2", "tfbroker-nginx-2", "tfbroker-replicas-2", "client")
 QUICK_SERVERS = ("naive-2", "mosec", "tfbroker-2", "client")
 CONCURRENCY = (1, 16, 64, 256)
 CLIENT_CONCURRENCY = (1, 16, 64, 256)
@@ -118,6 +118,12 @@ def _server(name: str, model_base: str, work: Path) -> Server:
     if name.startswith(("tfbroker-granian-", "tfbroker-rsgi-")):
         interface = "rsgi" if "-rsgi-" in name else "asgi"
         return tfbroker_granian_server(model_base, int(name.rsplit("-", 1)[1]), PORT, runtime, interface)
+    if name.startswith("tfbroker-nginx-"):
+        return tfbroker_nginx_server(model_base, int(name.rsplit("-", 1)[1]), PORT, runtime)
+    if name.startswith("tfbroker-replicas-"):  # two CPU replicas of the model (--devices=cpu,cpu)
+        server = tfbroker_server(model_base, int(name.rsplit("-", 1)[1]), PORT, runtime, ["--devices=cpu,cpu"])
+        server.name = name
+        return server
     if kind == "tfbroker":
         return tfbroker_server(model_base, int(count), PORT, runtime)
     if kind == "client":  # the broker alone: the Python client is its only caller

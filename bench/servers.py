@@ -59,7 +59,7 @@ def role(pid: int) -> str:
         return "frontends"
     for prefix, name in (("tfbroker: frontend", "frontends"), ("tfbroker: broker", "broker"),
                          ("tfbroker: worker", "worker"), ("tfbroker: iobatcher", "iobatcher"),
-                         ("gunicorn: master", "master"),
+                         ("gunicorn: master", "master"), ("nginx: ", "nginx"),
                          ("gunicorn: worker", "workers")):
         if text.startswith(prefix):
             return name
@@ -180,6 +180,28 @@ def tfbroker_granian_server(base_path: str, frontends: int, port: int, runtime_d
         url=f"http://127.0.0.1:{port}/v1/models/mlp:predict",
         env={**SERVER_ENV, "TFBROKER_ADDRESS": f"ipc://{runtime_dir}/frontend.sock"},
         address=f"ipc://{runtime_dir}/frontend.sock")
+
+
+def tfbroker_nginx_server(base_path: str, frontends: int, port: int, runtime_dir: str) -> Server:
+    """tfbroker's frontends behind nginx with ops/nginx/tfbroker.conf (its upstream pointed at
+    their TCP port): the proxy's cost. nginx runs 2 worker processes, as on a 2-core host."""
+    inner = port + 1
+    site = (ROOT / "ops" / "nginx" / "tfbroker.conf").read_text()
+    site = site.replace("server unix:/run/tfbroker-frontends/http.sock max_fails=0;",
+                        f"server 127.0.0.1:{inner} max_fails=0;").replace("listen 8501;", f"listen 127.0.0.1:{port};")
+    prefix = Path(runtime_dir) / "nginx"
+    prefix.mkdir(parents=True)
+    (prefix / "tfbroker.conf").write_text(site)
+    (prefix / "nginx.conf").write_text(
+        f"user root;\nworker_processes 2;\npid {prefix}/nginx.pid;\nerror_log {prefix}/error.log warn;\n"
+        "events { worker_connections 4096; }\n"
+        f"http {{\n  access_log off;\n  client_body_temp_path {prefix}/body;\n  proxy_temp_path {prefix}/proxy;\n"
+        f"  include {prefix}/tfbroker.conf;\n}}\n")
+    nginx = f"nginx -p {prefix} -c {prefix / 'nginx.conf'} -g 'daemon off;'"
+    broker = tfbroker_server(base_path, frontends, inner, runtime_dir)
+    server = Server(name=f"tfbroker-nginx-{frontends}", argv=["sh", "-c", f"{nginx} & exec {' '.join(broker.argv)}"],
+                    url=f"http://127.0.0.1:{port}/v1/models/mlp:predict", env=broker.env, address=broker.address)
+    return server
 
 
 def tfbroker_server(base_path: str, frontends: int, port: int, runtime_dir: str,
