@@ -99,15 +99,19 @@ class BatchQueue:
         batch.closed = True
         return self._batches.popleft()
 
-    def requeue(self, tasks: list[Task]) -> None:
+    def requeue(self, tasks: list[Task]) -> list[Task]:
         """Put tasks that were handed out back at the front, as one closed batch, whatever
-        ``max_enqueued_batches`` says: they were admitted already."""
-        batch = Batch(closed=True)
-        for task in tasks:
-            batch.tasks.append(task)
-            batch.size += task.size
-            task.batch = batch
-        self._batches.appendleft(batch)
+        ``max_enqueued_batches`` says (they were admitted already). Each task goes back
+        once: returns those it put back, not the ones requeued before."""
+        again = [t for t in tasks if not t.requeued]
+        if again:
+            batch = Batch()
+            for task in again:
+                batch.add(task, 0.0)
+                task.requeued = True
+            batch.closed = True
+            self._batches.appendleft(batch)
+        return again
 
     def next_deadline(self) -> float | None:
         """When the open batch times out, if the queue holds only an open batch."""

@@ -145,12 +145,12 @@ class Fleet:
         self._spawn_worker(served, replica)
 
     def restart_worker(self, served: ServedVersion, replica: int, now: float) -> None:
-        link = _replica(served, replica)
+        link = served.link(replica)
         if link is not None:
             schedule_restart(link.child, now)
 
     def cancel_restart(self, served: ServedVersion, replica: int) -> None:
-        link = _replica(served, replica)
+        link = served.link(replica)
         if link is not None:
             link.child.restart_at = 0.0
             self._links.pop(link.identity, None)
@@ -163,13 +163,13 @@ class Fleet:
             self.serving.remove(served)
 
     def disconnect_worker(self, served: ServedVersion, replica: int, now: float) -> None:
-        link = _replica(served, replica)
+        link = served.link(replica)
         if link is not None:
             self.broker.send_disconnect(link)
             link.disconnect_sent = now
 
     def terminate_worker(self, served: ServedVersion, replica: int, reason: str) -> None:
-        link = _replica(served, replica)
+        link = served.link(replica)
         if link is not None:
             link.ready = False
             terminate_child(link.child, reason)
@@ -324,9 +324,6 @@ class Fleet:
                 return served
         return None
 
-
-def _replica(served: ServedVersion, replica: int) -> WorkerLink | None:
-    return served.workers[replica] if replica < len(served.workers) else None
 
 
 def bind_http(host: str, port: int) -> socket.socket:

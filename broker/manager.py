@@ -189,7 +189,7 @@ class VersionManager:
         elif isinstance(action, lc.Terminate):
             fleet.terminate_worker(served, action.replica, action.reason)
         elif isinstance(action, lc.Requeue):
-            self.broker.requeue(served, action.replica)
+            self._requeue(served, action.replica)
         elif isinstance(action, lc.LoadTables):
             self.broker.lookups.load_tables(served)
         elif isinstance(action, lc.UnloadTables):
@@ -198,7 +198,8 @@ class VersionManager:
             if action.replica is None:
                 self.broker.fail_version(served, Unavailable(action.message))
             else:
-                self.broker.fail_replica(served, action.replica, Unavailable(action.message))
+                link = served.link(action.replica)
+                self.broker.fail_tasks(link.take_in_flight() if link else [], Unavailable(action.message))
         elif isinstance(action, lc.BecameAvailable):
             served.counters.record_load("OK", time.monotonic() - served.load_started)
             log.info("serving model %s version %d (signatures %s)", served.model, served.version,
@@ -215,6 +216,23 @@ class VersionManager:
                 log.error("model %s version %d failed to load: %s", served.model, served.version, served.error)
             else:
                 log.info("model %s version %d unloaded", served.model, served.version)
+
+    def _requeue(self, served: ServedVersion, replica: int) -> None:
+        """A replica died or went silent holding batches: they go back to the front of their
+        queues for the other replicas; a request requeued once already is failed (a batch
+        that kills every worker it reaches must not go round them all)."""
+        link = served.link(replica)
+        for signature, tasks in reversed(list(link.in_flight.values()) if link else []):
+            queue_ = served.queues[signature]
+            again = queue_.requeue(tasks)
+            back = {id(t) for t in again}
+            self.broker.fail_tasks([t for t in tasks if id(t) not in back],
+                                   Unavailable("two model workers failed while running this request"))
+            for task in again:
+                self.broker.track(queue_, task)
+            self.broker.counters["requeued"] += len(again)
+        if link is not None:
+            link.in_flight.clear()
 
     def _finish_unloads(self, model: ServedModel, now: float) -> None:
         """An UNLOADING version whose requests have left every stage is Drained; its worker

@@ -73,6 +73,12 @@ class WorkerLink:
         for _signature, tasks in self.in_flight.values():
             yield from tasks
 
+    def take_in_flight(self) -> list[Task]:
+        """Its batches' requests, which it will not answer (it died, or their version failed)."""
+        tasks = list(self.tasks())
+        self.in_flight.clear()
+        return tasks
+
 
 @dataclass(slots=True)
 class ServedVersion:
@@ -116,6 +122,9 @@ class ServedVersion:
         """Requests admitted to this version and not answered yet, in any stage."""
         return (any(len(q) for q in self.queues.values()) or any(link.in_flight for link in self.links())
                 or bool(self.lookup_queue) or self.lookups_in_flight > 0)
+
+    def link(self, replica: int) -> WorkerLink | None:
+        return self.workers[replica] if replica < len(self.workers) else None
 
     def links(self) -> list[WorkerLink]:
         """Its worker processes, one per replica that has been spawned."""

@@ -216,6 +216,10 @@ class Broker:
         except Unavailable:
             served.counters.rejected += 1
             raise
+        self.track(queue_, task)
+
+    def track(self, queue_: BatchQueue, task: Task) -> None:
+        """A queued task its client may cancel (a requeued one too)."""
         self._queued[(task.payload.client, task.payload.request_id)] = (queue_, task)
 
     def _cancel(self, client: bytes, request_id: int) -> None:
@@ -432,35 +436,8 @@ class Broker:
         self.lookups.fail_version(served, error)
         for queue_ in served.queues.values():
             self.fail_tasks(queue_.drain(), error)
-        for replica in range(len(served.workers)):
-            self.fail_replica(served, replica, error)
-
-    def fail_replica(self, served: ServedVersion, replica: int, error: TFBrokerError) -> None:
-        """Answer the requests in the batches in flight on one replica with ``error``."""
-        link = served.workers[replica] if replica < len(served.workers) else None
-        if link is not None:
-            self.fail_tasks(list(link.tasks()), error)
-            link.in_flight.clear()
-
-    def requeue(self, served: ServedVersion, replica: int) -> None:
-        """A replica died or went silent with batches in flight: they go back to the front of
-        their queues, for the other replicas. A request requeued once already is failed (a
-        batch that kills every worker it reaches must not go round them all)."""
-        link = served.workers[replica] if replica < len(served.workers) else None
-        if link is None:
-            return
-        for signature, tasks in reversed(list(link.in_flight.values())):
-            again = [t for t in tasks if not t.requeued]
-            self.fail_tasks([t for t in tasks if t.requeued],
-                            Unavailable("two model workers failed while running this request"))
-            if again:
-                queue_ = served.queues[signature]
-                queue_.requeue(again)
-                for task in again:
-                    task.requeued = True
-                    self._queued[(task.payload.client, task.payload.request_id)] = (queue_, task)
-                self.counters["requeued"] += len(again)
-        link.in_flight.clear()
+        for link in served.links():
+            self.fail_tasks(link.take_in_flight(), error)
 
     def _warn(self, text: str, *args: Any) -> None:
         """A warning at most once a second: a peer that floods the broker must not flood the log."""

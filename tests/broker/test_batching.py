@@ -109,3 +109,18 @@ def test_a_cancelled_task_leaves_its_batch_and_an_emptied_batch_leaves_the_queue
     lone = Task(1, 10.0, "c")
     queue.schedule(lone, 0.0)
     assert queue.remove(lone) and queue.enqueued_batches == 0
+
+
+def test_requeued_tasks_run_next_even_on_a_full_queue_and_only_once() -> None:
+    q = queue(max_batch_size=4, max_enqueued_batches=1)
+    first = [task(), task(2)]
+    for t in first:
+        q.schedule(t, now=0.0)
+    handed_out = q.next_batch(0.0, idle=True)
+    assert handed_out is not None
+    q.schedule(task(3), now=0.1)  # the queue is full again
+    assert q.requeue(handed_out.tasks) == first  # their worker died: they go back, at the front
+    again = q.next_batch(0.2, idle=False)
+    assert again is not None and again.tasks == first and again.size == 3
+    assert q.requeue(again.tasks) == []  # a second worker died with them: not again
+    assert len(q) == 1
