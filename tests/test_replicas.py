@@ -140,3 +140,19 @@ def test_a_bad_devices_flag_is_a_configuration_error(start_broker: Any, test_mod
                            "--devices=gpu7"], frontends=1)
     assert broker.process.wait(timeout=60) == 2
     assert "gpu7 is not visible" in broker.log()
+
+
+def test_by_default_every_visible_gpu_gets_its_own_worker(start_broker: Any, test_models: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU layout without a GPU: the broker takes CUDA_VISIBLE_DEVICES=0,1 as two cards and
+    starts a worker for each, each seeing only its own (TensorFlow finds no CUDA driver here and
+    runs on the CPU, so the answers are still checked)."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    broker = start_broker(["--model_name=linear", f"--model_base_path={test_models / 'linear'}"], frontends=1)
+    broker.wait_available(["linear"])
+    titles = worker_titles(broker)
+    assert sorted(titles) == ["tfbroker: worker:linear:2:gpu0", "tfbroker: worker:linear:2:gpu1"], titles
+    assert "on gpu0 (CUDA_VISIBLE_DEVICES='0')" in broker.log()
+    assert "on gpu1 (CUDA_VISIBLE_DEVICES='1')" in broker.log()
+    for _ in range(10):
+        assert broker.predict("linear", {"instances": [1.0]}).json() == {"predictions": [3.5]}
