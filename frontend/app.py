@@ -197,9 +197,16 @@ class RestApi:
             return error_answer(Internal(f"frontend error: {type(exc).__name__}: {exc}"))
 
 
+# Set while this frontend shuts down (frontend/uvicorn_worker.py): every answer then closes its
+# connection, so a proxy stops reusing it before the frontend goes, instead of meeting a reset.
+closing = [False]
+CONNECTION_CLOSE = (b"connection", b"close")
+
+
 async def _respond(send: Send, status: int, content: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    extra = [*headers, CONNECTION_CLOSE] if closing[0] else headers
     await send({"type": "http.response.start", "status": status,
-                "headers": [JSON, (b"content-length", str(len(content)).encode()), *headers]})
+                "headers": [JSON, (b"content-length", str(len(content)).encode()), *extra]})
     await send({"type": "http.response.body", "body": content})
 
 

@@ -1,8 +1,13 @@
 """The frontends' gunicorn worker and logger classes.
 
-FrontendWorker is uvicorn's worker without its proxy-headers middleware: the REST API reads
+FrontendWorker is uvicorn's worker without its proxy-headers middleware (the REST API reads
 neither the client's address nor X-Forwarded-*, and the middleware is one more coroutine
-frame on every request's way (resumed at each await).
+frame on every request's way), and with a shutdown that lets a proxy's pooled connections go
+quietly. uvicorn's own graceful shutdown closes idle keep-alive connections at once, and a
+request a proxy (nginx) is sending on one at that moment meets a reset: with several upstream
+servers nginx runs out of retries and answers 502. LingeringServer first stops accepting, then
+for up to LINGER_S answers every request with ``Connection: close`` (so each busy connection
+closes after its answer and the proxy drops it from its pool), then shuts down as uvicorn does.
 
 FrontendLogger writes gunicorn's and uvicorn's lines in tfbroker's format (broker/logs.py),
 so the frontends' log reads like every other process's.
@@ -10,16 +15,47 @@ so the frontends' log reads like every other process's.
 
 from __future__ import annotations
 
+import asyncio
+import socket
+import sys
+import time
 from typing import Any
 
+from gunicorn.arbiter import Arbiter
 from gunicorn.glogging import Logger
+from uvicorn.server import Server
 from uvicorn_worker import UvicornWorker
 
 from broker import logs
+from frontend import app as rest_app
+
+LINGER_S = 1.0  # at most; it ends as soon as no connection is left
+
+
+class LingeringServer(Server):
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for server in self.servers:
+            server.close()
+        for sock in sockets or []:
+            sock.close()
+        rest_app.closing[0] = True
+        deadline = time.monotonic() + LINGER_S
+        while self.server_state.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await super().shutdown(sockets=sockets)
 
 
 class FrontendWorker(UvicornWorker):
     CONFIG_KWARGS = {**UvicornWorker.CONFIG_KWARGS, "proxy_headers": False}
+
+    async def _serve(self) -> None:
+        # uvicorn_worker's own _serve, with LingeringServer in place of uvicorn's Server.
+        self.config.app = self.wsgi
+        server = LingeringServer(config=self.config)
+        self._install_sigquit_handler()
+        await server.serve(sockets=self.sockets)
+        if not server.started:
+            sys.exit(Arbiter.WORKER_BOOT_ERROR)
 
 
 class FrontendLogger(Logger):

@@ -93,8 +93,10 @@ def deployment(test_models: Path, light_venv: Path, tmp_path_factory: pytest.Tem
              "/run/tfbroker": str(run_dir / "tfbroker")}
     log = tmp / "deploy.log"
     broker = start_unit(UNITS / "tfbroker-broker.service", paths, log)
-    frontends = start_unit(UNITS / "tfbroker-frontends.service", paths, log, {"TFBROKER_FRONTENDS": "2"})
     socket_path = str(run_dir / "tfbroker-frontends" / "http.sock")
+    tcp_port = free_port()  # the frontends also on TCP, as nginx's second upstream server
+    frontends = start_unit(UNITS / "tfbroker-frontends.service", paths, log,
+                           {"TFBROKER_FRONTENDS": "2", "TFBROKER_BIND": f"unix:{socket_path},127.0.0.1:{tcp_port}"})
     direct = httpx.Client(transport=httpx.HTTPTransport(uds=socket_path), base_url="http://frontends", timeout=30)
 
     def available() -> bool:
@@ -111,6 +113,7 @@ def deployment(test_models: Path, light_venv: Path, tmp_path_factory: pytest.Tem
     wait_for(available, 120, "the model, through the frontends' unit")
     try:
         yield {"broker": broker, "frontends": frontends, "direct": direct, "socket": socket_path, "log": log,
+               "tcp": f"127.0.0.1:{tcp_port}",
                "address": f"ipc://{run_dir}/tfbroker/frontend.sock", "tmp": tmp}
     finally:
         direct.close()
@@ -121,12 +124,15 @@ def deployment(test_models: Path, light_venv: Path, tmp_path_factory: pytest.Tem
 
 @pytest.fixture(scope="module")
 def nginx(deployment: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """The real nginx with ops/nginx/tfbroker.conf, its upstream on the frontends' socket."""
+    """The real nginx with ops/nginx/tfbroker.conf, its upstream on the frontends' unix socket
+    and their TCP port (the site's commented second server line, filled in)."""
     binary = debian_binary("nginx", "nginx")
     prefix = deployment["tmp"] / "nginx"
     prefix.mkdir()
     port = free_port()
     site = NGINX_SITE.read_text().replace("unix:/run/tfbroker-frontends/http.sock", f"unix:{deployment['socket']}")
+    assert "# server 10.0.0.12:8501 max_fails=0;" in site
+    site = site.replace("# server 10.0.0.12:8501 max_fails=0;", f"server {deployment['tcp']} max_fails=0;")
     site = site.replace("listen 8501;", f"listen 127.0.0.1:{port};")
     (prefix / "tfbroker.conf").write_text(site)
     (prefix / "nginx.conf").write_text(
