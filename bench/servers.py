@@ -182,26 +182,33 @@ def tfbroker_granian_server(base_path: str, frontends: int, port: int, runtime_d
         address=f"ipc://{runtime_dir}/frontend.sock")
 
 
-def tfbroker_nginx_server(base_path: str, frontends: int, port: int, runtime_dir: str) -> Server:
-    """tfbroker's frontends behind nginx with ops/nginx/tfbroker.conf (its upstream pointed at
-    their TCP port): the proxy's cost. nginx runs 2 worker processes, as on a 2-core host."""
-    inner = port + 1
+def nginx_site(prefix: Path, upstreams: list[str], listen: str, workers: int = 2) -> Path:
+    """ops/nginx/tfbroker.conf with its upstream servers and listen address replaced, under a
+    main nginx.conf of its own in ``prefix`` (pid, logs and temp files there): the file to
+    pass to ``nginx -p PREFIX -c``."""
     site = (ROOT / "ops" / "nginx" / "tfbroker.conf").read_text()
-    site = site.replace("server unix:/run/tfbroker-frontends/http.sock max_fails=0;",
-                        f"server 127.0.0.1:{inner} max_fails=0;").replace("listen 8501;", f"listen 127.0.0.1:{port};")
-    prefix = Path(runtime_dir) / "nginx"
-    prefix.mkdir(parents=True)
+    servers = "\n".join(f"    server {address} max_fails=0;" for address in upstreams)
+    site = site.replace("    server unix:/run/tfbroker-frontends/http.sock max_fails=0;", servers)
+    site = site.replace("listen 8501;", f"listen {listen};")
+    prefix.mkdir(parents=True, exist_ok=True)
     (prefix / "tfbroker.conf").write_text(site)
     (prefix / "nginx.conf").write_text(
-        f"user root;\nworker_processes 2;\npid {prefix}/nginx.pid;\nerror_log {prefix}/error.log warn;\n"
+        f"user root;\nworker_processes {workers};\npid {prefix}/nginx.pid;\nerror_log {prefix}/error.log warn;\n"
         "events { worker_connections 4096; }\n"
         f"http {{\n  access_log off;\n  client_body_temp_path {prefix}/body;\n  proxy_temp_path {prefix}/proxy;\n"
         f"  include {prefix}/tfbroker.conf;\n}}\n")
-    nginx = f"nginx -p {prefix} -c {prefix / 'nginx.conf'} -g 'daemon off;'"
-    broker = tfbroker_server(base_path, frontends, inner, runtime_dir)
-    server = Server(name=f"tfbroker-nginx-{frontends}", argv=["sh", "-c", f"{nginx} & exec {' '.join(broker.argv)}"],
-                    url=f"http://127.0.0.1:{port}/v1/models/mlp:predict", env=broker.env, address=broker.address)
-    return server
+    return prefix / "nginx.conf"
+
+
+def tfbroker_nginx_server(base_path: str, frontends: int, port: int, runtime_dir: str) -> Server:
+    """tfbroker's frontends behind nginx with ops/nginx/tfbroker.conf (its upstream pointed at
+    their TCP port): the proxy's cost. nginx runs 2 worker processes, as on a 2-core host."""
+    prefix = Path(runtime_dir) / "nginx"
+    conf = nginx_site(prefix, [f"127.0.0.1:{port + 1}"], f"127.0.0.1:{port}")
+    nginx = f"nginx -p {prefix} -c {conf} -g 'daemon off;'"
+    broker = tfbroker_server(base_path, frontends, port + 1, runtime_dir)
+    return Server(name=f"tfbroker-nginx-{frontends}", argv=["sh", "-c", f"{nginx} & exec {' '.join(broker.argv)}"],
+                  url=f"http://127.0.0.1:{port}/v1/models/mlp:predict", env=broker.env, address=broker.address)
 
 
 def tfbroker_server(base_path: str, frontends: int, port: int, runtime_dir: str,

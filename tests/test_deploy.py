@@ -23,12 +23,12 @@ import httpx
 import numpy as np
 import pytest
 
+from bench.servers import nginx_site
 from broker.supervisor import terminate
 from frontend.client import Client
 from tests.conftest import ROOT, children_of, debian_binary, free_port, make_model_config, process_title, wait_for
 
 UNITS = ROOT / "ops" / "systemd"
-NGINX_SITE = ROOT / "ops" / "nginx" / "tfbroker.conf"
 
 
 def read_unit(path: Path) -> dict[str, list[str]]:
@@ -125,25 +125,15 @@ def deployment(test_models: Path, light_venv: Path, tmp_path_factory: pytest.Tem
 @pytest.fixture(scope="module")
 def nginx(deployment: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """The real nginx with ops/nginx/tfbroker.conf, its upstream on the frontends' unix socket
-    and their TCP port (the site's commented second server line, filled in)."""
+    and on their TCP port: two upstream servers."""
     binary = debian_binary("nginx", "nginx")
     prefix = deployment["tmp"] / "nginx"
-    prefix.mkdir()
     port = free_port()
-    site = NGINX_SITE.read_text().replace("unix:/run/tfbroker-frontends/http.sock", f"unix:{deployment['socket']}")
-    assert "# server 10.0.0.12:8501 max_fails=0;" in site
-    site = site.replace("# server 10.0.0.12:8501 max_fails=0;", f"server {deployment['tcp']} max_fails=0;")
-    site = site.replace("listen 8501;", f"listen 127.0.0.1:{port};")
-    (prefix / "tfbroker.conf").write_text(site)
-    (prefix / "nginx.conf").write_text(
-        f"user root;\nworker_processes 2;\npid {prefix}/nginx.pid;\nerror_log {prefix}/error.log warn;\n"
-        "events { worker_connections 1024; }\n"
-        f"http {{\n  access_log off;\n  client_body_temp_path {prefix}/body;\n  proxy_temp_path {prefix}/proxy;\n"
-        f"  include {prefix}/tfbroker.conf;\n}}\n")
-    check = subprocess.run([binary, "-t", "-p", str(prefix), "-c", str(prefix / "nginx.conf")],
+    conf = nginx_site(prefix, [f"unix:{deployment['socket']}", deployment["tcp"]], f"127.0.0.1:{port}")
+    check = subprocess.run([binary, "-t", "-p", str(prefix), "-c", str(conf)],
                            capture_output=True, text=True, timeout=30)
     assert check.returncode == 0, check.stderr
-    process = subprocess.Popen([binary, "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-g", "daemon off;"],
+    process = subprocess.Popen([binary, "-p", str(prefix), "-c", str(conf), "-g", "daemon off;"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
 
@@ -156,7 +146,7 @@ def nginx(deployment: dict[str, Any]) -> Iterator[dict[str, Any]]:
     wait_for(up, 20, "nginx")
     try:
         yield {"binary": binary, "prefix": prefix, "http": http, "port": port,
-               "reload": [binary, "-s", "reload", "-p", str(prefix), "-c", str(prefix / "nginx.conf")]}
+               "reload": [binary, "-s", "reload", "-p", str(prefix), "-c", str(conf)]}
     finally:
         http.close()
         terminate(process, grace_s=10)  # type: ignore[arg-type]
