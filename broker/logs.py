@@ -78,9 +78,9 @@ def formatter() -> logging.Formatter:
     return JsonFormatter() if log_format() == "json" else logging.Formatter(TEXT_FORMAT)
 
 
-def handler(stream: object = None) -> logging.Handler:
+def handler() -> logging.Handler:
     """A stderr handler in this process's format (gunicorn's loggers get these too)."""
-    out = logging.StreamHandler(stream or sys.stderr)  # type: ignore[arg-type]
+    out = logging.StreamHandler(sys.stderr)
     out.setFormatter(formatter())
     out.addFilter(_RoleFilter())
     return out
