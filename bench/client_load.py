@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from frontend.client import AsyncClient
+from tfbroker import AsyncClient
 
 
 async def run(address: str, x: np.ndarray, y: np.ndarray, concurrency: int, seconds: float) -> dict[str, float]:

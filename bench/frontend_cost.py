@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from frontend.app import create_app
-from frontend.client import Prediction
+from tfbroker import Prediction
 
 CASES = {
     "predict, mlp row (256 floats)": ("/v1/models/m:predict",

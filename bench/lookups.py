@@ -32,7 +32,7 @@ import numpy as np
 from bench.load import wrk
 from bench.run import _python, log
 from bench.servers import Server, cpu_by_role, pss_bytes, role, tfbroker_server, tree
-from frontend.client import Client
+from tfbroker import Client
 
 WORDS = 8
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from broker.config import RequestLimits
-from broker.tensors import encode_tensors
+from tfbroker.runtime.settings import RequestLimits
+from tfbroker.wire.tensors import encode_tensors
 from frontend.json_tensor import format_predictions, parse_predict_body
 
 LIMITS = RequestLimits()

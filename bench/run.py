@@ -21,7 +21,7 @@ from bench import report
 from bench.load import client_load, wrk
 from bench.servers import (ROOT, Server, cpu_by_role, mosec_server, naive_server, raw_asgi_server,
                            tfbroker_granian_server, tfbroker_nginx_server, tfbroker_server, total_pss_mb)
-from frontend.client import Client
+from tfbroker import Client
 
 SERVERS = ("naive-2", "naive-4", "mosec", "mosec-orjson", "tfbroker-2", "tfbroker-4", "tfbroker-8",
            "tfbroker-granian-2", "tfbroker-rsgi-2", "tfbroker-nginx-2", "tfbroker-replicas-2", "client")

@@ -6,7 +6,8 @@ import argparse
 import sys
 
 from broker.config import ServerConfig
-from broker.flags import add_dataclass_flags, dataclass_from_args
+from tfbroker.wire.errors import ConfigError
+from tfbroker.runtime.flags import add_dataclass_flags, dataclass_from_args
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -18,7 +19,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         config = dataclass_from_args(ServerConfig, args)
-    except ValueError as exc:
+    except ConfigError as exc:
         parser.error(str(exc))
     from broker.app import run
 

@@ -14,10 +14,11 @@ import zmq
 
 from broker.config import BatchingParameters, ModelConfig, ServerConfig
 from broker.config_files import load_batching_parameters, load_metrics_path, load_model_config
-from broker.devices import visible_gpus
-from broker.logs import LOG_FORMAT_ENV, VERBOSE_ENV, pass_on_tensorflow_output, verbose
-from broker.process import EXIT_CONFIG_ERROR, EXIT_FAULT, EXIT_OK, set_title, setup_logging
+from tfbroker.runtime.devices import visible_gpus
+from tfbroker.runtime.logs import LOG_FORMAT_ENV, VERBOSE_ENV, pass_on_tensorflow_output, verbose
+from tfbroker.runtime.process import EXIT_CONFIG_ERROR, EXIT_FAULT, EXIT_OK, set_title, setup_logging
 from broker.server import Broker
+from tfbroker.wire.errors import ConfigError
 
 log = logging.getLogger("tfbroker.broker")
 
@@ -25,7 +26,7 @@ DEMO_MODELS = ("half_plus_two", "mlp", "text")
 
 
 def run(config: ServerConfig) -> int:
-    """Exit codes (broker/process.py): 0 stopped cleanly; EXIT_CONFIG_ERROR for what a restart
+    """Exit codes (tfbroker/runtime/process.py): 0 stopped cleanly; EXIT_CONFIG_ERROR for what a restart
     cannot fix (flags, config files, keys); EXIT_FAULT for what it may (a port or runtime
     directory in use, an unexpected error)."""
     # Every child inherits these: one log format, and TensorFlow's start-up notes only with --verbose.
@@ -40,7 +41,7 @@ def run(config: ServerConfig) -> int:
                     if config.batching_parameters_file else BatchingParameters())
         metrics_path = load_metrics_path(config.monitoring_config_file) if config.monitoring_config_file else ""
         broker = Broker(config, models, batching, metrics_path)
-    except ValueError as exc:
+    except ConfigError as exc:
         log.error("%s", exc)
         return EXIT_CONFIG_ERROR
     try:
@@ -56,11 +57,11 @@ def run(config: ServerConfig) -> int:
         return EXIT_FAULT
     except OSError as exc:  # the HTTP port is taken, say
         log.error("%s", exc)
-        broker.fleet.stop()
+        broker.stop_children()
         return EXIT_FAULT
     except Exception:  # noqa: BLE001 - logged with its traceback; systemd restarts the broker
         log.exception("the broker failed")
-        broker.fleet.stop()
+        broker.stop_children()
         return EXIT_FAULT
     finally:
         broker.close()
@@ -73,7 +74,7 @@ def check_server_install() -> None:
     light install (frontends and clients only) rather than as a worker that fails to load."""
     missing = [name for name in ("tensorflow", "tensorflow_serving") if importlib.util.find_spec(name) is None]
     if missing:
-        raise ValueError(f"the broker's workers need {' and '.join(missing)}, which this installation lacks "
+        raise ConfigError(f"the broker's workers need {' and '.join(missing)}, which this installation lacks "
                          "(the light install is for frontends and clients): pip install 'tfbroker[server]'")
 
 
@@ -98,7 +99,7 @@ def make_demo_models(directory: str) -> None:
     if result.stderr:
         pass_on_tensorflow_output(result.stderr, cpu_only=not visible_gpus())
     if result.returncode != 0:
-        raise ValueError(f"could not make the demo models in {directory}")
+        raise ConfigError(f"could not make the demo models in {directory}")
 
 
 def lock_runtime_dir(runtime_dir: str) -> IO[str]:

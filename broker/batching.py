@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from broker.config import BatchingParameters
-from broker.errors import InvalidArgument, Unavailable
+from tfbroker.wire.errors import InvalidArgument, Unavailable
 
 
 @dataclass(slots=True)

@@ -1,18 +1,17 @@
 """Configuration as plain frozen dataclasses, with TF Serving's names where it has one.
 
-Each field is documented once, in its ``help`` metadata: the command line (broker/flags.py)
+Each field is documented once, in its ``help`` metadata: the command line (tfbroker/runtime/flags.py)
 is generated from these classes, so a setting is spelled in one place.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field
 
-
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
+from tfbroker.runtime.settings import (DEFAULT_HEARTBEAT_INTERVAL_S, DEFAULT_HEARTBEAT_LIVENESS, DEFAULT_TIMEOUT_MS,
+                                       RequestLimits, default_runtime_dir, ipc_address, local_address)
+from tfbroker.runtime.settings import field_help as _help
+from tfbroker.wire.errors import ConfigError
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -40,17 +39,17 @@ class BatchingParameters:
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+            raise ConfigError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
         if self.batch_timeout_micros < 0:
-            raise ValueError(f"batch_timeout_micros must be >= 0, got {self.batch_timeout_micros}")
+            raise ConfigError(f"batch_timeout_micros must be >= 0, got {self.batch_timeout_micros}")
         if self.max_enqueued_batches < 1:
-            raise ValueError(f"max_enqueued_batches must be >= 1, got {self.max_enqueued_batches}")
+            raise ConfigError(f"max_enqueued_batches must be >= 1, got {self.max_enqueued_batches}")
         sizes = self.allowed_batch_sizes
         if sizes:
             if any(b <= a for a, b in zip(sizes, sizes[1:])) or sizes[0] < 1:
-                raise ValueError(f"allowed_batch_sizes must be positive and increasing, got {list(sizes)}")
+                raise ConfigError(f"allowed_batch_sizes must be positive and increasing, got {list(sizes)}")
             if sizes[-1] != self.max_batch_size:
-                raise ValueError(
+                raise ConfigError(
                     f"allowed_batch_sizes must end with max_batch_size ({self.max_batch_size}), "
                     f"got {list(sizes)}")
 
@@ -73,11 +72,11 @@ class ModelVersionPolicy:
 
     def __post_init__(self) -> None:
         if self.kind not in ("latest", "all", "specific"):
-            raise ValueError(f"model_version_policy must be latest, all or specific, got {self.kind!r}")
+            raise ConfigError(f"model_version_policy must be latest, all or specific, got {self.kind!r}")
         if self.kind == "latest" and self.num_versions < 1:
-            raise ValueError(f"model_version_policy latest needs num_versions >= 1, got {self.num_versions}")
+            raise ConfigError(f"model_version_policy latest needs num_versions >= 1, got {self.num_versions}")
         if self.kind == "specific" and not self.versions:
-            raise ValueError("model_version_policy specific needs at least one version")
+            raise ConfigError("model_version_policy specific needs at least one version")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -93,84 +92,18 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name or ":" in self.name:
-            raise ValueError(f"model name must be non-empty without '/' or ':', got {self.name!r}")
+            raise ConfigError(f"model name must be non-empty without '/' or ':', got {self.name!r}")
         if self.model_platform != "tensorflow":
-            raise ValueError(f"model {self.name}: model_platform {self.model_platform!r} is not supported")
+            raise ConfigError(f"model {self.name}: model_platform {self.model_platform!r} is not supported")
         for label, _ in self.version_labels:
             if not label or label.isdigit() or "/" in label or ":" in label:
-                raise ValueError(f"model {self.name}: version label {label!r} must be a non-numeric word")
+                raise ConfigError(f"model {self.name}: version label {label!r} must be a non-numeric word")
 
-
-# Liveness defaults, used by the broker, its workers and the clients alike.
-DEFAULT_HEARTBEAT_INTERVAL_S = 1.0
-DEFAULT_HEARTBEAT_LIVENESS = 10
-DEFAULT_TIMEOUT_MS = 30000  # TF Serving's --rest_api_timeout_in_ms
 
 # --version_swap_policy values (broker/versions.py).
 AVAILABILITY_PRESERVING = "availability_preserving"
 RESOURCE_PRESERVING = "resource_preserving"
 SWAP_POLICIES = (AVAILABILITY_PRESERVING, RESOURCE_PRESERVING)
-
-# Environment variables the broker sets for the frontends it starts; under gunicorn the
-# operator sets them (ops/gunicorn.conf.py).
-ADDRESS_ENV = "TFBROKER_ADDRESS"  # the broker's frontend socket
-TIMEOUT_ENV = "TFBROKER_TIMEOUT_MS"  # the REST request deadline (--rest_api_timeout_in_ms)
-FRONTEND_INDEX_ENV = "TFBROKER_FRONTEND_INDEX"  # N in the title "tfbroker: frontend:N"
-FRONTENDS_ENV = "TFBROKER_FRONTENDS"  # gunicorn workers (frontend/gunicorn_conf.py)
-BIND_ENV = "TFBROKER_BIND"  # gunicorn's bind address; fd://N for the broker's listening socket
-LOG_LEVEL_ENV = "TFBROKER_LOG_LEVEL"
-LIMITS_ENV = "TFBROKER_LIMITS"  # RequestLimits as flags (broker/flags.py)
-METRICS_PATH_ENV = "TFBROKER_METRICS_PATH"  # the Prometheus path the frontends serve ("" none)
-# prometheus-client's directory for the frontends' shared counters (multiprocess mode).
-METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
-
-
-def default_runtime_dir(rest_api_port: int) -> str:
-    """Where a broker's ipc:// sockets live unless --runtime_dir says otherwise: one
-    directory per HTTP port, so brokers on different ports share a host without flags."""
-    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
-    return os.path.join(base, f"tfbroker-{os.getuid()}-{rest_api_port}")
-
-
-def ipc_address(runtime_dir: str, name: str) -> str:
-    return f"ipc://{os.path.join(runtime_dir, name)}"
-
-
-def local_address(address: str) -> bool:
-    """Whether a ZeroMQ address is reachable from this host only (ipc://, inproc:// or loopback)."""
-    if address.startswith(("ipc://", "inproc://")):
-        return True
-    host = address.partition("://")[2].rpartition(":")[0].strip("[]")
-    return host in ("localhost", "::1") or host.startswith("127.")
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class RequestLimits:
-    """What one HTTP request may hold; each is refused before anything larger is allocated.
-
-    Header count and size are uvicorn's (h11/httptools limits)."""
-
-    max_request_body_bytes: int = field(default=64 << 20, metadata=_help(
-        "Largest HTTP request body; a larger one gets 413 before it is read."))
-    max_json_depth: int = field(default=32, metadata=_help(
-        "Deepest nesting of lists in a tensor value (its rank); deeper gets 400."))
-    max_instances: int = field(default=100_000, metadata=_help(
-        "Most instances (rows) in one request; more gets 400."))
-    max_string_bytes: int = field(default=16 << 20, metadata=_help(
-        "Longest single string or b64 value, decoded; longer gets 400."))
-    max_tensor_bytes: int = field(default=256 << 20, metadata=_help(
-        "Most bytes of tensors in one request (also the largest ZeroMQ frame the broker takes); "
-        "more gets 400."))
-    max_concurrent_predictions: int = field(default=512, metadata=_help(
-        "Predictions one frontend has waiting on the broker; beyond it, 503 with Retry-After at once, "
-        "before the body is parsed. With the broker's queue bound it caps how long an admitted request waits."))
-
-    def __post_init__(self) -> None:
-        for name in ("max_request_body_bytes", "max_json_depth", "max_instances", "max_string_bytes",
-                     "max_tensor_bytes", "max_concurrent_predictions"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class LookupBatching:
@@ -190,7 +123,7 @@ class LookupBatching:
         try:
             self.parameters()  # the same checks as the model's batching
         except ValueError as exc:
-            raise ValueError(f"lookup_{exc}") from exc
+            raise ConfigError(f"lookup_{exc}") from exc
 
     def parameters(self) -> BatchingParameters:
         return BatchingParameters(max_batch_size=self.lookup_max_batch_size,
@@ -288,41 +221,41 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         if self.model_config_file and (self.model_name or self.model_base_path):
-            raise ValueError("use either --model_config_file or --model_name/--model_base_path, not both")
+            raise ConfigError("use either --model_config_file or --model_name/--model_base_path, not both")
         if bool(self.model_name) != bool(self.model_base_path):
-            raise ValueError("--model_name and --model_base_path go together")
+            raise ConfigError("--model_name and --model_base_path go together")
         if self.frontends < 0:
-            raise ValueError(f"frontends must be >= 0, got {self.frontends}")
+            raise ConfigError(f"frontends must be >= 0, got {self.frontends}")
         if not 0 <= self.rest_api_port < 65536:
-            raise ValueError(f"rest_api_port must be 0..65535, got {self.rest_api_port}")
+            raise ConfigError(f"rest_api_port must be 0..65535, got {self.rest_api_port}")
         if self.rest_api_timeout_in_ms <= 0:
-            raise ValueError(f"rest_api_timeout_in_ms must be > 0, got {self.rest_api_timeout_in_ms}")
+            raise ConfigError(f"rest_api_timeout_in_ms must be > 0, got {self.rest_api_timeout_in_ms}")
         if self.batches_in_flight < 1:
-            raise ValueError(f"batches_in_flight must be >= 1, got {self.batches_in_flight}")
+            raise ConfigError(f"batches_in_flight must be >= 1, got {self.batches_in_flight}")
         if self.heartbeat_interval_s <= 0 or self.heartbeat_liveness < 2:
-            raise ValueError("heartbeat_interval_s must be > 0 and heartbeat_liveness >= 2")
+            raise ConfigError("heartbeat_interval_s must be > 0 and heartbeat_liveness >= 2")
         if self.log_format not in ("text", "json"):
-            raise ValueError(f"log_format must be text or json, got {self.log_format!r}")
+            raise ConfigError(f"log_format must be text or json, got {self.log_format!r}")
         if self.version_swap_policy not in SWAP_POLICIES:
-            raise ValueError("version_swap_policy must be availability_preserving or resource_preserving, "
+            raise ConfigError("version_swap_policy must be availability_preserving or resource_preserving, "
                              f"got {self.version_swap_policy!r}")
         if self.model_config_file_poll_wait_seconds and not self.model_config_file:
-            raise ValueError("--model_config_file_poll_wait_seconds needs --model_config_file")
+            raise ConfigError("--model_config_file_poll_wait_seconds needs --model_config_file")
         if not self.curve_secret_key_file:
             for name, address in (("frontend_address", self.resolved_frontend_address),
                                   ("backend_address", self.resolved_backend_address),
                                   ("control_address", self.resolved_control_address)):
                 if not local_address(address):
-                    raise ValueError(f"{name} {address} is reachable from other hosts: set --curve_secret_key_file "
+                    raise ConfigError(f"{name} {address} is reachable from other hosts: set --curve_secret_key_file "
                                      "(and --curve_client_keys_dir), or use ipc:// or a loopback address")
         if self.curve_client_keys_dir and not self.curve_secret_key_file:
-            raise ValueError("--curve_client_keys_dir needs --curve_secret_key_file")
+            raise ConfigError("--curve_client_keys_dir needs --curve_secret_key_file")
         if self.kill_grace_s <= 0:
-            raise ValueError(f"kill_grace_s must be > 0, got {self.kill_grace_s}")
+            raise ConfigError(f"kill_grace_s must be > 0, got {self.kill_grace_s}")
         if self.iobatchers < 1:
-            raise ValueError(f"iobatchers must be >= 1, got {self.iobatchers}")
+            raise ConfigError(f"iobatchers must be >= 1, got {self.iobatchers}")
         if self.lookup_redis_timeout_ms < 1:
-            raise ValueError(f"lookup_redis_timeout_ms must be >= 1, got {self.lookup_redis_timeout_ms}")
+            raise ConfigError(f"lookup_redis_timeout_ms must be >= 1, got {self.lookup_redis_timeout_ms}")
 
     @property
     def resolved_runtime_dir(self) -> str:

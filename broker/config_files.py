@@ -16,6 +16,7 @@ from google.protobuf import wrappers_pb2  # noqa: F401  (registers google/protob
 from google.protobuf.message_factory import GetMessageClass
 
 from broker.config import BatchingParameters, ModelConfig, ModelVersionPolicy
+from tfbroker.wire.errors import ConfigError
 
 
 def _batching_parameters_message() -> type:
@@ -74,12 +75,12 @@ def load_metrics_path(path: str) -> str:
     try:
         text_format.Parse(_read(path, "monitoring config file"), proto)
     except text_format.ParseError as exc:
-        raise ValueError(f"{path}: {exc}") from exc
+        raise ConfigError(f"{path}: {exc}") from exc
     if not proto.prometheus_config.enable:
         return ""
     metrics_path = proto.prometheus_config.path or DEFAULT_METRICS_PATH
     if not metrics_path.startswith("/") or metrics_path.lower().startswith("/v1/"):
-        raise ValueError(f"{path}: the Prometheus path must start with / and not be under /v1/, got {metrics_path!r}")
+        raise ConfigError(f"{path}: the Prometheus path must start with / and not be under /v1/, got {metrics_path!r}")
     return metrics_path
 
 
@@ -88,7 +89,7 @@ def _read(path: str, what: str) -> str:
         with open(path, encoding="utf-8") as fh:
             return fh.read()
     except OSError as exc:
-        raise ValueError(f"cannot read {what} {path}: {exc.strerror}") from exc
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from exc
 
 
 def parse_batching_parameters(text: str, *, source: str = "batching parameters") -> BatchingParameters:
@@ -97,7 +98,7 @@ def parse_batching_parameters(text: str, *, source: str = "batching parameters")
     try:
         text_format.Parse(text, proto)
     except text_format.ParseError as exc:
-        raise ValueError(f"{source}: {exc}") from exc
+        raise ConfigError(f"{source}: {exc}") from exc
     values: dict[str, object] = {}
     for name in ("max_batch_size", "batch_timeout_micros", "max_enqueued_batches", "num_batch_threads"):
         if proto.HasField(name):
@@ -120,9 +121,9 @@ def parse_model_config(text: str, *, source: str = "model config") -> list[Model
     try:
         text_format.Parse(text, proto)
     except text_format.ParseError as exc:
-        raise ValueError(f"{source}: {exc}") from exc
+        raise ConfigError(f"{source}: {exc}") from exc
     if proto.WhichOneof("config") != "model_config_list":
-        raise ValueError(f"{source}: only model_config_list is supported")
+        raise ConfigError(f"{source}: only model_config_list is supported")
     models = []
     for entry in proto.model_config_list.config:
         models.append(ModelConfig(
@@ -134,9 +135,9 @@ def parse_model_config(text: str, *, source: str = "model config") -> list[Model
         ))
     names = [m.name for m in models]
     if len(set(names)) != len(names):
-        raise ValueError(f"{source}: model names repeat: {names}")
+        raise ConfigError(f"{source}: model names repeat: {names}")
     if not models:
-        raise ValueError(f"{source}: model_config_list names no model")
+        raise ConfigError(f"{source}: model_config_list names no model")
     return models
 
 

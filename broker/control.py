@@ -1,8 +1,8 @@
 """The broker's control channel: what ``python -m broker.ctl`` asks for, on its own ROUTER.
 
-Operations (the ``op`` of a CONTROL message, broker/protocol.py): ``status``,
+Operations (the ``op`` of a CONTROL message, tfbroker/wire/protocol.py): ``status``,
 ``reload-config``, ``load``, ``unload``, ``label``, ``drain``. The socket listens on ipc://
-(mode 0600) by default; anything reachable from other hosts needs CURVE (broker/security.py),
+(mode 0600) by default; anything reachable from other hosts needs CURVE (tfbroker/wire/security.py),
 and then only holders of an allowed key pair get an answer.
 The model config file is also re-read here every ``model_config_file_poll_wait_seconds``.
 """
@@ -12,26 +12,27 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import msgspec
 import zmq
 
-from broker import protocol
+from tfbroker.wire import protocol
+from broker.config import ServerConfig
 from broker.config_files import load_model_config
-from broker.errors import InvalidArgument, ProtocolError, TFBrokerError
+from tfbroker.wire.errors import InvalidArgument, ProtocolError, TFBrokerError
+from broker.manager import VersionManager
 from broker.models import ServedVersion
-
-if TYPE_CHECKING:
-    from broker.server import Broker
 
 log = logging.getLogger("tfbroker.control")
 
 
 class ControlChannel:
-    def __init__(self, broker: Broker, context: zmq.Context) -> None:
-        self.broker = broker
-        self.config = broker.config
+    def __init__(self, config: ServerConfig, versions: VersionManager, counters: Callable[[], dict[str, int]],
+                 context: zmq.Context) -> None:
+        self.config = config
+        self._versions = versions
+        self._counters = counters  # the broker's counters, for status
         self.socket = context.socket(zmq.ROUTER)
         self._config_text = ""
         self._next_config_poll = float("inf")
@@ -39,10 +40,10 @@ class ControlChannel:
         self._ops: dict[str, Callable[[protocol.ControlArgs], dict[str, Any]]] = {
             "status": self._status,
             "reload-config": lambda args: {"changes": self.reload_config()},
-            "load": lambda args: self._message(self.broker.versions.load_by_hand(*_model_version(args))),
-            "unload": lambda args: self._message(self.broker.versions.unload_by_hand(*_model_version(args))),
+            "load": lambda args: self._message(self._versions.load_by_hand(*_model_version(args))),
+            "unload": lambda args: self._message(self._versions.unload_by_hand(*_model_version(args))),
             "label": self._label,
-            "drain": lambda args: self._message(self.broker.versions.drain(*_model_version(args))),
+            "drain": lambda args: self._message(self._versions.drain(*_model_version(args))),
         }
 
     def bind(self) -> None:
@@ -106,7 +107,7 @@ class ControlChannel:
             self._config_text = text  # report a broken file once, not at every poll
             raise InvalidArgument(f"model config not reloaded, the old one stays in force: {exc}") from exc
         self._config_text = text
-        changes = self.broker.versions.apply_model_config(models)
+        changes = self._versions.apply_model_config(models)
         log.info("reloaded %s: %s", path, "; ".join(changes) or "no change")
         return changes
 
@@ -120,11 +121,11 @@ class ControlChannel:
         name, version = _model_version(args)
         if args.label is None:
             raise InvalidArgument("label needs a model, a label and a version")
-        return self._message(self.broker.versions.set_label(name, args.label, version))
+        return self._message(self._versions.set_label(name, args.label, version))
 
     def _status(self, args: protocol.ControlArgs) -> dict[str, Any]:
         models = []
-        for model in sorted(self.broker.models.values(), key=lambda m: m.name):
+        for model in sorted(self._versions.models.values(), key=lambda m: m.name):
             policy = model.config.model_version_policy
             models.append({
                 "name": model.name,
@@ -138,10 +139,9 @@ class ControlChannel:
                 "pending_labels": {k: v for k, v in sorted(model.wanted_labels.items()) if model.labels.get(k) != v},
                 "versions": [_version_status(v) for v in sorted(model.versions.values(), key=lambda v: v.version)],
             })
-        broker = self.broker
         return {"models": models, "broker": {
             "pid": os.getpid(), "uptime_s": round(time.monotonic() - self._started, 1),
-            **broker.stats(), "swap_policy": self.config.version_swap_policy}}
+            **self._counters(), "swap_policy": self.config.version_swap_policy}}
 
 
 def _version_status(served: ServedVersion) -> dict[str, Any]:

@@ -23,10 +23,10 @@ from typing import Any, Sequence
 
 import zmq
 
-from broker import protocol
-from broker.config import default_runtime_dir, ipc_address
-from broker.errors import ProtocolError, TFBrokerError, from_code
-from broker.security import (CLIENT_SECRET_KEY_ENV, SERVER_KEY_ENV, KeyPair, generate, load_key_pair,
+from tfbroker.wire import protocol
+from tfbroker.runtime.settings import default_runtime_dir, ipc_address
+from tfbroker.wire.errors import ProtocolError, TFBrokerError, from_code
+from tfbroker.wire.security import (CLIENT_SECRET_KEY_ENV, SERVER_KEY_ENV, KeyPair, generate, load_key_pair,
                              load_public_key, make_client)
 
 EXIT_REFUSED = 1

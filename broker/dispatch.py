@@ -1,111 +1,109 @@
-"""What travels between the broker and a worker for one batch: the BATCH it sends, and the
-replies it cuts from the RESULT. Pure functions over frames; the broker never decodes a tensor.
+"""Dispatch and delivery: due batches to a version's least loaded READY replica, and the
+replies cut from its results back to their clients.
+
+A replica holds at most ``batches_in_flight`` batches, so the device never waits for
+Python and a lost worker costs little. Batches leave through ``send`` (the backend socket's
+sender) and replies through the InFlight owner, so this runs in unit tests without sockets.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Any, Iterable, Sequence
+import itertools
+import logging
+from typing import Any, Callable, Iterable
 
-from broker import protocol, tensors
-from broker.batching import Task
-from broker.errors import ProtocolError
+from broker.batch_codec import build_batch, cut_joined_result, split_task_result
+from broker.batching import Batch
+from broker.config import BatchingParameters
+from broker.inflight import InFlight
+from broker.models import ServedVersion, WorkerLink
+from tfbroker.wire import protocol
+from tfbroker.wire.errors import Internal
 
+log = logging.getLogger("tfbroker.broker")
 
-class Pending:
-    """A request in the broker: who asked, the frames to forward (header, then tensors), its
-    join key (see broker.models.check_inputs) and, on its way to the lookup stage, its header."""
-
-    __slots__ = ("client", "request_id", "frames", "join_key", "admitted", "request")
-
-    def __init__(self, client: bytes, request_id: int, frames: list[Any], join_key: Any, admitted: float,
-                 request: protocol.Request | None = None) -> None:
-        self.client = client
-        self.request_id = request_id
-        self.frames = frames
-        self.join_key = join_key
-        self.admitted = admitted  # monotonic seconds, for the queueing latency
-        self.request = request
+# One message to a child on the backend socket: identity, command, header, frames.
+SendToChild = Callable[[bytes, bytes, protocol.Header, Any], None]
 
 
-def build_batch(batch_id: int, signature: str, padded_rows: int, tasks: Sequence[Task],
-                now: float) -> tuple[protocol.Header, list[Any]]:
-    """The BATCH header and payload for ``tasks``: joined (one frame per input for the whole
-    batch, so the worker decodes, runs and encodes once per batch) when every task has the
-    same numeric inputs, else each task's own header and frames."""
-    # Time left for each task, rounded up: a task due in 0.3 ms still has time.
-    timeouts = [max(1, math.ceil((t.deadline - now) * 1000)) for t in tasks]
-    join_key = tasks[0].payload.join_key
-    if join_key is not None and all(t.payload.join_key == join_key for t in tasks):
-        rows = sum(t.size for t in tasks)
-        frames: list[Any] = []
-        for i in range(1, len(join_key) + 1):
-            parts = [t.payload.frames[i] for t in tasks]
-            frames.append(parts[0] if len(parts) == 1 else b"".join(parts))
-        header: protocol.Header = protocol.JoinedBatch(
-            batch=batch_id, signature=signature, padded_rows=padded_rows,
-            ids=[t.payload.request_id for t in tasks], rows=[t.size for t in tasks], timeouts_ms=timeouts,
-            inputs=[protocol.TensorSpec(name, dtype, (rows, *inner)) for name, dtype, inner in join_key])
-        return header, frames
-    frames = []
-    counts = []
-    for task in tasks:
-        frames.extend(task.payload.frames)
-        counts.append(len(task.payload.frames))
-    return protocol.TaskBatch(batch=batch_id, signature=signature, padded_rows=padded_rows, counts=counts,
-                              timeouts_ms=timeouts), frames
+class Dispatcher:
+    def __init__(self, inflight: InFlight, send: SendToChild, batching: BatchingParameters, *,
+                 batches_in_flight: int) -> None:
+        self._inflight = inflight
+        self._send = send
+        self._batching = batching
+        self._slots = batches_in_flight
+        self._batch_ids = itertools.count(1)
 
+    def dispatch(self, serving: Iterable[ServedVersion], now: float) -> None:
+        """Each version's batches to its least loaded READY replica with a free slot."""
+        for served in serving:
+            ready = [link for link in served.workers if link is not None and link.ready]
+            if not ready or not served.queues:
+                continue
+            queues = list(served.queues.items())
+            while True:
+                link = min(ready, key=lambda lk: len(lk.in_flight)) if len(ready) > 1 else ready[0]
+                if len(link.in_flight) >= self._slots:
+                    break
+                for signature, queue_ in queues:
+                    batch = queue_.next_batch(now, idle=not link.in_flight)
+                    if batch is not None:
+                        self._send_batch(served, link, signature, batch, now)
+                        break
+                else:
+                    break
 
-def split_task_result(result: protocol.TaskResult, frames: Sequence[Any], tasks: Sequence[Task]) -> list[list[Any]]:
-    """Each task's client message (``[REPLY|ERROR, header, frames…]``) from a per-task RESULT;
-    ValueError when it does not answer exactly these tasks."""
-    if len(result.counts) != len(tasks):
-        raise ValueError(f"{len(result.counts)} answers for {len(tasks)} tasks")
-    messages, offset = [], 0
-    for count in result.counts:
-        message = list(frames[offset:offset + count])
-        if count < 2 or bytes(message[0]) not in (protocol.REPLY, protocol.ERROR):
-            raise ValueError("an answer is not a REPLY or an ERROR")
-        messages.append(message)
-        offset += count
-    return messages
+    def next_deadline(self, serving: Iterable[ServedVersion], nearest: float) -> float:
+        """The nearest batch deadline of a version with a free slot, if before ``nearest``."""
+        for served in serving:
+            if not any(link is not None and len(link.in_flight) < self._slots for link in served.workers):
+                continue
+            for queue_ in served.queues.values():
+                deadline = queue_.next_deadline()
+                if deadline is not None and deadline < nearest:
+                    nearest = deadline
+        return nearest
 
-
-def cut_joined_result(result: protocol.JoinedResult, frames: Sequence[Any],
-                      tasks: Sequence[Task]) -> list[list[Any]]:
-    """One REPLY per task from a joined RESULT (one tensor per output, the tasks' rows in
-    order); ValueError when an output cannot be cut by these tasks' rows."""
-    total = sum(t.size for t in tasks)
-    outputs = []
-    for spec, frame in zip(result.outputs, frames):
-        view = memoryview(frame)
-        if not spec.shape or spec.shape[0] != total or spec.dtype == protocol.STRING or len(view) != tensors.nbytes(spec):
-            raise ValueError(f"output {spec.name!r} of shape {list(spec.shape)} for a batch of {total} rows")
-        outputs.append((spec, view, len(view) // total if total else 0))
-    messages, start = [], 0
-    for task in tasks:
-        rows = task.size
-        reply = protocol.PredictReply(
-            id=task.payload.request_id, model=result.model, version=result.version,
-            outputs=[protocol.TensorSpec(spec.name, spec.dtype, (rows, *spec.shape[1:])) for spec, _, _ in outputs])
-        messages.append([protocol.REPLY, protocol.encode_header(reply),
-                         *[view[start * row_bytes:(start + rows) * row_bytes] for _, view, row_bytes in outputs]])
-        start += rows
-    return messages
-
-
-def describe_tasks(tasks: Iterable[Task], most: int = 8) -> str:
-    """What the requests were, for the log of a worker that died holding them."""
-    parts: list[str] = []
-    for task in tasks:
-        if len(parts) == most:
-            parts.append("…")
-            break
+    def deliver(self, link: WorkerLink, message: protocol.Message) -> bool:
+        """A worker's result, cut into one reply per request; False when it was malformed
+        (its requests get 500) or for no batch the worker holds."""
+        result = message.header
+        entry = link.in_flight.pop(result.batch, None)
+        if entry is None:
+            log.warning("result for an unknown batch from %r", link.identity)
+            return False
+        tasks = entry[1]
         try:
-            request = protocol.decode_header(protocol.REQUEST, task.payload.frames[0])
-        except ProtocolError:
-            parts.append("(unreadable request)")
-            continue
-        inputs = ", ".join(f"{s.name or '(only)'} {s.dtype}{list(s.shape)}" for s in request.inputs)
-        parts.append(f"id {request.id} {request.model}/{request.signature} [{inputs}]")
-    return "; ".join(parts)
+            if isinstance(result, protocol.JoinedResult):
+                replies = cut_joined_result(result, message.frames, tasks)
+            else:
+                replies = split_task_result(result, message.frames, tasks)
+        except ValueError as exc:
+            self._inflight.counters["malformed_worker"] += 1
+            log.error("malformed result from worker %r: %s", link.identity, exc)
+            self._inflight.fail(tasks, Internal("the model worker returned a malformed result"))
+            return False
+        for task, reply in zip(tasks, replies):
+            self._inflight.reply(task.payload.client, reply)
+        return True
+
+    # --- implementation ---
+
+    def _send_batch(self, served: ServedVersion, link: WorkerLink, signature: str, batch: Batch,
+                    now: float) -> None:
+        live = self._inflight.take_live(batch.tasks, now)
+        if not live:
+            return
+        rows = sum(t.size for t in live)
+        batch_id = next(self._batch_ids)
+        header, frames = build_batch(batch_id, signature, self._batching.padded_size(rows), live, now)
+        self._send(link.identity, protocol.BATCH, header, frames)
+        link.in_flight[batch_id] = (signature, live)
+        link.batches += 1
+        link.last_sent = now
+        counters = self._inflight.counters
+        counters["batches"] += 1
+        counters["rows"] += rows
+        counters["joined"] += isinstance(header, protocol.JoinedBatch)
+        served.counters.record_batch(rows, [now - task.payload.admitted for task in live])

@@ -17,25 +17,23 @@ import socket
 import struct
 import sys
 import time
-from typing import TYPE_CHECKING
+from typing import Callable
 
 from broker import lifecycle as lc
-from broker import protocol
-from broker.config import (ADDRESS_ENV, BIND_ENV, FRONTENDS_ENV, LIMITS_ENV, LOG_LEVEL_ENV, METRICS_DIR_ENV,
-                           METRICS_PATH_ENV, TIMEOUT_ENV)
-from broker.devices import CPU_ONLY, resolve_devices
-from broker.dispatch import describe_tasks
-from broker.flags import dataclass_to_argv
-from broker.security import CLIENT_SECRET_KEY_ENV, SERVER_KEY_ENV
+from tfbroker.wire import protocol
+from tfbroker.runtime.settings import ADDRESS_ENV, BIND_ENV, FRONTENDS_ENV, LIMITS_ENV, LOG_LEVEL_ENV, METRICS_DIR_ENV, METRICS_PATH_ENV, TIMEOUT_ENV
+from tfbroker.runtime.devices import CPU_ONLY, resolve_devices
+from broker.batch_codec import describe_tasks
+from broker.config import BatchingParameters, ServerConfig
+from broker.dispatch import SendToChild
+from tfbroker.runtime.flags import dataclass_to_argv
 from broker.stats import children_of
 from broker.models import ServedVersion, WorkerLink
+from broker.signatures import describe_for_clients
 from broker.versions import VersionState
-from broker.supervisor import (Child, reap_children, restartable, schedule_restart, spawn_child, stop_children,
-                               terminate_child)
-from workers.config import WorkerConfig
-
-if TYPE_CHECKING:
-    from broker.server import Broker
+from broker.supervisor import (Child, curve_env, reap_children, restartable, schedule_restart, spawn_child,
+                               stop_children, terminate_child)
+from tfbroker.runtime.settings import WorkerConfig
 
 log = logging.getLogger("tfbroker.fleet")
 
@@ -43,14 +41,21 @@ SO_ATTACH_FILTER = 26  # Linux, <asm-generic/socket.h>
 # After new connections are refused, how long the frontends get to accept the queued ones.
 ACCEPT_DRAIN_S = 0.3
 
+# What the fleet reports to a version's lifecycle (the version manager's handle).
+Report = Callable[[ServedVersion, lc.Event, float], None]
+
 
 class Fleet:
-    def __init__(self, broker: Broker) -> None:
-        self.broker = broker
-        self.config = broker.config
+    def __init__(self, config: ServerConfig, batching: BatchingParameters, send: SendToChild, report: Report, *,
+                 metrics_path: str = "") -> None:
+        self.config = config
+        self._batching = batching
+        self._send_to = send
+        self._report = report
+        self._metrics_path = metrics_path  # the Prometheus path the frontends serve ("" none)
         self.serving: list[ServedVersion] = []  # versions that have (or are getting) a worker
         self._links: dict[bytes, WorkerLink] = {}
-        self.devices = resolve_devices(self.config.devices)  # ValueError: a configuration error
+        self.devices = resolve_devices(self.config.devices)  # ConfigError: a bad --devices
         self._frontends: list[Child] = []
         self._listener: socket.socket | None = None
         self._announced = False
@@ -73,7 +78,7 @@ class Fleet:
                      BIND_ENV: f"fd://{self._listener.fileno()}",
                      LOG_LEVEL_ENV: self.config.log_level,
                      LIMITS_ENV: " ".join(dataclass_to_argv(self.config.limits)),
-                     **self._metrics_env(), **self.curve_env()},
+                     **self._metrics_env(), **curve_env(self.config.curve_secret_key_file)},
                 pass_fds=(self._listener.fileno(),))
             self._frontends.append(child)
             spawn_child(child)
@@ -114,20 +119,20 @@ class Fleet:
         workers = [link.child.pid for s in self.serving for link in s.links() if link.child.running]
         masters = [c.pid for c in self._frontends if c.running and c.pid is not None]
         return {"broker": [os.getpid()], "worker": [pid for pid in workers if pid is not None],
-                "iobatcher": self.broker.lookups.pids(),
                 "frontend": [pid for master in masters for pid in [master, *children_of(master)]]}
 
     def frontends_running(self) -> bool:
         return any(child.process is not None and child.process.poll() is None for child in self._frontends)
 
-    def stop(self) -> None:
-        """Whatever frontend is left, then the workers (after the batches in hand)."""
+    def stop_frontends_now(self) -> None:
+        """Whatever frontend is left, within a second."""
         self.stop_frontends()
         stop_children(self._frontends, grace_s=1.0)
-        now = time.monotonic()
-        self.broker.versions.stop_all(now)
+
+    def stop_workers(self) -> None:
+        """The workers, once their versions were told to unload: after the batches in hand."""
         stop_children([link.child for s in self.serving for link in s.links()], self.config.shutdown_grace_s)
-        self._reap_workers(now)
+        self._reap_workers(time.monotonic())
 
     def link(self, identity: bytes) -> WorkerLink | None:
         return self._links.get(identity)
@@ -165,7 +170,7 @@ class Fleet:
     def disconnect_worker(self, served: ServedVersion, replica: int, now: float) -> None:
         link = served.link(replica)
         if link is not None:
-            self.broker.send_disconnect(link)
+            self._send_to(link.identity, protocol.DISCONNECT, protocol.Disconnect(), ())
             link.disconnect_sent = now
 
     def terminate_worker(self, served: ServedVersion, replica: int, reason: str) -> None:
@@ -185,11 +190,11 @@ class Fleet:
             return
         served.model_signatures = header.signatures
         served.model_signature_def = header.signature_def
-        self.broker.lookups.describe(served)  # what clients send: lookup inputs in place of their outputs
+        describe_for_clients(served)  # what clients send: lookup inputs in place of their outputs
         link.ready = True
         log.info("worker for model %s version %d on %s is ready (pid %s)", served.model, served.version,
                  link.device, header.pid)
-        self.broker.versions.handle(served, lc.WorkerReady(link.replica), time.monotonic())
+        self._report(served, lc.WorkerReady(link.replica), time.monotonic())
 
     def on_disconnect(self, link: WorkerLink, header: protocol.Disconnect) -> None:
         if header.error:
@@ -204,7 +209,8 @@ class Fleet:
         for served in self.serving:
             for link in served.links():
                 if link.ready and now - link.last_sent >= self.config.heartbeat_interval_s:
-                    self.broker.send_heartbeat(link, now)
+                    self._send_to(link.identity, protocol.HEARTBEAT, protocol.Heartbeat(), ())
+                    link.last_sent = now
         for child, code in reap_children(self._frontends):
             if not self._stopping:
                 log.error("%s (pid %s) exited with code %d; restarting", child.name, child.pid, code)
@@ -232,7 +238,7 @@ class Fleet:
     # --- implementation ---
 
     def _spawn_worker(self, served: ServedVersion, replica: int) -> None:
-        params = self.broker.batching
+        params = self._batching
         warmup = params.allowed_batch_sizes or tuple(sorted({1, params.max_batch_size}))
         device = self.devices[replica]
         config = WorkerConfig(
@@ -245,7 +251,7 @@ class Fleet:
             tensorflow_intra_op_parallelism=self.config.tensorflow_intra_op_parallelism,
             tensorflow_inter_op_parallelism=self.config.tensorflow_inter_op_parallelism)
         child = Child(name=config.title, argv=["-m", "workers", *dataclass_to_argv(config)],
-                      env={**self.curve_env(), "CUDA_VISIBLE_DEVICES": device.cuda_visible_devices})
+                      env={**curve_env(self.config.curve_secret_key_file), "CUDA_VISIBLE_DEVICES": device.cuda_visible_devices})
         while len(served.workers) <= replica:
             served.workers.append(None)
         old = served.workers[replica]
@@ -269,7 +275,7 @@ class Fleet:
             elif served.state is not VersionState.UNLOADING:
                 log.error("worker %s (pid %s) exited with code %d", child.name, child.pid, code)
             event = lc.WorkerExited(code, restartable(code), link.error, replica=link.replica)
-            self.broker.versions.handle(served, event, now)
+            self._report(served, event, now)
 
     def _murder_workers(self, now: float) -> None:
         """A worker that stopped answering gets SIGTERM (it writes its traceback: faulthandler),
@@ -292,31 +298,26 @@ class Fleet:
                                             replica=link.replica)
                 else:
                     continue
-                self.broker.versions.handle(served, event, now)
+                self._report(served, event, now)
 
     def _restart_due(self, now: float) -> None:
         for served in list(self.serving):
             for link in served.links():
                 if link.child.restart_at and now >= link.child.restart_at:
                     self._spawn_worker(served, link.replica)
-                    self.broker.versions.handle(served, lc.WorkerStarted(link.replica), now)
+                    self._report(served, lc.WorkerStarted(link.replica), now)
         for child in self._frontends:
             if child.restart_at and now >= child.restart_at:
                 spawn_child(child)
 
     def _metrics_env(self) -> dict[str, str]:
         """The Prometheus path, and a fresh directory where the frontends share their counters."""
-        if not self.broker.metrics_path:
+        if not self._metrics_path:
             return {}
         directory = os.path.join(self.config.resolved_runtime_dir, "metrics")
         shutil.rmtree(directory, ignore_errors=True)
         os.makedirs(directory, mode=0o700)
-        return {METRICS_PATH_ENV: self.broker.metrics_path, METRICS_DIR_ENV: directory}
-
-    def curve_env(self) -> dict[str, str]:
-        """Children reach a CURVE broker with the broker's own key pair."""
-        key_file = self.config.curve_secret_key_file
-        return {CLIENT_SECRET_KEY_ENV: key_file, SERVER_KEY_ENV: key_file} if key_file else {}
+        return {METRICS_PATH_ENV: self._metrics_path, METRICS_DIR_ENV: directory}
 
     def _version_of(self, link: WorkerLink) -> ServedVersion | None:
         for served in self.serving:

@@ -20,29 +20,29 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable
 
 from msgspec import structs
 
 from broker import lifecycle as lc
-from broker import protocol
+from tfbroker.wire import protocol
 from broker.batching import BatchQueue, Task
-from broker.dispatch import Pending
-from broker.errors import Internal, TFBrokerError, Unavailable, from_code
-from broker.flags import dataclass_to_argv
+from broker.config import ServerConfig
+from broker.dispatch import SendToChild
+from broker.inflight import InFlight, Pending
+from tfbroker.wire.errors import Internal, TFBrokerError, Unavailable, from_code
+from tfbroker.runtime.flags import dataclass_to_argv
 from broker.models import ServedVersion, check_inputs
-from broker.supervisor import (Child, reap_children, restartable, schedule_restart, spawn_child, stop_children,
-                               terminate_child)
-from broker.tensors import TF_NAMES
+from broker.signatures import describe_for_clients
+from broker.supervisor import (Child, curve_env, reap_children, restartable, schedule_restart, spawn_child,
+                               stop_children, terminate_child)
 from broker.versions import VersionState
-from iobatcher.config import IoBatcherConfig
-
-if TYPE_CHECKING:
-    from broker.server import Broker
+from tfbroker.runtime.settings import IoBatcherConfig
 
 log = logging.getLogger("tfbroker.lookups")
 
-COUNTERS = ("lookup_batches", "lookup_tasks", "lookup_keys", "lookup_unique_keys", "lookup_failed")
+# What the stage reports to a version's lifecycle (the version manager's handle).
+Report = Callable[[ServedVersion, lc.Event, float], None]
 
 
 @dataclass(slots=True)
@@ -60,9 +60,11 @@ class IoLink:
 
 
 class LookupStage:
-    def __init__(self, broker: Broker) -> None:
-        self.broker = broker
-        self.config = broker.config
+    def __init__(self, config: ServerConfig, inflight: InFlight, send: SendToChild, report: Report) -> None:
+        self.config = config
+        self._inflight = inflight
+        self._send_to = send
+        self._report = report
         self.params = self.config.lookup_batching.parameters()
         self._links: list[IoLink] = []
         self._by_identity: dict[bytes, IoLink] = {}
@@ -89,14 +91,6 @@ class LookupStage:
             if key in link.loaded and link.ready:
                 self._send(link, protocol.UNLOAD, protocol.Tables(model=served.model, version=served.version))
             link.loaded.discard(key)
-
-    def describe(self, served: ServedVersion) -> None:
-        """What clients send and see: the model's signatures with each lookup's raw input in
-        place of the tensor it looks up (metadata too). Once the worker's READY and the
-        tables' LOADED are both in."""
-        served.signatures = {name: _client_signature(spec, served.lookups)
-                             for name, spec in served.model_signatures.items()}
-        served.signature_def = _client_signature_def(served.model_signature_def, served.lookups)
 
     # --- requests ---
 
@@ -137,10 +131,6 @@ class LookupStage:
 
     def expire(self, now: float) -> list[Task]:
         return [t for s in self._versions if s.lookup_queue is not None for t in s.lookup_queue.expire(now)]
-
-    def fail_version(self, served: ServedVersion, error: TFBrokerError) -> None:
-        if served.lookup_queue is not None:
-            self.broker.fail_tasks(served.lookup_queue.drain(), error)
 
     # --- messages from I/O batchers ---
 
@@ -205,7 +195,7 @@ class LookupStage:
             heartbeat_interval_s=self.config.heartbeat_interval_s, heartbeat_liveness=self.config.heartbeat_liveness,
             redis_timeout_ms=self.config.lookup_redis_timeout_ms, log_level=self.config.log_level)
         link.child.argv = ["-m", "iobatcher", *dataclass_to_argv(config)]
-        link.child.env = self.broker.fleet.curve_env()
+        link.child.env = curve_env(self.config.curve_secret_key_file)
         self._by_identity.pop(link.identity, None)
         spawn_child(link.child)
         link.identity = f"iobatcher:{link.index}:{link.child.pid}".encode()
@@ -226,12 +216,12 @@ class LookupStage:
             return  # unloaded meanwhile
         if header.error:
             log.error("model %s version %d: %s", served.model, served.version, header.error)
-            self.broker.versions.handle(served, lc.TablesFailed(header.error), time.monotonic())
+            self._report(served, lc.TablesFailed(header.error), time.monotonic())
             return
         link.loaded.add((served.model, served.version))
         served.lookups = list(header.lookups)
         if served.model_signatures:
-            self.describe(served)
+            describe_for_clients(served)
         self._check_loads()
 
     def _check_loads(self) -> None:
@@ -242,10 +232,10 @@ class LookupStage:
             ready = [link for link in self._links if link.ready]
             if (served.state is VersionState.LOADING and not served.life.tables_ready and ready
                     and all(key in link.loaded for link in ready)):
-                self.broker.versions.handle(served, lc.TablesLoaded(), now)
+                self._report(served, lc.TablesLoaded(), now)
 
     def _send_batch(self, link: IoLink, served: ServedVersion, tasks: list[Task], now: float) -> None:
-        live = self.broker.drop_expired(tasks, now)
+        live = self._inflight.take_live(tasks, now)
         if not live:
             return
         names = {lk.input for lk in served.lookups}
@@ -267,7 +257,7 @@ class LookupStage:
         self._send(link, protocol.BATCH, header, frames)
         link.in_flight[batch_id] = (served, live)
         served.lookups_in_flight += len(live)
-        counters = self.broker.counters
+        counters = self._inflight.counters
         counters["lookup_batches"] += 1
         counters["lookup_tasks"] += len(live)
 
@@ -277,10 +267,10 @@ class LookupStage:
             return
         served, tasks = entry
         served.lookups_in_flight -= len(tasks)
-        counters = self.broker.counters
+        counters = self._inflight.counters
         if len(result.counts) != len(tasks):
             counters["malformed_worker"] += 1
-            self.broker.fail_tasks(tasks, Internal("the I/O batcher returned a malformed result"))
+            self._inflight.fail(tasks, Internal("the I/O batcher returned a malformed result"))
             return
         counters["lookup_keys"] += result.keys
         counters["lookup_unique_keys"] += result.unique_keys
@@ -293,7 +283,7 @@ class LookupStage:
             failure = failures.get(i)
             if failure is not None:
                 counters["lookup_failed"] += 1
-                self.broker.reply_error(task.payload.client, task.payload.request_id,
+                self._inflight.reply_error(task.payload.client, task.payload.request_id,
                                         from_code(failure.code, failure.message))
                 continue
             self._to_model(served, task, outputs, looked_up, now)
@@ -314,9 +304,9 @@ class LookupStage:
             rows, join_key = check_inputs(served, request.signature, specs, frames[1:], model_side=True)
             follow = Task(rows, task.deadline, Pending(pending.client, pending.request_id, frames, join_key,
                                                        pending.admitted))
-            self.broker.enqueue(served, request.signature, follow, now)
+            self._inflight.enqueue(served, request.signature, follow, now)
         except TFBrokerError as exc:
-            self.broker.reply_error(pending.client, pending.request_id, exc)
+            self._inflight.reply_error(pending.client, pending.request_id, exc)
 
     def _lost(self, link: IoLink, why: str) -> None:
         """The I/O batcher is gone: its lookups in flight get 503 at once."""
@@ -324,12 +314,12 @@ class LookupStage:
         link.loaded.clear()
         for served, tasks in link.in_flight.values():
             served.lookups_in_flight -= len(tasks)
-            self.broker.fail_tasks(tasks, Unavailable(f"{why}; lookups of model {served.model} are retried "
+            self._inflight.fail(tasks, Unavailable(f"{why}; lookups of model {served.model} are retried "
                                                       "by the next request"))
         link.in_flight.clear()
 
     def _send(self, link: IoLink, command: bytes, header: protocol.Header, frames: Any = ()) -> None:
-        self.broker.send_backend(link.identity, command, header, frames)
+        self._send_to(link.identity, command, header, frames)
         link.last_sent = time.monotonic()
 
 
@@ -339,34 +329,3 @@ def _input_name(spec: protocol.TensorSpec, served: ServedVersion, signature: str
         return spec.name
     inputs = served.signatures.get(signature)
     return next(iter(inputs.inputs)) if inputs is not None and len(inputs.inputs) == 1 else ""
-
-
-def _client_signature(spec: protocol.SignatureSpec, lookups: list[protocol.LookupSpec]) -> protocol.SignatureSpec:
-    inputs = dict(spec.inputs)
-    for lookup in lookups:
-        if lookup.output in inputs:
-            _, shape = inputs.pop(lookup.output)
-            if shape is not None and lookup.dim:
-                shape = shape[:-1]
-            inputs[lookup.input] = (lookup.input_dtype, shape)
-    return protocol.SignatureSpec(inputs=inputs, outputs=spec.outputs)
-
-
-def _client_signature_def(signature_def: dict[str, Any], lookups: list[protocol.LookupSpec]) -> dict[str, Any]:
-    """TF Serving's metadata JSON with the same substitution."""
-    out = dict(signature_def)
-    defs = {}
-    for name, sig in signature_def.get("signature_def", {}).items():
-        inputs = dict(sig.get("inputs", {}))
-        for lookup in lookups:
-            tensor = inputs.pop(lookup.output, None)
-            if tensor is None:
-                continue
-            shape = dict(tensor.get("tensor_shape", {}))
-            if lookup.dim and shape.get("dim"):
-                shape["dim"] = shape["dim"][:-1]
-            inputs[lookup.input] = {"dtype": "DT_" + TF_NAMES[lookup.input_dtype].upper(), "tensor_shape": shape,
-                                    "name": f"{lookup.input} (looked up into {lookup.output} by tfbroker)"}
-        defs[name] = {**sig, "inputs": inputs}
-    out["signature_def"] = defs
-    return out

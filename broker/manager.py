@@ -12,19 +12,18 @@ and the control channel's load, unload, label and drain.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
-
 import os
 import time
 
 from broker import lifecycle as lc
-from broker.config import ModelConfig
-from broker.errors import InvalidArgument, NotFound, Unavailable
+from broker.config import ModelConfig, ServerConfig
+from broker.fleet import Fleet
+from broker.inflight import InFlight
+from broker.lookups import LookupStage
+from tfbroker.wire.errors import InvalidArgument, NotFound, Unavailable
 from broker.models import ServedModel, ServedVersion, find_versions, fingerprint
+from broker.source import DiskChanges, VersionSource
 from broker.versions import Load, VersionState, next_action
-
-if TYPE_CHECKING:
-    from broker.server import Broker
 
 log = logging.getLogger("tfbroker.versions")
 
@@ -37,12 +36,29 @@ LOOKUPS_FILE = os.path.join("assets.extra", "lookups.json")
 
 
 class VersionManager:
-    def __init__(self, broker: Broker) -> None:
-        self.broker = broker
-        self.config = broker.config
+    """The one owner of the served models and their versions: it alone adds and removes
+    them, and applies what the source finds on disk."""
+
+    def __init__(self, config: ServerConfig, fleet: Fleet, lookups: LookupStage, inflight: InFlight,
+                 source: VersionSource) -> None:
+        self.config = config
+        self.models: dict[str, ServedModel] = {}
+        self._fleet = fleet
+        self._lookups = lookups
+        self._inflight = inflight
+        self._source = source
+
+    def scan(self, now: float) -> None:
+        """Start-up: take what each base path holds as it is."""
+        for name, found in self._source.scan_now(self.models.values(), now).items():
+            self.models[name].on_disk = found
+
+    def poll_disk(self, now: float) -> None:
+        """Apply what the source found since the last tick: new, gone and changed directories."""
+        self._apply_disk(self._source.poll(list(self.models.values()), now))
 
     def reconcile(self, now: float) -> None:
-        for model in list(self.broker.models.values()):
+        for model in list(self.models.values()):
             for _ in range(MAX_STEPS_PER_TICK):
                 action = next_action(model.snapshots(), model.aspired(), self.config.version_swap_policy)
                 if action is None:
@@ -64,7 +80,7 @@ class VersionManager:
 
     def stop_all(self, now: float) -> None:
         """Shutdown: every version unloads after the requests it holds."""
-        for model in self.broker.models.values():
+        for model in self.models.values():
             for served in list(model.versions.values()):
                 self.handle(served, lc.UnloadAsked(), now)
                 if not served.has_work():
@@ -76,14 +92,14 @@ class VersionManager:
         """A (re)read model_config_list: add, update and remove models. What changed, for the log."""
         changes = []
         wanted = {m.name: m for m in models}
-        for name, model in self.broker.models.items():
+        for name, model in self.models.items():
             if name not in wanted and not model.removed:
                 model.removed = True
                 changes.append(f"model {name} removed: its versions unload")
         for name, config in wanted.items():
-            existing = self.broker.models.get(name)
+            existing = self.models.get(name)
             if existing is None:
-                model = self.broker.models[name] = ServedModel(config)
+                model = self.models[name] = ServedModel(config)
                 changes.append(f"model {name} added")
             else:
                 model = existing
@@ -93,7 +109,7 @@ class VersionManager:
                 # An operator's explicit change: take the new path's versions as they are, so
                 # the old ones keep serving until the new ones are AVAILABLE.
                 model.on_disk = find_versions(config.base_path)
-                self.broker.source.forget(name)
+                self._source.forget(name)
             model.config = config
             model.removed = False
             model.wanted_labels = dict(config.version_labels)
@@ -161,7 +177,7 @@ class VersionManager:
     # --- implementation ---
 
     def _model(self, name: str) -> ServedModel:
-        model = self.broker.models.get(name)
+        model = self.models.get(name)
         if model is None or model.removed:
             raise NotFound(f"no model named {name}")
         return model
@@ -170,14 +186,14 @@ class VersionManager:
         path = model.on_disk[number]
         name = f"model {model.name} version {number}"
         life = lc.Lifecycle(name, needs_tables=os.path.isfile(os.path.join(path, LOOKUPS_FILE)),
-                            replicas=self.broker.fleet.replicas)
+                            replicas=self._fleet.replicas)
         served = ServedVersion(model.name, number, path, life, files=fingerprint(path), load_started=now)
         model.versions[number] = served
         log.info("loading %s from %s%s", name, path, " (with lookup tables)" if life.needs_tables else "")
         self.handle(served, lc.Load(), now)
 
     def _carry_out(self, served: ServedVersion, action: lc.Action, now: float) -> None:
-        fleet = self.broker.fleet
+        fleet = self._fleet
         if isinstance(action, lc.SpawnWorker):
             fleet.spawn_worker(served, action.replica)
         elif isinstance(action, lc.RestartWorker):
@@ -189,22 +205,24 @@ class VersionManager:
         elif isinstance(action, lc.Terminate):
             fleet.terminate_worker(served, action.replica, action.reason)
         elif isinstance(action, lc.Requeue):
-            self._requeue(served, action.replica)
+            link = served.link(action.replica)
+            if link is not None:
+                self._inflight.requeue(served, link)
         elif isinstance(action, lc.LoadTables):
-            self.broker.lookups.load_tables(served)
+            self._lookups.load_tables(served)
         elif isinstance(action, lc.UnloadTables):
-            self.broker.lookups.unload_tables(served)
+            self._lookups.unload_tables(served)
         elif isinstance(action, lc.FailRequests):
             if action.replica is None:
-                self.broker.fail_version(served, Unavailable(action.message))
+                self._inflight.fail_version(served, Unavailable(action.message))
             else:
                 link = served.link(action.replica)
-                self.broker.fail_tasks(link.take_in_flight() if link else [], Unavailable(action.message))
+                self._inflight.fail(link.take_in_flight() if link else [], Unavailable(action.message))
         elif isinstance(action, lc.BecameAvailable):
             served.counters.record_load("OK", time.monotonic() - served.load_started)
             log.info("serving model %s version %d (signatures %s)", served.model, served.version,
                      sorted(served.signatures))
-            model = self.broker.models.get(served.model)
+            model = self.models.get(served.model)
             if model is not None:
                 self._note_labels(model)  # the latest AVAILABLE version takes new admissions
             fleet.announce()
@@ -217,23 +235,6 @@ class VersionManager:
             else:
                 log.info("model %s version %d unloaded", served.model, served.version)
 
-    def _requeue(self, served: ServedVersion, replica: int) -> None:
-        """A replica died or went silent holding batches: they go back to the front of their
-        queues for the other replicas; a request requeued once already is failed (a batch
-        that kills every worker it reaches must not go round them all)."""
-        link = served.link(replica)
-        for signature, tasks in reversed(list(link.in_flight.values()) if link else []):
-            queue_ = served.queues[signature]
-            again = queue_.requeue(tasks)
-            back = {id(t) for t in again}
-            self.broker.fail_tasks([t for t in tasks if id(t) not in back],
-                                   Unavailable("two model workers failed while running this request"))
-            for task in again:
-                self.broker.track(queue_, task)
-            self.broker.counters["requeued"] += len(again)
-        if link is not None:
-            link.in_flight.clear()
-
     def _finish_unloads(self, model: ServedModel, now: float) -> None:
         """An UNLOADING version whose requests have left every stage is Drained; its worker
         gets ``shutdown_grace_s`` to go after it was told to."""
@@ -245,6 +246,21 @@ class VersionManager:
             if any(link.disconnect_sent and not link.child.terminated_at
                    and now - link.disconnect_sent > self.config.shutdown_grace_s for link in served.links()):
                 self.handle(served, lc.GraceExpired(), now)
+
+    def _apply_disk(self, changes: DiskChanges) -> None:
+        for name, number in changes.gone:
+            model = self.models.get(name)
+            if model is not None:
+                model.on_disk.pop(number, None)
+        for name, number in changes.retry:  # changed on disk since it failed to load: a fresh start
+            model = self.models.get(name)
+            if model is not None:
+                model.versions.pop(number, None)
+                model.on_disk.pop(number, None)
+        for name, number, path in changes.found:
+            model = self.models.get(name)
+            if model is not None and not model.removed:
+                model.on_disk[number] = path
 
     def _note_labels(self, model: ServedModel) -> None:
         for change in model.update_labels():
@@ -259,5 +275,5 @@ class VersionManager:
                 continue
             del model.versions[served.version]
         if model.removed and all(v.state is VersionState.END for v in model.versions.values()):
-            del self.broker.models[model.name]
+            del self.models[model.name]
             log.info("model %s removed", model.name)

@@ -9,10 +9,10 @@ from typing import Any, Iterator
 
 from broker.batching import BatchQueue, Task
 from broker.config import ModelConfig
-from broker.errors import InvalidArgument, NotFound, Unavailable
+from tfbroker.wire.errors import InvalidArgument, NotFound, Unavailable
 from broker.lifecycle import Lifecycle
-from broker.protocol import LookupSpec, SignatureSpec, TensorSpec, VersionStats
-from broker.tensors import TF_NAMES, can_cast, nbytes
+from tfbroker.wire.protocol import LookupSpec, SignatureSpec, TensorSpec, VersionStats
+from tfbroker.wire.tensors import TF_NAMES, can_cast, nbytes
 from broker.stats import VersionCounters
 from broker.supervisor import Child
 from broker.versions import VersionSnapshot, VersionState, aspired_versions

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from broker import protocol
-from broker.errors import NotFound
+from tfbroker.wire import protocol
+from tfbroker.wire.errors import NotFound
 from broker.models import ServedModel, ServedVersion
 
 

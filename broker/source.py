@@ -2,14 +2,17 @@
 
 Every ``file_system_poll_wait_seconds`` it lists each base path (TF Serving's meaning: 0
 lists once at start-up, a negative value never after start-up). A new directory may still
-be being copied, so it joins ``ServedModel.on_disk`` only once its files have stopped
-changing for SETTLE_S; a directory whose load failed is tried again once its files change.
+be being copied, so it is reported only once its files have stopped changing for SETTLE_S;
+a directory whose load failed is reported for a retry once its files change.
+
+The source only reports (DiskChanges): the version manager applies what it finds to
+``ServedModel.on_disk``, and alone adds and removes versions.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 from broker.models import ServedModel, find_versions, fingerprint
@@ -19,6 +22,18 @@ log = logging.getLogger("tfbroker.source")
 # How long a new version directory's files must stay unchanged before it is loaded.
 SETTLE_S = 0.5
 SAVED_MODEL_FILES = ("saved_model.pb", "saved_model.pbtxt")
+
+
+@dataclass(slots=True)
+class DiskChanges:
+    """What one poll found, by (model, version)."""
+
+    found: list[tuple[str, int, str]] = field(default_factory=list)  # settled new directories, with their path
+    gone: list[tuple[str, int]] = field(default_factory=list)  # directories no longer there
+    retry: list[tuple[str, int]] = field(default_factory=list)  # failed versions whose files changed
+
+    def __bool__(self) -> bool:
+        return bool(self.found or self.gone or self.retry)
 
 
 @dataclass(slots=True)
@@ -34,26 +49,29 @@ class VersionSource:
         self._next_poll = 0.0
         self._candidates: dict[tuple[str, int], _Candidate] = {}
 
-    def scan_now(self, models: Iterable[ServedModel], now: float) -> None:
-        """At start-up: take what is on disk as it is, without waiting for it to settle."""
+    def scan_now(self, models: Iterable[ServedModel], now: float) -> dict[str, dict[int, str]]:
+        """At start-up: what is on disk as it is, without waiting for it to settle (model name
+        -> version -> path; nothing when polling is off)."""
         if self.poll_wait_s < 0:
             self._next_poll = float("inf")
             log.info("file-system polling is off: versions load only by `python -m broker.ctl load`")
-            return
+            return {}
+        found = {}
         for model in models:
-            model.on_disk = find_versions(model.config.base_path)
-            if not model.on_disk:
+            found[model.name] = find_versions(model.config.base_path)
+            if not found[model.name]:
                 log.error("No versions of servable %s found under base path %s", model.name,
                           model.config.base_path)
         self._next_poll = now + self.poll_wait_s if self.poll_wait_s > 0 else float("inf")
+        return found
 
-    def poll(self, models: Sequence[ServedModel], now: float) -> bool:
-        """Rescan when due and settle candidates; True when some model's ``on_disk`` changed."""
-        changed = False
+    def poll(self, models: Sequence[ServedModel], now: float) -> DiskChanges:
+        """Rescan when due and settle candidates: what changed on disk since the last poll."""
+        changes = DiskChanges()
         if now >= self._next_poll:
             self._next_poll = now + self.poll_wait_s
             for model in models:
-                changed |= self._scan(model, now)
+                self._scan(model, now, changes)
         for key, candidate in list(self._candidates.items()):
             if now - candidate.since < SETTLE_S:
                 continue
@@ -65,9 +83,8 @@ class VersionSource:
             found = next((m for m in models if m.name == key[0]), None)
             if found is not None and not found.removed:
                 log.info("found version %d of model %s in %s", key[1], key[0], candidate.path)
-                found.on_disk[key[1]] = candidate.path
-                changed = True
-        return changed
+                changes.found.append((key[0], key[1], candidate.path))
+        return changes
 
     def forget(self, model: str) -> None:
         for key in [k for k in self._candidates if k[0] == model]:
@@ -75,13 +92,11 @@ class VersionSource:
 
     # --- implementation ---
 
-    def _scan(self, model: ServedModel, now: float) -> bool:
+    def _scan(self, model: ServedModel, now: float, changes: DiskChanges) -> None:
         found = find_versions(model.config.base_path)
-        changed = False
         for number in [n for n in model.on_disk if n not in found]:
             log.info("version %d of model %s is gone from %s", number, model.name, model.config.base_path)
-            del model.on_disk[number]
-            changed = True
+            changes.gone.append((model.name, number))
         for number, path in found.items():
             key = (model.name, number)
             if key in self._candidates:
@@ -92,11 +107,8 @@ class VersionSource:
                     continue
                 log.info("version %d of model %s changed on disk since it failed to load; "
                          "it loads again once its files settle", number, model.name)
-                del model.versions[number]
-                del model.on_disk[number]
-                changed = True
+                changes.retry.append((model.name, number))
             self._candidates[key] = _Candidate(path, fingerprint(path), now)
-        return changed
 
 
 def _has_saved_model(files: tuple[Any, ...]) -> bool:

@@ -8,11 +8,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from broker import protocol
+from tfbroker.wire import protocol
+from tfbroker.wire.protocol import QUEUE_LATENCY_BOUNDS_US
 
-# Bounds of the queueing-latency histogram, microseconds (as TF Serving's, in µs).
-QUEUE_LATENCY_BOUNDS_US = (100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000,
-                           500_000, 1_000_000, 2_500_000, 5_000_000, 10_000_000)
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 

@@ -3,7 +3,7 @@
 Children are fresh interpreters (``python -m workers``, ``python -m gunicorn`` for the frontends), never forks
 of the broker: a forked TensorFlow or ZeroMQ state is not safe to use. Each child learns the
 broker's pid from TFBROKER_PARENT_PID and asks the kernel for SIGTERM when the broker dies
-(broker/process.py), so no child outlives it.
+(tfbroker/runtime/process.py), so no child outlives it.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from broker.process import EXIT_BOOT_ERROR, EXIT_MODEL_LOAD_ERROR, PARENT_PID_ENV
+from tfbroker.runtime.process import EXIT_BOOT_ERROR, EXIT_MODEL_LOAD_ERROR, PARENT_PID_ENV
+from tfbroker.wire.security import CLIENT_SECRET_KEY_ENV, SERVER_KEY_ENV
 
 log = logging.getLogger("tfbroker.supervisor")
 
@@ -47,6 +48,11 @@ class Child:
     @property
     def running(self) -> bool:
         return self.process is not None and self.process.returncode is None
+
+
+def curve_env(secret_key_file: str) -> dict[str, str]:
+    """Children reach a CURVE broker with the broker's own key pair."""
+    return {CLIENT_SECRET_KEY_ENV: secret_key_file, SERVER_KEY_ENV: secret_key_file} if secret_key_file else {}
 
 
 def spawn_child(child: Child) -> None:

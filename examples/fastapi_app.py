@@ -12,9 +12,9 @@ from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
 
-from broker.errors import TFBrokerError
+from tfbroker.wire.errors import TFBrokerError
 from examples.processing import postprocess, preprocess
-from frontend.client import AsyncClient
+from tfbroker import AsyncClient
 
 MODEL = os.environ.get("MODEL_NAME", "mlp")
 

@@ -15,9 +15,9 @@ import os
 
 from flask import Flask, jsonify, request
 
-from broker.errors import TFBrokerError
+from tfbroker.wire.errors import TFBrokerError
 from examples.processing import postprocess, preprocess
-from frontend.client import Client
+from tfbroker import Client
 
 MODEL = os.environ.get("MODEL_NAME", "mlp")
 

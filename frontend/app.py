@@ -2,7 +2,7 @@
 
 Runs under uvicorn or gunicorn (``gunicorn -k uvicorn_worker.UvicornWorker frontend.app:app``)
 and never imports TensorFlow: it parses JSON into arrays and passes them to the broker
-through frontend.client. Settings come from the environment, since gunicorn owns the
+through tfbroker.client. Settings come from the environment, since gunicorn owns the
 command line: TFBROKER_ADDRESS (the broker's frontend socket), TFBROKER_TIMEOUT_MS (the
 request deadline, TF Serving's --rest_api_timeout_in_ms), TFBROKER_LIMITS (RequestLimits as
 flags) and TFBROKER_FRONTEND_INDEX (N in the process title ``tfbroker: frontend:N``).
@@ -10,7 +10,7 @@ flags) and TFBROKER_FRONTEND_INDEX (N in the process title ``tfbroker: frontend:
 Everything under ``/v1/`` is served here on raw ASGI (frontend/routes.py matches the paths
 as TF Serving does); Starlette serves the rest (404) and the lifespan. Every answer, errors
 included, is JSON: ``{"error": "…"}`` with the status of the error's class
-(broker/errors.py); a 503 carries ``Retry-After``. A caller may ask for a shorter deadline
+(tfbroker/wire/errors.py); a 503 carries ``Retry-After``. A caller may ask for a shorter deadline
 than TFBROKER_TIMEOUT_MS with the header ``X-Request-Timeout-Ms``. A client that
 disconnects cancels its request: the broker drops it if it has not been dispatched.
 """
@@ -32,13 +32,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from broker.config import DEFAULT_TIMEOUT_MS, FRONTEND_INDEX_ENV, LIMITS_ENV, TIMEOUT_ENV, RequestLimits
-from broker.errors import Internal, InvalidArgument, NotFound, PayloadTooLarge, TFBrokerError, Unavailable
-from broker.flags import parse_flags
-from broker.process import set_title
+from tfbroker.runtime.settings import DEFAULT_TIMEOUT_MS, FRONTEND_INDEX_ENV, LIMITS_ENV, TIMEOUT_ENV, RequestLimits
+from tfbroker.wire.errors import Internal, InvalidArgument, NotFound, PayloadTooLarge, TFBrokerError, Unavailable
+from tfbroker.runtime.flags import parse_flags
+from tfbroker.runtime.process import set_title
 from frontend import routes
-from frontend.client import AsyncClient
-from frontend.examples import format_results, parse_examples
+from tfbroker.async_client import AsyncClient
+from frontend.tf_example import format_results, parse_examples
 from frontend.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from frontend.metrics import Metrics
 from frontend.metrics import from_env as metrics_from_env

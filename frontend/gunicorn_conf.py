@@ -15,12 +15,12 @@ inherited from the broker), TFBROKER_TIMEOUT_MS (request deadline), TFBROKER_LOG
 import gc
 import os
 
-from broker.config import BIND_ENV, FRONTEND_INDEX_ENV, FRONTENDS_ENV, LOG_LEVEL_ENV, METRICS_DIR_ENV
-from broker.logs import set_role
-from broker.process import die_with_parent
+from tfbroker.runtime.settings import BIND_ENV, FRONTEND_INDEX_ENV, FRONTENDS_ENV, LOG_LEVEL_ENV, METRICS_DIR_ENV
+from tfbroker.runtime.logs import set_role
+from tfbroker.runtime.process import die_with_parent
 
 worker_class = "frontend.uvicorn_worker.FrontendWorker"
-logger_class = "frontend.uvicorn_worker.FrontendLogger"  # tfbroker's log format (broker/logs.py)
+logger_class = "frontend.uvicorn_worker.FrontendLogger"  # tfbroker's log format (tfbroker/runtime/logs.py)
 control_socket_disable = True  # gunicorn >= 25 would make ~/.gunicorn/gunicorn.ctl: the broker has its own
 workers = int(os.environ.get(FRONTENDS_ENV, os.cpu_count() or 2))
 # One address or several, comma-separated (unix:PATH, HOST:PORT, fd://N).

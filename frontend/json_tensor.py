@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 import orjson
 
-from broker.config import RequestLimits
-from broker.errors import InvalidArgument
+from tfbroker.runtime.settings import RequestLimits
+from tfbroker.wire.errors import InvalidArgument
 
 SINGLE_INPUT = ""  # the name used when a request does not name its only input
 

@@ -20,9 +20,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from broker import protocol
-from broker.config import METRICS_DIR_ENV, METRICS_PATH_ENV
-from broker.stats import QUEUE_LATENCY_BOUNDS_US
+from tfbroker.wire import protocol
+from tfbroker.runtime.settings import METRICS_DIR_ENV, METRICS_PATH_ENV
+from tfbroker.wire.protocol import QUEUE_LATENCY_BOUNDS_US
 
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 # Request latency buckets in microseconds, as TF Serving's request_latency.

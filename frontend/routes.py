@@ -12,8 +12,8 @@ import re
 from dataclasses import dataclass
 from urllib.parse import unquote
 
-from broker.errors import InvalidArgument
-from broker.protocol import MAX_INT64
+from tfbroker.wire.errors import InvalidArgument
+from tfbroker.wire.protocol import MAX_INT64
 
 API_PREFIX = "/v1/"
 _NAME = r"([^/:]+)"

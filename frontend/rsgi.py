@@ -18,8 +18,8 @@ import os
 import time
 from typing import Any, MutableMapping
 
-from broker.errors import Internal, TFBrokerError
-from broker.process import set_title
+from tfbroker.wire.errors import Internal, TFBrokerError
+from tfbroker.runtime.process import set_title
 from frontend import routes
 from frontend.app import Answer, RestApi, check_body_size, check_content_length, error_answer, timeout_from_header
 from frontend.app import app as rest_app

@@ -9,7 +9,7 @@ servers nginx runs out of retries and answers 502. LingeringServer first stops a
 for up to LINGER_S answers every request with ``Connection: close`` (so each busy connection
 closes after its answer and the proxy drops it from its pool), then shuts down as uvicorn does.
 
-FrontendLogger writes gunicorn's and uvicorn's lines in tfbroker's format (broker/logs.py),
+FrontendLogger writes gunicorn's and uvicorn's lines in tfbroker's format (tfbroker/runtime/logs.py),
 so the frontends' log reads like every other process's.
 """
 
@@ -26,7 +26,7 @@ from gunicorn.glogging import Logger
 from uvicorn.server import Server
 from uvicorn_worker import UvicornWorker
 
-from broker import logs
+from tfbroker.runtime import logs
 from frontend import app as rest_app
 
 LINGER_S = 1.0  # at most; it ends as soon as no connection is left

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from broker.flags import add_dataclass_flags, dataclass_from_args
-from iobatcher.config import IoBatcherConfig
+from tfbroker.runtime.flags import add_dataclass_flags, dataclass_from_args
+from tfbroker.runtime.settings import IoBatcherConfig
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -23,12 +23,12 @@ from typing import Any
 import numpy as np
 import zmq
 
-from broker import protocol, tensors
-from broker.errors import DeadlineExceeded, InvalidArgument, ProtocolError, TFBrokerError, Unavailable
-from broker.process import EXIT_OK, die_with_parent, parent_alive, set_title, setup_logging
-from broker.security import client_keys_from_env, make_client
-from broker.zmqio import send_message
-from iobatcher.config import IoBatcherConfig
+from tfbroker.wire import protocol, tensors
+from tfbroker.wire.errors import DeadlineExceeded, InvalidArgument, ProtocolError, TFBrokerError, Unavailable
+from tfbroker.runtime.process import EXIT_OK, die_with_parent, parent_alive, set_title, setup_logging
+from tfbroker.wire.security import client_keys_from_env, make_client
+from tfbroker.wire.zmqio import send_message
+from tfbroker.runtime.settings import IoBatcherConfig
 from iobatcher.tables import Table, TableError, load_tables
 
 log = logging.getLogger("tfbroker.iobatcher")

@@ -33,8 +33,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from broker.errors import InvalidArgument, Unavailable
-from broker.protocol import LookupSpec
+from tfbroker.wire.errors import InvalidArgument, Unavailable
+from tfbroker.wire.protocol import LookupSpec
 from iobatcher.farmhash import fingerprint64
 
 LOOKUPS_FILE = os.path.join("assets.extra", "lookups.json")

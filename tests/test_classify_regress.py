@@ -92,8 +92,8 @@ def test_a_signature_that_takes_no_examples_is_a_400(tfs: BrokerProcess) -> None
 
 
 def test_the_python_client_classifies_serialized_examples(tfs: BrokerProcess) -> None:
-    from frontend.client import Client
-    from frontend.examples import parse_examples
+    from tfbroker import Client
+    from frontend.tf_example import parse_examples
 
     examples, _ = parse_examples(b'{"examples": [{"x": 1.0}, {"x": 3.0}]}', "classify")
     with Client(tfs.address) as client:

@@ -25,7 +25,7 @@ import pytest
 
 from bench.servers import nginx_site
 from broker.supervisor import terminate
-from frontend.client import Client
+from tfbroker import Client
 from tests.conftest import ROOT, children_of, debian_binary, free_port, make_model_config, process_title, wait_for
 
 UNITS = ROOT / "ops" / "systemd"
@@ -171,7 +171,7 @@ def test_the_light_install_has_no_tensorflow_and_says_what_the_broker_needs(ligh
                                capture_output=True, text=True, timeout=60).stdout.lower()
     assert "tfbroker==" in installed
     assert not [line for line in installed.splitlines() if line.startswith(("tensorflow", "tf-", "keras"))]
-    probe = ("import sys, frontend.app, frontend.client; "
+    probe = ("import sys, frontend.app, tfbroker.client; "
              "sys.exit(1 if [m for m in sys.modules if m.startswith(('tensorflow', 'keras'))] else 0)")
     assert subprocess.run([python, "-c", probe], cwd="/", timeout=60).returncode == 0
     broker = subprocess.run([python, "-m", "broker", "--model_name=m", "--model_base_path=/nonexistent"],
@@ -191,7 +191,7 @@ def test_light_frontends_under_their_unit_answer_like_the_client(deployment: dic
     assert response.status_code == 200 and response.headers["x-model-version"] == "1"
     np.testing.assert_allclose(np.array(response.json()["predictions"]), expected, rtol=1e-6)
     # The light venv's own Python client too (a web app's host: no TensorFlow there either).
-    script = ("import sys, numpy as np; from frontend.client import Client; "
+    script = ("import sys, numpy as np; from tfbroker import Client; "
               f"c = Client({deployment['address']!r}); "
               "print(c.predict('mlp', {'x': np.ones((2, 8), np.float32)}).outputs['y'].shape)")
     out = subprocess.run([str(light_venv / "bin" / "python"), "-c", script], cwd="/", capture_output=True,

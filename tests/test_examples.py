@@ -1,5 +1,5 @@
 """examples/: a Flask and a FastAPI app of a user's own, each under gunicorn with 4 workers,
-doing their own pre- and post-processing around frontend.client (issue 13)."""
+doing their own pre- and post-processing around tfbroker.client (issue 13)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 
 from broker.supervisor import terminate
 from examples.processing import postprocess, preprocess
-from frontend.client import Client
+from tfbroker import Client
 from tests.conftest import ROOT, BrokerProcess, children_of, free_port, serving, wait_for
 
 APPS = {"flask": ["examples.flask_app:app"],

@@ -20,9 +20,9 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from broker import protocol, tensors
+from tfbroker.wire import protocol, tensors
 from broker.supervisor import terminate
-from frontend.client import Client
+from tfbroker import Client
 from tests.conftest import ROOT, BrokerProcess, pid_alive, serving, wait_for
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))

@@ -17,8 +17,8 @@ import httpx
 import numpy as np
 import pytest
 
-from broker.errors import Cancelled, DeadlineExceeded, InvalidArgument
-from frontend.client import AsyncClient, Client
+from tfbroker.wire.errors import Cancelled, DeadlineExceeded, InvalidArgument
+from tfbroker import AsyncClient, Client
 from tests.conftest import TESTDATA, BrokerProcess, serving
 
 LIMITS = {"max_request_body_bytes": 200_000, "max_json_depth": 6, "max_instances": 1000,

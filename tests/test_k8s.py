@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from broker.config import ServerConfig
-from broker.flags import add_dataclass_flags, dataclass_from_args
+from tfbroker.runtime.flags import add_dataclass_flags, dataclass_from_args
 from tests.conftest import ROOT, BrokerProcess
 
 K8S = ROOT / "ops" / "k8s"

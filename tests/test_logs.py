@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from broker.logs import pass_on_tensorflow_output
+from tfbroker.runtime.logs import pass_on_tensorflow_output
 from tests.conftest import wait_for
 
 ABSL_LINE = re.compile(r"^[IWEF]\d{4} [\d:.]+\s+\d+ \S+\]")

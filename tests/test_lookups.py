@@ -22,7 +22,7 @@ import httpx
 import numpy as np
 import pytest
 
-from frontend.client import Client
+from tfbroker import Client
 from tests.conftest import debian_binary, free_port, pid_alive, reference_outputs, serving, wait_for
 from tests.test_versions import version_states
 

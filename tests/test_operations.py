@@ -15,9 +15,9 @@ import httpx
 import numpy as np
 import pytest
 
-from broker.process import EXIT_CONFIG_ERROR, EXIT_FAULT
+from tfbroker.runtime.process import EXIT_CONFIG_ERROR, EXIT_FAULT
 from broker.supervisor import terminate
-from frontend.client import Client
+from tfbroker import Client
 from tests.conftest import (ROOT, BrokerProcess, children_of, descendants_of, free_port, pid_alive, process_title,
                             wait_for)
 
@@ -297,7 +297,7 @@ def test_curve_lets_known_keys_in_and_keeps_unknown_ones_out(start_broker: Any, 
     assert broker.predict("linear", {"instances": [2.0]}).json() == {"predictions": [4.0]}
 
     def call_as(name: str) -> subprocess.CompletedProcess[str]:
-        code = ("import numpy as np; from frontend.client import Client; "
+        code = ("import numpy as np; from tfbroker import Client; "
                 f"c = Client({tcp!r}, timeout_s=3, connect_timeout_s=3); "
                 "print(c.predict('linear', {'x': np.array([2.0], np.float32)}).outputs['y'].tolist()); "
                 "print(c.stats()['auth_refused'])")

@@ -15,8 +15,8 @@ from typing import Any
 import httpx
 import pytest
 
-from broker.devices import resolve_devices
-from frontend.client import Client
+from tfbroker.runtime.devices import resolve_devices
+from tfbroker import Client
 from tests.conftest import BrokerProcess, pid_alive, wait_for
 from tests.test_versions import ctl, version_states
 

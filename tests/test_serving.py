@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import zmq
 
-from broker import protocol
-from broker.errors import InvalidArgument, NotFound
-from frontend.client import AsyncClient, Client
+from tfbroker.wire import protocol
+from tfbroker.wire.errors import InvalidArgument, NotFound
+from tfbroker import AsyncClient, Client
 from tests.conftest import (TESTDATA, BrokerProcess, make_model_config, needs_testdata, reference_outputs,
                             stop_and_check, wait_for)
 

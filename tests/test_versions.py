@@ -338,7 +338,7 @@ def test_malformed_control_messages_get_errors_and_the_broker_keeps_serving(star
     import msgpack
     import zmq
 
-    from broker import protocol
+    from tfbroker.wire import protocol
 
     broker = start_broker(["--model_name=linear", f"--model_base_path={test_models / 'linear'}"], frontends=1)
     broker.wait_available(["linear"])

@@ -3,7 +3,7 @@
 Every task gets exactly its own rows back, or its own error. A batch that fails with an
 InvalidArgument error is run again task by task, so one bad request fails alone.
 
-A joined BATCH (see broker/protocol.py) arrives already concatenated, one tensor per
+A joined BATCH (see tfbroker/wire/protocol.py) arrives already concatenated, one tensor per
 input; ``run_joined`` answers it with one tensor per output when it can, so the worker's
 Python work is per batch, not per task.
 """
@@ -16,9 +16,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from broker import protocol, tensors
-from broker.errors import DeadlineExceeded, Internal, InvalidArgument, ProtocolError, TFBrokerError
-from broker.tensors import TF_NAMES
+from tfbroker.wire import protocol, tensors
+from tfbroker.wire.errors import DeadlineExceeded, Internal, InvalidArgument, ProtocolError, TFBrokerError
+from tfbroker.wire.tensors import TF_NAMES
 from workers.model import Signature
 
 log = logging.getLogger(__name__)

@@ -20,8 +20,8 @@ from tensorflow.python.util import deprecation
 from google.protobuf import json_format
 from tensorflow.core.protobuf import config_pb2, meta_graph_pb2, saved_model_pb2
 
-from broker.errors import InvalidArgument
-from broker.protocol import STRING
+from tfbroker.wire.errors import InvalidArgument
+from tfbroker.wire.protocol import STRING
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from broker.protocol import STRING
+from tfbroker.wire.protocol import STRING
 from workers.model import LoadedModel
 
 log = logging.getLogger("tfbroker.worker")

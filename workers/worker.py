@@ -17,15 +17,15 @@ from typing import Any
 
 import zmq
 
-from broker import protocol, tensors
-from broker.devices import visible_gpus
-from broker.errors import DeadlineExceeded, Internal, InvalidArgument, NotFound, ProtocolError, TFBrokerError
-from broker.process import (EXIT_MODEL_LOAD_ERROR, EXIT_OK, die_with_parent, parent_alive,
+from tfbroker.wire import protocol, tensors
+from tfbroker.runtime.devices import visible_gpus
+from tfbroker.wire.errors import DeadlineExceeded, Internal, InvalidArgument, NotFound, ProtocolError, TFBrokerError
+from tfbroker.runtime.process import (EXIT_MODEL_LOAD_ERROR, EXIT_OK, die_with_parent, parent_alive,
                             set_title, setup_logging)
-from broker.logs import tensorflow_output
-from broker.security import client_keys_from_env, make_client
-from broker.zmqio import send_message
-from workers.config import WorkerConfig
+from tfbroker.runtime.logs import tensorflow_output
+from tfbroker.wire.security import client_keys_from_env, make_client
+from tfbroker.wire.zmqio import send_message
+from tfbroker.runtime.settings import WorkerConfig
 
 log = logging.getLogger("tfbroker.worker")
 
@@ -39,7 +39,7 @@ def run(config: WorkerConfig) -> int:
     signal.signal(signal.SIGINT, worker.handle_signal)
     # Where the worker is when it crashes, or when the broker SIGTERMs it for missing
     # heartbeats (stuck in a model call, where no Python signal handler can run).
-    # On a duplicate of stderr: TensorFlow's start-up output is captured (broker/logs.py), a
+    # On a duplicate of stderr: TensorFlow's start-up output is captured (tfbroker/runtime/logs.py), a
     # traceback must not be.
     fault_log = os.fdopen(os.dup(sys.stderr.fileno()), "w")
     faulthandler.enable(fault_log)
@@ -65,7 +65,7 @@ class Worker:
         self._context = zmq.Context()
         self._connect()
         try:
-            # TensorFlow comes last; its start-up notes are kept out of the log (broker/logs.py).
+            # TensorFlow comes last; its start-up notes are kept out of the log (tfbroker/runtime/logs.py).
             with tensorflow_output(cpu_only=not visible_gpus()):
                 from workers import model as model_lib
                 from workers import warmup

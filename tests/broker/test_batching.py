@@ -6,7 +6,7 @@ import pytest
 
 from broker.batching import BatchQueue, Task
 from broker.config import BatchingParameters
-from broker.errors import InvalidArgument, Unavailable
+from tfbroker.wire.errors import InvalidArgument, Unavailable
 
 
 def queue(**params: object) -> BatchQueue:

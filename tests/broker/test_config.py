@@ -8,9 +8,9 @@ import pytest
 
 from broker.config import BatchingParameters, ServerConfig
 from broker.config_files import load_batching_parameters, load_model_config, parse_batching_parameters, parse_model_config
-from broker.flags import add_dataclass_flags, dataclass_from_args, dataclass_to_argv
+from tfbroker.runtime.flags import add_dataclass_flags, dataclass_from_args, dataclass_to_argv
 from tests.conftest import TESTDATA, needs_testdata
-from workers.config import WorkerConfig
+from tfbroker.runtime.settings import WorkerConfig
 
 
 def parse(argv: list[str]) -> ServerConfig:

@@ -1,4 +1,4 @@
-"""The wire format, checked against frames written by hand (not by broker/protocol.py), and
+"""The wire format, checked against frames written by hand (not by tfbroker/wire/protocol.py), and
 fuzzed: whatever arrives, decode answers a typed message or ProtocolError, nothing else."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker import protocol, tensors
-from broker.errors import ProtocolError
+from tfbroker.wire import protocol, tensors
+from tfbroker.wire.errors import ProtocolError
 
 # A REQUEST as a peer in another language would write it: msgpack map written byte by byte.
 #   {"id": 7, "model": "m", "timeout_ms": 100, "inputs": [["x", "float32", [2]]]}

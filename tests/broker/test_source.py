@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 
 from broker.config import ModelConfig
-from broker.errors import InvalidArgument, NotFound, Unavailable
+from tfbroker.wire.errors import InvalidArgument, NotFound, Unavailable
 from broker import lifecycle as lc
 from broker.lifecycle import Lifecycle
 from broker.models import ServedModel, ServedVersion, fingerprint
-from broker.source import SETTLE_S, VersionSource
+from broker.source import SETTLE_S, DiskChanges, VersionSource
 from broker.versions import VersionState
 
 
@@ -22,13 +22,14 @@ def write_version(base: Path, number: int, content: bytes = b"graph") -> Path:
     return path
 
 
-def test_start_up_takes_what_is_on_disk_and_a_new_directory_joins_once_settled(tmp_path: Path) -> None:
+def test_start_up_takes_what_is_on_disk_and_a_new_directory_is_reported_once_settled(tmp_path: Path) -> None:
     write_version(tmp_path, 1)
     (tmp_path / "notes").mkdir()  # not numeric: ignored
     model = ServedModel(ModelConfig(name="m", base_path=str(tmp_path)))
     source = VersionSource(poll_wait_s=1.0)
-    source.scan_now([model], now=0.0)
-    assert set(model.on_disk) == {1}
+    assert source.scan_now([model], now=0.0) == {"m": {1: str(tmp_path / "1")}}
+    assert model.on_disk == {}  # the source reports; the version manager applies
+    model.on_disk = {1: str(tmp_path / "1")}
 
     partial = tmp_path / "2"
     partial.mkdir()  # being copied: no saved_model.pb yet
@@ -36,50 +37,50 @@ def test_start_up_takes_what_is_on_disk_and_a_new_directory_joins_once_settled(t
     assert not source.poll([model], now=1.0 + SETTLE_S)  # still no SavedModel in it
     write_version(tmp_path, 2)
     assert not source.poll([model], now=1.0 + 2 * SETTLE_S)  # changed since: wait again
-    assert source.poll([model], now=1.0 + 3 * SETTLE_S)
-    assert set(model.on_disk) == {1, 2}
+    changes = source.poll([model], now=1.0 + 3 * SETTLE_S)
+    assert changes == DiskChanges(found=[("m", 2, str(partial))])
+    assert set(model.on_disk) == {1}
 
 
-def test_a_removed_directory_leaves_on_disk(tmp_path: Path) -> None:
+def test_a_removed_directory_is_reported_gone(tmp_path: Path) -> None:
     write_version(tmp_path, 1)
     write_version(tmp_path, 2)
     model = ServedModel(ModelConfig(name="m", base_path=str(tmp_path)))
     source = VersionSource(poll_wait_s=1.0)
-    source.scan_now([model], now=0.0)
+    model.on_disk = source.scan_now([model], now=0.0)["m"]
     for path in (tmp_path / "2").iterdir():
         path.unlink()
     (tmp_path / "2").rmdir()
     assert not source.poll([model], now=0.5)  # not due yet
-    assert source.poll([model], now=1.0)
-    assert set(model.on_disk) == {1}
+    assert source.poll([model], now=1.0) == DiskChanges(gone=[("m", 2)])
+    assert set(model.on_disk) == {1, 2}
 
 
-def test_a_failed_version_is_tried_again_once_its_files_change(tmp_path: Path) -> None:
+def test_a_failed_version_is_reported_for_a_retry_once_its_files_change(tmp_path: Path) -> None:
     path = write_version(tmp_path, 1, b"broken")
     model = ServedModel(ModelConfig(name="m", base_path=str(tmp_path)))
     source = VersionSource(poll_wait_s=1.0)
-    source.scan_now([model], now=0.0)
+    model.on_disk = source.scan_now([model], now=0.0)["m"]
     life = Lifecycle("model m version 1")
     life.handle(lc.Load())
     life.handle(lc.WorkerExited(4, restartable=False, error="bad graph"))
     assert life.state is VersionState.END
     model.versions[1] = ServedVersion("m", 1, str(path), life, files=fingerprint(str(path)))
     assert not source.poll([model], now=1.0)  # unchanged: stays failed
-    assert model.versions[1].failed
     (path / "saved_model.pb").write_bytes(b"fixed graph")
-    assert source.poll([model], now=2.0)
-    assert 1 not in model.versions and 1 not in model.on_disk  # settles again first
-    assert source.poll([model], now=2.0 + SETTLE_S)
-    assert 1 in model.on_disk
+    assert source.poll([model], now=2.0) == DiskChanges(retry=[("m", 1)])
+    assert model.versions[1].failed  # the source wrote nothing
+    del model.versions[1], model.on_disk[1]  # what the version manager does with a retry
+    assert not source.poll([model], now=2.0 + SETTLE_S / 2)  # settles again first
+    assert source.poll([model], now=2.0 + SETTLE_S) == DiskChanges(found=[("m", 1, str(path))])
 
 
 def test_polling_off_scans_nothing(tmp_path: Path) -> None:
     write_version(tmp_path, 1)
     model = ServedModel(ModelConfig(name="m", base_path=str(tmp_path)))
     source = VersionSource(poll_wait_s=-1)
-    source.scan_now([model], now=0.0)
+    assert source.scan_now([model], now=0.0) == {}
     assert not source.poll([model], now=100.0)
-    assert model.on_disk == {}
 
 
 # The events that bring a lifecycle from START to each state.

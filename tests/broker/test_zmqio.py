@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import zmq
 
-from broker.zmqio import NOBLOCK, POLLIN, POLLOUT, events, recv_message, send_message
+from tfbroker.wire.zmqio import NOBLOCK, POLLIN, POLLOUT, events, recv_message, send_message
 
 
 @pytest.fixture

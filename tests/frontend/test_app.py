@@ -10,9 +10,9 @@ import httpx
 import numpy as np
 import pytest
 
-from broker.errors import DeadlineExceeded, NotFound, Unavailable
+from tfbroker.wire.errors import DeadlineExceeded, NotFound, Unavailable
 from frontend.app import create_app
-from frontend.client import Prediction
+from tfbroker.client import Prediction
 
 
 class FakeClient:
@@ -168,8 +168,8 @@ def test_the_caller_may_ask_for_a_shorter_deadline_but_not_a_longer_one(http: Sy
 
 
 def test_limits_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    from broker.config import LIMITS_ENV, RequestLimits
-    from broker.flags import dataclass_to_argv
+    from tfbroker.runtime.settings import LIMITS_ENV, RequestLimits
+    from tfbroker.runtime.flags import dataclass_to_argv
     from frontend.app import limits_from_env
 
     limits = RequestLimits(max_instances=7, max_request_body_bytes=123)

@@ -6,7 +6,7 @@ import numpy as np
 import orjson
 import pytest
 
-from broker.errors import InvalidArgument
+from tfbroker.wire.errors import InvalidArgument
 from frontend.json_tensor import format_predictions, parse_predict_body
 
 

@@ -16,9 +16,9 @@ import msgpack
 import numpy as np
 import pytest
 
-from broker import protocol, tensors
+from tfbroker.wire import protocol, tensors
 from iobatcher.batcher import IoBatcher
-from iobatcher.config import IoBatcherConfig
+from tfbroker.runtime.settings import IoBatcherConfig
 from iobatcher.farmhash import fingerprint64
 from iobatcher.tables import TableError, load_tables
 from tests.conftest import ROOT

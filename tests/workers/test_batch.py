@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from broker.errors import InvalidArgument
+from tfbroker.wire.errors import InvalidArgument
 from workers.batch import JoinedBatch, TaskInput, run_batch, run_joined
 from workers.model import Signature, TensorInfo
 
@@ -140,8 +140,8 @@ def test_a_joined_batch_with_wrong_input_names_fails_every_task() -> None:
 
 
 def test_tasks_out_of_time_are_answered_unrun() -> None:
-    from broker import protocol
-    from broker.errors import DeadlineExceeded
+    from tfbroker.wire import protocol
+    from tfbroker.wire.errors import DeadlineExceeded
     from workers.batch import decode_batch, split_expired
 
     header = protocol.encode_header(protocol.Request(id=4, model="m", timeout_ms=5,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from broker.errors import InvalidArgument
-from frontend.examples import Example, parse_examples
+from tfbroker.wire.errors import InvalidArgument
+from frontend.tf_example import Example, parse_examples
 
 
 def features(serialized: bytes) -> dict[str, tuple[str, list[object]]]:

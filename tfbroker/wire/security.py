@@ -19,6 +19,7 @@ from typing import Any
 import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
+from tfbroker.wire.errors import ConfigError
 
 log = logging.getLogger("tfbroker.security")
 
@@ -34,13 +35,13 @@ class KeyPair:
 
 
 def load_key_pair(path: str) -> KeyPair:
-    """A certificate with its secret key (``NAME.key_secret``); ValueError if unusable."""
+    """A certificate with its secret key (``NAME.key_secret``); ConfigError if unusable."""
     try:
         public, secret = zmq.auth.load_certificate(path)
     except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot read CURVE key file {path}: {exc}") from exc
+        raise ConfigError(f"cannot read CURVE key file {path}: {exc}") from exc
     if secret is None:
-        raise ValueError(f"CURVE key file {path} holds no secret key (use the .key_secret file)")
+        raise ConfigError(f"CURVE key file {path} holds no secret key (use the .key_secret file)")
     return KeyPair(public, secret)
 
 
@@ -48,7 +49,7 @@ def load_public_key(path: str) -> bytes:
     try:
         public, _ = zmq.auth.load_certificate(path)
     except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot read CURVE public key file {path}: {exc}") from exc
+        raise ConfigError(f"cannot read CURVE public key file {path}: {exc}") from exc
     return public
 
 
@@ -78,7 +79,7 @@ def client_keys_from_env() -> tuple[KeyPair, bytes] | None:
     if not secret_file and not server_file:
         return None
     if not (secret_file and server_file):
-        raise ValueError(f"CURVE needs both {CLIENT_SECRET_KEY_ENV} and {SERVER_KEY_ENV}")
+        raise ConfigError(f"CURVE needs both {CLIENT_SECRET_KEY_ENV} and {SERVER_KEY_ENV}")
     return load_key_pair(secret_file), load_public_key(server_file)
 
 

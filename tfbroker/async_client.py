@@ -1,4 +1,4 @@
-"""The asyncio client (``frontend.client.AsyncClient``): what every HTTP frontend uses.
+"""The asyncio client (``tfbroker.client.AsyncClient``): what every HTTP frontend uses.
 
 A plain ZeroMQ socket whose file descriptor is watched by the event loop (``add_reader``),
 rather than zmq.asyncio's futures: sends never wait (DEALER, NOBLOCK), and one reader
@@ -16,11 +16,11 @@ from typing import Any, Mapping, Sequence
 
 import zmq
 
-from broker import protocol
-from broker.config import DEFAULT_HEARTBEAT_INTERVAL_S, DEFAULT_HEARTBEAT_LIVENESS
-from broker.errors import DeadlineExceeded, Internal, ProtocolError, Unavailable
-from broker.zmqio import NOBLOCK, POLLIN, POLLOUT, events, recv_message, send_message
-from frontend.client import (DEFAULT_TIMEOUT_S, GRACE_S, ClientBase, Prediction, as_dict, decode_reply,
+from tfbroker.wire import protocol
+from tfbroker.runtime.settings import DEFAULT_HEARTBEAT_INTERVAL_S, DEFAULT_HEARTBEAT_LIVENESS
+from tfbroker.wire.errors import DeadlineExceeded, Internal, ProtocolError, Unavailable
+from tfbroker.wire.zmqio import NOBLOCK, POLLIN, POLLOUT, events, recv_message, send_message
+from tfbroker.client import (DEFAULT_TIMEOUT_S, GRACE_S, ClientBase, Prediction, as_dict, decode_reply,
                              encode_cancel, new_socket, prediction)
 
 # While requests wait, a silent broker gets a heartbeat each interval and is given up after

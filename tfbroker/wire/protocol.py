@@ -20,12 +20,12 @@ exception in a poll loop. Headers that share a command (the answers of REPLY, th
 BATCH and RESULT) carry a ``kind`` tag.
 
 Tensors travel as a spec ``[name, dtype, shape]`` in the header plus one frame each, never
-pickled (broker/tensors.py: numeric frames are the array's buffer, strings a msgpack array of
+pickled (tfbroker/wire/tensors.py: numeric frames are the array's buffer, strings a msgpack array of
 byte strings). An input named "" is the signature's only input (``"instances": [1.0, 2.0]``).
 
 Commands and their headers
 --------------------------
-Client (frontend or ``frontend.client``) to broker, on the broker's frontend ROUTER:
+Client (frontend or ``tfbroker.client``) to broker, on the broker's frontend ROUTER:
 
     REQUEST   Request {id, model, method?, version?, label?, signature, timeout_ms, inputs:
               [spec…]} + one frame per input. ``version`` and ``label`` are optional: the
@@ -49,7 +49,7 @@ Broker to client:
               model_version_status: [{version, state, status}…]} (STATUS); StatsReply
               {kind: "c", id, counters: {name: n}, versions: [VersionStats…], processes:
               [[role, processes, cpu_seconds, rss_bytes]…]} (STATS)
-    ERROR     Error {id, code, message}  ``code`` is the HTTP status (broker/errors.py);
+    ERROR     Error {id, code, message}  ``code`` is the HTTP status (tfbroker/wire/errors.py);
                                          ``id`` is nil when the message had none readable
     HEARTBEAT Heartbeat {}               the answer to a client's HEARTBEAT
 
@@ -139,7 +139,7 @@ from typing import Annotated, Any, Iterable, Literal, Sequence, Union
 
 import msgspec
 
-from broker.errors import ProtocolError
+from tfbroker.wire.errors import ProtocolError
 
 TAG = b"TFB03"
 
@@ -263,8 +263,13 @@ class StatusReply(Header, tag_field="kind", tag="s"):
     model_version_status: list[Json]
 
 
+# Bounds of the queueing-latency histogram in VersionStats, microseconds (as TF Serving's).
+QUEUE_LATENCY_BOUNDS_US = (100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000,
+                           500_000, 1_000_000, 2_500_000, 5_000_000, 10_000_000)
+
+
 class VersionStats(msgspec.Struct, kw_only=True):
-    """One model version's counters and gauges, for the metrics (broker/stats.py)."""
+    """One model version's counters and gauges, for the metrics (counted by broker/stats.py, served by frontend/metrics.py)."""
 
     model: Name
     version: Version

@@ -9,7 +9,7 @@ import sys
 
 import setproctitle
 
-from broker.logs import set_role, setup_logging  # noqa: F401 - setup_logging: every role's start-up
+from tfbroker.runtime.logs import set_role, setup_logging  # noqa: F401 - setup_logging: every role's start-up
 
 PARENT_PID_ENV = "TFBROKER_PARENT_PID"
 

@@ -13,8 +13,8 @@ from typing import Any, Mapping, Sequence
 import msgspec
 import numpy as np
 
-from broker.errors import ProtocolError
-from broker.protocol import STRING, DType, TensorSpec
+from tfbroker.wire.errors import ProtocolError
+from tfbroker.wire.protocol import STRING, DType, TensorSpec
 
 Frame = bytes | memoryview
 

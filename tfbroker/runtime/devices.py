@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 from dataclasses import dataclass
+from tfbroker.wire.errors import ConfigError
 
 NVIDIA_PROC_DIR = "/proc/driver/nvidia/gpus"
 
@@ -57,7 +58,7 @@ CPU_ONLY = Device("cpu", "")  # the default on a host without GPUs
 
 def resolve_devices(spec: str) -> list[Device]:
     """``--devices``: "" for every visible GPU (the CPU when there is none), or a comma list
-    of ``gpuN`` / ``N`` / ``cpu`` (``cpu,cpu``: two CPU replicas). ValueError names a bad one."""
+    of ``gpuN`` / ``N`` / ``cpu`` (``cpu,cpu``: two CPU replicas). ConfigError names a bad one."""
     visible = visible_gpus()
     if not spec.strip():
         names = [f"gpu{i}" for i in visible] or ["cpu"]
@@ -72,11 +73,11 @@ def resolve_devices(spec: str) -> list[Device]:
             continue
         gpu = name.removeprefix("gpu")
         if not gpu.isdigit():
-            raise ValueError(f"--devices: {name!r} is not a device; use gpuN (a CUDA device id) or cpu")
+            raise ConfigError(f"--devices: {name!r} is not a device; use gpuN (a CUDA device id) or cpu")
         if gpu not in visible:
-            raise ValueError(f"--devices: gpu{gpu} is not visible here (visible GPUs: "
+            raise ConfigError(f"--devices: gpu{gpu} is not visible here (visible GPUs: "
                              f"{', '.join(visible) or 'none'}; CUDA_VISIBLE_DEVICES and the NVIDIA driver decide)")
         devices.append(Device(f"gpu{gpu}", gpu))
     if len({d.name for d in devices}) != len(devices):
-        raise ValueError(f"--devices names a GPU twice: {spec!r} (one worker per model version per GPU)")
+        raise ConfigError(f"--devices names a GPU twice: {spec!r} (one worker per model version per GPU)")
     return devices

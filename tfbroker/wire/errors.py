@@ -14,6 +14,9 @@
 An ERROR message carries ``code`` (the HTTP status) and ``message``; ``from_code`` turns
 it back into the same class on the other side, so a Python client sees the exception the
 broker or worker raised.
+
+ConfigError is apart from that tree: a flag, file or key that cannot be used (the process
+exits with EXIT_CONFIG_ERROR), never sent to a client.
 """
 
 from __future__ import annotations
@@ -73,7 +76,7 @@ class Internal(ServiceError):
 
 
 class ProtocolError(ValueError):
-    """A peer sent frames that do not follow broker/protocol.py. Never sent to clients as is."""
+    """A peer sent frames that do not follow tfbroker/wire/protocol.py. Never sent to clients as is."""
 
 
 _BY_CODE: dict[int, type[TFBrokerError]] = {
@@ -85,3 +88,9 @@ _BY_CODE: dict[int, type[TFBrokerError]] = {
 def from_code(code: int, message: str) -> TFBrokerError:
     """The exception for a wire error code (an HTTP status); unknown codes become Internal."""
     return _BY_CODE.get(code, Internal)(message)
+
+
+class ConfigError(ValueError):
+    """A flag, configuration file, key or install that cannot be used: the process exits with
+    EXIT_CONFIG_ERROR and the reason, since a restart will not help. Its own class, so that a
+    ValueError from a bug never reads as a bad flag."""

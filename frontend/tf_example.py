@@ -19,7 +19,7 @@ import numpy as np
 import orjson
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
-from broker.errors import Internal, InvalidArgument
+from tfbroker.wire.errors import Internal, InvalidArgument
 
 _F = descriptor_pb2.FieldDescriptorProto
 

@@ -1,0 +1,268 @@
+"""The public Python client of a tfbroker broker, sync and async, with no TensorFlow.
+
+    from tfbroker import Client
+    client = Client("ipc:///run/user/1000/tfbroker-1000/frontend.sock")
+    result = client.predict("half_plus_two", {"x": np.array([1.0, 2.0], np.float32)})
+    result.outputs["y"], result.version
+
+Clients are safe to create before a fork (gunicorn's preload): sockets are made lazily in
+the process, and per thread for ``Client``, per event loop for ``AsyncClient``. Every call
+has a deadline; a broker that does not answer gives Unavailable or DeadlineExceeded, never a
+hang. Errors are the classes of tfbroker/wire/errors.py, each with its ``http_status``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import msgspec
+import numpy as np
+import zmq
+
+from tfbroker.wire import protocol, tensors
+from tfbroker.runtime.settings import ADDRESS_ENV, DEFAULT_TIMEOUT_MS, default_frontend_address
+from tfbroker.wire.errors import DeadlineExceeded, Internal, InvalidArgument, ProtocolError, Unavailable, from_code
+from tfbroker.wire.security import client_keys_from_env, make_client
+from tfbroker.wire.zmqio import NOBLOCK, send_message
+
+DEFAULT_TIMEOUT_S = DEFAULT_TIMEOUT_MS / 1000.0
+# Extra time the client waits past the deadline it gives the broker, so the broker's own
+# 504 (with its reason) normally arrives first.
+GRACE_S = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    outputs: dict[str, np.ndarray]
+    model: str
+    version: int
+
+
+def default_address() -> str:
+    """TFBROKER_ADDRESS, or the broker's default ipc:// socket on this host."""
+    return os.environ.get(ADDRESS_ENV) or default_frontend_address()
+
+
+def encode_predict(request_id: int, model: str, inputs: Mapping[str, Any], *, version: int | None,
+                   label: str | None, signature_name: str, timeout_s: float, method: str = "predict") -> list[Any]:
+    try:
+        arrays = {name: value if isinstance(value, np.ndarray) else np.asarray(value)
+                  for name, value in inputs.items()}
+        specs, frames = tensors.encode_tensors(arrays)
+        header = protocol.Request(id=request_id, model=model, method=method,  # type: ignore[arg-type]
+                                  version=version, label=label, signature=signature_name,
+                                  timeout_ms=_timeout_ms(timeout_s), inputs=specs)
+        return protocol.encode(protocol.REQUEST, header, frames)
+    except (ValueError, TypeError, OverflowError) as exc:  # ProtocolError is a ValueError
+        raise InvalidArgument(f"cannot send these inputs: {exc}") from exc
+
+
+def encode_query(command: bytes, request_id: int, model: str | None, version: int | None,
+                 label: str | None) -> list[Any]:
+    return protocol.encode(command, protocol.Query(id=request_id, model=model, version=version, label=label))
+
+
+def encode_cancel(request_id: int) -> list[Any]:
+    return protocol.encode(protocol.CANCEL, protocol.Cancel(id=request_id))
+
+
+def decode_reply(message: protocol.Message) -> Any:
+    """The REPLY header (a protocol struct), or the error it carries, raised."""
+    if message.command == protocol.ERROR:
+        raise from_code(message.header.code, message.header.message)
+    if message.command != protocol.REPLY:
+        raise ProtocolError(f"unexpected command {message.command!r} in a reply")
+    return message.header
+
+
+def prediction(message: protocol.Message) -> Prediction:
+    reply = decode_reply(message)
+    if not isinstance(reply, protocol.PredictReply):
+        raise Internal("the broker answered a prediction with something else")
+    try:
+        outputs = tensors.decode_tensors(reply.outputs, message.frames)
+    except ProtocolError as exc:
+        raise Internal(f"malformed reply from the broker: {exc}") from exc
+    return Prediction(outputs, reply.model, reply.version)
+
+
+def as_dict(message: protocol.Message) -> dict[str, Any]:
+    """A METADATA, STATUS or STATS answer as a plain dict (the counters alone, for STATS)."""
+    reply = decode_reply(message)
+    if isinstance(reply, protocol.StatsReply):
+        return dict(reply.counters)
+    body = msgspec.structs.asdict(reply)
+    body.pop("id", None)
+    return body
+
+
+def _timeout_ms(timeout_s: float) -> int:
+    if not 0 < timeout_s <= protocol.MAX_TIMEOUT_MS / 1000:
+        raise InvalidArgument(f"timeout_s must be > 0 and at most {protocol.MAX_TIMEOUT_MS // 1000} s, got {timeout_s}")
+    return max(1, int(timeout_s * 1000))
+
+
+def new_socket(context: zmq.Context, address: str) -> zmq.Socket:
+    """A DEALER to the broker; with CURVE when the environment names keys (tfbroker/wire/security.py)."""
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    curve = client_keys_from_env()
+    if curve is not None:
+        make_client(sock, *curve)
+    # Queue only to a connected broker: with none, send fails at once (Unavailable).
+    sock.setsockopt(zmq.IMMEDIATE, 1)
+    sock.connect(address)
+    return sock
+
+
+class ClientBase:
+    """What the sync and async clients share: settings, request ids and message building."""
+
+    def __init__(self, address: str | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 connect_timeout_s: float = 1.0) -> None:
+        self.address = address or default_address()
+        self.timeout_s = timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        self._ids = itertools.count(1)
+
+    def _predict_call(self, model: str, inputs: Mapping[str, Any], version: int | None, label: str | None,
+                      signature_name: str, timeout_s: float | None,
+                      method: str = "predict") -> tuple[int, list[Any], float]:
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        request_id = next(self._ids)
+        frames = encode_predict(request_id, model, inputs, version=version, label=label,
+                                signature_name=signature_name, timeout_s=timeout_s, method=method)
+        return request_id, frames, timeout_s
+
+    def _examples_call(self, method: str, model: str, examples: Sequence[bytes], version: int | None,
+                       label: str | None, signature_name: str, timeout_s: float | None) -> tuple[int, list[Any], float]:
+        """A classify or regress call: serialized tf.Examples as the signature's one input."""
+        array = np.empty(len(examples), dtype=object)
+        array[:] = list(examples)
+        return self._predict_call(model, {"": array}, version, label, signature_name, timeout_s, method)
+
+    def _query_call(self, command: bytes, model: str | None = None, version: int | None = None,
+                    label: str | None = None) -> tuple[int, list[Any], float]:
+        request_id = next(self._ids)
+        return request_id, encode_query(command, request_id, model, version, label), self.timeout_s
+
+
+class Client(ClientBase):
+    """Blocking client; one socket per thread, so threaded WSGI servers can share one Client."""
+
+    def __init__(self, address: str | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 connect_timeout_s: float = 1.0) -> None:
+        super().__init__(address, timeout_s=timeout_s, connect_timeout_s=connect_timeout_s)
+        self._local = threading.local()
+        self._pid = 0
+        self._context: zmq.Context | None = None
+        self._sockets: list[tuple[threading.Thread, zmq.Socket]] = []
+        self._lock = threading.Lock()
+
+    def predict(self, model: str, inputs: Mapping[str, Any], *, version: int | None = None,
+                label: str | None = None, signature_name: str = "serving_default",
+                timeout_s: float | None = None) -> Prediction:
+        return prediction(self.request(*self._predict_call(model, inputs, version, label, signature_name,
+                                                           timeout_s)))
+
+    def classify(self, model: str, examples: Sequence[bytes], *, version: int | None = None,
+                 label: str | None = None, signature_name: str = "serving_default",
+                 timeout_s: float | None = None) -> Prediction:
+        """Run a classify signature on serialized tf.Examples; the outputs (classes, scores)."""
+        return prediction(self.request(*self._examples_call("classify", model, examples, version, label,
+                                                            signature_name, timeout_s)))
+
+    def regress(self, model: str, examples: Sequence[bytes], *, version: int | None = None,
+                label: str | None = None, signature_name: str = "serving_default",
+                timeout_s: float | None = None) -> Prediction:
+        """Run a regress signature on serialized tf.Examples; the outputs (outputs)."""
+        return prediction(self.request(*self._examples_call("regress", model, examples, version, label,
+                                                            signature_name, timeout_s)))
+
+    def metadata(self, model: str, *, version: int | None = None, label: str | None = None) -> dict[str, Any]:
+        return as_dict(self.request(*self._query_call(protocol.METADATA, model, version, label)))
+
+    def status(self, model: str, *, version: int | None = None, label: str | None = None) -> dict[str, Any]:
+        return as_dict(self.request(*self._query_call(protocol.STATUS, model, version, label)))
+
+    def stats(self) -> dict[str, Any]:
+        """The broker's counters: requests admitted, batches formed (and of those, joined), rows
+        batched, requests rejected, expired, cancelled, malformed messages…"""
+        return as_dict(self.request(*self._query_call(protocol.STATS)))
+
+    def request(self, request_id: int, frames: list[Any], timeout_s: float) -> protocol.Message:
+        """Send one message and wait for its answer: the transport seam of this client."""
+        sock = self._thread_socket()
+        if not sock.poll(int(self.connect_timeout_s * 1000), zmq.POLLOUT):
+            raise Unavailable(f"the broker at {self.address} is not reachable")
+        send_message(sock, frames, copy=False)
+        deadline = time.monotonic() + timeout_s + GRACE_S
+        while True:
+            remaining_ms = int((deadline - time.monotonic()) * 1000)
+            if remaining_ms <= 0 or not sock.poll(remaining_ms):
+                # Tell the broker, so the request takes no batch slot; then start afresh, as a
+                # late answer would confuse the next call on this socket.
+                try:
+                    send_message(sock, encode_cancel(request_id), NOBLOCK)
+                except zmq.Again:
+                    pass
+                self._discard(sock, linger_ms=100)
+                raise DeadlineExceeded(f"no answer from the broker within {timeout_s:.3g} s")
+            frames = sock.recv_multipart(copy=False)
+            try:
+                message = protocol.decode(frames, protocol.BROKER_TO_CLIENT)
+            except ProtocolError as exc:
+                if protocol.salvage_id(frames) == request_id:
+                    raise Internal(f"malformed answer from the broker: {exc}") from exc
+                continue
+            if getattr(message.header, "id", None) == request_id:
+                return message
+
+    def close(self) -> None:
+        """Close every thread's socket; the client opens new ones if used again."""
+        with self._lock:
+            if self._context is not None:
+                self._context.destroy(linger=0)
+                self._context = None
+            self._pid = 0
+            self._local = threading.local()
+            self._sockets = []
+
+    def _discard(self, sock: zmq.Socket, linger_ms: int = 0) -> None:
+        with self._lock:
+            self._sockets = [pair for pair in self._sockets if pair[1] is not sock]
+        sock.close(linger=linger_ms)
+        self._local.socket = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _thread_socket(self) -> zmq.Socket:
+        sock = getattr(self._local, "socket", None)
+        if sock is not None and self._pid == os.getpid():
+            return sock
+        with self._lock:
+            if self._pid != os.getpid():
+                self._pid = os.getpid()
+                self._context = zmq.Context()
+                self._local = threading.local()
+                self._sockets = []
+            # Sockets of threads that have ended are closed here, not left to the GC.
+            for thread, old in [pair for pair in self._sockets if not pair[0].is_alive()]:
+                old.close(linger=0)
+                self._sockets.remove((thread, old))
+            assert self._context is not None
+            sock = self._local.socket = new_socket(self._context, self.address)
+            self._sockets.append((threading.current_thread(), sock))
+        return sock
+
+
+__all__ = ["Client", "ClientBase", "Prediction", "default_address"]

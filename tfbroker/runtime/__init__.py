@@ -1,0 +1,1 @@
+"""The shared runtime: processes, logs, flags, devices, settings."""

@@ -1,0 +1,149 @@
+"""What every role agrees on, in one place: environment names, defaults, limits, addresses,
+and the configuration the broker hands each child it starts (as flags: tfbroker/runtime/flags.py).
+
+The broker's own configuration (TF Serving's flags and files) is broker/config.py; it builds
+on what is here.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+from tfbroker.wire.errors import ConfigError
+
+
+def field_help(text: str) -> dict[str, str]:
+    """A dataclass field's ``metadata``: its one line of documentation, which is also its flag's help."""
+    return {"help": text}
+
+
+# Liveness defaults, used by the broker, its workers and the clients alike.
+DEFAULT_HEARTBEAT_INTERVAL_S = 1.0
+DEFAULT_HEARTBEAT_LIVENESS = 10
+DEFAULT_TIMEOUT_MS = 30000  # TF Serving's --rest_api_timeout_in_ms
+
+# Environment variables the broker sets for the frontends it starts; under gunicorn the
+# operator sets them (ops/gunicorn.conf.py).
+ADDRESS_ENV = "TFBROKER_ADDRESS"  # the broker's frontend socket
+TIMEOUT_ENV = "TFBROKER_TIMEOUT_MS"  # the REST request deadline (--rest_api_timeout_in_ms)
+FRONTEND_INDEX_ENV = "TFBROKER_FRONTEND_INDEX"  # N in the title "tfbroker: frontend:N"
+FRONTENDS_ENV = "TFBROKER_FRONTENDS"  # gunicorn workers (frontend/gunicorn_conf.py)
+BIND_ENV = "TFBROKER_BIND"  # gunicorn's bind address; fd://N for the broker's listening socket
+LOG_LEVEL_ENV = "TFBROKER_LOG_LEVEL"
+LIMITS_ENV = "TFBROKER_LIMITS"  # RequestLimits as flags (tfbroker/runtime/flags.py)
+METRICS_PATH_ENV = "TFBROKER_METRICS_PATH"  # the Prometheus path the frontends serve ("" none)
+# prometheus-client's directory for the frontends' shared counters (multiprocess mode).
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def default_runtime_dir(rest_api_port: int) -> str:
+    """Where a broker's ipc:// sockets live unless --runtime_dir says otherwise: one
+    directory per HTTP port, so brokers on different ports share a host without flags."""
+    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+    return os.path.join(base, f"tfbroker-{os.getuid()}-{rest_api_port}")
+
+
+def ipc_address(runtime_dir: str, name: str) -> str:
+    return f"ipc://{os.path.join(runtime_dir, name)}"
+
+
+def local_address(address: str) -> bool:
+    """Whether a ZeroMQ address is reachable from this host only (ipc://, inproc:// or loopback)."""
+    if address.startswith(("ipc://", "inproc://")):
+        return True
+    host = address.partition("://")[2].rpartition(":")[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+
+
+def default_frontend_address(rest_api_port: int = 8501) -> str:
+    """Where a broker on this host takes clients unless told otherwise (--frontend_address)."""
+    return ipc_address(default_runtime_dir(rest_api_port), "frontend.sock")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RequestLimits:
+    """What one HTTP request may hold; each is refused before anything larger is allocated.
+
+    Header count and size are uvicorn's (h11/httptools limits)."""
+
+    max_request_body_bytes: int = field(default=64 << 20, metadata=field_help(
+        "Largest HTTP request body; a larger one gets 413 before it is read."))
+    max_json_depth: int = field(default=32, metadata=field_help(
+        "Deepest nesting of lists in a tensor value (its rank); deeper gets 400."))
+    max_instances: int = field(default=100_000, metadata=field_help(
+        "Most instances (rows) in one request; more gets 400."))
+    max_string_bytes: int = field(default=16 << 20, metadata=field_help(
+        "Longest single string or b64 value, decoded; longer gets 400."))
+    max_tensor_bytes: int = field(default=256 << 20, metadata=field_help(
+        "Most bytes of tensors in one request (also the largest ZeroMQ frame the broker takes); "
+        "more gets 400."))
+    max_concurrent_predictions: int = field(default=512, metadata=field_help(
+        "Predictions one frontend has waiting on the broker; beyond it, 503 with Retry-After at once, "
+        "before the body is parsed. With the broker's queue bound it caps how long an admitted request waits."))
+
+    def __post_init__(self) -> None:
+        for name in ("max_request_body_bytes", "max_json_depth", "max_instances", "max_string_bytes",
+                     "max_tensor_bytes", "max_concurrent_predictions"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+# --- the configuration of each child the broker starts (python -m workers / -m iobatcher) ---
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class WorkerConfig:
+    model_name: str = field(metadata=field_help("Model served by this worker."))
+    version: int = field(metadata=field_help("Version number served by this worker."))
+    path: str = field(metadata=field_help("The version's SavedModel directory."))
+    backend_address: str = field(metadata=field_help("The broker's backend ZeroMQ address."))
+    heartbeat_interval_s: float = field(default=DEFAULT_HEARTBEAT_INTERVAL_S, metadata=field_help(
+        "Seconds between heartbeats."))
+    heartbeat_liveness: int = field(default=DEFAULT_HEARTBEAT_LIVENESS, metadata=field_help(
+        "Missed intervals before the broker is taken for gone and the worker reconnects."))
+    warmup_batch_sizes: tuple[int, ...] = field(default=(1,), metadata=field_help(
+        "Batch sizes each signature runs once before READY."))
+    tensorflow_intra_op_parallelism: int = field(default=0, metadata=field_help(
+        "Threads for one TensorFlow op (0: TensorFlow's choice)."))
+    tensorflow_inter_op_parallelism: int = field(default=0, metadata=field_help(
+        "TensorFlow ops run at once (0: TensorFlow's choice)."))
+    log_level: str = field(default="info", metadata=field_help("debug, info, warning or error."))
+    device: str = field(default="", metadata=field_help(
+        "The device of this replica (gpuN, cpuN), in its title; empty when the CPU is the only one. "
+        "The broker makes it the only one visible (CUDA_VISIBLE_DEVICES)."))
+
+    @property
+    def title(self) -> str:
+        """``worker:MODEL:VERSION``, with ``:DEVICE`` when there are replicas or GPUs."""
+        return f"worker:{self.model_name}:{self.version}" + (f":{self.device}" if self.device else "")
+
+    def __post_init__(self) -> None:
+        if self.version < 0:
+            raise ConfigError(f"version must be >= 0, got {self.version}")
+        if self.heartbeat_interval_s <= 0:
+            raise ConfigError(f"heartbeat_interval_s must be > 0, got {self.heartbeat_interval_s}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class IoBatcherConfig:
+    index: int = field(metadata=field_help("Which of the broker's I/O batchers this is (0-based)."))
+    backend_address: str = field(metadata=field_help("The broker's backend ZeroMQ address."))
+    heartbeat_interval_s: float = field(default=DEFAULT_HEARTBEAT_INTERVAL_S, metadata=field_help(
+        "Seconds between heartbeats."))
+    heartbeat_liveness: int = field(default=DEFAULT_HEARTBEAT_LIVENESS, metadata=field_help(
+        "Missed intervals before the broker is taken for gone and the I/O batcher exits."))
+    redis_timeout_ms: int = field(default=1000, metadata=field_help(
+        "Longest wait on a Redis table for one batch."))
+    log_level: str = field(default="info", metadata=field_help("debug, info, warning or error."))
+
+    def __post_init__(self) -> None:
+        if self.index < 0:
+            raise ConfigError(f"index must be >= 0, got {self.index}")
+        if self.heartbeat_interval_s <= 0:
+            raise ConfigError(f"heartbeat_interval_s must be > 0, got {self.heartbeat_interval_s}")
+        if self.redis_timeout_ms < 1:
+            raise ConfigError(f"redis_timeout_ms must be >= 1, got {self.redis_timeout_ms}")
+

@@ -1,0 +1,1 @@
+"""The shared wire: protocol, tensor frames, errors, ZeroMQ and CURVE helpers."""
