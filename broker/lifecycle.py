@@ -7,7 +7,7 @@ A version has up to two parts: its model in worker processes (one replica per de
 unload grace running out) and answers with the actions the broker carries out (spawn or
 restart the worker, load or unload the tables, fail the requests it holds, tell the worker to
 go, terminate it). It never touches a process or a socket, so every path (swaps, restarts,
-failed loads, shutdown) is tested without one (tests/broker/test_lifecycle.py).
+failed loads, shutdown) is tested without one (tests/unit/broker/test_lifecycle.py).
 
     START ──Load──> LOADING ──worker READY and tables loaded──> AVAILABLE
                       │  ▲                                          │

@@ -2,7 +2,7 @@
 
 ``tf.lookup.StaticVocabularyTable`` puts an unknown token in bucket
 ``vocab_size + Fingerprint64(token) % num_oov_buckets`` (``tf.strings.to_hash_bucket_fast``).
-The I/O batcher must give the same ids without TensorFlow; tests/iobatcher/test_farmhash.py
+The I/O batcher must give the same ids without TensorFlow; tests/system/test_farmhash.py
 checks it against TensorFlow for every length class of the algorithm. Only unknown tokens
 are hashed, once per distinct token of a batch, so pure Python is fast enough.
 """

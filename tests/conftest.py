@@ -1,4 +1,7 @@
-"""Fixtures that start real brokers (real processes, ipc:// sockets in temp dirs, loopback HTTP)."""
+"""Fixtures that start real brokers (real processes, ipc:// sockets in temp dirs, loopback HTTP).
+
+tests/unit/ holds the tests without processes or network sockets (marked ``unit``), tests/system/
+those that start the real thing (marked ``system``): ``pytest -m unit`` runs in seconds."""
 
 from __future__ import annotations
 
@@ -20,27 +23,24 @@ import pytest
 from broker.supervisor import terminate
 
 ROOT = Path(__file__).resolve().parent.parent
-TESTDATA = ROOT.parent / "shared" / "testdata"
 
-needs_testdata = pytest.mark.skipif(
-    not TESTDATA.is_dir(),
-    reason=f"TF Serving's test models are not here ({TESTDATA} is absent outside the project's workspace)")
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        kind = Path(str(item.fspath)).relative_to(ROOT / "tests").parts[0]
+        if kind in ("unit", "system"):
+            item.add_marker(kind)
+# TF Serving's own test data, beside the project in its workspace only: a test may compare with
+# it when it is there; every model a test serves is made by tests/model_factory.py.
+TESTDATA = ROOT.parent / "shared" / "testdata"
 
 
 def debian_binary(name: str, package: str) -> str:
-    """A program from Debian's packages (nginx, redis-server), installed when missing as CI
-    does (root, apt-get); the test skips, saying why, only where that is impossible."""
-    binary = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin")
-    if binary:
-        return binary
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        pytest.skip(f"{name} is not installed and cannot be installed here (needs root and apt-get)")
-    for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", package]):
-        subprocess.run(command, check=False, capture_output=True, timeout=600,
-                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    """A program from Debian's packages (nginx, redis-server). Tests install nothing: .ci/run
+    installs what CI needs; elsewhere the test skips and names the package to install."""
     binary = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin")
     if binary is None:
-        pytest.skip(f"{name} could not be installed from Debian's package {package}")
+        pytest.skip(f"{name} is not installed: apt-get install {package} (as .ci/run does) to run this test")
     return binary
 
 

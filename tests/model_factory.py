@@ -27,6 +27,8 @@
   [batch, 4] (outputs *_out), looked up from tag (vocabulary tags.txt, default_value -7),
   item (embedding items.npy by row id, on_missing error) and shop (Redis, dim 4; the URL's
   port is REDIS_PORT, which tests replace)
+- half_plus_two, half_plus_three, half_plus_two_tf2 (version 123): shaped as TF Serving's own
+  test models, TF1 graphs and a TF2 export (tests/tfserving_models.py)
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import numpy as np
 import tensorflow as tf
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.tfserving_models import save_tf_serving_models  # noqa: E402
 from workers.demo_models import make_text_tables, save_linear, save_mlp, save_text_model  # noqa: E402
 
 
@@ -167,6 +170,7 @@ def main(directory: str) -> None:
         save_text_model(os.path.join(directory, "text", str(version)), tables)
         save_text_model(os.path.join(directory, "text_ref", str(version)), tables, lookups_inside=True)
     save_kinds(os.path.join(directory, "kinds", "1"))
+    save_tf_serving_models(directory)
     os.makedirs(os.path.join(directory, "broken", "1"), exist_ok=True)
     with open(os.path.join(directory, "broken", "1", "saved_model.pb"), "wb") as fh:
         fh.write(b"this is not a protobuf")

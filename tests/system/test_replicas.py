@@ -18,7 +18,7 @@ import pytest
 from tfbroker.runtime.devices import resolve_devices
 from tfbroker import Client
 from tests.conftest import BrokerProcess, pid_alive, wait_for
-from tests.test_versions import ctl, version_states
+from tests.system.test_versions import ctl, version_states
 
 
 def replicas(broker: BrokerProcess, model: str) -> dict[int, list[dict[str, Any]]]:

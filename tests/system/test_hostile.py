@@ -19,7 +19,7 @@ import pytest
 
 from tfbroker.wire.errors import Cancelled, DeadlineExceeded, InvalidArgument
 from tfbroker import AsyncClient, Client
-from tests.conftest import TESTDATA, BrokerProcess, serving
+from tests.conftest import BrokerProcess, serving
 
 LIMITS = {"max_request_body_bytes": 200_000, "max_json_depth": 6, "max_instances": 1000,
           "max_string_bytes": 1000, "max_tensor_bytes": 400_000}
@@ -27,9 +27,7 @@ LIMITS = {"max_request_body_bytes": 200_000, "max_json_depth": 6, "max_instances
 
 @pytest.fixture(scope="module")
 def guarded(test_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProcess]:
-    models = {name: test_models / name for name in ("linear", "two_io", "mlp", "slow")}
-    if TESTDATA.is_dir():
-        models["half_plus_two"] = TESTDATA / "saved_model_half_plus_two_cpu"
+    models = {name: test_models / name for name in ("linear", "two_io", "mlp", "slow", "half_plus_two")}
     # One batch in flight: a second request waits in the broker's queue while the slow model runs.
     args = ["--batches_in_flight=1", *[f"--{k}={v}" for k, v in LIMITS.items()]]
     with serving(tmp_path_factory.mktemp("guarded"), models, args, frontends=2) as broker:
@@ -59,15 +57,14 @@ HOSTILE: list[tuple[str, dict[str, Any]]] = [
     ("mlp", {"instances": [[0.0] * 5000]}),                        # a huge inner shape
     ("mlp", {"instances": [[0.0] * 8, [0.0] * 8], "signature_name": "nope"}),
 ]
-if TESTDATA.is_dir():
-    HOSTILE += [
-        # The issue's report: a legal request that ended the worker.
-        ("half_plus_two", {"signature_name": "classify_x_to_y", "inputs": b64("hello")}),
-        ("half_plus_two", {"signature_name": "classify_x_to_y", "inputs": {"inputs": b64("hello")}}),
-        ("half_plus_two", {"signature_name": "classify_x_to_y", "instances": [b64("hello"), b64("")]}),
-        ("half_plus_two", {"signature_name": "regress_x_to_y", "inputs": [[b64("x")]]}),
-        ("half_plus_two", {"inputs": {"x": [[1.0], [2.0]]}, "signature_name": "regress_x2_to_y3"}),
-    ]
+HOSTILE += [
+    # A legal request that once ended the worker: garbage where a tf.Example is expected.
+    ("half_plus_two", {"signature_name": "classify_x_to_y", "inputs": b64("hello")}),
+    ("half_plus_two", {"signature_name": "classify_x_to_y", "inputs": {"inputs": b64("hello")}}),
+    ("half_plus_two", {"signature_name": "classify_x_to_y", "instances": [b64("hello"), b64("")]}),
+    ("half_plus_two", {"signature_name": "regress_x_to_y", "inputs": [[b64("x")]]}),
+    ("half_plus_two", {"inputs": {"x": [[1.0], [2.0]]}, "signature_name": "regress_x2_to_y3"}),
+]
 
 
 def worker_pids(broker: BrokerProcess) -> dict[str, int]:

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 
 from broker.config import BatchingParameters, ServerConfig
 from broker.config_files import load_batching_parameters, load_model_config, parse_batching_parameters, parse_model_config
 from tfbroker.runtime.flags import add_dataclass_flags, dataclass_from_args, dataclass_to_argv
-from tests.conftest import TESTDATA, needs_testdata
 from tfbroker.runtime.settings import WorkerConfig
+from tfbroker.wire.errors import ConfigError
 
 
 def parse(argv: list[str]) -> ServerConfig:
@@ -46,9 +47,30 @@ def test_worker_config_survives_the_command_line() -> None:
     assert dataclass_from_args(WorkerConfig, parser.parse_args(dataclass_to_argv(config))) == config
 
 
-@needs_testdata
-def test_tf_serving_batching_file() -> None:
-    params = load_batching_parameters(str(TESTDATA / "batching_config.txt"))
+# TF Serving's own test files (servables/tensorflow/testdata), in its text format, as written there.
+TF_SERVING_BATCHING = """max_batch_size { value: 128 }
+batch_timeout_micros { value: 0 }
+max_enqueued_batches { value: 1000000 }
+num_batch_threads { value: 8 }
+"""
+TF_SERVING_MODELS = """model_config_list: {
+  config: {
+    name: "half_plus_two",
+    base_path: "${TEST_HALF_PLUS_TWO_DIR}",
+    model_platform: "tensorflow"
+  },
+  config: {
+    name: "half_plus_three",
+    base_path: "${TEST_HALF_PLUS_THREE_DIR}",
+    model_platform: "tensorflow"
+  }
+}
+"""
+
+
+def test_tf_serving_batching_file(tmp_path: Path) -> None:
+    (tmp_path / "batching_config.txt").write_text(TF_SERVING_BATCHING)
+    params = load_batching_parameters(str(tmp_path / "batching_config.txt"))
     assert params == BatchingParameters(max_batch_size=128, batch_timeout_micros=0,
                                         max_enqueued_batches=1000000, num_batch_threads=8)
 
@@ -61,19 +83,20 @@ def test_batching_file_keeps_defaults_for_unset_fields() -> None:
 
 
 def test_bad_batching_file_says_where() -> None:
-    with pytest.raises(ValueError, match="1:1"):
+    with pytest.raises(ConfigError, match="1:1"):
         parse_batching_parameters("max_batch_sise { value: 16 }")
     with pytest.raises(ValueError, match="must end with max_batch_size"):
         parse_batching_parameters("max_batch_size { value: 16 }\nallowed_batch_sizes: 8")
 
 
-@needs_testdata
-def test_tf_serving_model_config_files() -> None:
-    models = load_model_config(str(TESTDATA / "good_model_config.txt"))
+def test_tf_serving_model_config_files(tmp_path: Path) -> None:
+    (tmp_path / "good_model_config.txt").write_text(TF_SERVING_MODELS)
+    (tmp_path / "bad_model_config.txt").write_text("improperly formatted file\n")
+    models = load_model_config(str(tmp_path / "good_model_config.txt"))
     assert [(m.name, m.base_path) for m in models] == [
         ("half_plus_two", "${TEST_HALF_PLUS_TWO_DIR}"), ("half_plus_three", "${TEST_HALF_PLUS_THREE_DIR}")]
-    with pytest.raises(ValueError, match="bad_model_config.txt"):
-        load_model_config(str(TESTDATA / "bad_model_config.txt"))
+    with pytest.raises(ConfigError, match="bad_model_config.txt"):
+        load_model_config(str(tmp_path / "bad_model_config.txt"))
 
 
 def test_model_config_labels_and_errors() -> None:

@@ -1,18 +1,14 @@
 """The I/O batcher's tables and its batch step, in-process: no TensorFlow here (the Fingerprint64
-check runs TensorFlow in a child)."""
+check against TensorFlow is tests/system/test_farmhash.py)."""
 
 from __future__ import annotations
 
 import json
-import random
 import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import numpy as np
 import pytest
 
@@ -21,7 +17,6 @@ from iobatcher.batcher import IoBatcher
 from tfbroker.runtime.settings import IoBatcherConfig
 from iobatcher.farmhash import fingerprint64
 from iobatcher.tables import TableError, load_tables
-from tests.conftest import ROOT
 
 
 def declare(version: Path, lookups: list[dict[str, Any]], files: dict[str, Any] | None = None) -> Path:
@@ -34,23 +29,6 @@ def declare(version: Path, lookups: list[dict[str, Any]], files: dict[str, Any] 
             (extra / name).write_text(content)
     (extra / "lookups.json").write_text(json.dumps({"lookups": lookups}))
     return version
-
-
-def test_fingerprint64_matches_tensorflow_for_every_length_class(tmp_path: Path) -> None:
-    rnd = random.Random(3)
-    # 0-16, 17-32, 33-64 and the long loop (one and several 64-byte blocks), random bytes and UTF-8.
-    strings = [bytes(rnd.randrange(256) for _ in range(n)) for n in [*range(0, 140), 191, 192, 193, 1000]]
-    strings += ["naïve".encode(), "日本語のテキスト".encode(), b"word"]
-    counts = [(1 << 63) - 1, 1_000_003, 3]
-    source, target = tmp_path / "in.msgpack", tmp_path / "out.msgpack"
-    source.write_bytes(msgpack.packb([strings, counts]))
-    subprocess.run([sys.executable, str(ROOT / "tests" / "iobatcher" / "fingerprints.py"), str(source), str(target)],
-                   check=True, capture_output=True, timeout=120)
-    expected = msgpack.unpackb(target.read_bytes())["buckets"]
-    for count, want in zip(counts, expected):
-        got = [fingerprint64(s) % count for s in strings]
-        wrong = [len(s) for s, a, b in zip(strings, got, want) if a != b]
-        assert not wrong, f"buckets of {count}: wrong for strings of lengths {wrong[:10]}"
 
 
 def test_vocabulary_ids_are_line_numbers_and_unknown_tokens_get_the_default_or_a_bucket(tmp_path: Path) -> None:

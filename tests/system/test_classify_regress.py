@@ -1,21 +1,20 @@
-""":classify and :regress on TF Serving's own models, with TF Serving's answers and errors."""
+""":classify and :regress on models shaped as TF Serving's own, with TF Serving's answers and errors."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
-from tests.conftest import TESTDATA, BrokerProcess, needs_testdata, serving
-
-pytestmark = needs_testdata
+from tests.conftest import BrokerProcess, serving
 
 
 @pytest.fixture(scope="module")
-def tfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProcess]:
-    models = {"half_plus_two": TESTDATA / "saved_model_half_plus_two_cpu",
-              "half_plus_three": TESTDATA / "saved_model_half_plus_three",
-              "tf2": TESTDATA / "saved_model_half_plus_two_tf2_cpu"}
+def tfs(test_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProcess]:
+    # Shaped as TF Serving's own test models (tests/tfserving_models.py).
+    models = {"half_plus_two": test_models / "half_plus_two", "half_plus_three": test_models / "half_plus_three",
+              "tf2": test_models / "half_plus_two_tf2"}
     with serving(tmp_path_factory.mktemp("tfs"), models, labels={"half_plus_two": {"stable": 123}}) as broker:
         yield broker
 

@@ -24,7 +24,7 @@ import pytest
 
 from tfbroker import Client
 from tests.conftest import debian_binary, free_port, pid_alive, reference_outputs, serving, wait_for
-from tests.test_versions import version_states
+from tests.system.test_versions import version_states
 
 WORDS_PER_INSTANCE = 4
 

@@ -19,7 +19,7 @@ import zmq
 from tfbroker.wire import protocol
 from tfbroker.wire.errors import InvalidArgument, NotFound
 from tfbroker import AsyncClient, Client
-from tests.conftest import (TESTDATA, BrokerProcess, make_model_config, needs_testdata, reference_outputs,
+from tests.conftest import (TESTDATA, BrokerProcess, make_model_config, reference_outputs,
                             stop_and_check, wait_for)
 
 MAX_BATCH = 8
@@ -30,11 +30,8 @@ FRONTENDS = 3
 @pytest.fixture(scope="module")
 def served(test_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProcess]:
     tmp = tmp_path_factory.mktemp("served")
-    models = {name: test_models / name for name in ("linear", "mlp", "batch_reporter", "two_io", "checked", "broken")}
-    if TESTDATA.is_dir():
-        models["half_plus_two"] = TESTDATA / "saved_model_half_plus_two_cpu"
-        models["half_plus_three"] = TESTDATA / "saved_model_half_plus_three"
-        models["half_plus_two_tf2"] = TESTDATA / "saved_model_half_plus_two_tf2_cpu"
+    models = {name: test_models / name for name in ("linear", "mlp", "batch_reporter", "two_io", "checked", "broken",
+                                                    "half_plus_two", "half_plus_three", "half_plus_two_tf2")}
     (tmp / "models.config").write_text(make_model_config(models, labels={"linear": {"stable": 2}}))
     (tmp / "batching.config").write_text(
         f"max_batch_size {{ value: {MAX_BATCH} }}\n"
@@ -50,9 +47,8 @@ def served(test_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         stop_and_check(broker)
 
 
-# --- TF Serving's own test models ---------------------------------------------------------
+# --- models shaped as TF Serving's own test models (tests/tfserving_models.py) --------------
 
-@needs_testdata
 def test_half_plus_two_gives_tf_serving_answers(served: BrokerProcess) -> None:
     response = served.predict("half_plus_two", {"instances": [1.0, 2.0, 5.0]})
     assert response.status_code == 200, response.text
@@ -64,28 +60,34 @@ def test_half_plus_two_gives_tf_serving_answers(served: BrokerProcess) -> None:
     assert response.json() == {"predictions": [2.5, 3.0]}
 
 
-@needs_testdata
 def test_half_plus_three_loads_through_the_v1_loader(served: BrokerProcess) -> None:
     response = served.predict("half_plus_three", {"instances": [1.0, 2.0, 5.0]})
     assert response.json() == {"predictions": [3.5, 4.0, 5.5]}
 
 
-@needs_testdata
 def test_tf2_export(served: BrokerProcess) -> None:
     response = served.predict("half_plus_two_tf2", {"instances": [2.0]})
     assert response.json() == {"predictions": [3.0]}
 
 
-@needs_testdata
 def test_status_and_metadata_in_tf_serving_json(served: BrokerProcess) -> None:
     status = served.http.get("/v1/models/half_plus_two").json()
     assert status == {"model_version_status": [
         {"version": "123", "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}]}
     assert served.http.get("/v1/models/half_plus_two/versions/123").json() == status
     metadata = served.http.get("/v1/models/half_plus_two/metadata").json()
-    expected = json.loads((TESTDATA / "half_plus_two_model_metadata.json").read_text())
-    assert metadata["model_spec"] == {**expected["model_spec"], "name": "half_plus_two"}
-    assert metadata["metadata"] == expected["metadata"]
+    assert metadata["model_spec"] == {"name": "half_plus_two", "signature_name": "", "version": "123"}
+    signatures = metadata["metadata"]["signature_def"]["signature_def"]
+    assert {name: sig["method_name"].rpartition("/")[2] for name, sig in signatures.items()} == {
+        "serving_default": "predict", "classify_x_to_y": "classify", "regress_x_to_y": "regress",
+        "regress_x_to_y2": "regress", "regress_x2_to_y3": "regress"}
+    assert signatures["serving_default"]["inputs"]["x"] == {
+        "dtype": "DT_FLOAT", "name": "x:0",
+        "tensor_shape": {"dim": [{"size": "-1", "name": ""}, {"size": "1", "name": ""}], "unknown_rank": False}}
+    if TESTDATA.is_dir():  # the same model as TF Serving's: its own expected metadata, to the byte
+        expected = json.loads((TESTDATA / "half_plus_two_model_metadata.json").read_text())
+        assert metadata["model_spec"] == {**expected["model_spec"], "name": "half_plus_two"}
+        assert metadata["metadata"] == expected["metadata"]
 
 
 # --- correctness under concurrency ----------------------------------------------------------

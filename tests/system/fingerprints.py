@@ -1,4 +1,4 @@
-"""TensorFlow's bucket of each string, computed in a child: ``python tests/iobatcher/fingerprints.py IN OUT``.
+"""TensorFlow's bucket of each string, computed in a child: ``python tests/system/fingerprints.py IN OUT``.
 
 IN holds msgpack [strings, bucket counts]; OUT gets msgpack {buckets: [[bucket of each string]…]}
 from tf.strings.to_hash_bucket_fast (Fingerprint64 % buckets), the hash StaticVocabularyTable uses.
