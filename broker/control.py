@@ -146,6 +146,7 @@ class ControlChannel:
 
 def _version_status(served: ServedVersion) -> dict[str, Any]:
     links = served.links()
+    ready = served.ready_links()
     pids = [link.child.pid if link.child.running else None for link in links]
     return {
         "version": served.version,
@@ -157,7 +158,7 @@ def _version_status(served: ServedVersion) -> dict[str, Any]:
         "in_flight": sum(1 for link in links for _ in link.tasks()),
         "path": served.path,
         # One worker per device (--devices): where each runs, and whether it takes batches.
-        "replicas": [{"device": link.device, "pid": pid, "ready": link.ready, "restarts": link.child.restarts,
+        "replicas": [{"device": link.device, "pid": pid, "ready": link in ready, "restarts": link.child.restarts,
                       "batches": link.batches,
                       "in_flight": sum(1 for _ in link.tasks())} for link, pid in zip(links, pids)],
     }

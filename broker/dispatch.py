@@ -10,20 +10,18 @@ from __future__ import annotations
 
 import itertools
 import logging
-from typing import Any, Callable, Iterable
+from typing import Iterable
 
 from broker.batch_codec import build_batch, cut_joined_result, split_task_result
 from broker.batching import Batch
 from broker.config import BatchingParameters
 from broker.inflight import InFlight
-from broker.models import ServedVersion, WorkerLink
+from broker.links import SendToChild, WorkerLink
+from broker.models import ServedVersion
 from tfbroker.wire import protocol
 from tfbroker.wire.errors import Internal
 
 log = logging.getLogger("tfbroker.broker")
-
-# One message to a child on the backend socket: identity, command, header, frames.
-SendToChild = Callable[[bytes, bytes, protocol.Header, Any], None]
 
 
 class Dispatcher:
@@ -38,7 +36,7 @@ class Dispatcher:
     def dispatch(self, serving: Iterable[ServedVersion], now: float) -> None:
         """Each version's batches to its least loaded READY replica with a free slot."""
         for served in serving:
-            ready = [link for link in served.workers if link is not None and link.ready]
+            ready = served.ready_links()
             if not ready or not served.queues:
                 continue
             queues = list(served.queues.items())

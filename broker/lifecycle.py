@@ -9,7 +9,7 @@ restart the worker, load or unload the tables, fail the requests it holds, tell 
 go, terminate it). It never touches a process or a socket, so every path (swaps, restarts,
 failed loads, shutdown) is tested without one (tests/unit/broker/test_lifecycle.py).
 
-    START ──Load──> LOADING ──worker READY and tables loaded──> AVAILABLE
+    START ──LoadAsked──> LOADING ──worker READY and tables loaded──> AVAILABLE
                       │  ▲                                          │
      load error,      │  └──── worker died or went silent ──────────┤ (restarts; tables stay)
      tables failed    │                                             │
@@ -39,8 +39,9 @@ from broker.versions import VersionState
 S = VersionState
 
 
-class Worker(enum.Enum):
-    """The worker process of a version, as the machine knows it."""
+class Replica(enum.Enum):
+    """A version's worker process on one device, as the machine knows it: the one record of
+    whether it takes batches (ServedVersion.ready_links)."""
 
     NONE = "none"  # never started, or gone for good
     STARTING = "starting"  # spawned, not READY yet
@@ -52,8 +53,8 @@ class Worker(enum.Enum):
 # --- events ---
 
 @dataclass(frozen=True, slots=True)
-class Load:
-    pass
+class LoadAsked:
+    """The version policy (or an operator) wants this version served."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,8 +85,8 @@ class WorkerSilent:
 
 
 @dataclass(frozen=True, slots=True)
-class TablesLoaded:
-    pass
+class TablesReady:
+    """Every I/O batcher that is up holds the version's lookup tables."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +100,16 @@ class UnloadAsked:
 
 
 @dataclass(frozen=True, slots=True)
+class StopAdmissions:
+    """`broker.ctl drain`: an AVAILABLE version stays loaded but takes no new requests."""
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeAdmissions:
+    """`broker.ctl load` of a draining version: it takes requests again."""
+
+
+@dataclass(frozen=True, slots=True)
 class Drained:
     """No request of the version is left in any stage (lookup queue, lookups in flight, model
     queue, batches in flight)."""
@@ -109,8 +120,8 @@ class GraceExpired:
     """The worker was told to go ``shutdown_grace_s`` ago and is still there."""
 
 
-Event = (Load | WorkerStarted | WorkerReady | WorkerExited | WorkerSilent | TablesLoaded | TablesFailed
-         | UnloadAsked | Drained | GraceExpired)
+Event = (LoadAsked | WorkerStarted | WorkerReady | WorkerExited | WorkerSilent | TablesReady | TablesFailed
+         | UnloadAsked | StopAdmissions | ResumeAdmissions | Drained | GraceExpired)
 
 
 # --- actions ---
@@ -133,7 +144,7 @@ class CancelRestart:
 
 
 @dataclass(frozen=True, slots=True)
-class Disconnect:
+class DisconnectWorker:
     """Ask the worker to go after the batches in hand."""
 
     replica: int = 0
@@ -182,14 +193,14 @@ class Ended:
     pass
 
 
-Action = (SpawnWorker | RestartWorker | CancelRestart | Disconnect | Terminate | Requeue | LoadTables
+Action = (SpawnWorker | RestartWorker | CancelRestart | DisconnectWorker | Terminate | Requeue | LoadTables
           | UnloadTables | FailRequests | BecameAvailable | Ended)
 
 
 class Lifecycle:
     """The state of one version; ``handle(event)`` is the only way to change it."""
 
-    __slots__ = ("name", "needs_tables", "state", "error", "workers", "tables_ready", "served_before")
+    __slots__ = ("name", "needs_tables", "state", "error", "workers", "tables_ready", "served_before", "draining")
 
     def __init__(self, name: str, needs_tables: bool = False, replicas: int = 1) -> None:
         if replicas < 1:
@@ -198,12 +209,13 @@ class Lifecycle:
         self.needs_tables = needs_tables
         self.state = S.START
         self.error = ""
-        self.workers = [Worker.NONE] * replicas
+        self.workers = [Replica.NONE] * replicas
         self.tables_ready = False
         self.served_before = False  # once AVAILABLE, one READY replica is enough to serve again
+        self.draining = False  # AVAILABLE but taking no new requests (StopAdmissions)
 
     @property
-    def worker(self) -> Worker:
+    def worker(self) -> Replica:
         """The first replica's state (the only one, unless --devices names several)."""
         return self.workers[0]
 
@@ -217,17 +229,17 @@ class Lifecycle:
         state = self.state
         if state is S.END:
             return []
-        if isinstance(event, Load):
+        if isinstance(event, LoadAsked):
             return self._load() if state is S.START else []
         if isinstance(event, UnloadAsked):
             return self._unload()
         if isinstance(event, WorkerStarted):
-            if self.workers[event.replica] is Worker.RESTARTING:
-                self.workers[event.replica] = Worker.STARTING
+            if self.workers[event.replica] is Replica.RESTARTING:
+                self.workers[event.replica] = Replica.STARTING
             return []
         if isinstance(event, WorkerReady):
             return self._worker_ready(event.replica)
-        if isinstance(event, TablesLoaded):
+        if isinstance(event, TablesReady):
             self.tables_ready = True
             return self._maybe_available()
         if isinstance(event, TablesFailed):
@@ -236,25 +248,31 @@ class Lifecycle:
             return self._worker_exited(event)
         if isinstance(event, WorkerSilent):
             return self._worker_silent(event)
+        if isinstance(event, StopAdmissions):
+            self.draining = state is S.AVAILABLE
+            return []
+        if isinstance(event, ResumeAdmissions):
+            self.draining = False
+            return []
         if isinstance(event, Drained):
             return self._drained()
         if isinstance(event, GraceExpired):
             if state is not S.UNLOADING:
                 return []
             return [Terminate("still running after unload", r) for r, w in enumerate(self.workers)
-                    if w is not Worker.NONE]
+                    if w is not Replica.NONE]
         raise TypeError(f"not an event: {event!r}")
 
     # --- implementation ---
 
     def _load(self) -> list[Action]:
         self.state = S.LOADING
-        self.workers = [Worker.STARTING] * len(self.workers)
+        self.workers = [Replica.STARTING] * len(self.workers)
         actions: list[Action] = [SpawnWorker(r) for r in range(len(self.workers))]
         return [*actions, LoadTables()] if self.needs_tables else actions
 
     def _ready_count(self, but: int | None = None) -> int:
-        return sum(w is Worker.READY for r, w in enumerate(self.workers) if r != but)
+        return sum(w is Replica.READY for r, w in enumerate(self.workers) if r != but)
 
     def _maybe_available(self) -> list[Action]:
         ready = self._ready_count()
@@ -267,9 +285,9 @@ class Lifecycle:
         return []
 
     def _worker_ready(self, replica: int) -> list[Action]:
-        if self.workers[replica] is Worker.LEAVING:
+        if self.workers[replica] is Replica.LEAVING:
             return []
-        self.workers[replica] = Worker.READY
+        self.workers[replica] = Replica.READY
         return self._maybe_available()
 
     def _unload(self) -> list[Action]:
@@ -294,16 +312,16 @@ class Lifecycle:
         restarted (RESTARTING); the version ends once none is left."""
         actions = actions or []
         for replica, worker in enumerate(self.workers):
-            if worker is Worker.READY:
-                self.workers[replica] = Worker.LEAVING
-                actions.append(Disconnect(replica))
-            elif worker is Worker.STARTING:
-                self.workers[replica] = Worker.LEAVING
+            if worker is Replica.READY:
+                self.workers[replica] = Replica.LEAVING
+                actions.append(DisconnectWorker(replica))
+            elif worker is Replica.STARTING:
+                self.workers[replica] = Replica.LEAVING
                 actions.append(Terminate(reason, replica))
-            elif worker is Worker.RESTARTING:
-                self.workers[replica] = Worker.NONE
+            elif worker is Replica.RESTARTING:
+                self.workers[replica] = Replica.NONE
                 actions.append(CancelRestart(replica))
-        if all(w is Worker.NONE for w in self.workers):
+        if all(w is Replica.NONE for w in self.workers):
             return self._end(actions)
         return actions
 
@@ -315,25 +333,25 @@ class Lifecycle:
 
     def _worker_exited(self, event: WorkerExited) -> list[Action]:
         replica, was = event.replica, self.workers[event.replica]
-        if self.state is S.UNLOADING or was is Worker.LEAVING:
-            self.workers[replica] = Worker.NONE
-            if all(w is Worker.NONE for w in self.workers):
+        if self.state is S.UNLOADING or was is Replica.LEAVING:
+            self.workers[replica] = Replica.NONE
+            if all(w is Replica.NONE for w in self.workers):
                 return self._end([FailRequests(f"{self.name} was unloaded")])
-            if self._ready_count() and was is not Worker.LEAVING:
+            if self._ready_count() and was is not Replica.LEAVING:
                 return [Requeue(replica)]  # it died while the others drain the version
             return [FailRequests(f"{self.name} was unloaded", replica)]
         if self.state is S.LOADING and not event.restartable:
-            self.workers[replica] = Worker.NONE
+            self.workers[replica] = Replica.NONE
             error = self.error or event.error or f"worker exited with code {event.code} while loading"
-            if all(w is Worker.NONE for w in self.workers):
+            if all(w is Replica.NONE for w in self.workers):
                 self.error = error
                 return self._end([FailRequests(f"{self.name} failed to load")])
             return self._fail_load(error)
         if not event.restartable and self._ready_count(but=replica):
             # This replica cannot come back (its model no longer loads here); the others serve.
-            self.workers[replica] = Worker.NONE
+            self.workers[replica] = Replica.NONE
             return [Requeue(replica)]
-        self.workers[replica] = Worker.RESTARTING
+        self.workers[replica] = Replica.RESTARTING
         if self._ready_count():
             return [Requeue(replica), RestartWorker(replica)]
         self.state = S.LOADING  # takes no requests until a worker is back
@@ -344,12 +362,12 @@ class Lifecycle:
         replica = event.replica
         actions: list[Action] = [Terminate(event.reason, replica)]
         if self.state is S.LOADING and event.load_error:
-            self.workers[replica] = Worker.LEAVING  # the exit that follows ends it
+            self.workers[replica] = Replica.LEAVING  # the exit that follows ends it
             self.error = event.load_error
             self.state = S.UNLOADING
             return self._send_workers_away(event.load_error, actions)
-        if self.workers[replica] is Worker.READY:
-            self.workers[replica] = Worker.STARTING  # so that its exit restarts it
+        if self.workers[replica] is Replica.READY:
+            self.workers[replica] = Replica.STARTING  # so that its exit restarts it
             if self._ready_count():
                 actions.append(Requeue(replica))
             elif self.state is S.AVAILABLE:
@@ -360,7 +378,8 @@ class Lifecycle:
 
     def _end(self, actions: list[Action]) -> list[Action]:
         self.state = S.END
-        self.workers = [Worker.NONE] * len(self.workers)
+        self.draining = False
+        self.workers = [Replica.NONE] * len(self.workers)
         if self.needs_tables:
             actions.append(UnloadTables())
         actions.append(Ended())

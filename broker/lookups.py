@@ -28,14 +28,14 @@ from broker import lifecycle as lc
 from tfbroker.wire import protocol
 from broker.batching import BatchQueue, Task
 from broker.config import ServerConfig
-from broker.dispatch import SendToChild
 from broker.inflight import InFlight, Pending
 from tfbroker.wire.errors import Internal, TFBrokerError, Unavailable, from_code
 from tfbroker.runtime.flags import dataclass_to_argv
 from broker.models import ServedVersion, check_inputs
 from broker.signatures import describe_for_clients
-from broker.supervisor import (Child, curve_env, reap_children, restartable, schedule_restart, spawn_child,
-                               stop_children, terminate_child)
+from broker.links import ChildLink, SendToChild, reap_links, restarts_due, send_heartbeats, silent
+from broker.supervisor import (Child, curve_env, restartable, schedule_restart, spawn_child, stop_children,
+                               terminate_child)
 from broker.versions import VersionState
 from tfbroker.runtime.settings import IoBatcherConfig
 
@@ -46,15 +46,11 @@ Report = Callable[[ServedVersion, lc.Event, float], None]
 
 
 @dataclass(slots=True)
-class IoLink:
+class IoLink(ChildLink):
     """The broker's side of one I/O batcher process."""
 
-    child: Child
-    index: int
-    identity: bytes = b""
-    ready: bool = False
-    last_heard: float = 0.0
-    last_sent: float = 0.0
+    index: int = 0
+    ready: bool = False  # it said IoReady (and has not been lost since)
     loaded: set[tuple[str, int]] = field(default_factory=set)  # versions whose tables it holds
     in_flight: dict[int, tuple[ServedVersion, list[Task]]] = field(default_factory=dict)
 
@@ -153,22 +149,20 @@ class LookupStage:
     # --- the housekeeping tick ---
 
     def manage(self, now: float) -> None:
-        for child, code in reap_children([link.child for link in self._links]):
-            link = next(lk for lk in self._links if lk.child is child)
+        for link, code in reap_links(self._links):
             self._lost(link, f"the I/O batcher exited (code {code})")
             if not self._stopping:
-                log.error("iobatcher %d (pid %s) exited with code %d; restarting", link.index, child.pid, code)
+                log.error("iobatcher %d (pid %s) exited with code %d; restarting", link.index, link.child.pid, code)
                 if restartable(code):
-                    schedule_restart(child, now)
+                    schedule_restart(link.child, now)
+        for link in restarts_due(self._links, now):
+            self._spawn(link)
         for link in self._links:
-            child = link.child
-            if child.restart_at and now >= child.restart_at:
-                self._spawn(link)
-            elif link.ready and now - link.last_heard > self.config.heartbeat_expiry_s and child.running:
+            if link.ready and silent(link, now, self.config.heartbeat_expiry_s):
                 self._lost(link, "the I/O batcher stopped answering")
-                terminate_child(child, f"no heartbeat for {now - link.last_heard:.1f} s")
-            elif link.ready and now - link.last_sent >= self.config.heartbeat_interval_s:
-                self._send(link, protocol.HEARTBEAT, protocol.Heartbeat())
+                terminate_child(link.child, f"no heartbeat for {now - link.last_heard:.1f} s")
+        send_heartbeats([link for link in self._links if link.ready], now, self.config.heartbeat_interval_s,
+                        self._send_to)
         self._check_loads()
 
     def pids(self) -> list[int]:
@@ -185,7 +179,7 @@ class LookupStage:
 
     def _start(self) -> None:
         for index in range(self.config.iobatchers):
-            link = IoLink(Child(name=f"iobatcher:{index}", argv=[]), index)
+            link = IoLink(Child(name=f"iobatcher:{index}", argv=[]), index=index)
             self._links.append(link)
             self._spawn(link)
 
@@ -232,7 +226,7 @@ class LookupStage:
             ready = [link for link in self._links if link.ready]
             if (served.state is VersionState.LOADING and not served.life.tables_ready and ready
                     and all(key in link.loaded for link in ready)):
-                self._report(served, lc.TablesLoaded(), now)
+                self._report(served, lc.TablesReady(), now)
 
     def _send_batch(self, link: IoLink, served: ServedVersion, tasks: list[Task], now: float) -> None:
         live = self._inflight.take_live(tasks, now)

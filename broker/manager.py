@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from typing import Callable
 
 from broker import lifecycle as lc
 from broker.config import ModelConfig, ServerConfig
@@ -40,8 +41,9 @@ class VersionManager:
     them, and applies what the source finds on disk."""
 
     def __init__(self, config: ServerConfig, fleet: Fleet, lookups: LookupStage, inflight: InFlight,
-                 source: VersionSource) -> None:
+                 source: VersionSource, *, on_available: Callable[[], None] = lambda: None) -> None:
         self.config = config
+        self._on_available = on_available  # a version became AVAILABLE (the ready message)
         self.models: dict[str, ServedModel] = {}
         self._fleet = fleet
         self._lookups = lookups
@@ -132,7 +134,7 @@ class VersionManager:
         model.unloaded_by_hand.discard(version)
         model.loaded_by_hand.add(version)
         if served is not None and served.draining:
-            served.draining = False
+            self.handle(served, lc.ResumeAdmissions(), time.monotonic())
             self._note_labels(model)  # its labels point at it again from now on
             return f"model {name} version {version} takes requests again"
         if served is not None and served.failed:
@@ -169,7 +171,7 @@ class VersionManager:
         if not others:
             raise InvalidArgument(f"version {version} is the only version of model {name} taking requests; "
                                   "load another first, or unload this one")
-        served.draining = True
+        self.handle(served, lc.StopAdmissions(), time.monotonic())
         self._note_labels(model)  # a label points only at a version that takes requests
         return (f"model {name} version {version} takes no new requests; `load {name} {version}` "
                 "sends it requests again")
@@ -190,7 +192,7 @@ class VersionManager:
         served = ServedVersion(model.name, number, path, life, files=fingerprint(path), load_started=now)
         model.versions[number] = served
         log.info("loading %s from %s%s", name, path, " (with lookup tables)" if life.needs_tables else "")
-        self.handle(served, lc.Load(), now)
+        self.handle(served, lc.LoadAsked(), now)
 
     def _carry_out(self, served: ServedVersion, action: lc.Action, now: float) -> None:
         fleet = self._fleet
@@ -200,7 +202,7 @@ class VersionManager:
             fleet.restart_worker(served, action.replica, now)
         elif isinstance(action, lc.CancelRestart):
             fleet.cancel_restart(served, action.replica)
-        elif isinstance(action, lc.Disconnect):
+        elif isinstance(action, lc.DisconnectWorker):
             fleet.disconnect_worker(served, action.replica, now)
         elif isinstance(action, lc.Terminate):
             fleet.terminate_worker(served, action.replica, action.reason)
@@ -225,7 +227,7 @@ class VersionManager:
             model = self.models.get(served.model)
             if model is not None:
                 self._note_labels(model)  # the latest AVAILABLE version takes new admissions
-            fleet.announce()
+            self._on_available()
         elif isinstance(action, lc.Ended):
             served.ended_at = now
             fleet.forget_version(served)

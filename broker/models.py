@@ -5,16 +5,16 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
-from broker.batching import BatchQueue, Task
+from broker.batching import BatchQueue
 from broker.config import ModelConfig
 from tfbroker.wire.errors import InvalidArgument, NotFound, Unavailable
-from broker.lifecycle import Lifecycle
+from broker.lifecycle import Lifecycle, Replica
+from broker.links import WorkerLink
 from tfbroker.wire.protocol import LookupSpec, SignatureSpec, TensorSpec, VersionStats
 from tfbroker.wire.tensors import TF_NAMES, can_cast, nbytes
 from broker.stats import VersionCounters
-from broker.supervisor import Child
 from broker.versions import VersionSnapshot, VersionState, aspired_versions
 
 log = logging.getLogger("tfbroker.models")
@@ -52,35 +52,6 @@ def fingerprint(path: str) -> tuple[tuple[str, int, int], ...]:
 
 
 @dataclass(slots=True)
-class WorkerLink:
-    """The broker's side of one worker process (a version's replica on one device): its socket
-    identity and its batches in flight (batch id -> signature, tasks)."""
-
-    child: Child
-    identity: bytes
-    replica: int = 0
-    device: str = "cpu"
-    ready: bool = False  # this process said READY (and has not been taken for dead since)
-    error: str = ""  # why it failed to load, from its DISCONNECT
-    last_heard: float = 0.0
-    last_sent: float = 0.0
-    in_flight: dict[int, tuple[str, list[Task]]] = field(default_factory=dict)
-    disconnect_sent: float = 0.0  # when the broker told it to go (unload)
-    batches: int = 0  # batches sent to this process
-
-    def tasks(self) -> Iterator[Task]:
-        """Every request in its batches in flight."""
-        for _signature, tasks in self.in_flight.values():
-            yield from tasks
-
-    def take_in_flight(self) -> list[Task]:
-        """Its batches' requests, which it will not answer (it died, or their version failed)."""
-        tasks = list(self.tasks())
-        self.in_flight.clear()
-        return tasks
-
-
-@dataclass(slots=True)
 class ServedVersion:
     model: str
     version: int
@@ -95,7 +66,6 @@ class ServedVersion:
     queues: dict[str, BatchQueue] = field(default_factory=dict)
     workers: list[WorkerLink | None] = field(default_factory=list)  # by replica (device), once spawned
     files: tuple[Any, ...] = ()  # fingerprint() of the directory when it was loaded
-    draining: bool = False  # `broker.ctl drain`: loaded, but takes no new requests
     lookups: list[LookupSpec] = field(default_factory=list)  # from its tables' LOADED
     lookup_queue: BatchQueue | None = None  # requests waiting for an I/O batcher
     lookups_in_flight: int = 0  # requests at an I/O batcher
@@ -114,6 +84,20 @@ class ServedVersion:
     @property
     def failed(self) -> bool:
         return self.life.failed
+
+    @property
+    def draining(self) -> bool:
+        """`broker.ctl drain`: loaded, but takes no new requests (a state of its lifecycle)."""
+        return self.life.draining
+
+    def replica_state(self, link: WorkerLink) -> Replica:
+        """The replica's state in the lifecycle: the one record of whether it said READY."""
+        states = self.life.workers
+        return states[link.replica] if link.replica < len(states) else Replica.NONE
+
+    def ready_links(self) -> list[WorkerLink]:
+        """The replicas that take batches."""
+        return [link for link in self.links() if self.replica_state(link) is Replica.READY]
 
     def snapshot(self) -> VersionSnapshot:
         return VersionSnapshot(self.version, self.state, self.failed)

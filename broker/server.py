@@ -7,7 +7,7 @@ the nearest of the next batch deadline and the next housekeeping, never infinite
 
 This module only wires the pieces together, each the one owner of its state: InFlight (the
 requests held, their replies and the counters), Dispatcher (batches to replicas, results
-back), Fleet (workers and frontends), LookupStage (I/O batchers), VersionManager (models and
+back), Fleet (model workers), Frontends (the HTTP frontends under gunicorn), LookupStage (I/O batchers), VersionManager (models and
 versions), VersionSource (what is on disk) and ControlChannel. None of them holds a
 reference to the broker: they take the owner they need or a callable.
 
@@ -19,6 +19,7 @@ fails anyway answers its request with 500 and logs the traceback.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import signal
 import time
@@ -31,7 +32,8 @@ from broker import queries
 from broker.config import BatchingParameters, ModelConfig, ServerConfig
 from broker.control import ControlChannel
 from broker.dispatch import Dispatcher
-from broker.fleet import ACCEPT_DRAIN_S, Fleet
+from broker.fleet import Fleet
+from broker.frontends import ACCEPT_DRAIN_S, Frontends
 from broker.inflight import InFlight
 from broker.lookups import LookupStage
 from broker.manager import VersionManager
@@ -64,16 +66,18 @@ class Broker:
         self._context = zmq.Context()
         self._authenticator: Any = None
         self._key_ring: KeyRing | None = None
-        self.frontend = self._context.socket(zmq.ROUTER)
-        self.backend = self._context.socket(zmq.ROUTER)
+        self.frontend_socket = self._context.socket(zmq.ROUTER)
+        self.backend_socket = self._context.socket(zmq.ROUTER)
         self.inflight = InFlight(self._send_frontend, batching, enable_batching=config.enable_batching,
                                  max_timeout_ms=config.rest_api_timeout_in_ms)
         self.dispatcher = Dispatcher(self.inflight, self._send_backend, batching,
                                      batches_in_flight=config.batches_in_flight)
-        self.fleet = Fleet(config, batching, self._send_backend, self._report, metrics_path=metrics_path)
+        self.frontends = Frontends(config, metrics_path=metrics_path)
+        self.fleet = Fleet(config, batching, self._send_backend, self._report)
         self.lookups = LookupStage(config, self.inflight, self._send_backend, self._report)
         self.versions = VersionManager(config, self.fleet, self.lookups, self.inflight,
-                                       VersionSource(config.file_system_poll_wait_seconds))
+                                       VersionSource(config.file_system_poll_wait_seconds),
+                                       on_available=lambda: self.frontends.announce(self.fleet.serving))
         self.versions.apply_model_config(models)
         self.control = ControlChannel(config, self.versions, self.stats, self._context)
         self._stop_requested_at: float | None = None
@@ -92,7 +96,7 @@ class Broker:
         if self.keys is not None:
             self._authenticator, self._key_ring = start_authenticator(
                 self._context, self.keys, self.config.curve_client_keys_dir)
-        for sock in (self.frontend, self.backend, self.control.socket):
+        for sock in (self.frontend_socket, self.backend_socket, self.control.socket):
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.RCVHWM, RCVHWM)
             sock.setsockopt(zmq.SNDHWM, SNDHWM)
@@ -100,9 +104,9 @@ class Broker:
                 make_server(sock, self.keys)
         # A peer that sends a frame larger than any request may hold is disconnected by ZeroMQ
         # before the frame is allocated.
-        self.frontend.setsockopt(zmq.MAXMSGSIZE, self.config.limits.max_tensor_bytes + FRAME_OVERHEAD_BYTES)
-        for sock, address in ((self.frontend, self.config.resolved_frontend_address),
-                              (self.backend, self.config.resolved_backend_address)):
+        self.frontend_socket.setsockopt(zmq.MAXMSGSIZE, self.config.limits.max_tensor_bytes + FRAME_OVERHEAD_BYTES)
+        for sock, address in ((self.frontend_socket, self.config.resolved_frontend_address),
+                              (self.backend_socket, self.config.resolved_backend_address)):
             sock.bind(address)
             self._poller.register(sock, zmq.POLLIN)
         log.info("frontend socket %s, backend socket %s%s", self.config.resolved_frontend_address,
@@ -117,12 +121,12 @@ class Broker:
         self.versions.scan(now)
         self.control.start(now)
         self.versions.reconcile(now)
-        self.fleet.start()
+        self.frontends.start()
         while not self._stop_now:
             events = dict(self._poller.poll(self._poll_timeout_ms()))
-            if self.frontend in events:
+            if self.frontend_socket in events:
                 self._process_frontend()
-            if self.backend in events:
+            if self.backend_socket in events:
                 self._process_backend()
             if self.control.socket in events:
                 self.control.process()
@@ -150,7 +154,7 @@ class Broker:
     def _process_frontend(self) -> None:
         for _ in range(RECV_BURST):
             try:
-                frames = recv_message(self.frontend, NOBLOCK)
+                frames = recv_message(self.frontend_socket, NOBLOCK)
             except zmq.Again:
                 return
             client = frames[0]
@@ -178,7 +182,7 @@ class Broker:
         elif command == protocol.CANCEL:
             self.inflight.cancel(client, header.id)
         elif command == protocol.HEARTBEAT:
-            send_message(self.frontend, [client, *protocol.encode(protocol.HEARTBEAT, protocol.Heartbeat())])
+            send_message(self.frontend_socket, [client, *protocol.encode(protocol.HEARTBEAT, protocol.Heartbeat())])
         else:
             try:
                 reply = {protocol.METADATA: lambda h: queries.metadata(self.versions.models, h),
@@ -187,12 +191,13 @@ class Broker:
             except TFBrokerError as exc:
                 self.inflight.reply_error(client, header.id, exc)
                 return
-            send_message(self.frontend, [client, *protocol.encode(protocol.REPLY, reply)])
+            send_message(self.frontend_socket, [client, *protocol.encode(protocol.REPLY, reply)])
 
     def _stats(self, header: protocol.Query) -> protocol.StatsReply:
         versions = [version_stats(served) for model in self.versions.models.values()
                     for served in model.versions.values()]
-        pids = {**self.fleet.pids_by_role(), "iobatcher": self.lookups.pids()}
+        pids = {"broker": [os.getpid()], "worker": self.fleet.pids(), "iobatcher": self.lookups.pids(),
+                "frontend": self.frontends.pids()}
         return protocol.StatsReply(id=header.id, counters=self.stats(), versions=versions,
                                    processes=process_stats(pids))
 
@@ -201,7 +206,7 @@ class Broker:
     def _process_backend(self) -> None:
         for _ in range(RECV_BURST):
             try:
-                frames = self.backend.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = self.backend_socket.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
             identity = frames[0].bytes
@@ -238,10 +243,10 @@ class Broker:
                 log.exception("cannot handle a %r message from worker %r", message.command, identity)
 
     def _send_frontend(self, frames: list[Any], copy: bool) -> None:
-        send_message(self.frontend, frames, copy=copy)
+        send_message(self.frontend_socket, frames, copy=copy)
 
     def _send_backend(self, identity: bytes, command: bytes, header: protocol.Header, frames: Any) -> None:
-        send_message(self.backend, [identity, *protocol.encode(command, header, frames)], copy=False)
+        send_message(self.backend_socket, [identity, *protocol.encode(command, header, frames)], copy=False)
 
     def _report(self, served: ServedVersion, event: lc.Event, now: float) -> None:
         """An event from the fleet or the lookup stage, for the version's lifecycle."""
@@ -259,6 +264,7 @@ class Broker:
         self._next_housekeeping = now + HOUSEKEEPING_S
         self.fleet.manage(now)
         self.lookups.manage(now)
+        self.frontends.manage(now)
         if self._stop_requested_at is None:
             self.control.poll_config(now)
             self.versions.poll_disk(now)
@@ -274,16 +280,16 @@ class Broker:
             elif self._stop_requested_at is None:
                 log.info("received %s; draining the frontends, then stopping", signal.Signals(signum).name)
                 self._stop_requested_at = now
-                self.fleet.refuse_connections()
+                self.frontends.refuse_connections()
             else:
                 log.info("received %s again; stopping now", signal.Signals(signum).name)
                 self._stop_now = True
         if self._stop_requested_at is not None and not self._stop_now:
             if not self._frontends_stopped and now - self._stop_requested_at >= ACCEPT_DRAIN_S:
                 self._frontends_stopped = True
-                self.fleet.stop_frontends()
+                self.frontends.stop()
             # Keep serving while the frontends finish their open requests, within the grace time.
-            idle = not self.fleet.frontends_running() and not any(s.has_work() for s in self.fleet.serving)
+            idle = not self.frontends.running() and not any(s.has_work() for s in self.fleet.serving)
             self._stop_now = idle or now - self._stop_requested_at > self.config.shutdown_grace_s
 
     def _reload(self) -> None:
@@ -294,12 +300,12 @@ class Broker:
                 self.control.reload_config()
             except TFBrokerError as exc:
                 log.error("%s", exc.message)
-        self.fleet.roll_frontends()
+        self.frontends.roll()
 
     def stop_children(self) -> None:
         """The frontends, then every version unloads after the batches in hand, then the
         workers and I/O batchers go."""
-        self.fleet.stop_frontends_now()
+        self.frontends.stop_now()
         self.versions.stop_all(time.monotonic())
         self.fleet.stop_workers()
         self.lookups.stop()

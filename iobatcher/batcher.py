@@ -1,7 +1,9 @@
 """The I/O batcher: holds the lookup tables of the versions the broker names, answers lookup
 batches. Never imports TensorFlow.
 
-One loop, as the worker's: receive a message, act, send heartbeats when quiet. Tables load
+The backend loop the worker uses too (tfbroker/runtime/backend_peer.py): receive a message,
+act, send heartbeats when quiet; when the broker goes quiet it exits (the broker restarts
+its I/O batchers: a fresh one is cheaper than a reconnect). Tables load
 in a thread beside it (a vocabulary or key file of millions of lines takes seconds to read,
 longer than the broker waits for a heartbeat); LOADED goes out from the loop when a load
 ends, and batches for a version are only sent once it has. A LookupBatch
@@ -21,15 +23,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
-import zmq
 
+from iobatcher.tables import Table, TableError, load_tables
+from tfbroker.runtime.backend_peer import BackendPeer
+from tfbroker.runtime.process import EXIT_OK, die_with_parent, set_title, setup_logging
+from tfbroker.runtime.settings import IoBatcherConfig
 from tfbroker.wire import protocol, tensors
 from tfbroker.wire.errors import DeadlineExceeded, InvalidArgument, ProtocolError, TFBrokerError, Unavailable
-from tfbroker.runtime.process import EXIT_OK, die_with_parent, parent_alive, set_title, setup_logging
-from tfbroker.wire.security import client_keys_from_env, make_client
-from tfbroker.wire.zmqio import send_message
-from tfbroker.runtime.settings import IoBatcherConfig
-from iobatcher.tables import Table, TableError, load_tables
 
 log = logging.getLogger("tfbroker.iobatcher")
 
@@ -49,53 +49,31 @@ def run(config: IoBatcherConfig) -> int:
 class IoBatcher:
     def __init__(self, config: IoBatcherConfig) -> None:
         self.config = config
-        self.identity = f"iobatcher:{config.index}:{os.getpid()}".encode()
         self.tables: dict[tuple[str, int], list[Table]] = {}
         self._loading: dict[tuple[str, int], tuple[Future[list[Table]], float]] = {}
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="tables")
-        self._stopping = False
-        self._last_sent = 0.0
+        self._peer = BackendPeer(config.backend_address, f"iobatcher:{config.index}:{os.getpid()}".encode(),
+                                 heartbeat_interval_s=config.heartbeat_interval_s,
+                                 heartbeat_liveness=config.heartbeat_liveness)
+        self._send = self._peer.send
 
     def handle_signal(self, signum: int, frame: Any) -> None:
-        self._stopping = True
+        self._peer.stopping = True
 
     def serve(self) -> int:
-        context = zmq.Context()
-        sock = context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.IDENTITY, self.identity)
-        sock.setsockopt(zmq.LINGER, 0)
-        curve = client_keys_from_env()
-        if curve is not None:
-            make_client(sock, *curve)
-        sock.connect(self.config.backend_address)
-        self._socket = sock
+        self._peer.connect()
         self._send(protocol.READY, protocol.IoReady(pid=os.getpid()))
-        interval_s = self.config.heartbeat_interval_s
-        expiry_s = interval_s * self.config.heartbeat_liveness
-        last_heard = time.monotonic()
         try:
-            while not self._stopping and parent_alive():
-                wait_s = LOAD_CHECK_S if self._loading else interval_s
-                if sock.poll(int(wait_s * 1000)):
-                    last_heard = time.monotonic()
-                    if not self._handle(sock.recv_multipart(copy=False)):
-                        break
-                self._finish_loads()
-                now = time.monotonic()
-                if now - self._last_sent >= interval_s:
-                    self._send(protocol.HEARTBEAT, protocol.Heartbeat())
-                if now - last_heard > expiry_s:
-                    # The broker restarts its I/O batchers; a fresh one is cheaper than a reconnect.
-                    log.warning("no word from the broker for %.1f s; exiting", now - last_heard)
-                    break
+            self._peer.serve(self._handle, tick=self._finish_loads,
+                             wait_s=lambda: LOAD_CHECK_S if self._loading else self.config.heartbeat_interval_s)
         finally:
             self._loader.shutdown(wait=True, cancel_futures=True)
             for key in list(self._loading):
                 self._drop(key)
             for key in list(self.tables):
                 self._drop(key)
-            sock.close(linger=1000)
-            context.term()
+            self._peer.close(linger_ms=1000)
+            self._peer.term()
         return EXIT_OK
 
     # --- implementation ---
@@ -204,10 +182,6 @@ class IoBatcher:
             out_frames.extend(task_frames)
         self._send(protocol.RESULT, protocol.LookupResult(batch=header.batch, counts=counts, outputs=specs,
                                                           failures=failures, keys=keys, unique_keys=unique), out_frames)
-
-    def _send(self, command: bytes, header: protocol.Header, frames: Any = ()) -> None:
-        send_message(self._socket, protocol.encode(command, header, frames), copy=False)
-        self._last_sent = time.monotonic()
 
 
 def _lookup(table: Table, inputs: list[dict[str, np.ndarray]], errors: dict[int, TFBrokerError],

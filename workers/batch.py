@@ -39,7 +39,7 @@ Outcome = dict[str, np.ndarray] | TFBrokerError
 
 
 @dataclass(slots=True)
-class JoinedBatch:
+class JoinedInputs:
     """The tasks of a joined BATCH: their ids, their rows, and their inputs end to end."""
 
     ids: list[int]
@@ -84,15 +84,15 @@ def decode_batch(frames: Sequence[Any], counts: Sequence[int], deadlines: Sequen
 
 
 def split_expired(ids: list[int], rows: list[int], inputs: dict[str, np.ndarray], deadlines: Sequence[float],
-                  now: float) -> tuple[JoinedBatch, set[int]]:
+                  now: float) -> tuple[JoinedInputs, set[int]]:
     """The joined batch without the tasks whose deadline has passed, and those tasks' indices."""
     expired = {i for i, deadline in enumerate(deadlines) if now > deadline}
     if not expired:
-        return JoinedBatch(ids, rows, inputs), expired
+        return JoinedInputs(ids, rows, inputs), expired
     keep = [i for i in range(len(ids)) if i not in expired]
     starts = np.cumsum([0, *rows])
     index = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in keep]) if keep else np.zeros(0, np.int64)
-    return JoinedBatch([ids[i] for i in keep], [rows[i] for i in keep],
+    return JoinedInputs([ids[i] for i in keep], [rows[i] for i in keep],
                        {name: array[index] for name, array in inputs.items()}), expired
 
 
@@ -132,13 +132,13 @@ def run_batch(signature: Signature, tasks: Sequence[TaskInput], padded_rows: int
     return [o if o is not None else Internal("task was not run") for o in outcomes]
 
 
-def run_joined_outcomes(signature: Signature, batch: JoinedBatch, padded_rows: int) -> list[Outcome]:
+def run_joined_outcomes(signature: Signature, batch: JoinedInputs, padded_rows: int) -> list[Outcome]:
     """run_joined, always as one outcome per task."""
     result = run_joined(signature, batch, padded_rows)
     return cut_rows(result, batch.rows) if isinstance(result, dict) else result  # type: ignore[return-value]
 
 
-def run_joined(signature: Signature, batch: JoinedBatch, padded_rows: int) -> dict[str, np.ndarray] | list[Outcome]:
+def run_joined(signature: Signature, batch: JoinedInputs, padded_rows: int) -> dict[str, np.ndarray] | list[Outcome]:
     """The outputs for the whole batch, unpadded, when it runs as one and every output can
     be cut by rows; otherwise one outcome per task (the tasks run alone to find the one at
     fault, or the outputs are cut here)."""
@@ -233,7 +233,7 @@ def _run_group(signature: Signature, tasks: list[TaskInput], pad_to: int) -> lis
     rows = [t.rows for t in tasks]
     if len(tasks) == 1 and (not rows[0] or pad_to <= rows[0]):  # (a task without rows is never padded)
         return [_run_one(signature, tasks[0])]
-    batch = JoinedBatch([t.request_id for t in tasks], rows,
+    batch = JoinedInputs([t.request_id for t in tasks], rows,
                         {name: np.concatenate([t.inputs[name] for t in tasks]) for name in tasks[0].inputs})
     return run_joined_outcomes(signature, batch, pad_to)
 

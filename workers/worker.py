@@ -15,17 +15,13 @@ import sys
 import time
 from typing import Any
 
-import zmq
-
-from tfbroker.wire import protocol, tensors
+from tfbroker.runtime.backend_peer import BackendPeer
 from tfbroker.runtime.devices import visible_gpus
-from tfbroker.wire.errors import DeadlineExceeded, Internal, InvalidArgument, NotFound, ProtocolError, TFBrokerError
-from tfbroker.runtime.process import (EXIT_MODEL_LOAD_ERROR, EXIT_OK, die_with_parent, parent_alive,
-                            set_title, setup_logging)
 from tfbroker.runtime.logs import tensorflow_output
-from tfbroker.wire.security import client_keys_from_env, make_client
-from tfbroker.wire.zmqio import send_message
+from tfbroker.runtime.process import EXIT_MODEL_LOAD_ERROR, EXIT_OK, die_with_parent, set_title, setup_logging
 from tfbroker.runtime.settings import WorkerConfig
+from tfbroker.wire import protocol, tensors
+from tfbroker.wire.errors import DeadlineExceeded, Internal, InvalidArgument, NotFound, ProtocolError, TFBrokerError
 
 log = logging.getLogger("tfbroker.worker")
 
@@ -34,7 +30,7 @@ def run(config: WorkerConfig) -> int:
     set_title(config.title)
     setup_logging(config.log_level, config.title)
     die_with_parent()
-    worker = Worker(config)
+    worker = ModelWorker(config)
     signal.signal(signal.SIGTERM, worker.handle_signal)
     signal.signal(signal.SIGINT, worker.handle_signal)
     # Where the worker is when it crashes, or when the broker SIGTERMs it for missing
@@ -47,23 +43,23 @@ def run(config: WorkerConfig) -> int:
     return worker.serve()
 
 
-class Worker:
+class ModelWorker:
+    """The model's side of the backend loop (tfbroker/runtime/backend_peer.py): load, warm up,
+    READY, then one batch at a time."""
+
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
-        self.identity = f"{config.model_name}:{config.version}:{os.getpid()}".encode()
-        self._stopping = False
-        self._context: zmq.Context | None = None
-        self._socket: zmq.Socket | None = None
+        self._peer = BackendPeer(config.backend_address, f"{config.model_name}:{config.version}:{os.getpid()}".encode(),
+                                 heartbeat_interval_s=config.heartbeat_interval_s,
+                                 heartbeat_liveness=config.heartbeat_liveness)
+        self._send = self._peer.send
         self._model: Any = None
-        self._curve = client_keys_from_env()
-        self._last_sent = self._last_heard = 0.0
 
     def handle_signal(self, signum: int, frame: Any) -> None:
-        self._stopping = True
+        self._peer.stopping = True
 
     def serve(self) -> int:
-        self._context = zmq.Context()
-        self._connect()
+        self._peer.connect()
         try:
             # TensorFlow comes last; its start-up notes are kept out of the log (tfbroker/runtime/logs.py).
             with tensorflow_output(cpu_only=not visible_gpus()):
@@ -83,39 +79,17 @@ class Worker:
         except Exception as exc:  # noqa: BLE001 - any failure to load is reported the same way
             log.error("cannot load model %s version %d: %s", self.config.model_name, self.config.version, exc)
             self._send(protocol.DISCONNECT, protocol.Disconnect(error=str(exc)[:2000]))
-            self._close(linger_ms=2000)
+            self._peer.close(linger_ms=2000)
             return EXIT_MODEL_LOAD_ERROR
         self._send_ready()
         try:
-            self._loop()
+            # After a reconnect the model is still loaded: READY again is all the broker needs.
+            self._peer.serve(self._handle, hello=self._send_ready)
         finally:
-            self._close(linger_ms=1000)
+            self._peer.close(linger_ms=1000)
         return EXIT_OK
 
     # --- implementation ---
-
-    def _loop(self) -> None:
-        interval_s = self.config.heartbeat_interval_s
-        expiry_s = interval_s * self.config.heartbeat_liveness
-        backoff_s = interval_s
-        while not self._stopping and parent_alive():
-            assert self._socket is not None
-            if self._socket.poll(int(interval_s * 1000)):
-                frames = self._socket.recv_multipart(copy=False)
-                self._last_heard = time.monotonic()
-                backoff_s = interval_s
-                if not self._handle(frames):
-                    return
-            now = time.monotonic()
-            if now - self._last_sent >= interval_s:
-                self._send(protocol.HEARTBEAT, protocol.Heartbeat())
-            if now - self._last_heard > expiry_s:
-                log.warning("no word from the broker for %.1f s; reconnecting", now - self._last_heard)
-                self._close(linger_ms=0)
-                time.sleep(min(backoff_s, 30.0))
-                backoff_s *= 2
-                self._connect()
-                self._send_ready()
 
     def _handle(self, frames: list[Any]) -> bool:
         """Act on one message; False to stop."""
@@ -204,25 +178,3 @@ class Worker:
             model=self.config.model_name, version=self.config.version, pid=os.getpid(),
             signatures={name: sig.describe() for name, sig in model.signatures.items()},
             signature_def=model.signature_def))
-
-    def _send(self, command: bytes, header: protocol.Header, frames: Any = ()) -> None:
-        assert self._socket is not None
-        send_message(self._socket, protocol.encode(command, header, frames), copy=False)
-        self._last_sent = time.monotonic()
-
-    def _connect(self) -> None:
-        assert self._context is not None
-        sock = self._context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.IDENTITY, self.identity)
-        sock.setsockopt(zmq.LINGER, 0)
-        if self._curve is not None:
-            make_client(sock, *self._curve)
-        sock.connect(self.config.backend_address)
-        self._socket = sock
-        self._last_heard = time.monotonic()
-
-    def _close(self, *, linger_ms: int) -> None:
-        if self._socket is not None:
-            self._socket.close(linger=linger_ms)
-            self._socket = None
-

@@ -10,7 +10,8 @@ import numpy as np
 from broker import lifecycle as lc
 from broker.config import BatchingParameters, ModelConfig
 from broker.inflight import InFlight
-from broker.models import ServedModel, ServedVersion, WorkerLink
+from broker.links import WorkerLink
+from broker.models import ServedModel, ServedVersion
 from broker.supervisor import Child
 from tfbroker.client import encode_predict
 from tfbroker.wire import protocol
@@ -52,7 +53,7 @@ def model_with(version: int, *, state: str = "available", replicas: int = 1) -> 
     signature = protocol.SignatureSpec(inputs={"x": ("float32", [-1, 2])}, outputs={"y": ("float32", [-1, 2])})
     served.model_signatures = served.signatures = {"serving_default": signature}
     served.signature_def = {"signature_def": {"serving_default": {"method_name": "tensorflow/serving/predict"}}}
-    served.life.handle(lc.Load())
+    served.life.handle(lc.LoadAsked())
     if state == "available":
         for replica in range(replicas):
             served.life.handle(lc.WorkerReady(replica))
@@ -60,8 +61,9 @@ def model_with(version: int, *, state: str = "available", replicas: int = 1) -> 
     return model, served
 
 
-def add_link(served: ServedVersion, replica: int = 0, *, ready: bool = True) -> WorkerLink:
-    link = WorkerLink(Child(name=f"worker {replica}", argv=[]), f"w{replica}".encode(), replica=replica, ready=ready)
+def add_link(served: ServedVersion, replica: int = 0) -> WorkerLink:
+    """The replica's worker process (its readiness is its lifecycle's: see model_with)."""
+    link = WorkerLink(Child(name=f"worker {replica}", argv=[]), f"w{replica}".encode(), replica=replica)
     while len(served.workers) <= replica:
         served.workers.append(None)
     served.workers[replica] = link

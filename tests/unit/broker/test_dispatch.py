@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from broker import lifecycle as lc
 from broker.config import BatchingParameters
 from broker.dispatch import Dispatcher
 from broker.inflight import InFlight
@@ -48,7 +49,9 @@ def test_each_batch_goes_to_the_least_loaded_ready_replica_within_its_slots() ->
     inflight, dispatcher, wire = make(BatchingParameters(max_batch_size=8, max_enqueued_batches=10), slots=1)
     model, served = model_with(1, replicas=3)
     first, second = add_link(served, 0), add_link(served, 1)
-    add_link(served, 2, ready=False)  # still loading: never sent a batch
+    add_link(served, 2)
+    served.life.handle(lc.WorkerSilent("no heartbeat", replica=2))  # restarting: never sent a batch
+    assert served.state.value == "AVAILABLE"
     for request_id in range(1, 4):  # three full batches of 8 rows
         admit(inflight, {"m": model}, b"a", request_id, now=0.0, rows=8)
     dispatcher.dispatch([served], now=0.0)

@@ -7,7 +7,7 @@ from typing import Sequence
 import pytest
 
 from broker import lifecycle as lc
-from broker.lifecycle import Lifecycle, Worker
+from broker.lifecycle import Lifecycle, Replica
 from broker.versions import Load, Unload, VersionSnapshot, VersionState, next_action
 
 S = VersionState
@@ -26,22 +26,22 @@ def kinds(actions: Sequence[lc.Action]) -> list[type]:
 
 def test_a_plain_version_loads_serves_drains_and_ends() -> None:
     life = Lifecycle("v1")
-    assert kinds(run(life, lc.Load())) == [lc.SpawnWorker]
+    assert kinds(run(life, lc.LoadAsked())) == [lc.SpawnWorker]
     assert life.state is S.LOADING
     assert kinds(run(life, lc.WorkerReady())) == [lc.BecameAvailable]
     assert life.state is S.AVAILABLE
     assert run(life, lc.UnloadAsked()) == []  # admissions stop; the worker stays for its requests
     assert life.state is S.UNLOADING
-    assert kinds(run(life, lc.Drained())) == [lc.Disconnect]
+    assert kinds(run(life, lc.Drained())) == [lc.DisconnectWorker]
     assert run(life, lc.Drained()) == []  # told once
     assert kinds(run(life, lc.WorkerExited(0, True))) == [lc.FailRequests, lc.Ended]
     assert life.state is S.END and not life.failed
 
 
-@pytest.mark.parametrize("order", [(lc.WorkerReady(), lc.TablesLoaded()), (lc.TablesLoaded(), lc.WorkerReady())])
+@pytest.mark.parametrize("order", [(lc.WorkerReady(), lc.TablesReady()), (lc.TablesReady(), lc.WorkerReady())])
 def test_a_version_with_tables_is_available_only_once_both_parts_are(order: tuple[lc.Event, lc.Event]) -> None:
     life = Lifecycle("v1", needs_tables=True)
-    assert kinds(run(life, lc.Load())) == [lc.SpawnWorker, lc.LoadTables]
+    assert kinds(run(life, lc.LoadAsked())) == [lc.SpawnWorker, lc.LoadTables]
     assert run(life, order[0]) == []
     assert life.state is S.LOADING
     assert kinds(run(life, order[1])) == [lc.BecameAvailable]
@@ -50,15 +50,15 @@ def test_a_version_with_tables_is_available_only_once_both_parts_are(order: tupl
 
 def test_tables_unload_only_when_the_version_ends_after_its_last_request() -> None:
     life = Lifecycle("v1", needs_tables=True)
-    actions = run(life, lc.Load(), lc.WorkerReady(), lc.TablesLoaded(), lc.UnloadAsked())
+    actions = run(life, lc.LoadAsked(), lc.WorkerReady(), lc.TablesReady(), lc.UnloadAsked())
     assert lc.UnloadTables() not in actions
-    assert kinds(run(life, lc.Drained())) == [lc.Disconnect]
+    assert kinds(run(life, lc.Drained())) == [lc.DisconnectWorker]
     assert kinds(run(life, lc.WorkerExited(0, True))) == [lc.FailRequests, lc.UnloadTables, lc.Ended]
 
 
 def test_failed_tables_fail_the_load_and_stop_the_worker() -> None:
     life = Lifecycle("v2", needs_tables=True)
-    run(life, lc.Load())
+    run(life, lc.LoadAsked())
     actions = run(life, lc.TablesFailed("vocab.txt does not exist"))
     assert kinds(actions) == [lc.Terminate]
     assert life.state is S.UNLOADING
@@ -69,13 +69,13 @@ def test_failed_tables_fail_the_load_and_stop_the_worker() -> None:
 
 def test_failed_tables_after_the_worker_is_ready_disconnect_it() -> None:
     life = Lifecycle("v2", needs_tables=True)
-    run(life, lc.Load(), lc.WorkerReady())
-    assert kinds(run(life, lc.TablesFailed("corrupt"))) == [lc.Disconnect]
+    run(life, lc.LoadAsked(), lc.WorkerReady())
+    assert kinds(run(life, lc.TablesFailed("corrupt"))) == [lc.DisconnectWorker]
 
 
 def test_a_model_that_does_not_load_ends_with_the_workers_error_and_no_restart() -> None:
     life = Lifecycle("v1")
-    run(life, lc.Load())
+    run(life, lc.LoadAsked())
     actions = run(life, lc.WorkerExited(4, restartable=False, error="no saved_model.pb"))
     assert lc.RestartWorker() not in actions and lc.Ended() in actions
     assert life.failed and life.error == "no saved_model.pb"
@@ -83,17 +83,17 @@ def test_a_model_that_does_not_load_ends_with_the_workers_error_and_no_restart()
 
 def test_a_worker_that_dies_while_serving_restarts_and_the_version_comes_back() -> None:
     life = Lifecycle("v1", needs_tables=True)
-    run(life, lc.Load(), lc.WorkerReady(), lc.TablesLoaded())
+    run(life, lc.LoadAsked(), lc.WorkerReady(), lc.TablesReady())
     actions = run(life, lc.WorkerExited(-9, True))
     assert kinds(actions) == [lc.FailRequests, lc.RestartWorker]
-    assert life.state is S.LOADING and life.worker is Worker.RESTARTING
+    assert life.state is S.LOADING and life.worker is Replica.RESTARTING
     assert run(life, lc.WorkerStarted()) == []
     assert kinds(run(life, lc.WorkerReady())) == [lc.BecameAvailable]  # its tables stayed loaded
 
 
 def test_a_silent_worker_is_terminated_and_its_requests_failed() -> None:
     life = Lifecycle("v1")
-    run(life, lc.Load(), lc.WorkerReady())
+    run(life, lc.LoadAsked(), lc.WorkerReady())
     assert kinds(run(life, lc.WorkerSilent("no heartbeat for 3.1 s"))) == [lc.Terminate, lc.FailRequests]
     assert life.state is S.LOADING
     assert kinds(run(life, lc.WorkerExited(-15, True))) == [lc.FailRequests, lc.RestartWorker]
@@ -101,7 +101,7 @@ def test_a_silent_worker_is_terminated_and_its_requests_failed() -> None:
 
 def test_a_worker_too_slow_to_load_fails_the_version() -> None:
     life = Lifecycle("v1")
-    run(life, lc.Load())
+    run(life, lc.LoadAsked())
     run(life, lc.WorkerSilent("not ready after 600 s", load_error="loading took longer than 600 s"))
     run(life, lc.WorkerExited(-15, True))
     assert life.failed and life.error == "loading took longer than 600 s"
@@ -109,28 +109,28 @@ def test_a_worker_too_slow_to_load_fails_the_version() -> None:
 
 def test_unloading_while_a_restart_waits_ends_at_once() -> None:
     life = Lifecycle("v1")
-    run(life, lc.Load(), lc.WorkerReady(), lc.WorkerExited(1, True))
+    run(life, lc.LoadAsked(), lc.WorkerReady(), lc.WorkerExited(1, True))
     assert kinds(run(life, lc.UnloadAsked())) == [lc.CancelRestart, lc.Ended]
     assert life.state is S.END and not life.failed
 
 
 def test_unloading_a_loading_version_stops_its_worker_without_waiting() -> None:
     life = Lifecycle("v1")
-    run(life, lc.Load())
+    run(life, lc.LoadAsked())
     assert kinds(run(life, lc.UnloadAsked())) == [lc.Terminate]
     assert kinds(run(life, lc.WorkerExited(-15, True))) == [lc.FailRequests, lc.Ended]
 
 
 def test_a_worker_that_ignores_its_disconnect_is_terminated_after_the_grace() -> None:
     life = Lifecycle("v1")
-    run(life, lc.Load(), lc.WorkerReady(), lc.UnloadAsked(), lc.Drained())
+    run(life, lc.LoadAsked(), lc.WorkerReady(), lc.UnloadAsked(), lc.Drained())
     assert kinds(run(life, lc.GraceExpired())) == [lc.Terminate]
 
 
 def test_a_version_never_started_ends_on_unload_and_end_is_final() -> None:
     life = Lifecycle("v1")
     assert kinds(run(life, lc.UnloadAsked())) == [lc.Ended]
-    for event in (lc.Load(), lc.WorkerReady(), lc.TablesLoaded(), lc.Drained(), lc.WorkerExited(0, True)):
+    for event in (lc.LoadAsked(), lc.WorkerReady(), lc.TablesReady(), lc.Drained(), lc.WorkerExited(0, True)):
         assert run(life, event) == []
     assert life.state is S.END
 
@@ -139,17 +139,17 @@ def test_a_swap_with_tables_driven_by_the_policy_never_leaves_the_model_without_
     """Versions 1 then 2, both with tables, under the availability-preserving policy: the
     policy's steps and the processes' events interleave as in the broker."""
     lives = {1: Lifecycle("v1", needs_tables=True)}
-    run(lives[1], lc.Load(), lc.TablesLoaded(), lc.WorkerReady())
+    run(lives[1], lc.LoadAsked(), lc.TablesReady(), lc.WorkerReady())
     aspired = {2}
     available_throughout = True
     log: list[str] = []
-    pending_events = {2: [lc.WorkerReady(), lc.TablesLoaded()]}
+    pending_events = {2: [lc.WorkerReady(), lc.TablesReady()]}
     for _ in range(20):
         snapshots = [VersionSnapshot(n, life.state, life.failed) for n, life in lives.items()]
         step = next_action(snapshots, aspired)
         if isinstance(step, Load):
             lives[step.version] = Lifecycle(f"v{step.version}", needs_tables=True)
-            log += [type(a).__name__ for a in run(lives[step.version], lc.Load())]
+            log += [type(a).__name__ for a in run(lives[step.version], lc.LoadAsked())]
         elif isinstance(step, Unload):
             run(lives[step.version], lc.UnloadAsked())
             log += [type(a).__name__ for a in run(lives[step.version], lc.Drained())]
@@ -162,11 +162,11 @@ def test_a_swap_with_tables_driven_by_the_policy_never_leaves_the_model_without_
     assert available_throughout
     assert lives[1].state is S.END and lives[2].state is S.AVAILABLE
     # version 2's tables load before it is available; version 1's go after its worker.
-    assert log.index("LoadTables") < log.index("BecameAvailable") < log.index("Disconnect") < log.index("UnloadTables")
+    assert log.index("LoadTables") < log.index("BecameAvailable") < log.index("DisconnectWorker") < log.index("UnloadTables")
 
 
 def test_shutdown_of_every_state_reaches_end() -> None:
-    for events in ([], [lc.Load()], [lc.Load(), lc.WorkerReady()], [lc.Load(), lc.WorkerReady(), lc.WorkerExited(1, True)]):
+    for events in ([], [lc.LoadAsked()], [lc.LoadAsked(), lc.WorkerReady()], [lc.LoadAsked(), lc.WorkerReady(), lc.WorkerExited(1, True)]):
         life = Lifecycle("v", needs_tables=True)
         run(life, *events)
         actions = run(life, lc.UnloadAsked(), lc.Drained())
@@ -180,12 +180,12 @@ def test_shutdown_of_every_state_reaches_end() -> None:
 
 def test_replicas_all_ready_before_available_then_one_lost_is_covered_by_the_other() -> None:
     life = Lifecycle("v1", replicas=2)
-    assert run(life, lc.Load()) == [lc.SpawnWorker(0), lc.SpawnWorker(1)]
+    assert run(life, lc.LoadAsked()) == [lc.SpawnWorker(0), lc.SpawnWorker(1)]
     assert run(life, lc.WorkerReady(1)) == [] and life.state is S.LOADING  # every device loads first
     assert kinds(run(life, lc.WorkerReady(0))) == [lc.BecameAvailable]
     # One dies: its batches go to the other, it restarts, the version keeps serving.
     assert run(life, lc.WorkerExited(-9, True, replica=1)) == [lc.Requeue(1), lc.RestartWorker(1)]
-    assert life.state is S.AVAILABLE and life.workers == [Worker.READY, Worker.RESTARTING]
+    assert life.state is S.AVAILABLE and life.workers == [Replica.READY, Replica.RESTARTING]
     # The other dies too: nothing left to serve, so 503 and LOADING until one is back.
     actions = run(life, lc.WorkerExited(-9, True, replica=0))
     assert kinds(actions) == [lc.FailRequests, lc.RestartWorker] and actions[0] == lc.FailRequests(actions[0].message)
@@ -193,12 +193,12 @@ def test_replicas_all_ready_before_available_then_one_lost_is_covered_by_the_oth
     run(life, lc.WorkerStarted(1))
     assert kinds(run(life, lc.WorkerReady(1))) == [lc.BecameAvailable]  # one is enough once it has served
     assert run(life, lc.WorkerStarted(0), lc.WorkerReady(0)) == []
-    assert life.workers == [Worker.READY, Worker.READY]
+    assert life.workers == [Replica.READY, Replica.READY]
 
 
 def test_a_silent_replica_is_terminated_and_its_batches_move() -> None:
     life = Lifecycle("v1", replicas=2)
-    run(life, lc.Load(), lc.WorkerReady(0), lc.WorkerReady(1))
+    run(life, lc.LoadAsked(), lc.WorkerReady(0), lc.WorkerReady(1))
     assert run(life, lc.WorkerSilent("no heartbeat for 10 s", replica=0)) == [
         lc.Terminate("no heartbeat for 10 s", 0), lc.Requeue(0)]
     assert life.state is S.AVAILABLE
@@ -207,9 +207,9 @@ def test_a_silent_replica_is_terminated_and_its_batches_move() -> None:
 
 def test_a_replica_that_cannot_load_fails_the_version_and_stops_the_others() -> None:
     life = Lifecycle("v1", replicas=3)
-    run(life, lc.Load(), lc.WorkerReady(2))
+    run(life, lc.LoadAsked(), lc.WorkerReady(2))
     actions = run(life, lc.WorkerExited(4, False, "no such op", replica=0))
-    assert actions == [lc.Terminate("no such op", 1), lc.Disconnect(2)]
+    assert actions == [lc.Terminate("no such op", 1), lc.DisconnectWorker(2)]
     assert life.state is S.UNLOADING
     assert run(life, lc.WorkerExited(-15, True, replica=1)) == [lc.FailRequests("v1 was unloaded", 1)]
     assert kinds(run(life, lc.WorkerExited(0, True, replica=2))) == [lc.FailRequests, lc.Ended]
@@ -218,8 +218,8 @@ def test_a_replica_that_cannot_load_fails_the_version_and_stops_the_others() -> 
 
 def test_unloading_replicas_go_together_and_the_version_ends_with_the_last() -> None:
     life = Lifecycle("v1", replicas=2)
-    run(life, lc.Load(), lc.WorkerReady(0), lc.WorkerReady(1), lc.UnloadAsked())
-    assert run(life, lc.Drained()) == [lc.Disconnect(0), lc.Disconnect(1)]
+    run(life, lc.LoadAsked(), lc.WorkerReady(0), lc.WorkerReady(1), lc.UnloadAsked())
+    assert run(life, lc.Drained()) == [lc.DisconnectWorker(0), lc.DisconnectWorker(1)]
     assert run(life, lc.WorkerExited(0, True, replica=1)) == [lc.FailRequests("v1 was unloaded", 1)]
     assert life.state is S.UNLOADING
     assert run(life, lc.GraceExpired()) == [lc.Terminate("still running after unload", 0)]
@@ -229,6 +229,6 @@ def test_unloading_replicas_go_together_and_the_version_ends_with_the_last() -> 
 
 def test_a_replica_that_stops_loading_after_serving_leaves_the_others_serving() -> None:
     life = Lifecycle("v1", replicas=2)
-    run(life, lc.Load(), lc.WorkerReady(0), lc.WorkerReady(1))
+    run(life, lc.LoadAsked(), lc.WorkerReady(0), lc.WorkerReady(1))
     assert run(life, lc.WorkerExited(4, False, "out of memory", replica=1)) == [lc.Requeue(1)]
-    assert life.state is S.AVAILABLE and life.workers == [Worker.READY, Worker.NONE]
+    assert life.state is S.AVAILABLE and life.workers == [Replica.READY, Replica.NONE]

@@ -62,7 +62,7 @@ def test_a_failed_version_is_reported_for_a_retry_once_its_files_change(tmp_path
     source = VersionSource(poll_wait_s=1.0)
     model.on_disk = source.scan_now([model], now=0.0)["m"]
     life = Lifecycle("model m version 1")
-    life.handle(lc.Load())
+    life.handle(lc.LoadAsked())
     life.handle(lc.WorkerExited(4, restartable=False, error="bad graph"))
     assert life.state is VersionState.END
     model.versions[1] = ServedVersion("m", 1, str(path), life, files=fingerprint(str(path)))
@@ -84,8 +84,8 @@ def test_polling_off_scans_nothing(tmp_path: Path) -> None:
 
 
 # The events that bring a lifecycle from START to each state.
-TO_STATE = {VersionState.LOADING: [lc.Load()], VersionState.AVAILABLE: [lc.Load(), lc.WorkerReady()],
-            VersionState.UNLOADING: [lc.Load(), lc.WorkerReady(), lc.UnloadAsked()]}
+TO_STATE = {VersionState.LOADING: [lc.LoadAsked()], VersionState.AVAILABLE: [lc.LoadAsked(), lc.WorkerReady()],
+            VersionState.UNLOADING: [lc.LoadAsked(), lc.WorkerReady(), lc.UnloadAsked()]}
 
 
 def to_state(served: ServedVersion, state: VersionState) -> None:
@@ -130,6 +130,6 @@ def test_resolution_pins_the_newest_available_version_and_labels_follow_availabi
     assert model.labels == {"canary": 2}
     with pytest.raises(NotFound):
         model.resolve(1, None)
-    model.versions[2].draining = True
+    model.versions[2].life.handle(lc.StopAdmissions())
     with pytest.raises(Unavailable):
         model.resolve(None, None)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tfbroker.wire.errors import InvalidArgument
-from workers.batch import JoinedBatch, TaskInput, run_batch, run_joined
+from workers.batch import JoinedInputs, TaskInput, run_batch, run_joined
 from workers.model import Signature, TensorInfo
 
 
@@ -80,8 +80,8 @@ def test_no_padding_when_not_asked(padded: int) -> None:
     assert calls == [3]
 
 
-def joined(*tasks: TaskInput) -> JoinedBatch:
-    return JoinedBatch([t.request_id for t in tasks], [t.rows for t in tasks],
+def joined(*tasks: TaskInput) -> JoinedInputs:
+    return JoinedInputs([t.request_id for t in tasks], [t.rows for t in tasks],
                        {"x": np.concatenate([t.inputs["x"] for t in tasks])})
 
 
@@ -106,7 +106,7 @@ def test_a_joined_batch_with_a_bad_task_runs_its_tasks_alone() -> None:
 
     signature = Signature("s", {"x": TensorInfo("float32", (-1,))}, {"y": TensorInfo("float32", (-1,))},
                           refuse_negatives)
-    batch = JoinedBatch([7, 8, 9], [2, 1, 2], {"x": np.array([1, 2, -3, 4, 5], np.float32)})
+    batch = JoinedInputs([7, 8, 9], [2, 1, 2], {"x": np.array([1, 2, -3, 4, 5], np.float32)})
     outcomes = run_joined(signature, batch, padded_rows=8)
     assert calls == [8, 2, 1, 2]
     assert isinstance(outcomes, list)
@@ -119,7 +119,7 @@ def test_a_joined_batch_with_string_outputs_is_cut_per_task() -> None:
         return {"s": np.array([str(v).encode() for v in inputs["x"]], dtype=object)}
 
     signature = Signature("s", {"x": TensorInfo("int64", (-1,))}, {"s": TensorInfo("string", (-1,))}, as_text)
-    outcomes = run_joined(signature, JoinedBatch([1, 2], [1, 2], {"x": np.array([5, 6, 7])}), padded_rows=4)
+    outcomes = run_joined(signature, JoinedInputs([1, 2], [1, 2], {"x": np.array([5, 6, 7])}), padded_rows=4)
     assert isinstance(outcomes, list)
     assert [o["s"].tolist() for o in outcomes] == [[b"5"], [b"6", b"7"]]  # type: ignore[index]
 
@@ -129,13 +129,13 @@ def test_a_joined_batch_whose_output_has_no_batch_dimension_runs_its_tasks_alone
         return {"sum": np.asarray(inputs["x"].sum())}
 
     signature = Signature("s", {"x": TensorInfo("float32", (-1,))}, {"sum": TensorInfo("float32", ())}, total)
-    outcomes = run_joined(signature, JoinedBatch([1, 2], [1, 2], {"x": np.array([1, 2, 3], np.float32)}), 0)
+    outcomes = run_joined(signature, JoinedInputs([1, 2], [1, 2], {"x": np.array([1, 2, 3], np.float32)}), 0)
     assert isinstance(outcomes, list)
     assert [float(o["sum"]) for o in outcomes] == [1.0, 5.0]  # type: ignore[index]
 
 
 def test_a_joined_batch_with_wrong_input_names_fails_every_task() -> None:
-    outcomes = run_joined(make_signature([]), JoinedBatch([1, 2], [1, 1], {"z": np.ones((2, 2))}), 2)
+    outcomes = run_joined(make_signature([]), JoinedInputs([1, 2], [1, 1], {"z": np.ones((2, 2))}), 2)
     assert isinstance(outcomes, list) and all(isinstance(o, InvalidArgument) for o in outcomes)
 
 
@@ -179,7 +179,7 @@ def test_a_value_that_does_not_fit_fails_its_task_alone_in_a_joined_batch() -> N
     calls: list[int] = []
     signature = Signature("serving_default", {"x": TensorInfo("float32", (-1,))}, {"y": TensorInfo("float32", (-1,))},
                           lambda inputs: calls.append(len(inputs["x"])) or {"y": inputs["x"] * 2})
-    batch = JoinedBatch([1, 2], [1, 1], {"x": np.array([1.0, 1e300])})
+    batch = JoinedInputs([1, 2], [1, 1], {"x": np.array([1.0, 1e300])})
     good, bad = run_joined(signature, batch, 0)  # type: ignore[misc]
     assert np.asarray(good["y"]).tolist() == [2.0]  # type: ignore[index]
     assert isinstance(bad, InvalidArgument) and "without loss of precision" in bad.message

@@ -1,0 +1,190 @@
+"""The broker's HTTP frontends: one gunicorn master (``python -m gunicorn``, frontend.app)
+that forks ``--frontends`` workers from a preloaded app on the listening socket the broker
+binds and passes down, as gunicorn's arbiter does. The broker supervises the master (it
+restarts a frontend that dies itself); a graceful stop refuses new connections, lets the
+frontends finish their open requests, then stops them. Also the ready message.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import struct
+import sys
+from typing import Sequence
+
+from broker.config import ServerConfig
+from broker.models import ServedVersion
+from broker.stats import children_of
+from broker.supervisor import Child, curve_env, reap_children, schedule_restart, spawn_child, stop_children
+from broker.versions import VersionState
+from tfbroker.runtime.flags import dataclass_to_argv
+from tfbroker.runtime.settings import (ADDRESS_ENV, BIND_ENV, FRONTENDS_ENV, LIMITS_ENV, LOG_LEVEL_ENV, METRICS_DIR_ENV,
+                                       METRICS_PATH_ENV, TIMEOUT_ENV)
+
+log = logging.getLogger("tfbroker.frontends")
+
+SO_ATTACH_FILTER = 26  # Linux, <asm-generic/socket.h>
+# After new connections are refused, how long the frontends get to accept the queued ones.
+ACCEPT_DRAIN_S = 0.3
+
+
+class Frontends:
+    def __init__(self, config: ServerConfig, *, metrics_path: str = "") -> None:
+        self.config = config
+        self._metrics_path = metrics_path  # the Prometheus path the frontends serve ("" none)
+        self._children: list[Child] = []
+        self._listener: socket.socket | None = None
+        self._announced = False
+        self._stopping = False
+
+    def start(self) -> None:
+        if not self.config.frontends:
+            return
+        self._listener = bind_http(self.config.rest_api_host, self.config.rest_api_port)
+        # One gunicorn master forks the frontends from a preloaded app (they share its
+        # modules' memory) and restarts any that dies; the broker supervises the master.
+        child = Child(
+            name="frontends",
+            argv=["-m", "gunicorn", "-c", "python:frontend.gunicorn_conf", "frontend.app:app"],
+            env={ADDRESS_ENV: self.config.resolved_frontend_address,
+                 TIMEOUT_ENV: str(self.config.rest_api_timeout_in_ms),
+                 FRONTENDS_ENV: str(self.config.frontends),
+                 BIND_ENV: f"fd://{self._listener.fileno()}",
+                 LOG_LEVEL_ENV: self.config.log_level,
+                 LIMITS_ENV: " ".join(dataclass_to_argv(self.config.limits)),
+                 **self._metrics_env(), **curve_env(self.config.curve_secret_key_file)},
+            pass_fds=(self._listener.fileno(),))
+        self._children.append(child)
+        spawn_child(child)
+        log.info("%d frontends on http://%s:%d", self.config.frontends, self.config.rest_api_host, self.http_port)
+
+    @property
+    def http_port(self) -> int:
+        return self._listener.getsockname()[1] if self._listener else self.config.rest_api_port
+
+    def refuse_connections(self) -> None:
+        """The first step of a graceful stop: new connections are no longer taken (their SYNs
+        are dropped, so clients retry and then find the port closed), while the frontends still
+        accept the ones the kernel has queued. Closing the listener at once would reset those."""
+        if self._listener is not None:
+            drop_new_connections(self._listener)
+
+    def stop(self) -> None:
+        """SIGTERM the frontends without waiting: they finish their open requests while the
+        broker keeps serving them, and are not restarted."""
+        self._stopping = True
+        for child in self._children:
+            child.restart_at = 0.0
+            if child.running and child.process is not None:
+                child.process.send_signal(signal.SIGTERM)
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+
+    def stop_now(self) -> None:
+        """Whatever frontend is left, within a second."""
+        self.stop()
+        stop_children(self._children, grace_s=1.0)
+
+    def roll(self) -> None:
+        """gunicorn's HUP: new frontends are forked, the old ones finish their requests."""
+        for child in self._children:
+            if child.running and child.process is not None:
+                child.process.send_signal(signal.SIGHUP)
+
+    def running(self) -> bool:
+        return any(child.process is not None and child.process.poll() is None for child in self._children)
+
+    def pids(self) -> list[int]:
+        """The gunicorn master and its frontends, for the CPU and memory metrics."""
+        masters = [c.pid for c in self._children if c.running and c.pid is not None]
+        return [pid for master in masters for pid in [master, *children_of(master)]]
+
+    def manage(self, now: float) -> None:
+        for child, code in reap_children(self._children):
+            if not self._stopping:
+                log.error("%s (pid %s) exited with code %d; restarting", child.name, child.pid, code)
+                schedule_restart(child, now)
+        for child in self._children:
+            if child.restart_at and now >= child.restart_at:
+                spawn_child(child)
+
+    def announce(self, serving: Sequence[ServedVersion]) -> None:
+        """Tell the person who started the broker how to call it, once everything is up."""
+        if self._announced or any(s.state is not VersionState.AVAILABLE for s in serving):
+            return
+        self._announced = True
+        if not self.config.frontends:
+            print(f"tfbroker: serving {len(serving)} model(s); clients connect to "
+                  f"{self.config.resolved_frontend_address}", flush=True)
+            return
+        host = "localhost" if self.config.rest_api_host in ("0.0.0.0", "::") else self.config.rest_api_host
+        lines = ["tfbroker: ready. Try:"]
+        for served in serving:
+            base = f"http://{host}:{self.http_port}/v1/models/{served.model}"
+            lines.append(f"  curl {base}")
+            example = _example_body(served)
+            if example:
+                lines.append(f"  curl -d '{example}' {base}:predict")
+        print("\n".join(lines), file=sys.stdout, flush=True)
+
+    # --- implementation ---
+
+    def _metrics_env(self) -> dict[str, str]:
+        """The Prometheus path, and a fresh directory where the frontends share their counters."""
+        if not self._metrics_path:
+            return {}
+        directory = os.path.join(self.config.resolved_runtime_dir, "metrics")
+        shutil.rmtree(directory, ignore_errors=True)
+        os.makedirs(directory, mode=0o700)
+        return {METRICS_PATH_ENV: self._metrics_path, METRICS_DIR_ENV: directory}
+
+
+def bind_http(host: str, port: int) -> socket.socket:
+    """The listening socket the frontends share, as gunicorn's arbiter does."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    os.set_inheritable(sock.fileno(), True)
+    return sock
+
+
+def drop_new_connections(sock: socket.socket) -> None:
+    """Attach a classic BPF filter that drops every packet reaching the listening socket: no
+    new SYN is answered, connections already established stay in its accept queue."""
+    drop_all = struct.pack("HBBI", 0x06, 0, 0, 0)  # BPF_RET | BPF_K, return 0: keep no bytes
+    program = ctypes.create_string_buffer(drop_all)
+    fprog = struct.pack("HL", 1, ctypes.addressof(program))  # struct sock_fprog {len, filter*}
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+    except OSError as exc:  # not Linux, or not allowed: the listener is simply closed later
+        log.warning("cannot stop new connections before closing the listener: %s", exc)
+
+
+def _example_body(served: ServedVersion) -> str:
+    """A request body for the ready message: TF Serving's row format, one instance (three
+    for a lone rank-1 input), for inputs of rank 1 or 2 with known inner sizes."""
+    signature = served.signatures.get("serving_default")
+    if not signature or not signature.inputs:
+        return ""
+    values = {}
+    for name, (dtype, shape) in signature.inputs.items():
+        if shape is None or not 1 <= len(shape) <= 2 or (len(shape) == 2 and shape[1] < 1 and dtype != "string"):
+            return ""
+        value: object = "example" if dtype == "string" else 0.5
+        if len(shape) == 2:
+            value = [value] * (3 if shape[1] < 1 else shape[1])
+        values[name] = value
+    if len(values) == 1 and not isinstance(next(iter(values.values())), list):
+        return '{"instances": [1.0, 2.0, 5.0]}' if dtype != "string" else '{"instances": ["example"]}'
+    instance = json.dumps(values if len(values) > 1 else next(iter(values.values())))
+    return f'{{"instances": [{instance}]}}'

@@ -1,0 +1,102 @@
+"""A child's side of the broker's backend socket: the one loop model workers and I/O
+batchers share, as mosec separates its coordinator from the user's worker.
+
+A DEALER with the child's identity (CURVE when the environment holds keys), one poll loop
+that hands each message to the role's handler, heartbeats from that same loop (so a hung
+handler looks like a dead peer to the broker), and what to do when the broker goes quiet:
+reconnect with exponential back-off and say hello again (a model worker: its model stays
+loaded), or stop (an I/O batcher, which the broker restarts).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+import zmq
+
+from tfbroker.runtime.process import parent_alive
+from tfbroker.wire import protocol
+from tfbroker.wire.security import client_keys_from_env, make_client
+from tfbroker.wire.zmqio import send_message
+
+log = logging.getLogger("tfbroker.peer")
+
+MAX_BACKOFF_S = 30.0
+
+# The role's handler of one message from the broker: False to stop.
+Handler = Callable[[list[Any]], bool]
+
+
+class BackendPeer:
+    def __init__(self, address: str, identity: bytes, *, heartbeat_interval_s: float, heartbeat_liveness: int) -> None:
+        self.address = address
+        self.identity = identity
+        self.interval_s = heartbeat_interval_s
+        self.expiry_s = heartbeat_interval_s * heartbeat_liveness
+        self.stopping = False  # set by the role's signal handler; the loop ends at its next turn
+        self._context: zmq.Context | None = None  # made by connect(), in the process that serves
+        self._curve = client_keys_from_env()
+        self._socket: zmq.Socket | None = None
+        self._last_sent = self._last_heard = 0.0
+
+    def connect(self) -> None:
+        if self._context is None:
+            self._context = zmq.Context()
+        sock = self._context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, self.identity)
+        sock.setsockopt(zmq.LINGER, 0)
+        if self._curve is not None:
+            make_client(sock, *self._curve)
+        sock.connect(self.address)
+        self._socket = sock
+        self._last_heard = time.monotonic()
+
+    def send(self, command: bytes, header: protocol.Header, frames: Any = ()) -> None:
+        if self._socket is None:
+            raise RuntimeError("not connected to the broker")
+        send_message(self._socket, protocol.encode(command, header, frames), copy=False)
+        self._last_sent = time.monotonic()
+
+    def serve(self, handle: Handler, *, hello: Callable[[], None] | None = None,
+              tick: Callable[[], None] | None = None, wait_s: Callable[[], float] | None = None) -> None:
+        """Until a handler says stop, a signal, the broker's silence with no ``hello`` (to
+        reconnect with), or the broker's death. ``tick`` runs after every turn; ``wait_s``
+        bounds each poll (the heartbeat interval by default)."""
+        backoff_s = self.interval_s
+        while not self.stopping and parent_alive():
+            if self._socket is None:
+                raise RuntimeError("not connected to the broker")
+            if self._socket.poll(int((wait_s() if wait_s else self.interval_s) * 1000)):
+                frames = self._socket.recv_multipart(copy=False)
+                self._last_heard = time.monotonic()
+                backoff_s = self.interval_s
+                if not handle(frames):
+                    return
+            if tick is not None:
+                tick()
+            now = time.monotonic()
+            if now - self._last_sent >= self.interval_s:
+                self.send(protocol.HEARTBEAT, protocol.Heartbeat())
+            if now - self._last_heard > self.expiry_s:
+                if hello is None:
+                    log.warning("no word from the broker for %.1f s; exiting", now - self._last_heard)
+                    return
+                log.warning("no word from the broker for %.1f s; reconnecting", now - self._last_heard)
+                self.close(linger_ms=0)
+                time.sleep(min(backoff_s, MAX_BACKOFF_S))
+                backoff_s *= 2
+                self.connect()
+                hello()
+
+    def close(self, *, linger_ms: int) -> None:
+        if self._socket is not None:
+            self._socket.close(linger=linger_ms)
+            self._socket = None
+
+    def term(self) -> None:
+        self.close(linger_ms=0)
+        if self._context is not None:
+            self._context.term()
+            self._context = None
