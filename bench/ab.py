@@ -1,8 +1,8 @@
-"""``python -m bench.ab --base REV``: this build against an earlier one, interleaved, at c=64.
+"""``python -m bench.ab --base REV``: this build against an earlier one, interleaved, at c=64 and 256.
 
 Checks REV out in a git worktree (same venv), then for each round starts each build alone
-(tfbroker, 2 frontends, bench's mlp), warms it up with wrk for 2 s and measures 5 s at 64
-concurrent one-instance requests. ``--curve`` adds this build with CURVE on every socket.
+(tfbroker, 2 frontends, bench's mlp), warms it up with wrk for 2 s and measures 5 s at each
+concurrency (``--concurrency``, default 64,256) of one-instance requests. ``--curve`` adds this build with CURVE on every socket.
 Prints each run and the medians: builds compared side by side on a noisy machine.
 """
 
@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--base", required=True, help="the earlier build: a git revision")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--curve", action="store_true", help="also this build with CURVE")
+    parser.add_argument("--concurrency", default="64,256", help="comma list of wrk connection counts")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="tfb-ab-"))
     base = work / "base"
@@ -40,18 +41,21 @@ def main(argv: list[str] | None = None) -> None:
         if args.curve:
             zmq.auth.create_certificates(str(work), "broker")
             builds["this build, CURVE"] = (ROOT, [f"--curve_secret_key_file={work / 'broker.key_secret'}"])
-        results = run(builds, work, args.rounds)
+        results = run(builds, work, args.rounds, [int(c) for c in args.concurrency.split(",")])
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=ROOT, check=False)
-    print("\n| build | c=64 req/s (runs) | median | p99 (median) | errors |\n| --- | --- | ---: | ---: | ---: |")
-    for name, runs in results.items():
-        print(f"| {name} | {', '.join(str(round(r[0])) for r in runs)} | {round(statistics.median(r[0] for r in runs))} "
-              f"| {statistics.median(r[1] for r in runs):.1f} ms | {sum(r[2] for r in runs)} |")
+    print("\n| build | c | req/s (runs) | median | p99 (median) | errors |\n| --- | ---: | --- | ---: | ---: | ---: |")
+    for (name, connections), runs in results.items():
+        print(f"| {name} | {connections} | {', '.join(str(round(r[0])) for r in runs)} "
+              f"| {round(statistics.median(r[0] for r in runs))} | {statistics.median(r[1] for r in runs):.1f} ms "
+              f"| {sum(r[2] for r in runs)} |")
 
 
-def run(builds: dict[str, tuple[Path, list[str]]], work: Path, rounds: int) -> dict[str, list[tuple[float, float, int]]]:
+def run(builds: dict[str, tuple[Path, list[str]]], work: Path, rounds: int,
+        concurrency: list[int]) -> dict[tuple[str, int], list[tuple[float, float, int]]]:
     body = json.dumps({"instances": [[0.5] * 256]})
-    results: dict[str, list[tuple[float, float, int]]] = {name: [] for name in builds}
+    results: dict[tuple[str, int], list[tuple[float, float, int]]] = {
+        (name, c): [] for name in builds for c in concurrency}
     for round_ in range(rounds):
         for name, (tree, extra) in builds.items():
             argv = [sys.executable, "-m", "broker", "--model_name=mlp", f"--model_base_path={work / 'mlp'}",
@@ -61,14 +65,16 @@ def run(builds: dict[str, tuple[Path, list[str]]], work: Path, rounds: int) -> d
             servers.ROOT = tree  # the build's own packages come first on its path (python -m from its tree)
             try:
                 server.start()
-                wrk(server.url, body, 64, 2)
-                result = wrk(server.url, body, 64, 5)
+                wrk(server.url, body, concurrency[0], 2)
+                for connections in concurrency:
+                    result = wrk(server.url, body, connections, 5)
+                    rate = result["requests"] / result["duration_s"]
+                    results[(name, connections)].append((rate, result["p99_ms"], result["errors"]))
+                    log(f"round {round_ + 1}: {name}: c={connections} {rate:.0f} requests/s, "
+                        f"p99 {result['p99_ms']:.1f} ms")
             finally:
                 server.stop()
                 servers.ROOT = ROOT
-            rate = result["requests"] / result["duration_s"]
-            results[name].append((rate, result["p99_ms"], result["errors"]))
-            log(f"round {round_ + 1}: {name}: {rate:.0f} requests/s, p99 {result['p99_ms']:.1f} ms")
     return results
 
 

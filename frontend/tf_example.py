@@ -59,7 +59,6 @@ _CLASSES = _example_classes()
 Example = _CLASSES["Example"]
 Feature = _CLASSES["Feature"]
 _KIND_NAMES = {"bytes_list": "bytes", "float_list": "float", "int64_list": "int64"}
-_FLOAT32_EXACT_INT = (1 << 24) - 1
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 

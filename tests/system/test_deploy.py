@@ -171,9 +171,14 @@ def test_the_light_install_has_no_tensorflow_and_says_what_the_broker_needs(ligh
                                capture_output=True, text=True, timeout=60).stdout.lower()
     assert "tfbroker==" in installed
     assert not [line for line in installed.splitlines() if line.startswith(("tensorflow", "tf-", "keras"))]
-    probe = ("import sys, frontend.app, tfbroker.client; "
+    probe = ("import sys, frontend.app, frontend.client, tfbroker; tfbroker.Client; tfbroker.AsyncClient; "
              "sys.exit(1 if [m for m in sys.modules if m.startswith(('tensorflow', 'keras'))] else 0)")
     assert subprocess.run([python, "-c", probe], cwd="/", timeout=60).returncode == 0
+    # Only the shared package and the roles go into a user's environment: no bench, no tests.
+    for name in ("bench", "tests"):
+        found = subprocess.run([python, "-c", f"import importlib.util, sys; sys.exit(bool(importlib.util.find_spec('{name}')))"],
+                               cwd="/", timeout=60)
+        assert found.returncode == 0, f"the wheel installs a top-level package {name!r}"
     broker = subprocess.run([python, "-m", "broker", "--model_name=m", "--model_base_path=/nonexistent"],
                             cwd="/", capture_output=True, text=True, timeout=60)
     assert broker.returncode == 2 and "pip install 'tfbroker[server]'" in broker.stderr, broker.stderr

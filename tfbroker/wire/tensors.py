@@ -85,15 +85,6 @@ def _as_bytes(value: Any) -> bytes:
 
 _ITEMSIZE = {name: np.dtype(name).itemsize for name in DType.__args__ if name != STRING}  # type: ignore[attr-defined]
 
-# TensorFlow's DataType names (as in SignatureDefs and TF Serving's JSON) and ours.
-DT_TO_DTYPE = {
-    "DT_FLOAT": "float32", "DT_DOUBLE": "float64", "DT_HALF": "float16",
-    "DT_INT8": "int8", "DT_INT16": "int16", "DT_INT32": "int32", "DT_INT64": "int64",
-    "DT_UINT8": "uint8", "DT_UINT16": "uint16", "DT_UINT32": "uint32", "DT_UINT64": "uint64",
-    "DT_BOOL": "bool", "DT_STRING": STRING, "DT_COMPLEX64": "complex64", "DT_COMPLEX128": "complex128",
-}
-
-
 # TensorFlow's names of our dtypes, as its error messages print them (DataTypeString).
 TF_NAMES = {"float32": "float", "float64": "double", "float16": "half", "int8": "int8", "int16": "int16",
             "int32": "int32", "int64": "int64", "uint8": "uint8", "uint16": "uint16", "uint32": "uint32",
