@@ -22,13 +22,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from msgspec import structs
-
 from broker import lifecycle as lc
 from tfbroker.wire import protocol
 from broker.batching import BatchQueue, Task
 from broker.config import ServerConfig
 from broker.inflight import InFlight, Pending
+from broker.lookup_codec import build_lookup_batch, model_request
 from tfbroker.wire.errors import Internal, TFBrokerError, Unavailable, from_code
 from tfbroker.runtime.flags import dataclass_to_argv
 from broker.models import ServedVersion, check_inputs
@@ -232,22 +231,8 @@ class LookupStage:
         live = self._inflight.take_live(tasks, now)
         if not live:
             return
-        names = {lk.input for lk in served.lookups}
-        counts: list[int] = []
-        specs: list[protocol.TensorSpec] = []
-        frames: list[Any] = []
-        for task in live:
-            request: protocol.Request = task.payload.request
-            picked = [(spec, frame) for spec, frame in zip(request.inputs, task.payload.frames[1:])
-                      if _input_name(spec, served, request.signature) in names]
-            counts.append(len(picked))
-            specs.extend(structs.replace(spec, name=_input_name(spec, served, request.signature))
-                         for spec, _ in picked)
-            frames.extend(frame for _, frame in picked)
         batch_id = next(self._batch_ids)
-        timeouts = [max(1, int((t.deadline - now) * 1000 + 0.999)) for t in live]
-        header = protocol.LookupBatch(batch=batch_id, model=served.model, version=served.version, counts=counts,
-                                      timeouts_ms=timeouts, inputs=specs)
+        header, frames = build_lookup_batch(batch_id, served, live, now)
         self._send(link, protocol.BATCH, header, frames)
         link.in_flight[batch_id] = (served, live)
         served.lookups_in_flight += len(live)
@@ -286,16 +271,9 @@ class LookupStage:
                   looked_up: list[Any], now: float) -> None:
         """The request, its lookups done, goes to its version's model queue."""
         pending: Pending = task.payload
-        request = pending.request
-        assert request is not None  # kept at admission for this stage
-        names = {lk.input for lk in served.lookups}
-        kept = [(spec, frame) for spec, frame in zip(request.inputs, pending.frames[1:])
-                if _input_name(spec, served, request.signature) not in names]
-        specs = [spec for spec, _ in kept] + list(outputs)
-        model_request = structs.replace(request, inputs=specs)
-        frames = [protocol.encode_header(model_request), *[frame for _, frame in kept], *looked_up]
+        request, frames = model_request(served, pending, outputs, looked_up)
         try:
-            rows, join_key = check_inputs(served, request.signature, specs, frames[1:], model_side=True)
+            rows, join_key = check_inputs(served, request.signature, request.inputs, frames[1:], model_side=True)
             follow = Task(rows, task.deadline, Pending(pending.client, pending.request_id, frames, join_key,
                                                        pending.admitted))
             self._inflight.enqueue(served, request.signature, follow, now)
@@ -316,10 +294,3 @@ class LookupStage:
         self._send_to(link.identity, command, header, frames)
         link.last_sent = time.monotonic()
 
-
-def _input_name(spec: protocol.TensorSpec, served: ServedVersion, signature: str) -> str:
-    """An unnamed input is the signature's only one."""
-    if spec.name:
-        return spec.name
-    inputs = served.signatures.get(signature)
-    return next(iter(inputs.inputs)) if inputs is not None and len(inputs.inputs) == 1 else ""

@@ -1,0 +1,89 @@
+"""Input checking at admission (broker.models.check_inputs): from the header and frame sizes
+alone, since the broker never decodes a tensor."""
+
+from __future__ import annotations
+
+import pytest
+
+from broker import lifecycle as lc
+from broker.models import ServedVersion, check_inputs
+from tfbroker.wire import protocol
+from tfbroker.wire.errors import InvalidArgument
+
+F32 = "float32"
+
+
+def served_with(inputs: dict[str, tuple[str, list[int] | None]], method: str = "predict") -> ServedVersion:
+    served = ServedVersion("m", 1, "/m/1", lc.Lifecycle("version 1"))
+    served.model_signatures = served.signatures = {
+        "serving_default": protocol.SignatureSpec(inputs=inputs, outputs={"y": (F32, [-1])})}
+    served.signature_def = {"signature_def": {"serving_default": {"method_name": f"tensorflow/serving/{method}"}}}
+    return served
+
+
+def frame(spec: protocol.TensorSpec) -> bytes:
+    size = 8 if spec.dtype in ("int64", "float64") else 4
+    for dim in spec.shape:
+        size *= dim
+    return b"\0" * size
+
+
+def check(served: ServedVersion, *specs: protocol.TensorSpec, method: str = "predict") -> tuple[int, object]:
+    return check_inputs(served, "serving_default", list(specs), [frame(s) for s in specs], method)
+
+
+def test_rows_and_join_key_from_the_batch_dimension() -> None:
+    served = served_with({"a": (F32, [-1, 3]), "b": ("int32", [-1])})
+    rows, key = check(served, protocol.TensorSpec("a", F32, (4, 3)), protocol.TensorSpec("b", "int32", (4,)))
+    assert rows == 4
+    assert key == (("a", F32, (3,)), ("b", "int32", ()))
+
+
+def test_an_unnamed_input_is_the_signatures_only_input() -> None:
+    rows, _ = check(served_with({"x": (F32, [-1])}), protocol.TensorSpec("", F32, (5,)))
+    assert rows == 5
+
+
+def test_requests_without_one_batch_dimension_run_alone_as_one_row() -> None:
+    served = served_with({"a": (F32, [-1]), "b": (F32, [-1])})
+    assert check(served, protocol.TensorSpec("a", F32, ()), protocol.TensorSpec("b", F32, (2,))) == (1, None)
+    assert check(served, protocol.TensorSpec("a", F32, (2,)), protocol.TensorSpec("b", F32, (3,))) == (1, None)
+    assert check(served, protocol.TensorSpec("a", F32, (0,)), protocol.TensorSpec("b", F32, (0,))) == (1, None)
+
+
+@pytest.mark.parametrize(("specs", "message"), [
+    ([protocol.TensorSpec("z", F32, (1,))], "input 'z' is not an input of signature"),
+    ([protocol.TensorSpec("a", F32, (1,)), protocol.TensorSpec("a", F32, (1,))], "input 'a' is given twice"),
+    ([protocol.TensorSpec("a", F32, (1,))], "needs inputs ['b']"),
+    ([protocol.TensorSpec("a", "string", (1,)), protocol.TensorSpec("b", "int64", (1,))],
+     "values of type string are not of expected type: float"),
+    ([protocol.TensorSpec("a", F32, (1,)), protocol.TensorSpec("b", F32, (1,))],
+     "values of type float are not of expected type: int64"),  # a float never feeds an integer input
+])
+def test_bad_inputs_are_refused_with_tf_servings_words(specs: list[protocol.TensorSpec], message: str) -> None:
+    served = served_with({"a": (F32, [-1]), "b": ("int64", [-1])})
+    with pytest.raises(InvalidArgument, match=message.replace("[", r"\[").replace("]", r"\]")):
+        check_inputs(served, "serving_default", specs, [frame(s) if s.dtype != "string" else b"" for s in specs])
+
+
+def test_frames_must_fill_their_declared_shape() -> None:
+    served = served_with({"x": (F32, [-1, 2])})
+    spec = protocol.TensorSpec("x", F32, (3, 2))
+    with pytest.raises(InvalidArgument, match="20 bytes do not fill shape"):
+        check_inputs(served, "serving_default", [spec], [b"\0" * 20])
+
+
+def test_an_unknown_signature_is_refused() -> None:
+    with pytest.raises(InvalidArgument, match='Serving signature name: "other" not found'):
+        check_inputs(served_with({"x": (F32, [-1])}), "other", [], [])
+
+
+def test_classify_needs_a_classify_signature_and_one_string_tensor_of_examples() -> None:
+    predict = served_with({"x": (F32, [-1])})
+    spec = protocol.TensorSpec("inputs", "string", (2,))
+    with pytest.raises(InvalidArgument, match="Expected classification signature method_name to be "
+                                              "tensorflow/serving/classify. Was: tensorflow/serving/predict"):
+        check_inputs(predict, "serving_default", [spec], [b""], "classify")
+    classify = served_with({"inputs": ("string", None)}, method="classify")
+    classify.signatures["serving_default"].outputs["scores"] = (F32, [-1])
+    assert check_inputs(classify, "serving_default", [spec], [b""], "classify") == (2, None)
