@@ -12,22 +12,6 @@ from broker.batching import Task
 from tfbroker.wire.errors import ProtocolError
 
 
-class Pending:
-    """A request in the broker: who asked, the frames to forward (header, then tensors), its
-    join key (see broker.models.check_inputs) and, on its way to the lookup stage, its header."""
-
-    __slots__ = ("client", "request_id", "frames", "join_key", "admitted", "request")
-
-    def __init__(self, client: bytes, request_id: int, frames: list[Any], join_key: Any, admitted: float,
-                 request: protocol.Request | None = None) -> None:
-        self.client = client
-        self.request_id = request_id
-        self.frames = frames
-        self.join_key = join_key
-        self.admitted = admitted  # monotonic seconds, for the queueing latency
-        self.request = request
-
-
 def build_batch(batch_id: int, signature: str, padded_rows: int, tasks: Sequence[Task],
                 now: float) -> tuple[protocol.Header, list[Any]]:
     """The BATCH header and payload for ``tasks``: joined (one frame per input for the whole

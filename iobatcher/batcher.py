@@ -52,9 +52,7 @@ class IoBatcher:
         self.tables: dict[tuple[str, int], list[Table]] = {}
         self._loading: dict[tuple[str, int], tuple[Future[list[Table]], float]] = {}
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="tables")
-        self._peer = BackendPeer(config.backend_address, f"iobatcher:{config.index}:{os.getpid()}".encode(),
-                                 heartbeat_interval_s=config.heartbeat_interval_s,
-                                 heartbeat_liveness=config.heartbeat_liveness)
+        self._peer = BackendPeer(config, f"iobatcher:{config.index}:{os.getpid()}".encode())
         self._send = self._peer.send
 
     def handle_signal(self, signum: int, frame: Any) -> None:

@@ -49,9 +49,7 @@ class ModelWorker:
 
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
-        self._peer = BackendPeer(config.backend_address, f"{config.model_name}:{config.version}:{os.getpid()}".encode(),
-                                 heartbeat_interval_s=config.heartbeat_interval_s,
-                                 heartbeat_liveness=config.heartbeat_liveness)
+        self._peer = BackendPeer(config, f"{config.model_name}:{config.version}:{os.getpid()}".encode())
         self._send = self._peer.send
         self._model: Any = None
 

@@ -17,6 +17,7 @@ from typing import Any, Callable
 import zmq
 
 from tfbroker.runtime.process import parent_alive
+from tfbroker.runtime.settings import ChildConfig
 from tfbroker.wire import protocol
 from tfbroker.wire.security import client_keys_from_env, make_client
 from tfbroker.wire.zmqio import send_message
@@ -30,11 +31,11 @@ Handler = Callable[[list[Any]], bool]
 
 
 class BackendPeer:
-    def __init__(self, address: str, identity: bytes, *, heartbeat_interval_s: float, heartbeat_liveness: int) -> None:
-        self.address = address
+    def __init__(self, config: ChildConfig, identity: bytes) -> None:
+        self.address = config.backend_address
         self.identity = identity
-        self.interval_s = heartbeat_interval_s
-        self.expiry_s = heartbeat_interval_s * heartbeat_liveness
+        self.interval_s = config.heartbeat_interval_s
+        self.expiry_s = config.heartbeat_interval_s * config.heartbeat_liveness
         self.stopping = False  # set by the role's signal handler; the loop ends at its next turn
         self._context: zmq.Context | None = None  # made by connect(), in the process that serves
         self._curve = client_keys_from_env()

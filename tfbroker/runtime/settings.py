@@ -95,22 +95,34 @@ class RequestLimits:
 # --- the configuration of each child the broker starts (python -m workers / -m iobatcher) ---
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class WorkerConfig:
-    model_name: str = field(metadata=field_help("Model served by this worker."))
-    version: int = field(metadata=field_help("Version number served by this worker."))
-    path: str = field(metadata=field_help("The version's SavedModel directory."))
+class ChildConfig:
+    """What every child on the backend socket takes (tfbroker/runtime/backend_peer.py)."""
+
     backend_address: str = field(metadata=field_help("The broker's backend ZeroMQ address."))
     heartbeat_interval_s: float = field(default=DEFAULT_HEARTBEAT_INTERVAL_S, metadata=field_help(
         "Seconds between heartbeats."))
     heartbeat_liveness: int = field(default=DEFAULT_HEARTBEAT_LIVENESS, metadata=field_help(
-        "Missed intervals before the broker is taken for gone and the worker reconnects."))
+        "Missed intervals before the broker is taken for gone (a worker reconnects, an I/O batcher exits)."))
+    log_level: str = field(default="info", metadata=field_help("debug, info, warning or error."))
+
+    def __post_init__(self) -> None:
+        if self.heartbeat_interval_s <= 0:
+            raise ConfigError(f"heartbeat_interval_s must be > 0, got {self.heartbeat_interval_s}")
+        if self.heartbeat_liveness < 2:
+            raise ConfigError(f"heartbeat_liveness must be >= 2, got {self.heartbeat_liveness}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class WorkerConfig(ChildConfig):
+    model_name: str = field(metadata=field_help("Model served by this worker."))
+    version: int = field(metadata=field_help("Version number served by this worker."))
+    path: str = field(metadata=field_help("The version's SavedModel directory."))
     warmup_batch_sizes: tuple[int, ...] = field(default=(1,), metadata=field_help(
         "Batch sizes each signature runs once before READY."))
     tensorflow_intra_op_parallelism: int = field(default=0, metadata=field_help(
         "Threads for one TensorFlow op (0: TensorFlow's choice)."))
     tensorflow_inter_op_parallelism: int = field(default=0, metadata=field_help(
         "TensorFlow ops run at once (0: TensorFlow's choice)."))
-    log_level: str = field(default="info", metadata=field_help("debug, info, warning or error."))
     device: str = field(default="", metadata=field_help(
         "The device of this replica (gpuN, cpuN), in its title; empty when the CPU is the only one. "
         "The broker makes it the only one visible (CUDA_VISIBLE_DEVICES)."))
@@ -121,29 +133,20 @@ class WorkerConfig:
         return f"worker:{self.model_name}:{self.version}" + (f":{self.device}" if self.device else "")
 
     def __post_init__(self) -> None:
+        ChildConfig.__post_init__(self)  # (zero-argument super() fails in a slots dataclass)
         if self.version < 0:
             raise ConfigError(f"version must be >= 0, got {self.version}")
-        if self.heartbeat_interval_s <= 0:
-            raise ConfigError(f"heartbeat_interval_s must be > 0, got {self.heartbeat_interval_s}")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class IoBatcherConfig:
+class IoBatcherConfig(ChildConfig):
     index: int = field(metadata=field_help("Which of the broker's I/O batchers this is (0-based)."))
-    backend_address: str = field(metadata=field_help("The broker's backend ZeroMQ address."))
-    heartbeat_interval_s: float = field(default=DEFAULT_HEARTBEAT_INTERVAL_S, metadata=field_help(
-        "Seconds between heartbeats."))
-    heartbeat_liveness: int = field(default=DEFAULT_HEARTBEAT_LIVENESS, metadata=field_help(
-        "Missed intervals before the broker is taken for gone and the I/O batcher exits."))
     redis_timeout_ms: int = field(default=1000, metadata=field_help(
         "Longest wait on a Redis table for one batch."))
-    log_level: str = field(default="info", metadata=field_help("debug, info, warning or error."))
 
     def __post_init__(self) -> None:
+        ChildConfig.__post_init__(self)
         if self.index < 0:
             raise ConfigError(f"index must be >= 0, got {self.index}")
-        if self.heartbeat_interval_s <= 0:
-            raise ConfigError(f"heartbeat_interval_s must be > 0, got {self.heartbeat_interval_s}")
         if self.redis_timeout_ms < 1:
             raise ConfigError(f"redis_timeout_ms must be >= 1, got {self.redis_timeout_ms}")
-
