@@ -61,6 +61,8 @@ def run(builds: dict[str, tuple[Path, list[str]]], work: Path, rounds: int,
             argv = [sys.executable, "-m", "broker", "--model_name=mlp", f"--model_base_path={work / 'mlp'}",
                     f"--rest_api_port={PORT}", "--rest_api_host=127.0.0.1", "--frontends=2",
                     f"--runtime_dir={tempfile.mkdtemp(prefix='tfb-')}", "--log_level=warning", *extra]
+            if tree == ROOT:
+                argv.append("--port=0")  # no gRPC in this comparison (builds before it had none)
             server = Server(name=name, argv=argv, url=f"http://127.0.0.1:{PORT}/v1/models/mlp:predict", env=SERVER_ENV)
             servers.ROOT = tree  # the build's own packages come first on its path (python -m from its tree)
             try:

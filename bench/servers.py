@@ -217,7 +217,7 @@ def tfbroker_server(base_path: str, frontends: int, port: int, runtime_dir: str,
         name=f"tfbroker-{frontends}",
         argv=[sys.executable, "-m", "broker", f"--model_name={model}", f"--model_base_path={base_path}",
               f"--rest_api_port={port}", "--rest_api_host=127.0.0.1", f"--frontends={frontends}",
-              f"--runtime_dir={runtime_dir}", "--log_level=warning", *(extra or [])],
+              f"--runtime_dir={runtime_dir}", "--log_level=warning", "--port=0", *(extra or [])],
         url=f"http://127.0.0.1:{port}/v1/models/{model}:predict",
         env=SERVER_ENV,
         address=f"ipc://{runtime_dir}/frontend.sock")

@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tfbroker.runtime.settings import (DEFAULT_HEARTBEAT_INTERVAL_S, DEFAULT_HEARTBEAT_LIVENESS, DEFAULT_TIMEOUT_MS,
-                                       RequestLimits, default_runtime_dir, ipc_address, local_address)
+                                       GrpcOptions, RequestLimits, default_runtime_dir, ipc_address,
+                                       local_address)
 from tfbroker.runtime.settings import field_help as _help
 from tfbroker.wire.errors import ConfigError
 
@@ -212,6 +213,7 @@ class ServerConfig:
     verbose: bool = field(default=False, metadata=_help(
         "Show TensorFlow's own start-up and info logs from the workers (kept out by default)."))
     limits: RequestLimits = field(default=RequestLimits(), metadata=_help("Flags of RequestLimits."))
+    grpc: GrpcOptions = field(default=GrpcOptions(), metadata=_help("Flags of GrpcOptions."))
     iobatchers: int = field(default=1, metadata=_help(
         "I/O batcher processes, started when a version declares lookups (assets.extra/lookups.json); more "
         "give lookups more CPU (memory-mapped tables are shared through the page cache)."))

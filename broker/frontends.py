@@ -24,8 +24,8 @@ from broker.stats import children_of
 from broker.supervisor import Child, curve_env, reap_children, schedule_restart, spawn_child, stop_children
 from broker.versions import VersionState
 from tfbroker.runtime.flags import dataclass_to_argv
-from tfbroker.runtime.settings import (ADDRESS_ENV, BIND_ENV, FRONTENDS_ENV, LIMITS_ENV, LOG_LEVEL_ENV, METRICS_DIR_ENV,
-                                       METRICS_PATH_ENV, TIMEOUT_ENV)
+from tfbroker.runtime.settings import (ADDRESS_ENV, BIND_ENV, FRONTENDS_ENV, GRPC_ENV, LIMITS_ENV, LOG_LEVEL_ENV,
+                                       METRICS_DIR_ENV, METRICS_PATH_ENV, TIMEOUT_ENV)
 
 log = logging.getLogger("tfbroker.frontends")
 
@@ -47,6 +47,8 @@ class Frontends:
         if not self.config.frontends:
             return
         self._listener = bind_http(self.config.rest_api_host, self.config.rest_api_port)
+        if self.config.grpc.port:
+            check_port_free(self.config.grpc.port)
         # One gunicorn master forks the frontends from a preloaded app (they share its
         # modules' memory) and restarts any that dies; the broker supervises the master.
         child = Child(
@@ -58,11 +60,13 @@ class Frontends:
                  BIND_ENV: f"fd://{self._listener.fileno()}",
                  LOG_LEVEL_ENV: self.config.log_level,
                  LIMITS_ENV: " ".join(dataclass_to_argv(self.config.limits)),
+                 **({GRPC_ENV: " ".join(dataclass_to_argv(self.config.grpc))} if self.config.grpc.enabled else {}),
                  **self._metrics_env(), **curve_env(self.config.curve_secret_key_file)},
             pass_fds=(self._listener.fileno(),))
         self._children.append(child)
         spawn_child(child)
-        log.info("%d frontends on http://%s:%d", self.config.frontends, self.config.rest_api_host, self.http_port)
+        log.info("%d frontends on http://%s:%d%s", self.config.frontends, self.config.rest_api_host, self.http_port,
+                 f", gRPC on port {self.config.grpc.port}" if self.config.grpc.port else "")
 
     @property
     def http_port(self) -> int:
@@ -156,6 +160,20 @@ def bind_http(host: str, port: int) -> socket.socket:
     sock.set_inheritable(True)
     os.set_inheritable(sock.fileno(), True)
     return sock
+
+
+def check_port_free(port: int) -> None:
+    """The gRPC port, tried without SO_REUSEPORT: the frontends share it with each other
+    (they bind it with SO_REUSEPORT), so a port another server holds, a second broker's
+    frontends included, must be refused here, at start-up, as TF Serving would."""
+    family, host = (socket.AF_INET6, "::") if socket.has_ipv6 else (socket.AF_INET, "0.0.0.0")
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise OSError(f"the gRPC port {port} is in use ({exc.strerror}): pass another --port, or --port=0 "
+                          "for no gRPC") from exc
 
 
 def drop_new_connections(sock: socket.socket) -> None:

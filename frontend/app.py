@@ -5,7 +5,9 @@ and never imports TensorFlow: it parses JSON into arrays and passes them to the 
 through tfbroker.client. Settings come from the environment, since gunicorn owns the
 command line: TFBROKER_ADDRESS (the broker's frontend socket), TFBROKER_TIMEOUT_MS (the
 request deadline, TF Serving's --rest_api_timeout_in_ms), TFBROKER_LIMITS (RequestLimits as
-flags) and TFBROKER_FRONTEND_INDEX (N in the process title ``tfbroker: frontend:N``).
+flags), TFBROKER_GRPC (GrpcOptions as flags: TF Serving's gRPC API on the same event loop,
+frontend/grpc_api.py; unset, none) and TFBROKER_FRONTEND_INDEX (N in the process title
+``tfbroker: frontend:N``).
 
 Everything under ``/v1/`` is served here on raw ASGI (frontend/routes.py matches the paths
 as TF Serving does); Starlette serves the rest (404) and the lifespan. Every answer, errors
@@ -32,7 +34,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from tfbroker.runtime.settings import DEFAULT_TIMEOUT_MS, FRONTEND_INDEX_ENV, LIMITS_ENV, TIMEOUT_ENV, RequestLimits
+from tfbroker.runtime.settings import (DEFAULT_TIMEOUT_MS, FRONTEND_INDEX_ENV, GRPC_ENV, LIMITS_ENV, TIMEOUT_ENV,
+                                       GrpcOptions, RequestLimits)
 from tfbroker.wire.errors import Internal, InvalidArgument, NotFound, PayloadTooLarge, TFBrokerError, Unavailable
 from tfbroker.runtime.flags import parse_flags
 from tfbroker.runtime.process import set_title
@@ -280,16 +283,27 @@ def create_app(client: AsyncClient | None = None, *, timeout_s: float | None = N
     limits = limits or limits_from_env()
     client = client or AsyncClient(timeout_s=timeout_s)
 
+    metrics = metrics_from_env()
+    grpc_flags = os.environ.get(GRPC_ENV, "")
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         # Set here, after gunicorn has set its own title in the forked worker.
         set_title(f"frontend:{os.environ.get(FRONTEND_INDEX_ENV) or os.getpid()}")
+        grpc_server = None
+        if grpc_flags:  # imported only here: a frontend without gRPC never loads grpcio
+            from frontend.grpc_api import Services, start_server
+
+            options = parse_flags(GrpcOptions, shlex.split(grpc_flags))
+            grpc_server = await start_server(Services(client, timeout_s, options, limits, metrics))
         yield
+        if grpc_server is not None:
+            await grpc_server.stop(grace=1.0)
         client.close()
 
     rest = Starlette(routes=[], exception_handlers={HTTPException: not_found, Exception: server_error},
                      lifespan=lifespan)
-    return RestApi(rest, client, timeout_s, limits, metrics_from_env())
+    return RestApi(rest, client, timeout_s, limits, metrics)
 
 
 app = create_app()

@@ -49,9 +49,9 @@ class Metrics:
                                  "Distribution of wall time (in microseconds) for REST requests.",
                                  ["model_name", "API", "entrypoint"], buckets=LATENCY_BOUNDS_US, **kwargs)
 
-    def observe(self, model: str, api: str, status: int, started: float) -> None:
+    def observe(self, model: str, api: str, status: int, started: float, entrypoint: str = "REST") -> None:
         self.requests.labels(model, api, str(status)).inc()
-        self.latency.labels(model, api, "REST").observe((time.monotonic() - started) * 1e6)
+        self.latency.labels(model, api, entrypoint).observe((time.monotonic() - started) * 1e6)
 
     def render(self, stats: protocol.StatsReply | None) -> bytes:
         registry = CollectorRegistry()

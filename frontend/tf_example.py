@@ -97,22 +97,33 @@ def parse_examples(body: bytes, verb: str) -> tuple[list[bytes], str]:
 def format_results(verb: str, outputs: dict[str, np.ndarray], count: int) -> bytes:
     """``{"results": …}`` from the signature's outputs for ``count`` examples."""
     if verb == "regress":
-        values = outputs.get("outputs")
-        if values is None or values.shape[:1] != (count,) or values.size != count:
-            raise Internal(f"the regression output has shape {None if values is None else list(values.shape)}, "
-                           f"expected [{count}] or [{count}, 1]")
-        return orjson.dumps({"results": [_decimal(v) for v in values.reshape(-1)]})
+        return orjson.dumps({"results": [_decimal(v) for v in regressions(outputs, count)]})
+    return orjson.dumps({"results": [[[label, _decimal(score)] for label, score in row]
+                                     for row in classifications(outputs, count)]})
+
+
+def regressions(outputs: dict[str, np.ndarray], count: int) -> np.ndarray:
+    """One value per example from a regress signature's ``outputs`` ([count] or [count, 1])."""
+    values = outputs.get("outputs")
+    if values is None or values.shape[:1] != (count,) or values.size != count:
+        raise Internal(f"the regression output has shape {None if values is None else list(values.shape)}, "
+                       f"expected [{count}] or [{count}, 1]")
+    return values.reshape(-1)
+
+
+def classifications(outputs: dict[str, np.ndarray], count: int) -> list[list[tuple[str, Any]]]:
+    """(label, score) pairs per example from a classify signature's ``classes`` and ``scores``
+    ([count, k] each; a missing one gives "" labels or 0 scores, as TF Serving's)."""
     classes, scores = outputs.get("classes"), outputs.get("scores")
-    shape = (classes if classes is not None else scores).shape  # type: ignore[union-attr]
+    present = classes if classes is not None else scores
+    if present is None:
+        raise Internal("the classification signature returned neither classes nor scores")
+    shape = present.shape
     if len(shape) != 2 or shape[0] != count or (classes is not None and scores is not None
                                                  and classes.shape != scores.shape):
         raise Internal(f"classification outputs of shape {list(shape)} for {count} examples")
-    results = []
-    for i in range(count):
-        labels = [_label(classes[i, j]) if classes is not None else "" for j in range(shape[1])]
-        row_scores = [_decimal(scores[i, j]) if scores is not None else 0.0 for j in range(shape[1])]
-        results.append([[label, score] for label, score in zip(labels, row_scores)])
-    return orjson.dumps({"results": results})
+    return [[(_label(classes[i, j]) if classes is not None else "", scores[i, j] if scores is not None else 0.0)
+             for j in range(shape[1])] for i in range(count)]
 
 
 # --- implementation ---

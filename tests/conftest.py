@@ -116,11 +116,14 @@ class BrokerProcess:
         # ipc:// paths must stay short (about 100 bytes): not under pytest's long tmp paths.
         self.runtime_dir = Path(tempfile.mkdtemp(prefix="tfb-"))
         self.port = free_port()
+        # gRPC too, on a port of its own (unless the test names one): TF Serving's 8500 is one per host.
+        self.grpc_port = next((int(a.split("=", 1)[1]) for a in args if a.startswith("--port=")), free_port())
         self.log_path = tmp / "broker.log"
         self.frontends = frontends
         argv = [sys.executable, "-m", "broker", f"--runtime_dir={self.runtime_dir}",
                 f"--rest_api_port={self.port}", "--rest_api_host=127.0.0.1", f"--frontends={frontends}",
-                "--heartbeat_interval_s=0.5", *args]
+                "--heartbeat_interval_s=0.5", *([] if any(a.startswith("--port=") for a in args)
+                                                else [f"--port={self.grpc_port}"]), *args]
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(argv, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
         self.base_url = f"http://127.0.0.1:{self.port}"

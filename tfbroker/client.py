@@ -51,7 +51,7 @@ def default_address() -> str:
 def encode_predict(request_id: int, model: str, inputs: Mapping[str, Any], *, version: int | None,
                    label: str | None, signature_name: str, timeout_s: float, method: str = "predict") -> list[Any]:
     try:
-        arrays = {name: value if isinstance(value, np.ndarray) else np.asarray(value)
+        arrays = {name: value if isinstance(value, (np.ndarray, tensors.RawTensor)) else np.asarray(value)
                   for name, value in inputs.items()}
         specs, frames = tensors.encode_tensors(arrays)
         header = protocol.Request(id=request_id, model=model, method=method,  # type: ignore[arg-type]

@@ -240,7 +240,7 @@ def test_two_brokers_on_one_host_need_only_different_ports(test_models: Path, tm
             log = open(tmp_path / f"broker{i}.log", "wb")  # noqa: SIM115 - closed below
             process = subprocess.Popen(
                 [sys.executable, "-m", "broker", "--model_name=linear", f"--model_base_path={test_models / 'linear'}",
-                 f"--rest_api_port={port}", "--rest_api_host=127.0.0.1", "--frontends=1"],
+                 f"--rest_api_port={port}", "--rest_api_host=127.0.0.1", "--frontends=1", f"--port={free_port()}"],
                 cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
             brokers.append((process, port, log))
         for process, port, _ in brokers:

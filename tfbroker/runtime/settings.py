@@ -34,6 +34,7 @@ BIND_ENV = "TFBROKER_BIND"  # gunicorn's bind address; fd://N for the broker's l
 LOG_LEVEL_ENV = "TFBROKER_LOG_LEVEL"
 LIMITS_ENV = "TFBROKER_LIMITS"  # RequestLimits as flags (tfbroker/runtime/flags.py)
 METRICS_PATH_ENV = "TFBROKER_METRICS_PATH"  # the Prometheus path the frontends serve ("" none)
+GRPC_ENV = "TFBROKER_GRPC"  # GrpcOptions as flags; unset: the frontends serve no gRPC
 # prometheus-client's directory for the frontends' shared counters (multiprocess mode).
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -90,6 +91,48 @@ class RequestLimits:
                      "max_tensor_bytes", "max_concurrent_predictions"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class GrpcOptions:
+    """TF Serving's gRPC flags: every frontend serves its gRPC API beside HTTP."""
+
+    port: int = field(default=8500, metadata=field_help(
+        "Port of TF Serving's gRPC API (PredictionService, ModelService), served by every frontend; 0: none."))
+    grpc_socket_path: str = field(default="", metadata=field_help(
+        "A unix socket path the gRPC API listens on as well."))
+    grpc_channel_arguments: str = field(default="", metadata=field_help(
+        "Comma-separated gRPC server channel arguments, e.g. grpc.max_connection_age_ms=2000."))
+    grpc_max_threads: int = field(default=0, metadata=field_help(
+        "At most this many RPCs at once per frontend (TF Serving: server threads); 0: no limit "
+        "beyond --max_concurrent_predictions."))
+    enable_grpc_healthcheck_service: bool = field(default=False, metadata=field_help(
+        "Serve grpc.health.v1.Health: SERVING for ModelService and PredictionService."))
+    enable_serialization_as_tensor_content: bool = field(default=False, metadata=field_help(
+        "Answer numeric gRPC outputs in tensor_content rather than the typed fields."))
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"port must be 0..65535, got {self.port}")
+        if self.grpc_max_threads < 0:
+            raise ConfigError(f"grpc_max_threads must be >= 0, got {self.grpc_max_threads}")
+        channel_arguments(self.grpc_channel_arguments)  # checks them
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.port or self.grpc_socket_path)
+
+
+def channel_arguments(text: str) -> tuple[tuple[str, int | str], ...]:
+    """``grpc.max_connection_age_ms=2000,grpc.http2.max_pings_without_data=0`` as TF Serving
+    takes it: integers where they parse, strings otherwise."""
+    options: list[tuple[str, int | str]] = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--grpc_channel_arguments: {item!r} is not KEY=VALUE")
+        options.append((key, int(value) if value.lstrip("-").isdigit() else value))
+    return tuple(options)
 
 
 # --- the configuration of each child the broker starts (python -m workers / -m iobatcher) ---

@@ -8,7 +8,7 @@ which request dtype may feed which signature dtype, and TensorFlow's DataType na
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import msgspec
 import numpy as np
@@ -22,12 +22,25 @@ _encoder = msgspec.msgpack.Encoder()
 _strings = msgspec.msgpack.Decoder(list[bytes])
 
 
-def encode_tensors(tensors: Mapping[str, np.ndarray]) -> tuple[list[TensorSpec], list[Frame]]:
+class RawTensor(NamedTuple):
+    """A numeric tensor already in its wire form: the row-major little-endian bytes of its
+    values (gRPC's ``tensor_content``), forwarded as they are, never decoded here; the
+    broker checks their length against the shape at admission."""
+
+    dtype: DType
+    shape: tuple[int, ...]
+    data: Frame
+
+
+def encode_tensors(tensors: Mapping[str, np.ndarray | RawTensor]) -> tuple[list[TensorSpec], list[Frame]]:
     """Specs and frames for named arrays; numeric buffers are not copied."""
     specs: list[TensorSpec] = []
     frames: list[Frame] = []
     for name, array in tensors.items():
-        if array.dtype.kind in "OSU":
+        if isinstance(array, RawTensor):
+            specs.append(TensorSpec(name, array.dtype, array.shape))
+            frames.append(array.data)
+        elif array.dtype.kind in "OSU":
             flat = [_as_bytes(v) for v in array.reshape(-1).tolist()]
             specs.append(TensorSpec(name, "string", array.shape))
             frames.append(_encoder.encode(flat))
