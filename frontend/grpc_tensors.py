@@ -65,11 +65,10 @@ def from_proto(name: str, proto: Any) -> np.ndarray | RawTensor:
         if len(pairs) % 2:
             raise InvalidArgument(f"input '{name}': complex values come in (real, imaginary) pairs")
         array = pairs.view(dtype)
+    elif field == "int_val":  # int32 on the wire, cast to the narrower type as TensorFlow does
+        array = np.array(values, dtype=np.int32).astype(dtype)
     else:
-        try:
-            array = np.array(values, dtype=dtype)
-        except OverflowError as exc:  # int_val holds int32: an int8 input's value may not fit
-            raise InvalidArgument(f"input '{name}': a value does not fit {dtype}") from exc
+        array = np.array(values, dtype=dtype)
     if len(array) == count:
         return array.reshape(shape)
     if not len(array):
