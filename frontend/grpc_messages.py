@@ -26,19 +26,18 @@ ROOT_PROTO = "tensorflow_serving.proto"
 
 
 def compile_descriptor_set() -> bytes:
-    """The FileDescriptorSet of frontend/protos/, made with grpcio-tools' protoc."""
-    import importlib.resources
+    """The FileDescriptorSet of frontend/protos/, made with grpcio-tools' protoc (in a child:
+    its protobuf runtime must not meet another one, TensorFlow's, in one process)."""
+    import subprocess
     import tempfile
 
-    from grpc_tools import protoc
-
-    well_known = importlib.resources.files("grpc_tools") / "_proto"  # google/protobuf/*.proto
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "set.binpb"
-        code = protoc.main(["protoc", f"-I{PROTOS}", f"-I{well_known}", f"--descriptor_set_out={out}",
-                            "--include_imports", str(PROTOS / ROOT_PROTO)])
-        if code != 0:
-            raise RuntimeError(f"protoc failed on {PROTOS / ROOT_PROTO} (exit {code})")
+        result = subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-I{PROTOS}", f"--descriptor_set_out={out}",
+                                 "--include_imports", str(PROTOS / ROOT_PROTO)], capture_output=True, text=True,
+                                timeout=120)
+        if result.returncode != 0:
+            raise RuntimeError(f"protoc failed on {PROTOS / ROOT_PROTO}: {result.stderr}")
         return out.read_bytes()
 
 
