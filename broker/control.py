@@ -19,7 +19,7 @@ import zmq
 
 from tfbroker.wire import protocol
 from broker.config import ServerConfig
-from broker.config_files import load_model_config
+from broker.config_files import load_model_config, parse_model_config
 from tfbroker.wire.errors import InvalidArgument, ProtocolError, TFBrokerError
 from broker.manager import VersionManager
 from broker.models import ServedVersion
@@ -94,6 +94,17 @@ class ControlChannel:
                 self.reload_config()
             except TFBrokerError as exc:
                 log.error("%s", exc.message)
+
+    def reload_text(self, text: str, source: str = "ReloadConfigRequest") -> list[str]:
+        """A ModelServerConfig sent by a client (gRPC's HandleReloadConfigRequest): the served
+        models become its models; a config that does not parse changes nothing."""
+        try:
+            models = parse_model_config(text, source=source)
+        except ValueError as exc:
+            raise InvalidArgument(f"model config not reloaded, the old one stays in force: {exc}") from exc
+        changes = self._versions.apply_model_config(models)
+        log.info("reloaded the model config from %s: %s", source, "; ".join(changes) or "no change")
+        return changes
 
     def reload_config(self) -> list[str]:
         """Re-read --model_config_file; a file that does not parse changes nothing."""

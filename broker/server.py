@@ -183,6 +183,14 @@ class Broker:
             self.inflight.cancel(client, header.id)
         elif command == protocol.HEARTBEAT:
             send_message(self.frontend_socket, [client, *protocol.encode(protocol.HEARTBEAT, protocol.Heartbeat())])
+        elif command == protocol.RELOAD:
+            try:
+                body = {"changes": self.control.reload_text(header.config)}
+            except TFBrokerError as exc:
+                self.inflight.reply_error(client, header.id, exc)
+                return
+            send_message(self.frontend_socket,
+                         [client, *protocol.encode(protocol.REPLY, protocol.ControlReply(id=header.id, body=body))])
         else:
             try:
                 reply = {protocol.METADATA: lambda h: queries.metadata(self.versions.models, h),

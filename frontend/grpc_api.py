@@ -16,7 +16,7 @@ import time
 from typing import Any, Awaitable, Callable
 
 import grpc
-from google.protobuf import json_format
+from google.protobuf import json_format, text_format
 
 from frontend import grpc_messages as pb
 from frontend.grpc_tensors import from_proto, to_proto
@@ -133,6 +133,15 @@ class Services:
         return json_format.ParseDict({"model_version_status": status["model_version_status"]},
                                      pb.GetModelStatusResponse(), ignore_unknown_fields=True)
 
+    async def handle_reload_config_request(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """The config replaces the served models (TF Serving's text format to the broker)."""
+        if request.config.WhichOneof("config") != "model_config_list":
+            raise InvalidArgument("ServerConfig type not supported: only model_config_list is")
+        await self._run(self.client.reload_config(text_format.MessageToString(request.config)))
+        response = pb.ReloadConfigResponse()
+        response.status.error_code = 0  # OK
+        return response
+
     # --- implementation ---
 
     async def _examples(self, verb: str, spec: Any, given: Any, context: grpc.aio.ServicerContext
@@ -210,6 +219,14 @@ def _fill_regressions(out: Any, result: Prediction, count: int) -> None:
         out.regressions.add(value=float(value))
 
 
+def _model_name(request: Any) -> str:
+    """The model a request names, for the metrics."""
+    if hasattr(request, "model_spec"):
+        return str(request.model_spec.name)
+    tasks = getattr(request, "tasks", None)
+    return str(tasks[0].model_spec.name) if tasks else ""
+
+
 def _handler(services: Services, method: Callable[..., Awaitable[Any]], request_type: Any, verb: str) -> Any:
     """One unary RPC: errors to their gRPC code and text, metrics as REST's."""
 
@@ -218,8 +235,7 @@ def _handler(services: Services, method: Callable[..., Awaitable[Any]], request_
         model = ""
         status = 200
         try:
-            model = request.tasks[0].model_spec.name if verb == "multi_inference" and request.tasks \
-                else getattr(request, "model_spec", None) and request.model_spec.name or ""
+            model = _model_name(request)
             return await method(request, context)
         except TFBrokerError as exc:
             status = exc.http_status
@@ -250,7 +266,9 @@ def handlers(services: Services) -> list[Any]:
         "MultiInference": _handler(services, services.multi_inference, pb.MultiInferenceRequest, "multi_inference"),
         "GetModelMetadata": _handler(services, services.get_model_metadata, pb.GetModelMetadataRequest, "metadata"),
     }
-    model = {"GetModelStatus": _handler(services, services.get_model_status, pb.GetModelStatusRequest, "status")}
+    model = {"GetModelStatus": _handler(services, services.get_model_status, pb.GetModelStatusRequest, "status"),
+             "HandleReloadConfigRequest": _handler(services, services.handle_reload_config_request,
+                                                   pb.ReloadConfigRequest, "reload")}
     return [grpc.method_handlers_generic_handler("tensorflow.serving.PredictionService", prediction),
             grpc.method_handlers_generic_handler("tensorflow.serving.ModelService", model)]
 

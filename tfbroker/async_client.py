@@ -21,7 +21,7 @@ from tfbroker.runtime.settings import DEFAULT_HEARTBEAT_INTERVAL_S, DEFAULT_HEAR
 from tfbroker.wire.errors import DeadlineExceeded, Internal, ProtocolError, Unavailable
 from tfbroker.wire.zmqio import NOBLOCK, POLLIN, POLLOUT, events, recv_message, send_message
 from tfbroker.client import (DEFAULT_TIMEOUT_S, GRACE_S, ClientBase, Prediction, as_dict, decode_reply,
-                             encode_cancel, new_socket, prediction)
+                             encode_cancel, encode_reload, new_socket, prediction)
 
 # While requests wait, a silent broker gets a heartbeat each interval and is given up after
 # liveness silent intervals (its pending requests then fail with Unavailable).
@@ -78,6 +78,13 @@ class AsyncClient(ClientBase):
 
     async def status(self, model: str, *, version: int | None = None, label: str | None = None) -> dict[str, Any]:
         return as_dict(await self.request(*self._query_call(protocol.STATUS, model, version, label)))
+
+    async def reload_config(self, config: str) -> dict[str, Any]:
+        """Replace the served models with those of ``config`` (a ModelServerConfig in TF
+        Serving's text format), as TF Serving's HandleReloadConfigRequest; what changed."""
+        request_id = next(self._ids)
+        reply = as_dict(await self.request(request_id, encode_reload(request_id, config), self.timeout_s))
+        return dict(reply["body"])
 
     async def stats(self) -> dict[str, Any]:
         """The broker's counters (see Client.stats)."""

@@ -67,6 +67,10 @@ def encode_query(command: bytes, request_id: int, model: str | None, version: in
     return protocol.encode(command, protocol.Query(id=request_id, model=model, version=version, label=label))
 
 
+def encode_reload(request_id: int, config: str) -> list[Any]:
+    return protocol.encode(protocol.RELOAD, protocol.Reload(id=request_id, config=config))
+
+
 def encode_cancel(request_id: int) -> list[Any]:
     return protocol.encode(protocol.CANCEL, protocol.Cancel(id=request_id))
 

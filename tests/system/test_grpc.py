@@ -190,3 +190,22 @@ def test_tensor_content_answers_with_the_servers_flag(test_models: Path, tmp_pat
                  ["--enable_serialization_as_tensor_content=true"]) as started:
         [answer] = tfs(started, predict("linear", {"x": tensor(np.array([1.0, 2.0], np.float32), content=False)}))
     assert answer["outputs"]["y"] == {"values": [3.5, 4.0], "dtype": "float32", "content": True}  # version 2
+
+
+def test_reload_config_request_replaces_the_served_models(test_models: Path, tmp_path: Path) -> None:
+    def config(*names: str) -> dict[str, Any]:
+        return {"model_config_list": {"config": [
+            {"name": name, "base_path": str(test_models / name), "model_platform": "tensorflow"} for name in names]}}
+
+    with serving(tmp_path, {"linear": test_models / "linear"}) as started:
+        reload, bad = tfs(started,
+                          {"rpc": "HandleReloadConfigRequest", "request": {"config": config("linear", "half_plus_two")}},
+                          {"rpc": "HandleReloadConfigRequest", "request": {"config": {"model_config_list": {
+                              "config": [{"name": "a/b", "base_path": "/x"}]}}}})
+        assert reload["code"] == "OK" and reload["response"] == {"status": {}}, reload
+        started.wait_available(["linear", "half_plus_two"])
+        assert started.predict("half_plus_two", {"instances": [1.0]}).json() == {"predictions": [2.5]}
+        assert bad["code"] == "INVALID_ARGUMENT" and "model config not reloaded" in bad["details"], bad
+        [removed] = tfs(started, {"rpc": "HandleReloadConfigRequest", "request": {"config": config("half_plus_two")}})
+        assert removed["code"] == "OK"
+        assert "linear removed" in started.log() or "model linear removed" in started.log()

@@ -39,6 +39,10 @@ Client (frontend or ``tfbroker.client``) to broker, on the broker's frontend ROU
                                          memory of its processes by role (metrics, bench/)
     CANCEL    Cancel {id}                the client gave up: drop the request if it has not
                                          been dispatched (it is answered with ERROR 499)
+    RELOAD    Reload {id, config}        TF Serving's ModelService.HandleReloadConfigRequest:
+                                         ``config``, a ModelServerConfig in text format,
+                                         replaces the served models (as ``broker.ctl
+                                         reload-config`` with the config file)
     HEARTBEAT Heartbeat {}
 
 Broker to client:
@@ -48,7 +52,8 @@ Broker to client:
               signature_def} (METADATA); StatusReply {kind: "s", id, model,
               model_version_status: [{version, state, status}…]} (STATUS); StatsReply
               {kind: "c", id, counters: {name: n}, versions: [VersionStats…], processes:
-              [[role, processes, cpu_seconds, rss_bytes]…]} (STATS)
+              [[role, processes, cpu_seconds, rss_bytes]…]} (STATS); ControlReply {kind:
+              "ctl", id, body: {changes: [text…]}} (RELOAD)
     ERROR     Error {id, code, message}  ``code`` is the HTTP status (tfbroker/wire/errors.py);
                                          ``id`` is nil when the message had none readable
     HEARTBEAT Heartbeat {}               the answer to a client's HEARTBEAT
@@ -159,6 +164,7 @@ CANCEL = b"\x0d"
 LOAD = b"\x0e"
 UNLOAD = b"\x0f"
 LOADED = b"\x10"
+RELOAD = b"\x11"
 
 STRING = "string"
 
@@ -170,6 +176,7 @@ MAX_TASKS = 1 << 16
 MAX_DIM = 1 << 40
 MAX_TIMEOUT_MS = 24 * 3600 * 1000
 MAX_MESSAGE_CHARS = 1 << 16
+MAX_CONFIG_CHARS = 1 << 22  # a model config sent with RELOAD
 MAX_INT64 = (1 << 63) - 1
 
 Id = Annotated[int, msgspec.Meta(ge=0, le=MAX_INT64)]
@@ -456,6 +463,11 @@ class ControlArgs(msgspec.Struct, kw_only=True, omit_defaults=True):
     label: Name | None = None
 
 
+class Reload(Header):
+    id: Id
+    config: Annotated[str, msgspec.Meta(max_length=MAX_CONFIG_CHARS)]
+
+
 class Control(Header):
     id: Id
     op: Literal["status", "reload-config", "load", "unload", "label", "drain"]
@@ -468,11 +480,11 @@ HEADER_TYPES: dict[bytes, Any] = {
     REQUEST: Request, REPLY: Reply, ERROR: Error, METADATA: Query, STATUS: Query, HEARTBEAT: Heartbeat,
     READY: Union[Ready, IoReady], BATCH: Union[TaskBatch, JoinedBatch, LookupBatch],
     RESULT: Union[TaskResult, JoinedResult, LookupResult], DISCONNECT: Disconnect, STATS: Query, CONTROL: Control,
-    CANCEL: Cancel, LOAD: Tables, UNLOAD: Tables, LOADED: TablesLoaded,
+    CANCEL: Cancel, LOAD: Tables, UNLOAD: Tables, LOADED: TablesLoaded, RELOAD: Reload,
 }
 
 # What each socket takes: anything else is answered (clients) or dropped and counted (workers).
-CLIENT_TO_BROKER = frozenset({REQUEST, METADATA, STATUS, STATS, CANCEL, HEARTBEAT})
+CLIENT_TO_BROKER = frozenset({REQUEST, METADATA, STATUS, STATS, CANCEL, HEARTBEAT, RELOAD})
 BROKER_TO_CLIENT = frozenset({REPLY, ERROR, HEARTBEAT})
 WORKER_TO_BROKER = frozenset({READY, RESULT, HEARTBEAT, DISCONNECT, LOADED})  # workers and I/O batchers
 BROKER_TO_WORKER = frozenset({BATCH, HEARTBEAT, DISCONNECT})
