@@ -43,12 +43,29 @@ class Frontends:
         self._announced = False
         self._stopping = False
 
-    def start(self) -> None:
+    def bind(self) -> None:
+        """At start-up: take the HTTP port (bound, not listening: a client that connects
+        now is refused, as by a closed port) and check the gRPC port is free, so a port in
+        use stops the start at once."""
         if not self.config.frontends:
             return
         self._listener = bind_http(self.config.rest_api_host, self.config.rest_api_port)
         if self.config.grpc.port:
             check_port_free(self.config.grpc.port)
+
+    def open_when_ready(self, serving: Sequence[ServedVersion]) -> None:
+        """As TF Serving: the ports open once every version loading at start-up has settled
+        (AVAILABLE, or failed), so a readiness probe or a client that connects at once never
+        meets a half-loaded server; loads after that change nothing. Then the ready message."""
+        if self._announced or any(s.state is not VersionState.AVAILABLE for s in serving):
+            return
+        self._announced = True
+        self._start()
+        self._announce(serving)
+
+    def _start(self) -> None:
+        if self._listener is None:
+            return
         # One gunicorn master forks the frontends from a preloaded app (they share its
         # modules' memory) and restarts any that dies; the broker supervises the master.
         child = Child(
@@ -119,11 +136,8 @@ class Frontends:
             if child.restart_at and now >= child.restart_at:
                 spawn_child(child)
 
-    def announce(self, serving: Sequence[ServedVersion]) -> None:
-        """Tell the person who started the broker how to call it, once everything is up."""
-        if self._announced or any(s.state is not VersionState.AVAILABLE for s in serving):
-            return
-        self._announced = True
+    def _announce(self, serving: Sequence[ServedVersion]) -> None:
+        """Tell the person who started the broker how to call it."""
         if not self.config.frontends:
             print(f"tfbroker: serving {len(serving)} model(s); clients connect to "
                   f"{self.config.resolved_frontend_address}", flush=True)
@@ -151,12 +165,11 @@ class Frontends:
 
 
 def bind_http(host: str, port: int) -> socket.socket:
-    """The listening socket the frontends share, as gunicorn's arbiter does."""
+    """The socket the frontends share, as gunicorn's arbiter does; gunicorn listens on it."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    sock.listen(2048)
     sock.set_inheritable(True)
     os.set_inheritable(sock.fileno(), True)
     return sock

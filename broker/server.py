@@ -77,7 +77,7 @@ class Broker:
         self.lookups = LookupStage(config, self.inflight, self._send_backend, self._report)
         self.versions = VersionManager(config, self.fleet, self.lookups, self.inflight,
                                        VersionSource(config.file_system_poll_wait_seconds),
-                                       on_available=lambda: self.frontends.announce(self.fleet.serving))
+                                       on_available=lambda: self.frontends.open_when_ready(self.fleet.serving))
         self.versions.apply_model_config(models)
         self.control = ControlChannel(config, self.versions, self.stats, self._context)
         self._stop_requested_at: float | None = None
@@ -120,8 +120,8 @@ class Broker:
         now = time.monotonic()
         self.versions.scan(now)
         self.control.start(now)
+        self.frontends.bind()
         self.versions.reconcile(now)
-        self.frontends.start()
         while not self._stop_now:
             events = dict(self._poller.poll(self._poll_timeout_ms()))
             if self.frontend_socket in events:
@@ -273,6 +273,7 @@ class Broker:
         self.fleet.manage(now)
         self.lookups.manage(now)
         self.frontends.manage(now)
+        self.frontends.open_when_ready(self.fleet.serving)  # also when a start-up version failed
         if self._stop_requested_at is None:
             self.control.poll_config(now)
             self.versions.poll_disk(now)
