@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import sys
 
 from broker.config import ServerConfig
@@ -15,6 +16,8 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m broker",
         description="tfbroker: one copy of each TensorFlow model, many HTTP frontends, dynamic batching. "
                     "With no model flags it makes demo models and serves them.")
+    parser.add_argument("--version", action="version", version=version_text(),
+                        help="Print the version (tfbroker's, and the TF Serving APIs it speaks) and exit.")
     add_dataclass_flags(parser, ServerConfig)
     args = parser.parse_args(argv)
     try:
@@ -24,6 +27,14 @@ def main(argv: list[str] | None = None) -> None:
     from broker.app import run
 
     sys.exit(run(config))
+
+
+def version_text() -> str:
+    try:
+        own = importlib.metadata.version("tfbroker")
+    except importlib.metadata.PackageNotFoundError:
+        own = "unknown"
+    return f"tfbroker {own}: TensorFlow Serving's REST and gRPC APIs (tensorflow.serving)"
 
 
 if __name__ == "__main__":

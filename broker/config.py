@@ -164,6 +164,25 @@ class ServerConfig:
         "Threads a model worker gives one TensorFlow op; 0 lets TensorFlow choose (all cores)."))
     tensorflow_inter_op_parallelism: int = field(default=0, metadata=_help(
         "TensorFlow ops a model worker runs at once; 0 lets TensorFlow choose."))
+    saved_model_tags: str = field(default="serve", metadata=_help(
+        "Comma-separated tags of the MetaGraph each worker loads from a SavedModel."))
+    enable_model_warmup: bool = field(default=True, metadata=_help(
+        "Run each version's assets.extra/tf_serving_warmup_requests before it takes requests."))
+    num_request_iterations_for_warmup: int = field(default=1, metadata=_help(
+        "Times each warm-up record runs."))
+    rest_api_num_threads: int = field(default=0, metadata=_help(
+        "Accepted for TF Serving's command lines: HTTP concurrency here is --frontends event loops."))
+    rest_api_enable_cors_support: bool = field(default=False, metadata=_help(
+        "Accepted for TF Serving's command lines: CORS preflights are always answered (with an Origin "
+        "header: 200; without: 400)."))
+    max_num_load_retries: int = field(default=0, metadata=_help(
+        "Times a version whose load fails is tried again before it ends with the error (TF Serving's "
+        "default is 5; a failed load is usually a bad model, so none here)."))
+    load_retry_interval_micros: int = field(default=60_000_000, metadata=_help(
+        "Wait before each load retry."))
+    enable_per_model_batching_parameters: bool = field(default=False, metadata=_help(
+        "A version directory's batching_params.pbtxt (TF Serving's BatchingParameters) sets that "
+        "version's batching in place of --batching_parameters_file."))
     # --- ours ---
     frontends: int = field(default=2, metadata=_help(
         "HTTP frontend processes to run; 0 runs none (start them under gunicorn instead)."))
@@ -254,6 +273,13 @@ class ServerConfig:
             raise ConfigError("--curve_client_keys_dir needs --curve_secret_key_file")
         if self.kill_grace_s <= 0:
             raise ConfigError(f"kill_grace_s must be > 0, got {self.kill_grace_s}")
+        if self.max_num_load_retries < 0 or self.load_retry_interval_micros < 0:
+            raise ConfigError("max_num_load_retries and load_retry_interval_micros must be >= 0")
+        if self.num_request_iterations_for_warmup < 1:
+            raise ConfigError(f"num_request_iterations_for_warmup must be >= 1, got "
+                              f"{self.num_request_iterations_for_warmup}")
+        if not all(self.saved_model_tags.split(",")):
+            raise ConfigError(f"saved_model_tags must be comma-separated tags, got {self.saved_model_tags!r}")
         if self.iobatchers < 1:
             raise ConfigError(f"iobatchers must be >= 1, got {self.iobatchers}")
         if self.lookup_redis_timeout_ms < 1:

@@ -95,7 +95,8 @@ class Dispatcher:
             return
         rows = sum(t.size for t in live)
         batch_id = next(self._batch_ids)
-        header, frames = build_batch(batch_id, signature, self._batching.padded_size(rows), live, now)
+        header, frames = build_batch(batch_id, signature, (served.batching or self._batching).padded_size(rows),
+                                     live, now)
         self._send(link.identity, protocol.BATCH, header, frames)
         link.in_flight[batch_id] = (signature, live)
         link.batches += 1

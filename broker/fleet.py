@@ -23,6 +23,7 @@ from broker.signatures import describe_for_clients
 from broker.versions import VersionState
 from broker.supervisor import (Child, curve_env, restartable, schedule_restart, spawn_child,
                                stop_children, terminate_child)
+from tfbroker.runtime.process import EXIT_MODEL_LOAD_ERROR
 from tfbroker.runtime.settings import WorkerConfig
 
 log = logging.getLogger("tfbroker.fleet")
@@ -71,7 +72,11 @@ class Fleet:
 
     def restart_worker(self, served: ServedVersion, replica: int, now: float) -> None:
         link = served.link(replica)
-        if link is not None:
+        if link is None:
+            return
+        if link.load_failures and served.state is VersionState.LOADING:  # a load retried, as TF Serving's
+            link.child.restart_at = now + self.config.load_retry_interval_micros / 1e6
+        else:
             schedule_restart(link.child, now)
 
     def cancel_restart(self, served: ServedVersion, replica: int) -> None:
@@ -130,7 +135,7 @@ class Fleet:
     # --- implementation ---
 
     def _spawn_worker(self, served: ServedVersion, replica: int) -> None:
-        params = self._batching
+        params = served.batching or self._batching
         warmup = params.allowed_batch_sizes or tuple(sorted({1, params.max_batch_size}))
         device = self.devices[replica]
         config = WorkerConfig(
@@ -141,7 +146,9 @@ class Fleet:
             warmup_batch_sizes=warmup, log_level=self.config.log_level,
             device="" if self.devices == [CPU_ONLY] else device.name,
             tensorflow_intra_op_parallelism=self.config.tensorflow_intra_op_parallelism,
-            tensorflow_inter_op_parallelism=self.config.tensorflow_inter_op_parallelism)
+            tensorflow_inter_op_parallelism=self.config.tensorflow_inter_op_parallelism,
+            saved_model_tags=self.config.saved_model_tags, enable_model_warmup=self.config.enable_model_warmup,
+            num_request_iterations_for_warmup=self.config.num_request_iterations_for_warmup)
         child = Child(name=config.title, argv=["-m", "workers", *dataclass_to_argv(config)],
                       env={**curve_env(self.config.curve_secret_key_file), "CUDA_VISIBLE_DEVICES": device.cuda_visible_devices})
         while len(served.workers) <= replica:
@@ -150,9 +157,11 @@ class Fleet:
         if old is not None:  # a restart keeps the back-off state
             child.restarts = old.child.restarts
             self._links.pop(old.identity, None)
+        load_failures = old.load_failures if old is not None else 0
         spawn_child(child)
         identity = f"{served.model}:{served.version}:{child.pid}".encode()
-        link = WorkerLink(child, identity, replica=replica, device=device.name, last_heard=time.monotonic())
+        link = WorkerLink(child, identity, replica=replica, device=device.name, last_heard=time.monotonic(),
+                          load_failures=load_failures)
         served.workers[replica] = link
         self._links[identity] = link
 
@@ -165,8 +174,15 @@ class Fleet:
                           child.pid, code, describe_tasks(link.tasks()))
             elif served.state is not VersionState.UNLOADING:
                 log.error("worker %s (pid %s) exited with code %d", child.name, child.pid, code)
-            event = lc.WorkerExited(code, restartable(code), link.error, replica=link.replica)
-            self._report(served, event, now)
+            again = restartable(code)
+            if (code == EXIT_MODEL_LOAD_ERROR and served.state is VersionState.LOADING
+                    and link.load_failures < self.config.max_num_load_retries):
+                link.load_failures += 1
+                again = True
+                log.warning("model %s version %d failed to load (%s); retry %d of %d in %.0f s", served.model,
+                            served.version, link.error or f"exit code {code}", link.load_failures,
+                            self.config.max_num_load_retries, self.config.load_retry_interval_micros / 1e6)
+            self._report(served, lc.WorkerExited(code, again, link.error, replica=link.replica), now)
 
     def _murder_workers(self, now: float) -> None:
         """A worker that stopped answering gets SIGTERM (it writes its traceback: faulthandler),

@@ -87,7 +87,8 @@ class InFlight:
         if queue_ is None:
             queue_ = served.queues.get(signature)
             if queue_ is None:
-                queue_ = served.queues[signature] = BatchQueue(self._batching, batching=self._enable_batching)
+                queue_ = served.queues[signature] = BatchQueue(served.batching or self._batching,
+                                                               batching=self._enable_batching)
         try:
             queue_.schedule(task, now)
         except Unavailable:

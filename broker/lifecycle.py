@@ -95,6 +95,14 @@ class TablesFailed:
 
 
 @dataclass(frozen=True, slots=True)
+class LoadFailed:
+    """Something the version needs besides its worker and tables cannot be used (its own
+    batching_params.pbtxt): the load fails with ``error``."""
+
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
 class UnloadAsked:
     pass
 
@@ -121,7 +129,7 @@ class GraceExpired:
 
 
 Event = (LoadAsked | WorkerStarted | WorkerReady | WorkerExited | WorkerSilent | TablesReady | TablesFailed
-         | UnloadAsked | StopAdmissions | ResumeAdmissions | Drained | GraceExpired)
+         | LoadFailed | UnloadAsked | StopAdmissions | ResumeAdmissions | Drained | GraceExpired)
 
 
 # --- actions ---
@@ -242,6 +250,8 @@ class Lifecycle:
         if isinstance(event, TablesReady):
             self.tables_ready = True
             return self._maybe_available()
+        if isinstance(event, LoadFailed):
+            return self._fail_load(event.error) if state is S.LOADING else []
         if isinstance(event, TablesFailed):
             return self._fail_load(f"lookup tables failed to load: {event.error}") if state is S.LOADING else []
         if isinstance(event, WorkerExited):

@@ -41,6 +41,7 @@ class WorkerLink(ChildLink):
     in_flight: dict[int, tuple[str, list[Task]]] = field(default_factory=dict)
     disconnect_sent: float = 0.0  # when the broker told it to go (unload)
     batches: int = 0  # batches sent to this process
+    load_failures: int = 0  # failed loads of this replica's version, retried (--max_num_load_retries)
 
     def tasks(self) -> Iterator[Task]:
         """Every request in its batches in flight."""

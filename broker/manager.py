@@ -18,10 +18,11 @@ from typing import Callable
 
 from broker import lifecycle as lc
 from broker.config import ModelConfig, ServerConfig
+from broker.config_files import load_batching_parameters
 from broker.fleet import Fleet
 from broker.inflight import InFlight
 from broker.lookups import LookupStage
-from tfbroker.wire.errors import InvalidArgument, NotFound, Unavailable
+from tfbroker.wire.errors import ConfigError, InvalidArgument, NotFound, Unavailable
 from broker.models import ServedModel, ServedVersion, find_versions, fingerprint
 from broker.source import DiskChanges, VersionSource
 from broker.versions import Load, VersionState, next_action
@@ -34,6 +35,8 @@ ENDED_HISTORY = 4
 MAX_STEPS_PER_TICK = 8
 # Where a version declares its lookups (paths in it are relative to this directory).
 LOOKUPS_FILE = os.path.join("assets.extra", "lookups.json")
+# A version's own batching parameters (--enable_per_model_batching_parameters), as TF Serving's.
+BATCHING_FILE = "batching_params.pbtxt"
 
 
 class VersionManager:
@@ -191,8 +194,18 @@ class VersionManager:
                             replicas=self._fleet.replicas)
         served = ServedVersion(model.name, number, path, life, files=fingerprint(path), load_started=now)
         model.versions[number] = served
-        log.info("loading %s from %s%s", name, path, " (with lookup tables)" if life.needs_tables else "")
+        error = ""
+        batching_file = os.path.join(path, BATCHING_FILE)
+        if self.config.enable_per_model_batching_parameters and os.path.isfile(batching_file):
+            try:
+                served.batching = load_batching_parameters(batching_file)
+            except ConfigError as exc:
+                error = f"its {BATCHING_FILE} cannot be used: {exc}"
+        log.info("loading %s from %s%s%s", name, path, " (with lookup tables)" if life.needs_tables else "",
+                 " (with its own batching parameters)" if served.batching else "")
         self.handle(served, lc.LoadAsked(), now)
+        if error:
+            self.handle(served, lc.LoadFailed(error), now)
 
     def _carry_out(self, served: ServedVersion, action: lc.Action, now: float) -> None:
         fleet = self._fleet

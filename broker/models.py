@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from broker.batching import BatchQueue
-from broker.config import ModelConfig
+from broker.config import BatchingParameters, ModelConfig
 from tfbroker.wire.errors import InvalidArgument, NotFound, Unavailable
 from broker.lifecycle import Lifecycle, Replica
 from broker.links import WorkerLink
@@ -70,6 +70,7 @@ class ServedVersion:
     lookup_queue: BatchQueue | None = None  # requests waiting for an I/O batcher
     lookups_in_flight: int = 0  # requests at an I/O batcher
     load_started: float = 0.0  # monotonic s
+    batching: BatchingParameters | None = None  # its own (batching_params.pbtxt), else the server's
     ended_at: float = 0.0
     counters: VersionCounters = field(default_factory=VersionCounters)  # for the metrics
 

@@ -92,7 +92,7 @@ class RestApi:
         call = None
         try:
             if method == "OPTIONS":
-                answer: Answer = 200, b"", CORS
+                answer = cors_preflight(scope)
             else:
                 call = routes.parse(method, path)
                 if call.verb == "predict":
@@ -211,6 +211,15 @@ async def _respond(send: Send, status: int, content: bytes, headers: list[tuple[
     await send({"type": "http.response.start", "status": status,
                 "headers": [JSON, (b"content-length", str(len(content)).encode()), *extra]})
     await send({"type": "http.response.body", "body": content})
+
+
+def cors_preflight(scope: Scope) -> Answer:
+    """TF Serving's answer to OPTIONS: 200 with its CORS headers for a browser's preflight
+    (an Origin of http:// or https://), 400 without one."""
+    for name, value in scope["headers"]:
+        if name == b"origin" and value.lower().startswith((b"http://", b"https://")):
+            return 200, b"", CORS
+    return error_answer(InvalidArgument("Origin header is missing in CORS preflight"))
 
 
 def check_content_length(value: bytes | str | None, limit: int) -> None:

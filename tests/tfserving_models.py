@@ -10,6 +10,7 @@ outside the repository (imported by tests/model_factory.py, in a child with Tens
   TF 1.0 export.
 - ``half_plus_two_tf2``: a ``tf.saved_model.save`` export, where every signature is marked
   "predict": serving_default x [1], and the example-taking signatures on string [-1].
+- ``tagged/1``: y = 0.5x + 2 in a MetaGraph tagged "serve" and "gpu" (--saved_model_tags).
 
 Each in version directory 00000123, as TF Serving's.
 """
@@ -80,11 +81,21 @@ def save_half_plus_three(path: str) -> None:
         _save(path, signatures)
 
 
-def _save(path: str, signatures: dict[str, object]) -> None:
+def save_half_plus_two_tagged(path: str) -> None:
+    """half_plus_two's predict signature in a MetaGraph tagged serve and gpu only
+    (loaded with --saved_model_tags=serve,gpu)."""
+    with tf.Graph().as_default():
+        x = v1.placeholder(tf.float32, [None], name="x")
+        y = tf.add(tf.multiply(v1.Variable(0.5, name="a"), x), v1.Variable(2.0, name="b"), name="y")
+        signature = _signature({"x": x}, {"y": y}, v1.saved_model.signature_constants.PREDICT_METHOD_NAME)
+        _save(path, {"serving_default": signature}, tags=["serve", "gpu"])
+
+
+def _save(path: str, signatures: dict[str, object], tags: list[str] | None = None) -> None:
     with v1.Session() as session:
         session.run(v1.global_variables_initializer())
         builder = v1.saved_model.builder.SavedModelBuilder(path)
-        builder.add_meta_graph_and_variables(session, [v1.saved_model.tag_constants.SERVING],
+        builder.add_meta_graph_and_variables(session, tags or [v1.saved_model.tag_constants.SERVING],
                                              signature_def_map=signatures)
         builder.save()
 
@@ -127,3 +138,4 @@ def save_tf_serving_models(directory: str) -> None:
     save_half_plus_two(os.path.join(directory, "half_plus_two", VERSION_DIR))
     save_half_plus_three(os.path.join(directory, "half_plus_three", VERSION_DIR))
     save_half_plus_two_tf2(os.path.join(directory, "half_plus_two_tf2", VERSION_DIR))
+    save_half_plus_two_tagged(os.path.join(directory, "tagged", "1"))

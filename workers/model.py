@@ -75,14 +75,15 @@ def configure_devices(intra_op_threads: int = 0, inter_op_threads: int = 0) -> N
     _session_config.inter_op_parallelism_threads = inter_op_threads
 
 
-def load(path: str) -> LoadedModel:
-    """Load the SavedModel in ``path`` (a version directory)."""
-    meta_graph = _serving_meta_graph(path)
+def load(path: str, tags: tuple[str, ...] = (SERVE_TAG,)) -> LoadedModel:
+    """Load the SavedModel in ``path`` (a version directory): the MetaGraph with ``tags``
+    (TF Serving's --saved_model_tags)."""
+    meta_graph = _serving_meta_graph(path, tags)
     signature_def = _signature_def_json(meta_graph)
     errors = []
     for loader in (_load_v1, _load_v2):
         try:
-            signatures = loader(path, meta_graph)
+            signatures = loader(path, meta_graph, tags)
         except Exception as exc:  # noqa: BLE001 - TensorFlow raises many types here
             errors.append(f"{loader.__name__[6:]} loader: {type(exc).__name__}: {exc}")
             log.info("loading %s with the %s loader failed: %s", path, loader.__name__[6:], exc)
@@ -95,7 +96,7 @@ def load(path: str) -> LoadedModel:
 
 # --- implementation ---
 
-def _serving_meta_graph(path: str) -> meta_graph_pb2.MetaGraphDef:
+def _serving_meta_graph(path: str, tags: tuple[str, ...]) -> meta_graph_pb2.MetaGraphDef:
     pb_path = os.path.join(path, "saved_model.pb")
     try:
         with open(pb_path, "rb") as fh:
@@ -103,9 +104,9 @@ def _serving_meta_graph(path: str) -> meta_graph_pb2.MetaGraphDef:
     except OSError as exc:
         raise ValueError(f"no SavedModel in {path}: {exc.strerror}") from exc
     for meta_graph in saved_model.meta_graphs:
-        if SERVE_TAG in meta_graph.meta_info_def.tags:
+        if set(tags) == set(meta_graph.meta_info_def.tags):
             return meta_graph
-    raise ValueError(f"SavedModel {path} has no MetaGraph tagged {SERVE_TAG!r}")
+    raise ValueError(f"SavedModel {path} has no MetaGraph tagged {','.join(tags)!r}")
 
 
 def _signature_def_json(meta_graph: meta_graph_pb2.MetaGraphDef) -> dict[str, Any]:
@@ -126,12 +127,12 @@ def _dtype_name(dtype: tf.dtypes.DType) -> str:
     return STRING if dtype == tf.string else np.dtype(dtype.as_numpy_dtype).name
 
 
-def _load_v1(path: str, meta_graph: meta_graph_pb2.MetaGraphDef) -> dict[str, Signature]:
+def _load_v1(path: str, meta_graph: meta_graph_pb2.MetaGraphDef, tags: tuple[str, ...]) -> dict[str, Signature]:
     graph = tf.Graph()
     session = tf.compat.v1.Session(graph=graph, config=_session_config)
     # The v1 loader is deprecated in TensorFlow 2, and says so in every worker: not the operator's concern.
     with graph.as_default(), deprecation.silence():
-        loaded = tf.compat.v1.saved_model.loader.load(session, [SERVE_TAG], path)
+        loaded = tf.compat.v1.saved_model.loader.load(session, list(tags), path)
     signatures = {}
     for name, sig in loaded.signature_def.items():
         if not _servable(name, sig):
@@ -162,8 +163,8 @@ def _load_v1(path: str, meta_graph: meta_graph_pb2.MetaGraphDef) -> dict[str, Si
     return signatures
 
 
-def _load_v2(path: str, meta_graph: meta_graph_pb2.MetaGraphDef) -> dict[str, Signature]:
-    loaded = tf.saved_model.load(path, tags=[SERVE_TAG])
+def _load_v2(path: str, meta_graph: meta_graph_pb2.MetaGraphDef, tags: tuple[str, ...]) -> dict[str, Signature]:
+    loaded = tf.saved_model.load(path, tags=list(tags))
     signatures = {}
     for name, fn in loaded.signatures.items():
         sig = meta_graph.signature_def.get(name)

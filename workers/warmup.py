@@ -27,8 +27,9 @@ class WarmupError(ValueError):
     pass
 
 
-def warm_up_from_file(model: LoadedModel) -> int:
-    """Run the requests of the model's warm-up file, if it has one; the number run."""
+def warm_up_from_file(model: LoadedModel, iterations: int = 1) -> int:
+    """Run the requests of the model's warm-up file, if it has one, each ``iterations`` times
+    (TF Serving's --num_request_iterations_for_warmup); the number of records."""
     path = os.path.join(model.path, WARMUP_FILE)
     if not os.path.isfile(path):
         return 0
@@ -45,7 +46,8 @@ def warm_up_from_file(model: LoadedModel) -> int:
             signature = model.signatures.get(signature_name)
             if signature is None:
                 raise WarmupError(f"record {count} asks for signature {signature_name!r}, which the model lacks")
-            signature.run(inputs)
+            for _ in range(iterations):
+                signature.run(inputs)
     except tf.errors.OpError as exc:
         raise WarmupError(f"cannot read warm-up file {path}: {exc.message}") from exc
     except WarmupError:

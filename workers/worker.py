@@ -67,8 +67,9 @@ class ModelWorker:
                 model_lib.configure_devices(self.config.tensorflow_intra_op_parallelism,
                                             self.config.tensorflow_inter_op_parallelism)
                 started = time.monotonic()
-                self._model = model_lib.load(self.config.path)
-                records = warmup.warm_up_from_file(self._model)
+                self._model = model_lib.load(self.config.path, tuple(self.config.saved_model_tags.split(",")))
+                records = (warmup.warm_up_from_file(self._model, self.config.num_request_iterations_for_warmup)
+                           if self.config.enable_model_warmup else 0)
                 warmup.warm_up_batch_sizes(self._model, self.config.warmup_batch_sizes)
             log.info("loaded %s (%s loader, signatures %s, %d warm-up records) in %.1f s on %s "
                      "(CUDA_VISIBLE_DEVICES=%r)", self.config.path, self._model.loader, sorted(self._model.signatures),

@@ -169,6 +169,12 @@ class WorkerConfig(ChildConfig):
     device: str = field(default="", metadata=field_help(
         "The device of this replica (gpuN, cpuN), in its title; empty when the CPU is the only one. "
         "The broker makes it the only one visible (CUDA_VISIBLE_DEVICES)."))
+    saved_model_tags: str = field(default="serve", metadata=field_help(
+        "Comma-separated tags of the MetaGraph to load."))
+    enable_model_warmup: bool = field(default=True, metadata=field_help(
+        "Run the version's assets.extra/tf_serving_warmup_requests before READY."))
+    num_request_iterations_for_warmup: int = field(default=1, metadata=field_help(
+        "Times each warm-up record runs."))
 
     @property
     def title(self) -> str:

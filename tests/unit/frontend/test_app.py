@@ -146,10 +146,15 @@ def test_names_and_labels_are_percent_decoded_and_paths_match_in_any_case(http: 
 
 
 def test_cors_preflight(http: SyncASGI) -> None:
-    response = http.request("OPTIONS", "/v1/models/m:predict")
-    assert response.status_code == 200
-    assert response.headers["access-control-allow-origin"] == "*"
-    assert response.headers["access-control-allow-methods"] == "POST, GET"
+    for origin in ("http://app.example", "HTTPS://app.example:8443"):
+        response = http.request("OPTIONS", "/v1/models/m:predict", headers={"Origin": origin})
+        assert response.status_code == 200
+        assert response.headers["access-control-allow-origin"] == "*"
+        assert response.headers["access-control-allow-methods"] == "POST, GET"
+    for headers in ({}, {"Origin": "file://x"}, {"Origin": "null"}):
+        response = http.request("OPTIONS", "/v1/models/m:predict", headers=headers)
+        assert response.status_code == 400
+        assert response.json() == {"error": "Origin header is missing in CORS preflight"}
 
 
 def test_a_bug_in_the_client_is_a_json_500_and_the_app_keeps_serving(http: SyncASGI, fake: FakeClient) -> None:
