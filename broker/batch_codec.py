@@ -1,11 +1,15 @@
 """What travels between the broker and a worker for one batch: the BATCH it sends, and the
-replies it cuts from the RESULT. Pure functions over frames; the broker never decodes a tensor.
+replies it cuts from the RESULT; and a request larger than a batch, cut into parts and its
+replies joined. Pure functions over frames; the broker never decodes a numeric tensor.
 """
 
 from __future__ import annotations
 
 import math
 from typing import Any, Iterable, Sequence
+
+import msgspec
+import numpy as np
 
 from tfbroker.wire import protocol, tensors
 from broker.batching import Task
@@ -93,3 +97,43 @@ def describe_tasks(tasks: Iterable[Task], most: int = 8) -> str:
         inputs = ", ".join(f"{s.name or '(only)'} {s.dtype}{list(s.shape)}" for s in request.inputs)
         parts.append(f"id {request.id} {request.model}/{request.signature} [{inputs}]")
     return "; ".join(parts)
+
+
+def split_frames(request: protocol.Request, frames: Sequence[Any], rows: int,
+                 limit: int) -> list[tuple[int, list[Any]]]:
+    """A request of ``rows`` rows (numeric inputs sharing the batch dimension) cut into parts
+    of at most ``limit`` rows: each part's rows and frames (its own REQUEST header, then its
+    slice of every input, not copied)."""
+    parts = []
+    for start in range(0, rows, limit):
+        count = min(limit, rows - start)
+        specs, sliced = [], []
+        for spec, frame in zip(request.inputs, frames[1:]):
+            row_bytes = len(frame) // rows
+            sliced.append(memoryview(frame)[start * row_bytes:(start + count) * row_bytes])
+            specs.append(protocol.TensorSpec(spec.name, spec.dtype, (count, *spec.shape[1:])))
+        header = msgspec.structs.replace(request, inputs=specs)
+        parts.append((count, [protocol.encode_header(header), *sliced]))
+    return parts
+
+
+def join_replies(replies: Sequence[list[Any]]) -> list[Any]:
+    """One REPLY from the REPLYs of a request's parts, in order: every output joined along
+    the batch dimension. ValueError when an output has no batch dimension to join along."""
+    headers = [protocol.decode_header(protocol.REPLY, reply[1]) for reply in replies]
+    first = headers[0]
+    outputs, frames = [], []
+    for index, spec in enumerate(first.outputs):
+        parts = [(header.outputs[index], reply[2 + index]) for header, reply in zip(headers, replies)]
+        if any(not p.shape or p.shape[1:] != spec.shape[1:] or p.name != spec.name for p, _ in parts):
+            raise ValueError(f"output {spec.name!r} cannot be joined along a batch dimension")
+        rows = sum(p.shape[0] for p, _ in parts)
+        if spec.dtype == protocol.STRING:  # decoded on this path only: a split request's string output
+            joined: Any = tensors.encode_tensors({spec.name: np.concatenate(
+                [tensors.decode_tensors([p], [f])[p.name].reshape(-1) for p, f in parts])})[1][0]
+        else:
+            joined = b"".join(bytes(f) for _, f in parts)
+        outputs.append(protocol.TensorSpec(spec.name, spec.dtype, (rows, *spec.shape[1:])))
+        frames.append(joined)
+    reply = msgspec.structs.replace(first, outputs=outputs)
+    return [protocol.REPLY, protocol.encode_header(reply), *frames]

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from broker.config import BatchingParameters
-from tfbroker.wire.errors import InvalidArgument, Unavailable
+from tfbroker.wire.errors import Unavailable
 
 
 @dataclass(slots=True)
@@ -74,11 +74,11 @@ class BatchQueue:
         self._batches: deque[Batch] = deque()
 
     def schedule(self, task: Task, now: float) -> None:
+        """Queue a task; a task larger than ``max_batch_size`` (one InFlight could not split)
+        runs in a batch of its own, as without batching."""
         max_size = self.params.max_batch_size
-        if task.size > max_size:
-            raise InvalidArgument(f"Task size {task.size} is larger than maximum input batch size {max_size}")
         open_batch = self._open_batch()
-        if open_batch is None or open_batch.size + task.size > max_size or not self.batching:
+        if open_batch is None or open_batch.size + task.size > max_size or not self.batching or task.size > max_size:
             if open_batch is not None:
                 open_batch.closed = True
             if len(self._batches) >= self.params.max_enqueued_batches:

@@ -83,7 +83,7 @@ class Dispatcher:
             self._inflight.fail(tasks, Internal("the model worker returned a malformed result"))
             return False
         for task, reply in zip(tasks, replies):
-            self._inflight.reply(task.payload.client, reply)
+            self._inflight.reply(task, reply)
         return True
 
     # --- implementation ---

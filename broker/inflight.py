@@ -14,11 +14,12 @@ import logging
 from typing import Any, Callable, Iterable, Mapping
 
 from broker import queries
+from broker.batch_codec import join_replies, split_frames
 from broker.batching import BatchQueue, Task
 from broker.config import BatchingParameters
 from broker.models import ServedModel, ServedVersion, WorkerLink, check_inputs
 from tfbroker.wire import protocol
-from tfbroker.wire.errors import Cancelled, DeadlineExceeded, InvalidArgument, TFBrokerError, Unavailable
+from tfbroker.wire.errors import Cancelled, DeadlineExceeded, Internal, InvalidArgument, TFBrokerError, Unavailable
 
 log = logging.getLogger("tfbroker.broker")
 
@@ -35,18 +36,35 @@ LookupQueueFor = Callable[[ServedVersion, str], "BatchQueue | None"]
 
 class Pending:
     """A request in the broker: who asked, the frames to forward (header, then tensors), its
-    join key (see broker.models.check_inputs) and, on its way to the lookup stage, its header."""
+    join key (see broker.models.check_inputs), its header (admission keeps it for the lookup
+    stage and for splitting) and, for a part of a request larger than a batch, its Split."""
 
-    __slots__ = ("client", "request_id", "frames", "join_key", "admitted", "request")
+    __slots__ = ("client", "request_id", "frames", "join_key", "admitted", "request", "split", "part")
 
     def __init__(self, client: bytes, request_id: int, frames: list[Any], join_key: Any, admitted: float,
-                 request: protocol.Request | None = None) -> None:
+                 request: protocol.Request | None = None, split: Split | None = None, part: int = 0) -> None:
         self.client = client
         self.request_id = request_id
         self.frames = frames
         self.join_key = join_key
         self.admitted = admitted  # monotonic seconds, for the queueing latency
         self.request = request
+        self.split = split
+        self.part = part
+
+
+class Split:
+    """A request larger than ``max_batch_size``, cut into parts that run in batches of their
+    own (as TF Serving's enable_large_batch_splitting) and answered whole once every part's
+    reply is in; the first error answers it alone."""
+
+    __slots__ = ("parts", "replies", "queued", "done")
+
+    def __init__(self, count: int) -> None:
+        self.parts: list[Task] = []
+        self.replies: list[list[Any] | None] = [None] * count
+        self.queued = count  # parts not dispatched yet: the request can still be cancelled
+        self.done = False
 
 
 class InFlight:
@@ -89,19 +107,28 @@ class InFlight:
             if queue_ is None:
                 queue_ = served.queues[signature] = BatchQueue(served.batching or self._batching,
                                                                batching=self._enable_batching)
+        limit = queue_.params.max_batch_size
+        if queue_.batching and task.size > limit and task.payload.join_key is not None:
+            self._schedule_split(served, queue_, task, limit, now)
+            return
         try:
-            queue_.schedule(task, now)
+            queue_.schedule(task, now)  # a larger task that cannot be split runs in a batch of its own
         except Unavailable:
             served.counters.rejected += 1
             raise
         self._track(queue_, task)
 
     def cancel(self, client: bytes, request_id: int) -> None:
-        """Drop a request its client gave up on, unless it has been dispatched already."""
+        """Drop a request its client gave up on, unless it has been dispatched already (a split
+        one: its parts still queued)."""
         entry = self._queued.pop((client, request_id), None)
-        if entry is not None and entry[0].remove(entry[1]):
+        if entry is None:
+            return
+        split = entry[1].payload.split
+        removed = [part for part in (split.parts if split else [entry[1]]) if entry[0].remove(part)]
+        if removed:
             self.counters["cancelled"] += 1
-            self.reply_error(client, request_id, Cancelled("the client cancelled the request"))
+            self.fail(removed[:1], Cancelled("the client cancelled the request"))
 
     # --- leaving a queue ---
 
@@ -112,6 +139,11 @@ class InFlight:
         if len(live) < len(tasks):
             self.expire([t for t in tasks if t.deadline <= now])
         for task in live:
+            split = task.payload.split
+            if split is not None:
+                split.queued -= 1
+                if split.queued:
+                    continue  # other parts still queued: the request stays cancellable
             self._queued.pop((task.payload.client, task.payload.request_id), None)
         return live
 
@@ -132,15 +164,37 @@ class InFlight:
             self.fail([t for t in tasks if id(t) not in back],
                       Unavailable("two model workers failed while running this request"))
             for task in again:
+                if task.payload.split is not None:
+                    task.payload.split.queued += 1
                 self._track(queue_, task)
             self.counters["requeued"] += len(again)
         link.in_flight.clear()
 
     # --- answers ---
 
-    def reply(self, client: bytes, frames: list[Any]) -> None:
-        """A result, forwarded as the worker made it."""
-        self._send([client, protocol.TAG, *frames], False)
+    def reply(self, task: Task, frames: list[Any]) -> None:
+        """A task's answer (``[REPLY|ERROR, header, frames…]``), forwarded as the worker made
+        it; a part's is kept until its request's every part has answered."""
+        pending: Pending = task.payload
+        split = pending.split
+        if split is None:
+            self._send([pending.client, protocol.TAG, *frames], False)
+            return
+        if split.done:
+            return
+        if bytes(frames[0]) == protocol.ERROR:
+            split.done = True
+            self._send([pending.client, protocol.TAG, *frames], False)
+            return
+        split.replies[pending.part] = frames
+        if all(reply is not None for reply in split.replies):
+            split.done = True
+            try:
+                joined = join_replies([r for r in split.replies if r is not None])
+            except ValueError as exc:
+                self.reply_error(pending.client, pending.request_id, Internal(f"cannot answer a split request: {exc}"))
+                return
+            self._send([pending.client, protocol.TAG, *joined], False)
 
     def reply_error(self, client: bytes, request_id: int | None, error: TFBrokerError) -> None:
         body = protocol.Error(id=request_id, code=error.http_status, message=error.message[:protocol.MAX_MESSAGE_CHARS])
@@ -150,6 +204,10 @@ class InFlight:
         for task in tasks:
             pending: Pending = task.payload
             self._queued.pop((pending.client, pending.request_id), None)
+            if pending.split is not None:
+                if pending.split.done:
+                    continue  # its request is answered already
+                pending.split.done = True
             self.reply_error(pending.client, pending.request_id, error)
 
     def fail_version(self, served: ServedVersion, error: TFBrokerError) -> None:
@@ -162,6 +220,31 @@ class InFlight:
             self.fail(link.take_in_flight(), error)
 
     # --- implementation ---
+
+    def _schedule_split(self, served: ServedVersion, queue_: BatchQueue, task: Task, limit: int,
+                        now: float) -> None:
+        """Every part of a large request is queued, or none (503)."""
+        pending: Pending = task.payload
+        request = pending.request
+        if request is None:
+            raise Internal("a request to split has lost its header")
+        pieces = split_frames(request, pending.frames, task.size, limit)
+        split = Split(len(pieces))
+        parts = split.parts
+        for index, (rows, frames) in enumerate(pieces):
+            parts.append(Task(rows, task.deadline, Pending(pending.client, pending.request_id, frames,
+                                                           pending.join_key, pending.admitted, request, split, index)))
+        scheduled = []
+        try:
+            for part in parts:
+                queue_.schedule(part, now)
+                scheduled.append(part)
+        except Unavailable:
+            for part in scheduled:
+                queue_.remove(part)
+            served.counters.rejected += 1
+            raise
+        self._queued[(pending.client, pending.request_id)] = (queue_, parts[0])
 
     def _track(self, queue_: BatchQueue, task: Task) -> None:
         self._queued[(task.payload.client, task.payload.request_id)] = (queue_, task)

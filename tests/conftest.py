@@ -152,6 +152,9 @@ class BrokerProcess:
             return True
 
         wait_for(ready, timeout_s, f"models {models} to be AVAILABLE")
+        # The frontends start once the models are AVAILABLE (the ports open then): all of them up.
+        wait_for(lambda: len(self.pids_with("tfbroker: frontend:")) >= self.frontends, 60,
+                 f"{self.frontends} frontends")
 
     def roles(self) -> dict[str, list[int]]:
         """Process titles of the broker's descendants, by title."""

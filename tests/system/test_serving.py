@@ -115,6 +115,17 @@ def test_outputs_equal_in_process_tensorflow_under_concurrency(served: BrokerPro
         np.testing.assert_allclose(value, want["y"], rtol=1e-5, atol=1e-5, err_msg=f"request {i}")
 
 
+def test_a_request_larger_than_a_batch_is_split_and_answered_whole(served: BrokerProcess) -> None:
+    """As TF Serving with enable_large_batch_splitting: 19 rows run as batches of 8, 8 and 3
+    (padded to the allowed 8, 8 and 4: what batch_reporter answers), answered in order."""
+    response = served.predict("batch_reporter", {"instances": [0.0] * (2 * MAX_BATCH + 3)})
+    assert response.status_code == 200, response.text
+    assert response.json()["predictions"] == [8.0] * 16 + [4.0] * 3
+    rows = list(np.linspace(-5, 5, 3 * MAX_BATCH + 2))
+    assert served.predict("linear", {"instances": rows}).json()["predictions"] == pytest.approx(
+        [0.5 * x + 3 for x in rows])
+
+
 def test_batches_form_and_never_exceed_max_batch_size(served: BrokerProcess, request: pytest.FixtureRequest) -> None:
     client = Client(served.address, timeout_s=30)
     request.addfinalizer(client.close)
@@ -209,8 +220,6 @@ BAD_REQUESTS = [
     ("linear", b'{"instances": [1.0], "signature_name": "nope"}', 400, 'Serving signature name: "nope" not found'),
     ("linear", b'{"instances": [[1.0], [2.0, 3.0]]}', 400, "ragged"),
     ("linear", b'{"instances": [{"z": 1.0}]}', 400, "'z' is not an input"),
-    ("linear", b'{"instances": [1, 2, 3, 4, 5, 6, 7, 8, 9]}', 400,
-     "Task size 9 is larger than maximum input batch size 8"),
     ("mlp", b'{"instances": [[1.0, 2.0, 3.0]]}', 400, ""),
     ("two_io", b'{"instances": [{"a": [1.0, 2.0]}]}', 400, "lacks"),
     ("nosuchmodel", b'{"instances": [1.0]}', 404, "Servable not found for request: Latest(nosuchmodel)"),
@@ -283,8 +292,8 @@ def test_python_client_raises_the_wire_errors(served: BrokerProcess) -> None:
 def check_client_errors(client: Client) -> None:
     with pytest.raises(NotFound):
         client.predict("nosuchmodel", {"x": np.zeros(1, np.float32)})
-    with pytest.raises(InvalidArgument, match="larger than maximum input batch size"):
-        client.predict("linear", {"x": np.zeros(MAX_BATCH + 1, np.float32)})
+    large = client.predict("linear", {"x": np.arange(3 * MAX_BATCH + 1, dtype=np.float32)})  # split, answered whole
+    np.testing.assert_array_equal(large.outputs["y"], np.arange(3 * MAX_BATCH + 1, dtype=np.float32) * 0.5 + 3)
     assert client.status("linear")["model_version_status"][0]["state"] == "AVAILABLE"
     assert "serving_default" in client.metadata("linear")["signature_def"]["signature_def"]
 

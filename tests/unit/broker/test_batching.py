@@ -6,7 +6,7 @@ import pytest
 
 from broker.batching import BatchQueue, Task
 from broker.config import BatchingParameters
-from tfbroker.wire.errors import InvalidArgument, Unavailable
+from tfbroker.wire.errors import Unavailable
 
 
 def queue(**params: object) -> BatchQueue:
@@ -45,10 +45,15 @@ def test_a_full_batch_closes_and_rows_never_exceed_max_batch_size() -> None:
     assert len(q) == 0
 
 
-def test_a_task_larger_than_max_batch_size_is_rejected_with_tf_serving_message() -> None:
-    q = queue(max_batch_size=4)
-    with pytest.raises(InvalidArgument, match="^Task size 5 is larger than maximum input batch size 4$"):
-        q.schedule(task(5), now=0.0)
+def test_a_task_larger_than_max_batch_size_runs_in_a_batch_of_its_own() -> None:
+    q = queue(max_batch_size=4, batch_timeout_micros=1_000_000)
+    q.schedule(task(1), now=0.0)
+    q.schedule(task(5), now=0.0)  # one InFlight could not split (string inputs): alone, not refused
+    q.schedule(task(1), now=0.0)
+    sizes = []
+    while (batch := q.next_batch(0.0, idle=True)) is not None:
+        sizes.append(batch.size)
+    assert sizes == [1, 5, 1]
 
 
 def test_overflow_beyond_max_enqueued_batches_is_unavailable() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from broker import lifecycle as lc
@@ -10,6 +12,7 @@ from broker.dispatch import Dispatcher
 from broker.inflight import InFlight
 from tests.unit.broker.shell import BATCHING, Wire, add_link, admit, model_with
 from tfbroker.wire import protocol, tensors
+from tfbroker.wire.errors import Unavailable
 
 
 def make(batching: BatchingParameters = BATCHING, slots: int = 2) -> tuple[InFlight, Dispatcher, Wire]:
@@ -109,3 +112,52 @@ def test_a_malformed_result_fails_its_requests_with_500_and_an_unknown_batch_cha
     assert not dispatcher.deliver(link, joined_result(batch, 5, np.zeros((5, 2), np.float32)))  # 5 rows for 2
     assert wire.errors() == [(b"a", 1, 500)]
     assert inflight.counters["malformed_worker"] == 1 and not link.in_flight
+
+
+def split_setup() -> tuple[InFlight, Dispatcher, Wire, Any, Any]:
+    batching = BatchingParameters(max_batch_size=2, batch_timeout_micros=0, max_enqueued_batches=10)
+    inflight, dispatcher, wire = make(batching, slots=5)
+    model, served = model_with(1)
+    return inflight, dispatcher, wire, model, served
+
+
+def test_a_request_larger_than_a_batch_runs_in_parts_and_is_answered_whole_in_order() -> None:
+    inflight, dispatcher, wire, model, served = split_setup()
+    link = add_link(served)
+    admit(inflight, {"m": model}, b"a", 7, now=0.0, rows=5)
+    dispatcher.dispatch([served], now=0.0)
+    batches = wire.to_workers
+    assert [header.rows for _, _, header, _ in batches] == [[2], [2], [1]]
+    assert [header.ids for _, _, header, _ in batches] == [[7], [7], [7]]
+    x = np.arange(10, dtype=np.float32).reshape(5, 2) + 7  # what shell.request sent
+    sent = np.concatenate([np.frombuffer(bytes(frames[0]), np.float32) for _, _, _, frames in batches])
+    np.testing.assert_array_equal(sent.reshape(5, 2), x)
+    for _, _, header, _ in reversed(batches):  # results come back in any order
+        rows = header.rows[0]
+        start = sum(h.rows[0] for _, _, h, _ in batches[:batches.index(next(b for b in batches if b[2] is header))])
+        assert dispatcher.deliver(link, joined_result(header.batch, rows, x[start:start + rows] * 10))
+    [(client, message)] = wire.answers()
+    assert client == b"a" and message.command == protocol.REPLY and message.header.id == 7
+    np.testing.assert_array_equal(tensors.decode_tensors(message.header.outputs, message.frames)["y"], x * 10)
+
+
+def test_a_split_request_fails_once_and_is_cancelled_with_its_queued_parts() -> None:
+    inflight, dispatcher, wire, model, served = split_setup()
+    link = add_link(served)
+    admit(inflight, {"m": model}, b"a", 1, now=0.0, rows=5)
+    admit(inflight, {"m": model}, b"a", 2, now=0.0, rows=4)
+    inflight.cancel(b"a", 2)  # nothing dispatched yet: every part leaves the queue, one 499
+    assert wire.errors() == [(b"a", 2, 499)]
+    assert sum(len(q) for q in served.queues.values()) == 3
+    dispatcher.dispatch([served], now=0.0)
+    inflight.fail(link.take_in_flight(), Unavailable("the worker died"))  # three parts, one answer
+    assert wire.errors() == [(b"a", 1, 503)]
+
+
+def test_a_split_request_the_queue_cannot_hold_whole_is_refused_whole() -> None:
+    batching = BatchingParameters(max_batch_size=2, batch_timeout_micros=0, max_enqueued_batches=2)
+    inflight, _, wire = make(batching)
+    model, served = model_with(1)
+    admit(inflight, {"m": model}, b"a", 1, now=0.0, rows=5)  # three parts, room for two
+    assert wire.errors() == [(b"a", 1, 503)]
+    assert sum(len(q) for q in served.queues.values()) == 0
