@@ -5,6 +5,7 @@ namespaced); they reach the broker only through the veth link."""
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -83,10 +84,13 @@ def test_frontends_on_host_a_serve_through_a_broker_on_host_b(two_hosts: dict[st
                    f"--curve_secret_key_file={keys / 'broker.key_secret'}", f"--curve_client_keys_dir={allowed}"]
     broker = in_host(two_hosts["b"], broker_argv, log, {})
     socket_path = str(run_dir / "http.sock")
+    grpc_path = str(run_dir / "grpc.sock")
     frontends = in_host(two_hosts["a"], [sys.executable, "-m", "gunicorn", "-c", "ops/gunicorn.conf.py",
                                          "frontend.app:app"], log,
                         {"TFBROKER_ADDRESS": address, "TFBROKER_BIND": f"unix:{socket_path}",
                          "TFBROKER_FRONTENDS": "1",
+                         # TF Serving's gRPC API too, on a unix socket the test reaches from outside host A.
+                         "TFBROKER_GRPC": f"--port=0 --grpc_socket_path={grpc_path}",
                          "TFBROKER_CURVE_SECRET_KEY_FILE": str(keys / "frontend.key_secret"),
                          "TFBROKER_CURVE_SERVER_KEY_FILE": str(keys / "broker.key")})
     http = httpx.Client(transport=httpx.HTTPTransport(uds=socket_path), base_url="http://host-a", timeout=60)
@@ -110,6 +114,15 @@ def test_frontends_on_host_a_serve_through_a_broker_on_host_b(two_hosts: dict[st
             assert predict().json() == expected
         # 20 requests of 4 x 8 floats in JSON become ZeroMQ frames on the wire (CURVE-encrypted).
         assert link_bytes(two_hosts["a"], two_hosts["link_a"]) - sent_before > 20 * 4 * 8 * 4
+        # TF Serving's gRPC client, through host A's frontend and CURVE to host B: the same answer.
+        calls = [{"rpc": "Predict", "request": {"model_spec": {"name": "mlp"}},
+                  "inputs": {"x": {"values": x, "dtype": "float32", "content": content}}} for content in (True, False)]
+        answers = subprocess.run([sys.executable, str(ROOT / "tests" / "system" / "tfs_client.py"), f"unix:{grpc_path}"],
+                                 input=json.dumps(calls), capture_output=True, text=True, timeout=180)
+        assert answers.returncode == 0, answers.stderr[-3000:]
+        for answer in json.loads(answers.stdout):
+            assert answer["code"] == "OK", answer
+            np.testing.assert_allclose(answer["outputs"]["y"]["values"], expected["predictions"], rtol=1e-6)
 
         # The broker on host B restarts: host A's frontend answers 503 meanwhile, then serves again.
         assert terminate(broker, grace_s=30) == 0

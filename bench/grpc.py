@@ -1,0 +1,88 @@
+"""``python -m bench.grpc``: TF Serving's gRPC API against the REST API on one tfbroker
+(2 frontends, bench's mlp), interleaved rounds: req/s, p50, p99 and the frontends' CPU per
+request at c=1, 64 and 256, one row and 32 rows a request (float32 written at full precision
+in JSON; tensor_content and float_val in gRPC). wrk drives REST; bench.grpc_load (Python,
+asyncio, its request serialized once) drives gRPC, and its own CPU is reported beside."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.load import wrk
+from bench.run import PORT, log
+from bench.servers import ROOT, cpu_by_role, tfbroker_server
+
+GRPC_PORT = 18500
+WIDTH = 256
+
+
+def grpc_load(rows: int, concurrency: int, seconds: float, encoding: str) -> dict[str, Any]:
+    result = subprocess.run([sys.executable, "-m", "bench.grpc_load", f"127.0.0.1:{GRPC_PORT}", "mlp", str(rows),
+                             str(WIDTH), str(concurrency), str(seconds), encoding], cwd=ROOT, capture_output=True,
+                            text=True, timeout=seconds + 120)
+    if result.returncode != 0:
+        raise RuntimeError(result.stderr[-2000:])
+    answer: dict[str, Any] = json.loads(result.stdout)
+    return answer
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.grpc", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--duration_s", type=float, default=4.0)
+    args = parser.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="tfb-grpc-"))
+    subprocess.run([sys.executable, "-c", f"from workers.demo_models import save_mlp; save_mlp({str(work / 'mlp' / '1')!r})"],
+                   cwd=ROOT, check=True, capture_output=True)
+    server = tfbroker_server(str(work / "mlp"), 2, PORT, tempfile.mkdtemp(prefix="tfb-"), [f"--port={GRPC_PORT}"])
+    server.start()
+    rng = np.random.default_rng(5)
+    bodies = {rows: json.dumps({"instances": rng.standard_normal((rows, WIDTH)).astype(np.float32).tolist()})
+              for rows in (1, 32)}
+    cells: dict[tuple[str, int, int], list[dict[str, Any]]] = {}
+    try:
+        wrk(server.url, bodies[1], 16, 2)
+        grpc_load(1, 16, 2, "content")
+        for round_ in range(args.rounds):
+            for rows in (1, 32):
+                for concurrency in (1, 64, 256):
+                    for api in ("REST", "gRPC content", "gRPC typed"):
+                        before = cpu_by_role(server.process.pid)  # type: ignore[union-attr]
+                        if api == "REST":
+                            result = wrk(server.url, bodies[rows], concurrency, args.duration_s)
+                        else:
+                            result = grpc_load(rows, concurrency, args.duration_s, api.split()[1])
+                        after = cpu_by_role(server.process.pid)  # type: ignore[union-attr]
+                        requests = max(1, result["requests"])
+                        result["frontend_ms"] = (after.get("frontend", 0) - before.get("frontend", 0)) * 1000 / requests
+                        result["broker_ms"] = (after.get("broker", 0) - before.get("broker", 0)) * 1000 / requests
+                        result["load_ms"] = result["load_cpu_s"] * 1000 / requests
+                        cells.setdefault((api, rows, concurrency), []).append(result)
+                        log(f"round {round_ + 1}: {api} rows={rows} c={concurrency}: "
+                            f"{result['requests'] / result['duration_s']:.0f} req/s, p50 {result['p50_ms']:.2f} ms, "
+                            f"p99 {result['p99_ms']:.2f} ms, frontends {result['frontend_ms']:.3f} ms/req, "
+                            f"errors {result['errors']}")
+    finally:
+        server.stop()
+    print("\n| API | rows | c | req/s (median) | p50 ms | p99 ms | frontends CPU ms/req | broker CPU ms/req "
+          "| load generator CPU ms/req | errors |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for (api, rows, concurrency), runs in cells.items():
+        def med(key: str, runs: list[dict[str, Any]] = runs) -> float:
+            return statistics.median(r[key] for r in runs)
+        rate = statistics.median(r["requests"] / r["duration_s"] for r in runs)
+        print(f"| {api} | {rows} | {concurrency} | {rate:.0f} | {med('p50_ms'):.2f} | {med('p99_ms'):.2f} "
+              f"| {med('frontend_ms'):.3f} | {med('broker_ms'):.3f} | {med('load_ms'):.3f} "
+              f"| {sum(r['errors'] for r in runs)} |")
+
+
+if __name__ == "__main__":
+    main()
