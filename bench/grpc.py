@@ -1,13 +1,14 @@
 """``python -m bench.grpc``: TF Serving's gRPC API against the REST API on one tfbroker
 (2 frontends, bench's mlp), interleaved rounds: req/s, p50, p99 and the frontends' CPU per
 request at c=1, 64 and 256, one row and 32 rows a request (float32 written at full precision
-in JSON; tensor_content and float_val in gRPC). wrk drives REST; bench.grpc_load (Python,
-asyncio, its request serialized once) drives gRPC, and its own CPU is reported beside."""
+in JSON; tensor_content and float_val in gRPC). wrk drives REST, h2load drives gRPC (both in C;
+bench.grpc_load's Python loop without h2load), their own CPU reported beside."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -17,8 +18,10 @@ from typing import Any
 
 import numpy as np
 
+from bench.grpc_load import h2load, request_bytes
 from bench.load import wrk
 from bench.run import PORT, log
+from bench.run import _broker_stats as broker_stats
 from bench.servers import ROOT, cpu_by_role, tfbroker_server
 
 GRPC_PORT = 18500
@@ -26,6 +29,8 @@ WIDTH = 256
 
 
 def grpc_load(rows: int, concurrency: int, seconds: float, encoding: str) -> dict[str, Any]:
+    if shutil.which("h2load"):
+        return h2load("127.0.0.1", GRPC_PORT, request_bytes("mlp", rows, WIDTH, encoding), concurrency, seconds)
     result = subprocess.run([sys.executable, "-m", "bench.grpc_load", f"127.0.0.1:{GRPC_PORT}", "mlp", str(rows),
                              str(WIDTH), str(concurrency), str(seconds), encoding], cwd=ROOT, capture_output=True,
                             text=True, timeout=seconds + 120)
@@ -33,6 +38,21 @@ def grpc_load(rows: int, concurrency: int, seconds: float, encoding: str) -> dic
         raise RuntimeError(result.stderr[-2000:])
     answer: dict[str, Any] = json.loads(result.stdout)
     return answer
+
+
+def check_grpc() -> None:
+    """The answers h2load cannot read: each encoding answers OK, with the model's rows."""
+    import grpc
+
+    from frontend import grpc_messages as pb
+
+    with grpc.insecure_channel(f"127.0.0.1:{GRPC_PORT}") as channel:
+        call = channel.unary_unary("/tensorflow.serving.PredictionService/Predict",
+                                   response_deserializer=pb.PredictResponse.FromString)
+        for encoding in ("content", "typed"):
+            for rows in (1, 32):
+                answer = call(request_bytes("mlp", rows, WIDTH, encoding), timeout=30)
+                assert answer.outputs["y"].tensor_shape.dim[0].size == rows, answer
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -50,6 +70,7 @@ def main(argv: list[str] | None = None) -> None:
               for rows in (1, 32)}
     cells: dict[tuple[str, int, int], list[dict[str, Any]]] = {}
     try:
+        check_grpc()
         wrk(server.url, bodies[1], 16, 2)
         grpc_load(1, 16, 2, "content")
         for round_ in range(args.rounds):
@@ -57,13 +78,16 @@ def main(argv: list[str] | None = None) -> None:
                 for concurrency in (1, 64, 256):
                     for api in ("REST", "gRPC content", "gRPC typed"):
                         before = cpu_by_role(server.process.pid)  # type: ignore[union-attr]
+                        rejected = broker_stats(server)["rejected"]
                         if api == "REST":
                             result = wrk(server.url, bodies[rows], concurrency, args.duration_s)
                         else:
                             result = grpc_load(rows, concurrency, args.duration_s, api.split()[1])
                         after = cpu_by_role(server.process.pid)  # type: ignore[union-attr]
+                        # Refused answers (503 / UNAVAILABLE: the queue bound), which h2load counts as answered.
+                        result["rejected"] = broker_stats(server)["rejected"] - rejected
                         requests = max(1, result["requests"])
-                        result["frontend_ms"] = (after.get("frontend", 0) - before.get("frontend", 0)) * 1000 / requests
+                        result["frontend_ms"] = (after.get("frontends", 0) - before.get("frontends", 0)) * 1000 / requests
                         result["broker_ms"] = (after.get("broker", 0) - before.get("broker", 0)) * 1000 / requests
                         result["load_ms"] = result["load_cpu_s"] * 1000 / requests
                         cells.setdefault((api, rows, concurrency), []).append(result)
@@ -74,14 +98,15 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         server.stop()
     print("\n| API | rows | c | req/s (median) | p50 ms | p99 ms | frontends CPU ms/req | broker CPU ms/req "
-          "| load generator CPU ms/req | errors |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "| load generator CPU ms/req | errors | refused (broker) |\n"
+          "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for (api, rows, concurrency), runs in cells.items():
         def med(key: str, runs: list[dict[str, Any]] = runs) -> float:
             return statistics.median(r[key] for r in runs)
         rate = statistics.median(r["requests"] / r["duration_s"] for r in runs)
         print(f"| {api} | {rows} | {concurrency} | {rate:.0f} | {med('p50_ms'):.2f} | {med('p99_ms'):.2f} "
               f"| {med('frontend_ms'):.3f} | {med('broker_ms'):.3f} | {med('load_ms'):.3f} "
-              f"| {sum(r['errors'] for r in runs)} |")
+              f"| {sum(r['errors'] for r in runs)} | {sum(r['rejected'] for r in runs)} |")
 
 
 if __name__ == "__main__":

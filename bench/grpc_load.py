@@ -1,9 +1,12 @@
-"""Closed-loop gRPC load: TF Serving's PredictionService/Predict from asyncio loops in this
-process, the request serialized once (a client's protobuf work is not what is measured).
+"""Closed-loop gRPC load on TF Serving's PredictionService/Predict, the request serialized
+once (a client's protobuf work is not what is measured).
 
-``python -m bench.grpc_load TARGET MODEL ROWS WIDTH CONCURRENCY SECONDS ENCODING`` prints JSON
-(requests, duration_s, errors, p50_ms, p99_ms, load_cpu_s); ENCODING is ``content``
-(tensor_content) or ``typed`` (float_val). No TensorFlow: our own messages (frontend/grpc_messages.py).
+``h2load`` (nghttp2's HTTP/2 load generator, in C, from Debian's nghttp2-client) sends the
+gRPC frames when it is installed: it takes little of the CPU it measures. Without it,
+``python -m bench.grpc_load TARGET MODEL ROWS WIDTH CONCURRENCY SECONDS ENCODING`` runs
+asyncio loops in this process and prints JSON (requests, duration_s, errors, p50_ms, p99_ms,
+load_cpu_s); ENCODING is ``content`` (tensor_content) or ``typed`` (float_val). No
+TensorFlow: our own messages (frontend/grpc_messages.py).
 """
 
 from __future__ import annotations
@@ -61,6 +64,50 @@ async def run(target: str, body: bytes, concurrency: int, seconds: float) -> dic
     return {"requests": len(latencies), "duration_s": wall, "errors": errors,
             "p50_ms": float(np.percentile(latencies, 50) * 1000) if latencies else 0.0,
             "p99_ms": float(np.percentile(latencies, 99) * 1000) if latencies else 0.0, "load_cpu_s": cpu}
+
+
+def h2load(host: str, port: int, body: bytes, concurrency: int, seconds: float) -> dict[str, float]:
+    """h2load's closed loop: ``concurrency`` streams over up to 16 connections (so both
+    frontends, which share the port, take connections), gRPC's length-prefixed message as the
+    body. h2load sees HTTP status only: a gRPC error (HTTP 200 with grpc-status) counts as an
+    answer, so the caller checks answers itself."""
+    import os
+    import resource
+    import shutil
+    import struct
+    import subprocess
+    import tempfile
+
+    binary = shutil.which("h2load")
+    if binary is None:
+        raise FileNotFoundError("h2load (apt-get install nghttp2-client)")
+    connections = min(concurrency, 16)
+    streams = max(1, concurrency // connections)
+    with tempfile.TemporaryDirectory() as tmp:
+        data, log = os.path.join(tmp, "body"), os.path.join(tmp, "log")
+        with open(data, "wb") as fh:
+            fh.write(struct.pack(">BI", 0, len(body)) + body)
+        usage0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        result = subprocess.run(
+            [binary, "-c", str(connections), "-m", str(streams), "-D", str(max(1, round(seconds))), "-d", data,
+             "-H", "content-type: application/grpc", "-H", "te: trailers", "--log-file", log,
+             f"http://{host}:{port}{METHOD}"], capture_output=True, text=True, timeout=seconds + 60)
+        usage1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if result.returncode != 0:
+            raise RuntimeError(f"h2load failed: {result.stderr[-500:]}")
+        durations = []
+        failed = 0
+        with open(log) as fh:
+            for line in fh:
+                _, status, micros = line.split()
+                if status == "200":
+                    durations.append(int(micros) / 1000)
+                else:
+                    failed += 1
+    return {"requests": len(durations), "duration_s": float(max(1, round(seconds))), "errors": failed,
+            "p50_ms": float(np.percentile(durations, 50)) if durations else 0.0,
+            "p99_ms": float(np.percentile(durations, 99)) if durations else 0.0,
+            "load_cpu_s": (usage1.ru_utime + usage1.ru_stime) - (usage0.ru_utime + usage0.ru_stime)}
 
 
 def main() -> None:
