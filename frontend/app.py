@@ -45,7 +45,7 @@ from frontend.tf_example import format_results, parse_examples
 from frontend.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from frontend.metrics import Metrics
 from frontend.metrics import from_env as metrics_from_env
-from frontend.json_tensor import format_predictions, parse_predict_body
+from frontend.json_tensor import JsonTypeError, format_predictions, parse_predict_body
 
 log = logging.getLogger("tfbroker.frontend")
 
@@ -180,6 +180,18 @@ class RestApi:
         await _respond(send, *answer)
         return answer[0]
 
+    async def name_dtype(self, error: JsonTypeError, call: routes.RestCall, body: bytes) -> TFBrokerError:
+        """The type error with the input's dtype as TensorFlow names it (``float``), from the
+        model's metadata: one broker call, on this error path only."""
+        try:
+            metadata = await self.client.metadata(call.model, version=call.version, label=call.label)
+            signature_name = orjson.loads(body).get("signature_name") or "serving_default"
+            inputs = metadata["signature_def"]["signature_def"][signature_name]["inputs"]
+            info = inputs[error.name] if error.name else next(iter(inputs.values()))
+            return error.with_dtype(str(info["dtype"]).removeprefix("DT_").lower())
+        except (TFBrokerError, KeyError, StopIteration, ValueError):
+            return error  # the model's own error will say more; keep TF Serving's text without the dtype
+
     def check_capacity(self) -> None:
         """Overload: refuse before spending anything on the request, so the admitted ones keep
         the CPU and their latency stays bounded."""
@@ -188,7 +200,10 @@ class RestApi:
 
     async def run_predict(self, body: bytes, call: routes.RestCall, timeout_s: float) -> Answer:
         try:
-            inputs, signature, row_format = parse_predict_body(body, self.limits)
+            try:
+                inputs, signature, row_format = parse_predict_body(body, self.limits)
+            except JsonTypeError as exc:
+                raise await self.name_dtype(exc, call, body) from None
             prediction = await self.client.predict(call.model, inputs, version=call.version, label=call.label,
                                                    signature_name=signature, timeout_s=timeout_s)
             return (200, format_predictions(prediction.outputs, row_format),

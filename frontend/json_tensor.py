@@ -175,6 +175,19 @@ def _may_hold_literals(body: bytes) -> bool:
     return (b"l" in body and (b"false" in body or b"null" in body)) or (b"u" in body and b"true" in body)
 
 
+class JsonTypeError(InvalidArgument):
+    """TF Serving's TypeError (``JSON Value: null Type: Null is not of expected type: float``),
+    found while parsing, before the input's dtype is known: the frontend names the dtype from
+    the model's metadata (``with_dtype``), on this error path only."""
+
+    def __init__(self, name: str, value: str, kind: str, expected: str = "a number") -> None:
+        super().__init__(f"input '{name}': JSON Value: {value} Type: {kind} is not of expected type: {expected}")
+        self.name, self.value, self.kind = name, value, kind
+
+    def with_dtype(self, expected: str) -> JsonTypeError:
+        return JsonTypeError(self.name, self.value, self.kind, expected)
+
+
 def _refuse_non_numbers(value: Any, name: str) -> None:
     """TF Serving's TypeError for a null, a boolean among numbers, or an integer beyond 64 bits."""
     flat = value if isinstance(value, list) else [value]
@@ -183,10 +196,9 @@ def _refuse_non_numbers(value: Any, name: str) -> None:
     kinds = {type(v) for v in flat}
     for v in flat:
         if v is None:
-            raise InvalidArgument(f"input '{name}': JSON Value: null Type: Null is not of expected type: a number")
+            raise JsonTypeError(name, "null", "Null")
         if isinstance(v, bool) and len(kinds) > 1:
-            raise InvalidArgument(f"input '{name}': JSON Value: {str(v).lower()} Type: {v} is not of expected type: "
-                                  "a number")
+            raise JsonTypeError(name, str(v).lower(), str(v))
         if isinstance(v, int) and not isinstance(v, bool) and not -(1 << 63) <= v < (1 << 64):
             raise InvalidArgument(f"input '{name}': JSON Value: {v} Type: Number does not fit a 64-bit integer")
 
