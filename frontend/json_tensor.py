@@ -205,7 +205,9 @@ def _refuse_non_numbers(value: Any, name: str) -> None:
 
 def _parse_leniently(body: bytes, error: Exception) -> Any:
     """JSON with NaN, Infinity and -Infinity, which TF Serving takes (and orjson does not)."""
-    if b"NaN" not in body and b"Infinity" not in body:
+    # NaN and Infinity tokens, or a number beyond a double's range (1.8e308: ±inf, as
+    # TF Serving's parser reads it).
+    if b"NaN" not in body and b"Infinity" not in body and "infinity" not in str(error):
         raise InvalidArgument(f"JSON Parse error: {error}") from error
     try:
         return json.loads(body)

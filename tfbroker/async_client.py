@@ -40,8 +40,8 @@ class AsyncClient(ClientBase):
                  connect_timeout_s: float = 1.0) -> None:
         super().__init__(address, timeout_s=timeout_s, connect_timeout_s=connect_timeout_s)
         self._pid = 0
-        self._context: zmq.Context | None = None
-        self._socket: zmq.Socket | None = None
+        self._context: zmq.Context[Any] | None = None
+        self._socket: zmq.Socket[Any] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._heartbeat: asyncio.TimerHandle | None = None
         self._pending: dict[int, asyncio.Future[protocol.Message]] = {}
@@ -161,7 +161,7 @@ class AsyncClient(ClientBase):
 
     # --- implementation ---
 
-    def _ensure_socket(self) -> tuple[zmq.Socket, asyncio.AbstractEventLoop]:
+    def _ensure_socket(self) -> tuple[zmq.Socket[Any], asyncio.AbstractEventLoop]:
         loop = asyncio.get_running_loop()
         if self._pid != _process[0]:  # first use, or first use after a fork
             self._pid = _process[0]
@@ -201,7 +201,7 @@ class AsyncClient(ClientBase):
         except zmq.Again:
             pass
 
-    async def _wait_writable(self, sock: zmq.Socket) -> None:
+    async def _wait_writable(self, sock: zmq.Socket[Any]) -> None:
         deadline = time.monotonic() + self.connect_timeout_s
         while not events(sock) & POLLOUT:
             if time.monotonic() > deadline:

@@ -111,9 +111,9 @@ def _timeout_ms(timeout_s: float) -> int:
     return max(1, int(timeout_s * 1000))
 
 
-def new_socket(context: zmq.Context, address: str) -> zmq.Socket:
+def new_socket(context: zmq.Context[Any], address: str) -> zmq.Socket[Any]:
     """A DEALER to the broker; with CURVE when the environment names keys (tfbroker/wire/security.py)."""
-    sock = context.socket(zmq.DEALER)
+    sock: zmq.Socket[Any] = context.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     curve = client_keys_from_env()
     if curve is not None:
@@ -164,8 +164,8 @@ class Client(ClientBase):
         super().__init__(address, timeout_s=timeout_s, connect_timeout_s=connect_timeout_s)
         self._local = threading.local()
         self._pid = 0
-        self._context: zmq.Context | None = None
-        self._sockets: list[tuple[threading.Thread, zmq.Socket]] = []
+        self._context: zmq.Context[Any] | None = None
+        self._sockets: list[tuple[threading.Thread, zmq.Socket[Any]]] = []
         self._lock = threading.Lock()
 
     def predict(self, model: str, inputs: Mapping[str, Any], *, version: int | None = None,
@@ -237,7 +237,7 @@ class Client(ClientBase):
             self._local = threading.local()
             self._sockets = []
 
-    def _discard(self, sock: zmq.Socket, linger_ms: int = 0) -> None:
+    def _discard(self, sock: zmq.Socket[Any], linger_ms: int = 0) -> None:
         with self._lock:
             self._sockets = [pair for pair in self._sockets if pair[1] is not sock]
         sock.close(linger=linger_ms)
@@ -249,8 +249,8 @@ class Client(ClientBase):
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _thread_socket(self) -> zmq.Socket:
-        sock = getattr(self._local, "socket", None)
+    def _thread_socket(self) -> zmq.Socket[Any]:
+        sock: zmq.Socket[Any] | None = getattr(self._local, "socket", None)
         if sock is not None and self._pid == os.getpid():
             return sock
         with self._lock:

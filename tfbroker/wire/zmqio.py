@@ -25,7 +25,7 @@ _recv = _CythonSocket.recv
 _get = _CythonSocket.get
 
 
-def send_message(sock: zmq.Socket, frames: Sequence[Any], flags: int = 0, *, copy: bool = True) -> None:
+def send_message(sock: zmq.Socket[Any], frames: Sequence[Any], flags: int = 0, *, copy: bool = True) -> None:
     """``sock.send_multipart(frames, flags, copy=copy)``, faster."""
     flags = int(flags)
     more = flags | _SNDMORE
@@ -34,7 +34,7 @@ def send_message(sock: zmq.Socket, frames: Sequence[Any], flags: int = 0, *, cop
         _send(sock, frame, more if i < last else flags, copy)
 
 
-def recv_message(sock: zmq.Socket, flags: int = 0) -> list[bytes]:
+def recv_message(sock: zmq.Socket[Any], flags: int = 0) -> list[bytes]:
     """``sock.recv_multipart(flags)`` (frames as bytes), faster."""
     flags = int(flags)
     frames = [_recv(sock, flags)]
@@ -43,6 +43,6 @@ def recv_message(sock: zmq.Socket, flags: int = 0) -> list[bytes]:
     return frames
 
 
-def events(sock: zmq.Socket) -> int:
+def events(sock: zmq.Socket[Any]) -> int:
     """``sock.getsockopt(zmq.EVENTS)`` as a plain int, to test against POLLIN and POLLOUT."""
     return int(_get(sock, _EVENTS))
