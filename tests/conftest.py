@@ -40,7 +40,7 @@ def debian_binary(name: str, package: str) -> str:
     installs what CI needs; elsewhere the test skips and names the package to install."""
     binary = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin")
     if binary is None:
-        pytest.skip(f"{name} is not installed: apt-get install {package} (as .ci/run does) to run this test")
+        pytest.skip(f"{name} is not installed: install Debian's package {package} (.ci/run does) to run this test")
     return binary
 
 
