@@ -225,7 +225,10 @@ def check_inputs(served: ServedVersion, signature_name: str, specs: list[TensorS
         raise InvalidArgument(f'Serving signature name: "{signature_name}" not found in signature def')
     if method != "predict":
         return _check_examples(served, signature_name, signature, method, specs)
+    if len(frames) != len(specs):  # decode checks this on receipt; a lookup-rebuilt request too
+        raise InvalidArgument(f"{len(specs)} input specs but {len(frames)} tensor frames")
     expected = signature.inputs
+    _check_input_names(expected, [spec.name for spec in specs])
     given = set()
     rows: set[int] = set()
     scalar = False
@@ -234,9 +237,6 @@ def check_inputs(served: ServedVersion, signature_name: str, specs: list[TensorS
         name = spec.name
         if name == "" and len(expected) == 1 and len(specs) == 1:
             name = next(iter(expected))  # an unnamed input is the signature's only input
-        if name not in expected:
-            raise InvalidArgument(f"input '{name}' is not an input of signature '{signature_name}'; "
-                                  f"its inputs are {sorted(expected)}")
         if name in given:
             raise InvalidArgument(f"input '{name}' is given twice")
         want = expected[name][0]
@@ -256,13 +256,27 @@ def check_inputs(served: ServedVersion, signature_name: str, specs: list[TensorS
             join_key.append((spec.name, spec.dtype, spec.shape[1:]))
         else:
             join_key = None
-    missing = set(expected) - given
-    if missing:
-        raise InvalidArgument(f"signature '{signature_name}' needs inputs {sorted(missing)}, "
-                              f"which the request lacks")
     if scalar or len(rows) != 1 or 0 in rows:
         return 1, None  # runs alone: nothing to batch along
     return rows.pop(), tuple(join_key) if join_key else None
+
+
+def _check_input_names(expected: dict[str, Any], names: list[str]) -> None:
+    """TF Serving's words (predict_util.cc) for inputs that are not the signature's: a
+    different count, or a name it does not know. An unnamed input is the only one's."""
+    given = [next(iter(expected)) if name == "" and len(expected) == 1 and len(names) == 1 else name
+             for name in names]
+    if len(set(given)) != len(expected):
+        extra = sorted(set(given) - set(expected))
+        missing = sorted(set(expected) - set(given))
+        raise InvalidArgument(
+            f"input size does not match signature: {len(set(given))}!={len(expected)} "
+            f"len({{{','.join(sorted(set(given)))}}}) != len({{{','.join(sorted(expected))}}}). "
+            f"Sent extra: {{{','.join(extra)}}}. Missing but required: {{{','.join(missing)}}}.")
+    unknown = sorted(set(given) - set(expected))
+    if unknown:
+        raise InvalidArgument(f"input tensor alias not found in signature: {unknown[0]}. Inputs expected to be in "
+                              f"the set {{{','.join(sorted(expected))}}}.")
 
 
 PREDICT_METHOD = "tensorflow/serving/predict"

@@ -219,9 +219,9 @@ BAD_REQUESTS = [
     ("linear", b'{"instances": ["a", "b"]}', 400, "values of type string are not of expected type: float"),
     ("linear", b'{"instances": [1.0], "signature_name": "nope"}', 400, 'Serving signature name: "nope" not found'),
     ("linear", b'{"instances": [[1.0], [2.0, 3.0]]}', 400, "ragged"),
-    ("linear", b'{"instances": [{"z": 1.0}]}', 400, "'z' is not an input"),
+    ("linear", b'{"instances": [{"z": 1.0}]}', 400, "input tensor alias not found in signature: z. Inputs expected"),
     ("mlp", b'{"instances": [[1.0, 2.0, 3.0]]}', 400, ""),
-    ("two_io", b'{"instances": [{"a": [1.0, 2.0]}]}', 400, "lacks"),
+    ("two_io", b'{"instances": [{"a": [1.0, 2.0]}]}', 400, "Missing but required: {b}."),
     ("nosuchmodel", b'{"instances": [1.0]}', 404, "Servable not found for request: Latest(nosuchmodel)"),
     ("linear/versions/99", b'{"instances": [1.0]}', 404, "Specific(linear, 99)"),
 ]
