@@ -120,17 +120,36 @@ class _Parser:
                 if set(row) != names:
                     raise InvalidArgument(f"instance {i} has inputs {sorted(row)}, instance 0 has {sorted(names)}: "
                                           "every instance must name the same inputs")
-            return {name: self.array([row[name] for row in instances], name) for name in sorted(names)}
+            arrays = {}
+            for name in sorted(names):
+                values = [row[name] for row in instances]
+                try:
+                    arrays[name] = self.array(values, name)
+                except RaggedList:
+                    raise InvalidArgument(_instances_error(values, name)) from None
+            return arrays
         if any(isinstance(row, dict) and "b64" not in row for row in instances):
             raise InvalidArgument("'instances' mixes named (object) and unnamed values")
-        return {SINGLE_INPUT: self.array(instances, "instances")}
+        try:
+            return {SINGLE_INPUT: self.array(instances, "instances")}
+        except RaggedList:
+            raise InvalidArgument(_instances_error(instances, "")) from None
 
     def columns(self, inputs: Any) -> dict[str, np.ndarray]:
         if isinstance(inputs, dict) and "b64" not in inputs:
             if not inputs:
                 raise InvalidArgument("'inputs' names no input")
-            return {name: self.array(value, name) for name, value in inputs.items()}
-        return {SINGLE_INPUT: self.array(inputs, "inputs")}
+            arrays = {}
+            for name, value in inputs.items():
+                try:
+                    arrays[name] = self.array(value, name)
+                except RaggedList:
+                    raise InvalidArgument(_dense_error(value) or f"input '{name}' is ragged") from None
+            return arrays
+        try:
+            return {SINGLE_INPUT: self.array(inputs, "inputs")}
+        except RaggedList:
+            raise InvalidArgument(_dense_error(inputs) or "'inputs' is ragged") from None
 
     def array(self, value: Any, name: str) -> np.ndarray:
         # The shape along the first elements: enough for the limits, and cheap (numpy finds
@@ -160,7 +179,9 @@ def _to_array(value: Any, name: str) -> np.ndarray:
     try:
         array = np.array(value)
     except (ValueError, OverflowError) as exc:
-        raise InvalidArgument(f"input '{name}': {_ragged_message(exc)}") from exc
+        if "inhomogeneous" in str(exc) or "sequence" in str(exc):
+            raise RaggedList(name) from exc
+        raise InvalidArgument(f"input '{name}': {exc}") from exc
     if array.dtype.kind not in "biuf":
         _refuse_non_numbers(value, name)
         raise InvalidArgument(f"input '{name}' holds values that are not numbers, booleans or strings")
@@ -263,7 +284,7 @@ def _shape_of(value: Any, name: str) -> tuple[int, ...]:
             break
         lengths = {len(v) if isinstance(v, list) else -1 for v in value}
         if len(lengths) != 1:
-            raise InvalidArgument(f"input '{name}': the list is ragged (rows of different lengths)")
+            raise RaggedList(name)
         value = value[0]
     return tuple(shape)
 
@@ -280,11 +301,69 @@ def _object_array(value: Any, name: str) -> np.ndarray:
     return array
 
 
-def _ragged_message(exc: ValueError | OverflowError) -> str:
-    text = str(exc)
-    if "inhomogeneous" in text or "sequence" in text:
-        return "the list is ragged (rows of different lengths)"
-    return text
+class RaggedList(InvalidArgument):
+    """Lists of different lengths where a tensor needs one shape; its caller words it as TF
+    Serving's json_tensor.cc does (_dense_error, _instances_error)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"input '{name}': the list is ragged (rows of different lengths)")
+
+
+def _dense_error(value: Any) -> str | None:
+    """TF Serving's words for a value that is not one dense tensor: its shape is read along
+    the first elements, then every list must have that shape's size at its level."""
+    return _fill_error(value, _first_shape_of(value), 0)
+
+
+def _fill_error(value: Any, shape: list[int], level: int) -> str | None:
+    rank = len(shape)
+    if not isinstance(value, list):
+        if level != rank:
+            return (f"JSON Value: {_json_text(value)} found at incorrect level: {level + 1} in the JSON DOM. "
+                    f"Expected at level: {rank}")
+        return None
+    if level >= rank:
+        return f"Encountered list at unexpected level: {level} expected < {rank}"
+    if len(value) != shape[level]:
+        return f"Encountered list at unexpected size: {len(value)} at level: {level} expected size: {shape[level]}"
+    for item in value:
+        error = _fill_error(item, shape, level + 1)
+        if error:
+            return error
+    return None
+
+
+def _instances_error(elements: list[Any], name: str) -> str:
+    """TF Serving's words for instances that do not make one tensor: the element, and why."""
+    where = f"{{}} key: {name}" if name else "{}"
+    first_shape = None
+    for index, element in enumerate(elements):
+        error = _dense_error(element)
+        shape = [] if error else _first_shape_of(element)
+        if error is None and first_shape is not None and shape != first_shape:
+            size, first_size = math.prod(shape), math.prod(first_shape)
+            error = (f"Expecting tensor size: {first_size} but got: {size}" if size != first_size else
+                     f"Expecting shape [{','.join(map(str, first_shape))}] but got: [{','.join(map(str, shape))}]")
+        if error:
+            return (f"Failed to process element: {where.format(index)} of 'instances' list. "
+                    f"Error: INVALID_ARGUMENT: {error}")
+        if first_shape is None:
+            first_shape = shape
+    return "the 'instances' list is ragged"
+
+
+def _first_shape_of(value: Any) -> list[int]:
+    shape = []
+    while isinstance(value, list):
+        shape.append(len(value))
+        if not value:
+            break
+        value = value[0]
+    return shape
+
+
+def _json_text(value: Any) -> str:
+    return orjson.dumps(value).decode() if not isinstance(value, float) or math.isfinite(value) else str(value)
 
 
 def _rows(outputs: dict[str, np.ndarray]) -> Any:

@@ -218,7 +218,7 @@ BAD_REQUESTS = [
     ("linear", b'{"instances": [1.0], "inputs": [1.0]}', 400, "Not both"),
     ("linear", b'{"instances": ["a", "b"]}', 400, "values of type string are not of expected type: float"),
     ("linear", b'{"instances": [1.0], "signature_name": "nope"}', 400, 'Serving signature name: "nope" not found'),
-    ("linear", b'{"instances": [[1.0], [2.0, 3.0]]}', 400, "ragged"),
+    ("linear", b'{"instances": [[1.0], [2.0, 3.0]]}', 400, "Expecting tensor size: 1 but got: 2"),
     ("linear", b'{"instances": [{"z": 1.0}]}', 400, "input tensor alias not found in signature: z. Inputs expected"),
     ("mlp", b'{"instances": [[1.0, 2.0, 3.0]]}', 400, ""),
     ("two_io", b'{"instances": [{"a": [1.0, 2.0]}]}', 400, "Missing but required: {b}."),
