@@ -312,7 +312,7 @@ class RaggedList(InvalidArgument):
 def _dense_error(value: Any) -> str | None:
     """TF Serving's words for a value that is not one dense tensor: its shape is read along
     the first elements, then every list must have that shape's size at its level."""
-    return _fill_error(value, _first_shape_of(value), 0)
+    return _fill_error(value, list(_first_shape(value, "", 1 << 30)), 0)
 
 
 def _fill_error(value: Any, shape: list[int], level: int) -> str | None:
@@ -339,7 +339,7 @@ def _instances_error(elements: list[Any], name: str) -> str:
     first_shape = None
     for index, element in enumerate(elements):
         error = _dense_error(element)
-        shape = [] if error else _first_shape_of(element)
+        shape = [] if error else list(_first_shape(element, name, 1 << 30))
         if error is None and first_shape is not None and shape != first_shape:
             size, first_size = math.prod(shape), math.prod(first_shape)
             error = (f"Expecting tensor size: {first_size} but got: {size}" if size != first_size else
@@ -350,16 +350,6 @@ def _instances_error(elements: list[Any], name: str) -> str:
         if first_shape is None:
             first_shape = shape
     return "the 'instances' list is ragged"
-
-
-def _first_shape_of(value: Any) -> list[int]:
-    shape = []
-    while isinstance(value, list):
-        shape.append(len(value))
-        if not value:
-            break
-        value = value[0]
-    return shape
 
 
 def _json_text(value: Any) -> str:

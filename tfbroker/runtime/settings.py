@@ -41,7 +41,7 @@ METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 def default_runtime_dir(rest_api_port: int) -> str:
     """Where a broker's ipc:// sockets live unless --runtime_dir says otherwise: one
-    directory per HTTP port, so brokers on different ports share a host without flags."""
+    directory per HTTP port, so brokers on different ports share a host's runtime directories."""
     base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
     return os.path.join(base, f"tfbroker-{os.getuid()}-{rest_api_port}")
 
