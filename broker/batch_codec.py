@@ -59,10 +59,25 @@ def split_task_result(result: protocol.TaskResult, frames: Sequence[Any], tasks:
     return messages
 
 
+def by_client(tasks: list[Task]) -> list[Task]:
+    """The tasks of a batch grouped by client (in order of first appearance), so each
+    client's rows of the result are one run: answered with one RowsReply."""
+    groups: dict[bytes, list[Task]] = {}
+    for task in tasks:
+        group = groups.get(task.payload.client)
+        if group is None:
+            groups[task.payload.client] = [task]
+        else:
+            group.append(task)
+    return tasks if len(groups) == 1 else [task for group in groups.values() for task in group]
+
+
 def cut_joined_result(result: protocol.JoinedResult, frames: Sequence[Any],
-                      tasks: Sequence[Task]) -> list[list[Any]]:
-    """One REPLY per task from a joined RESULT (one tensor per output, the tasks' rows in
-    order); ValueError when an output cannot be cut by these tasks' rows."""
+                      tasks: Sequence[Task]) -> list[tuple[list[Task], list[Any]]]:
+    """The answers in a joined RESULT (one tensor per output, the tasks' rows in order):
+    for each run of whole requests of one client, one RowsReply (a PredictReply when the run
+    is one request), and one PredictReply for each part of a split request; each with the
+    tasks it answers. ValueError when an output cannot be cut by these tasks' rows."""
     total = sum(t.size for t in tasks)
     outputs = []
     for spec, frame in zip(result.outputs, frames):
@@ -70,16 +85,38 @@ def cut_joined_result(result: protocol.JoinedResult, frames: Sequence[Any],
         if not spec.shape or spec.shape[0] != total or spec.dtype == protocol.STRING or len(view) != tensors.nbytes(spec):
             raise ValueError(f"output {spec.name!r} of shape {list(spec.shape)} for a batch of {total} rows")
         outputs.append((spec, view, len(view) // total if total else 0))
-    messages, start = [], 0
-    for task in tasks:
-        rows = task.size
-        reply = protocol.PredictReply(
-            id=task.payload.request_id, model=result.model, version=result.version,
-            outputs=[protocol.TensorSpec(spec.name, spec.dtype, (rows, *spec.shape[1:])) for spec, _, _ in outputs])
-        messages.append([protocol.REPLY, protocol.encode_header(reply),
-                         *[view[start * row_bytes:(start + rows) * row_bytes] for _, view, row_bytes in outputs]])
-        start += rows
-    return messages
+    answers: list[tuple[list[Task], list[Any]]] = []
+    run: list[Task] = []
+    start = run_start = 0
+    for index, task in enumerate(tasks):
+        if not run or task.payload.client != run[0].payload.client or task.payload.split is not None:
+            if run:
+                answers.append((run, _rows_answer(result, outputs, run, run_start, start)))
+            run, run_start = [], start
+        run.append(task)
+        start += task.size
+        if task.payload.split is not None:  # a part is answered alone: its request joins the parts
+            answers.append((run, _rows_answer(result, outputs, run, run_start, start)))
+            run = []
+    if run:
+        answers.append((run, _rows_answer(result, outputs, run, run_start, start)))
+    return answers
+
+
+def _rows_answer(result: protocol.JoinedResult, outputs: list[tuple[protocol.TensorSpec, memoryview, int]],
+                 tasks: list[Task], start: int, end: int) -> list[Any]:
+    """The answer to ``tasks`` (rows ``start`` to ``end`` of the result): their outputs' rows, not copied."""
+    rows = end - start
+    specs = [protocol.TensorSpec(spec.name, spec.dtype, (rows, *spec.shape[1:])) for spec, _, _ in outputs]
+    header: protocol.Header
+    if len(tasks) == 1:
+        header = protocol.PredictReply(id=tasks[0].payload.request_id, model=result.model, version=result.version,
+                                       outputs=specs)
+    else:
+        header = protocol.RowsReply(ids=[t.payload.request_id for t in tasks], rows=[t.size for t in tasks],
+                                    model=result.model, version=result.version, outputs=specs)
+    return [protocol.REPLY, protocol.encode_header(header),
+            *[view[start * row_bytes:end * row_bytes] for _, view, row_bytes in outputs]]
 
 
 def describe_tasks(tasks: Iterable[Task], most: int = 8) -> str:

@@ -12,7 +12,7 @@ import itertools
 import logging
 from typing import Iterable
 
-from broker.batch_codec import build_batch, cut_joined_result, split_task_result
+from broker.batch_codec import build_batch, by_client, cut_joined_result, split_task_result
 from broker.batching import Batch
 from broker.config import BatchingParameters
 from broker.inflight import InFlight
@@ -74,16 +74,19 @@ class Dispatcher:
         tasks = entry[1]
         try:
             if isinstance(result, protocol.JoinedResult):
-                replies = cut_joined_result(result, message.frames, tasks)
+                answers = cut_joined_result(result, message.frames, tasks)
             else:
-                replies = split_task_result(result, message.frames, tasks)
+                answers = [([task], reply) for task, reply in zip(tasks, split_task_result(result, message.frames, tasks))]
         except ValueError as exc:
             self._inflight.counters["malformed_worker"] += 1
             log.error("malformed result from worker %r: %s", link.identity, exc)
             self._inflight.fail(tasks, Internal("the model worker returned a malformed result"))
             return False
-        for task, reply in zip(tasks, replies):
-            self._inflight.reply(task, reply)
+        for answered, reply in answers:
+            if len(answered) == 1:
+                self._inflight.reply(answered[0], reply)
+            else:
+                self._inflight.reply_rows(answered, reply)
         return True
 
     # --- implementation ---
@@ -93,6 +96,7 @@ class Dispatcher:
         live = self._inflight.take_live(batch.tasks, now)
         if not live:
             return
+        live = by_client(live)
         rows = sum(t.size for t in live)
         batch_id = next(self._batch_ids)
         header, frames = build_batch(batch_id, signature, (served.batching or self._batching).padded_size(rows),

@@ -3,8 +3,8 @@
 Admission (resolve the version once, check the inputs, queue), the cancel map, expiry,
 failure, requeue after a lost worker, the replies and the broker's counters all live here;
 the stages (lookups, dispatch, the version manager) hand tasks to it and never answer a
-client themselves. Replies leave through ``send``, the frontend socket's sender, so this
-runs in unit tests without a socket.
+client themselves. Answers leave through ``send`` (the broker's Outbox: one message per
+client at the end of the loop's turn), so this runs in unit tests without a socket.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ COUNTERS = ("requests", "batches", "rows", "joined", "rejected", "expired", "can
             "malformed_worker", "failed_handlers", "auth_refused", "requeued", "lookup_batches", "lookup_tasks",
             "lookup_keys", "lookup_unique_keys", "lookup_failed")
 
-# One multipart message to the frontend socket, identity first; copy=False for frames received
-# from a worker (forwarded without a copy).
-Send = Callable[[list[Any], bool], None]
+# One answer for a client: (its identity, ``[REPLY|ERROR, header, frames…]``); frames received
+# from a worker are forwarded as they came.
+Send = Callable[[bytes, list[Any]], None]
 # The version's lookup queue for a signature that takes looked-up tensors, else None.
 LookupQueueFor = Callable[[ServedVersion, str], "BatchQueue | None"]
 
@@ -178,13 +178,13 @@ class InFlight:
         pending: Pending = task.payload
         split = pending.split
         if split is None:
-            self._send([pending.client, protocol.TAG, *frames], False)
+            self._send(pending.client, frames)
             return
         if split.done:
             return
         if bytes(frames[0]) == protocol.ERROR:
             split.done = True
-            self._send([pending.client, protocol.TAG, *frames], False)
+            self._send(pending.client, frames)
             return
         split.replies[pending.part] = frames
         if all(reply is not None for reply in split.replies):
@@ -194,11 +194,15 @@ class InFlight:
             except ValueError as exc:
                 self.reply_error(pending.client, pending.request_id, Internal(f"cannot answer a split request: {exc}"))
                 return
-            self._send([pending.client, protocol.TAG, *joined], False)
+            self._send(pending.client, joined)
+
+    def reply_rows(self, tasks: list[Task], frames: list[Any]) -> None:
+        """One answer (a RowsReply) for several whole requests of one client."""
+        self._send(tasks[0].payload.client, frames)
 
     def reply_error(self, client: bytes, request_id: int | None, error: TFBrokerError) -> None:
         body = protocol.Error(id=request_id, code=error.http_status, message=error.message[:protocol.MAX_MESSAGE_CHARS])
-        self._send([client, *protocol.encode(protocol.ERROR, body)], True)
+        self._send(client, [protocol.ERROR, protocol.encode_header(body)])
 
     def fail(self, tasks: Iterable[Task], error: TFBrokerError) -> None:
         for task in tasks:

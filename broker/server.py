@@ -37,6 +37,7 @@ from broker.frontends import ACCEPT_DRAIN_S, Frontends
 from broker.inflight import InFlight
 from broker.lookups import LookupStage
 from broker.manager import VersionManager
+from broker.outbox import Outbox
 from broker.models import ServedVersion, version_stats
 from broker.source import VersionSource
 from broker.stats import process_stats
@@ -68,7 +69,8 @@ class Broker:
         self._key_ring: KeyRing | None = None
         self.frontend_socket = self._context.socket(zmq.ROUTER)
         self.backend_socket = self._context.socket(zmq.ROUTER)
-        self.inflight = InFlight(self._send_frontend, batching, enable_batching=config.enable_batching,
+        self.outbox = Outbox(self._send_frontend)
+        self.inflight = InFlight(self.outbox.add, batching, enable_batching=config.enable_batching,
                                  max_timeout_ms=config.rest_api_timeout_in_ms)
         self.dispatcher = Dispatcher(self.inflight, self._send_backend, batching,
                                      batches_in_flight=config.batches_in_flight)
@@ -136,6 +138,7 @@ class Broker:
             if now >= self._next_housekeeping:
                 self._housekeeping(now)
             self._handle_signals(now)
+            self.outbox.flush()
         self._shutdown()
 
     def close(self) -> None:
@@ -159,38 +162,43 @@ class Broker:
                 return
             client = frames[0]
             try:
-                message = protocol.decode(frames[1:], protocol.CLIENT_TO_BROKER)
+                members = protocol.decode_all(frames[1:], protocol.CLIENT_TO_BROKER)
             except ProtocolError as exc:
-                self.inflight.counters["malformed_client"] += 1
-                self._warn("malformed message from a client: %s", exc)
-                self.inflight.reply_error(client, protocol.salvage_id(frames[1:]),
-                                          InvalidArgument(f"protocol error: {exc}"))
+                self._malformed(client, protocol.salvage_id(frames[1:]), exc)
                 continue
-            try:
-                self._handle_client(client, message, frames)
-            except Exception as exc:  # noqa: BLE001 - a bug for one request must not stop the broker
-                self.inflight.counters["failed_handlers"] += 1
-                log.exception("cannot handle a %r message from a client", message.command)
-                self.inflight.reply_error(client, getattr(message.header, "id", None),
-                                          Internal(f"broker error: {exc}"))
+            now = time.monotonic()
+            for message in members:
+                if isinstance(message, protocol.Malformed):
+                    self._malformed(client, message.id, message.error)
+                    continue
+                try:
+                    self._handle_client(client, message, now)
+                except Exception as exc:  # noqa: BLE001 - a bug for one request must not stop the broker
+                    self.inflight.counters["failed_handlers"] += 1
+                    log.exception("cannot handle a %r message from a client", message.command)
+                    self.inflight.reply_error(client, getattr(message.header, "id", None),
+                                              Internal(f"broker error: {exc}"))
 
-    def _handle_client(self, client: bytes, message: protocol.Message, frames: list[Any]) -> None:
+    def _malformed(self, client: bytes, request_id: int | None, error: ProtocolError) -> None:
+        self.inflight.counters["malformed_client"] += 1
+        self._warn("malformed message from a client: %s", error)
+        self.inflight.reply_error(client, request_id, InvalidArgument(f"protocol error: {error}"))
+
+    def _handle_client(self, client: bytes, message: protocol.Message, now: float) -> None:
         command, header = message.command, message.header
         if command == protocol.REQUEST:
-            self.inflight.admit(client, header, frames[3:], self.versions.models, self.lookups.queue_for,
-                                time.monotonic())
+            self.inflight.admit(client, header, [message.header_frame, *message.frames], self.versions.models, self.lookups.queue_for, now)
         elif command == protocol.CANCEL:
             self.inflight.cancel(client, header.id)
         elif command == protocol.HEARTBEAT:
-            send_message(self.frontend_socket, [client, *protocol.encode(protocol.HEARTBEAT, protocol.Heartbeat())])
+            self.outbox.add(client, [protocol.HEARTBEAT, protocol.encode_header(protocol.Heartbeat())])
         elif command == protocol.RELOAD:
             try:
                 body = {"changes": self.control.reload_text(header.config)}
             except TFBrokerError as exc:
                 self.inflight.reply_error(client, header.id, exc)
                 return
-            send_message(self.frontend_socket,
-                         [client, *protocol.encode(protocol.REPLY, protocol.ControlReply(id=header.id, body=body))])
+            self.outbox.add(client, [protocol.REPLY, protocol.encode_header(protocol.ControlReply(id=header.id, body=body))])
         else:
             try:
                 reply = {protocol.METADATA: lambda h: queries.metadata(self.versions.models, h),
@@ -199,7 +207,7 @@ class Broker:
             except TFBrokerError as exc:
                 self.inflight.reply_error(client, header.id, exc)
                 return
-            send_message(self.frontend_socket, [client, *protocol.encode(protocol.REPLY, reply)])
+            self.outbox.add(client, [protocol.REPLY, protocol.encode_header(reply)])
 
     def _stats(self, header: protocol.Query) -> protocol.StatsReply:
         versions = [version_stats(served) for model in self.versions.models.values()
@@ -250,8 +258,9 @@ class Broker:
                 self.inflight.counters["failed_handlers"] += 1
                 log.exception("cannot handle a %r message from worker %r", message.command, identity)
 
-    def _send_frontend(self, frames: list[Any], copy: bool) -> None:
-        send_message(self.frontend_socket, frames, copy=copy)
+    def _send_frontend(self, frames: list[Any]) -> None:
+        # Not copied: frames from a worker are forwarded as they came (ZeroMQ copies the small ones).
+        send_message(self.frontend_socket, frames, copy=False)
 
     def _send_backend(self, identity: bytes, command: bytes, header: protocol.Header, frames: Any) -> None:
         send_message(self.backend_socket, [identity, *protocol.encode(command, header, frames)], copy=False)
@@ -324,6 +333,7 @@ class Broker:
         self.stop_children()
         for served in serving:
             self.inflight.fail_version(served, Unavailable("the server is shutting down"))
+        self.outbox.flush()
         log.info("stopped")
 
     def _warn(self, text: str, *args: Any) -> None:

@@ -4,7 +4,8 @@ A plain ZeroMQ socket whose file descriptor is watched by the event loop (``add_
 rather than zmq.asyncio's futures: sends never wait (DEALER, NOBLOCK), and one reader
 callback routes every reply to its caller's future. ZeroMQ's descriptor is edge-triggered,
 so the socket is drained until EVENTS shows nothing more, after every wake-up and after
-every round of sends. Requests made in one loop iteration are sent together at its end.
+every round of sends. Requests made in one loop iteration are sent together at its end, as
+one message (a BUNDLE when there are several); the broker answers in kind.
 """
 
 from __future__ import annotations
@@ -18,15 +19,17 @@ import zmq
 
 from tfbroker.wire import protocol
 from tfbroker.runtime.settings import DEFAULT_HEARTBEAT_INTERVAL_S, DEFAULT_HEARTBEAT_LIVENESS
-from tfbroker.wire.errors import DeadlineExceeded, Internal, ProtocolError, Unavailable
+from tfbroker.wire.errors import DeadlineExceeded, Internal, Unavailable
 from tfbroker.wire.zmqio import NOBLOCK, POLLIN, POLLOUT, events, recv_message, send_message
 from tfbroker.client import (DEFAULT_TIMEOUT_S, GRACE_S, ClientBase, Prediction, as_dict, decode_reply,
-                             encode_cancel, encode_reload, new_socket, prediction)
+                             encode_cancel, encode_reload, new_socket, prediction, read_answers)
 
 # While requests wait, a silent broker gets a heartbeat each interval and is given up after
 # liveness silent intervals (its pending requests then fail with Unavailable).
 HEARTBEAT_INTERVAL_S = DEFAULT_HEARTBEAT_INTERVAL_S
 HEARTBEAT_LIVENESS = DEFAULT_HEARTBEAT_LIVENESS
+# Messages sent as one BUNDLE at most: a burst larger than this goes as several.
+MAX_BUNDLE = 256
 # This process's pid, kept current across forks (gunicorn forks the frontends from a
 # preloaded app): comparing it costs nothing, os.getpid() is a system call per request.
 _process = [os.getpid()]
@@ -130,20 +133,22 @@ class AsyncClient(ClientBase):
                 pass
 
     def _flush(self) -> None:
-        """Send what this loop iteration queued, back to back: ZeroMQ wakes its I/O thread
-        once for the lot instead of once per request (the frontend's largest cost)."""
+        """Send what this loop iteration queued as one message (a BUNDLE when there are
+        several): ZeroMQ and the broker then pay once for the lot instead of once per
+        request (the largest cost of both, per request, before)."""
         outbox, self._outbox = self._outbox, []
+        waiting = [(frames, future) for frames, future in outbox if not future.done()]
         sock = self._socket
-        for frames, future in outbox:
-            if future.done():
-                continue
-            if sock is None:
-                future.set_exception(Unavailable(f"the broker at {self.address} is not reachable"))
-                continue
+        for start in range(0, len(waiting), MAX_BUNDLE):
+            chunk = waiting[start:start + MAX_BUNDLE]
             try:
-                send_message(sock, frames, NOBLOCK)
+                if sock is None:
+                    raise zmq.Again()
+                send_message(sock, protocol.bundle([frames[1:] for frames, _ in chunk]), NOBLOCK)
             except zmq.Again:
-                future.set_exception(Unavailable(f"the broker at {self.address} is not reachable"))
+                for _, future in chunk:
+                    if not future.done():
+                        future.set_exception(Unavailable(f"the broker at {self.address} is not reachable"))
         self._drain()
 
     def close(self) -> None:
@@ -188,16 +193,14 @@ class AsyncClient(ClientBase):
             while events(sock) & POLLIN:
                 frames = recv_message(sock, NOBLOCK)  # copies: cheaper than Frame objects when small
                 self._last_heard = time.monotonic()
-                try:
-                    message = protocol.decode(frames, protocol.BROKER_TO_CLIENT)
-                except ProtocolError as exc:
-                    future = self._pending.get(protocol.salvage_id(frames))  # type: ignore[arg-type]
-                    if future is not None and not future.done():
-                        future.set_exception(Internal(f"malformed answer from the broker: {exc}"))
-                    continue
-                future = self._pending.get(getattr(message.header, "id", None))  # type: ignore[arg-type]
-                if future is not None and not future.done():
-                    future.set_result(message)
+                for request_id, answer in read_answers(frames):
+                    future = self._pending.get(request_id)  # type: ignore[arg-type]
+                    if future is None or future.done():
+                        continue
+                    if isinstance(answer, Exception):
+                        future.set_exception(answer)
+                    else:
+                        future.set_result(answer)
         except zmq.Again:
             pass
 

@@ -84,6 +84,29 @@ def decode_reply(message: protocol.Message) -> Any:
     return message.header
 
 
+def read_answers(frames: list[Any]) -> list[tuple[int | None, protocol.Message | Exception]]:
+    """Each answer in a message from the broker (one, or a BUNDLE's, a RowsReply cut per
+    request) with the id it answers; what cannot be read is an Internal error for its id
+    (None when no id is readable)."""
+    try:
+        members = protocol.decode_all(frames, protocol.BROKER_TO_CLIENT)
+    except ProtocolError as exc:
+        return [(protocol.salvage_id(frames), Internal(f"malformed answer from the broker: {exc}"))]
+    answers: list[tuple[int | None, protocol.Message | Exception]] = []
+    for member in members:
+        if isinstance(member, protocol.Malformed):
+            answers.append((member.id, Internal(f"malformed answer from the broker: {member.error}")))
+        elif isinstance(member.header, protocol.RowsReply):
+            try:
+                answers.extend((answer.header.id, answer) for answer in protocol.split_rows(member))
+            except ProtocolError as exc:
+                error = Internal(f"malformed answer from the broker: {exc}")
+                answers.extend((request_id, error) for request_id in member.header.ids)
+        else:
+            answers.append((getattr(member.header, "id", None), member))
+    return answers
+
+
 def prediction(message: protocol.Message) -> Prediction:
     reply = decode_reply(message)
     if not isinstance(reply, protocol.PredictReply):
@@ -217,15 +240,11 @@ class Client(ClientBase):
                     pass
                 self._discard(sock, linger_ms=100)
                 raise DeadlineExceeded(f"no answer from the broker within {timeout_s:.3g} s")
-            frames = sock.recv_multipart(copy=False)
-            try:
-                message = protocol.decode(frames, protocol.BROKER_TO_CLIENT)
-            except ProtocolError as exc:
-                if protocol.salvage_id(frames) == request_id:
-                    raise Internal(f"malformed answer from the broker: {exc}") from exc
-                continue
-            if getattr(message.header, "id", None) == request_id:
-                return message
+            for answered, answer in read_answers(sock.recv_multipart(copy=False)):
+                if answered == request_id:
+                    if isinstance(answer, Exception):
+                        raise answer
+                    return answer
 
     def close(self) -> None:
         """Close every thread's socket; the client opens new ones if used again."""

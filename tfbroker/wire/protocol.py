@@ -44,6 +44,13 @@ Client (frontend or ``tfbroker.client``) to broker, on the broker's frontend ROU
                                          replaces the served models (as ``broker.ctl
                                          reload-config`` with the config file)
     HEARTBEAT Heartbeat {}
+    BUNDLE    Bundle {counts: [n…]}      several of the messages above (not BUNDLE) sent as
+                                         one: then, per member, ``n`` frames that form a
+                                         complete message without the tag: ``[command,
+                                         header, frames…]``. What a client has ready at the
+                                         same moment goes as one BUNDLE; a lone message
+                                         goes as itself. Each member is decoded and
+                                         answered on its own: a malformed one fails alone.
 
 Broker to client:
 
@@ -53,10 +60,15 @@ Broker to client:
               model_version_status: [{version, state, status}…]} (STATUS); StatsReply
               {kind: "c", id, counters: {name: n}, versions: [VersionStats…], processes:
               [[role, processes, cpu_seconds, rss_bytes]…]} (STATS); ControlReply {kind:
-              "ctl", id, body: {changes: [text…]}} (RELOAD)
+              "ctl", id, body: {changes: [text…]}} (RELOAD); RowsReply {kind: "r", ids: [id…],
+              rows: [n…], model, version, outputs: [spec…]} + one frame per output: the
+              answers to several REQUESTs of one batch at once, each output the requests'
+              rows end to end in ``ids`` order (a request's own outputs are its rows)
     ERROR     Error {id, code, message}  ``code`` is the HTTP status (tfbroker/wire/errors.py);
                                          ``id`` is nil when the message had none readable
     HEARTBEAT Heartbeat {}               the answer to a client's HEARTBEAT
+    BUNDLE    Bundle {counts: [n…]}      REPLY and ERROR members: what the broker has for a
+                                         client at the end of one turn of its loop
 
 Worker to broker, on the broker's backend ROUTER (the worker's identity is its own):
 
@@ -112,6 +124,8 @@ Dialogs
 -------
     C: REQUEST          B: REPLY | ERROR            exactly one answer per id, unless the
                                                     client's own deadline passes first
+    C: BUNDLE           B: the answer to each member, as if each had come alone (in
+                                                    BUNDLEs of their own making)
     C: CANCEL           B: ERROR 499 for that id, if it was still queued; else nothing more
     C: anything else    B: the matching REPLY, or ERROR 400 (also for commands a client
                                                     may not send)
@@ -165,6 +179,7 @@ LOAD = b"\x0e"
 UNLOAD = b"\x0f"
 LOADED = b"\x10"
 RELOAD = b"\x11"
+BUNDLE = b"\x12"
 
 STRING = "string"
 
@@ -264,6 +279,19 @@ class MetadataReply(Header, tag_field="kind", tag="m"):
     signature_def: Json
 
 
+class RowsReply(Outputs, kw_only=True, tag_field="kind", tag="r"):
+    """Several requests' answers from one batch: ``rows[i]`` rows of every output are ``ids[i]``'s."""
+
+    ids: Annotated[list[Id], msgspec.Meta(max_length=MAX_TASKS)]
+    rows: Tasks
+
+    def __post_init__(self) -> None:
+        total = sum(self.rows)
+        if len(self.ids) != len(self.rows) or any(
+                not spec.shape or spec.shape[0] != total or spec.dtype == STRING for spec in self.outputs):
+            raise ValueError(f"one row count per id, and every output numeric with {total} rows")
+
+
 class StatusReply(Header, tag_field="kind", tag="s"):
     id: Id
     model: Name
@@ -311,6 +339,15 @@ class StatsReply(Header, tag_field="kind", tag="c"):
 class ControlReply(Header, tag_field="kind", tag="ctl"):
     id: Id
     body: Json
+
+
+class Bundle(Header):
+    """Several messages as one: ``counts[i]`` frames each (command, header, payload)."""
+
+    counts: Annotated[list[Annotated[int, msgspec.Meta(ge=2, le=MAX_TENSORS + 2)]], msgspec.Meta(max_length=MAX_TASKS)]
+
+    def frame_count(self) -> int:
+        return sum(self.counts)
 
 
 class Error(Header):
@@ -474,18 +511,18 @@ class Control(Header):
     args: ControlArgs = msgspec.field(default_factory=ControlArgs)
 
 
-Reply = Union[PredictReply, MetadataReply, StatusReply, StatsReply, ControlReply]
+Reply = Union[PredictReply, RowsReply, MetadataReply, StatusReply, StatsReply, ControlReply]
 
 HEADER_TYPES: dict[bytes, Any] = {
     REQUEST: Request, REPLY: Reply, ERROR: Error, METADATA: Query, STATUS: Query, HEARTBEAT: Heartbeat,
     READY: Union[Ready, IoReady], BATCH: Union[TaskBatch, JoinedBatch, LookupBatch],
     RESULT: Union[TaskResult, JoinedResult, LookupResult], DISCONNECT: Disconnect, STATS: Query, CONTROL: Control,
-    CANCEL: Cancel, LOAD: Tables, UNLOAD: Tables, LOADED: TablesLoaded, RELOAD: Reload,
+    CANCEL: Cancel, LOAD: Tables, UNLOAD: Tables, LOADED: TablesLoaded, RELOAD: Reload, BUNDLE: Bundle,
 }
 
 # What each socket takes: anything else is answered (clients) or dropped and counted (workers).
-CLIENT_TO_BROKER = frozenset({REQUEST, METADATA, STATUS, STATS, CANCEL, HEARTBEAT, RELOAD})
-BROKER_TO_CLIENT = frozenset({REPLY, ERROR, HEARTBEAT})
+CLIENT_TO_BROKER = frozenset({REQUEST, METADATA, STATUS, STATS, CANCEL, HEARTBEAT, RELOAD, BUNDLE})
+BROKER_TO_CLIENT = frozenset({REPLY, ERROR, HEARTBEAT, BUNDLE})
 WORKER_TO_BROKER = frozenset({READY, RESULT, HEARTBEAT, DISCONNECT, LOADED})  # workers and I/O batchers
 BROKER_TO_WORKER = frozenset({BATCH, HEARTBEAT, DISCONNECT})
 BROKER_TO_IOBATCHER = frozenset({BATCH, HEARTBEAT, DISCONNECT, LOAD, UNLOAD})
@@ -504,11 +541,13 @@ _id_only = msgspec.msgpack.Decoder(_IdOnly)
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """A decoded message: its command, its typed header and its raw payload frames."""
+    """A decoded message: its command, its typed header, its raw payload frames and the
+    header frame as it came (the broker forwards a request's to the worker unchanged)."""
 
     command: bytes
     header: Any
     frames: list[Any]
+    header_frame: Any = None
 
 
 def encode(command: bytes, header: Header, frames: Iterable[Any] = ()) -> list[Any]:
@@ -526,16 +565,71 @@ def decode(frames: Sequence[Any], accept: frozenset[bytes]) -> Message:
     raises ProtocolError."""
     if len(frames) < 3:
         raise ProtocolError(f"a message needs at least 3 frames, got {len(frames)}")
-    tag, command = bytes(frames[0]), bytes(frames[1])
+    tag = bytes(frames[0])
     if tag != TAG:
         raise ProtocolError(f"protocol tag {tag[:16]!r} is not {TAG!r}")
-    if command not in accept:
-        raise ProtocolError(f"command {command!r} is not one this socket takes")
-    header = decode_header(command, frames[2])
-    payload = list(frames[3:])
-    if header.frame_count() != len(payload):
-        raise ProtocolError(f"the header announces {header.frame_count()} payload frames, {len(payload)} came")
-    return Message(command, header, payload)
+    return _decode_body(frames, 1, len(frames), accept)
+
+
+@dataclass(frozen=True, slots=True)
+class Malformed:
+    """A member of a BUNDLE that failed to decode, with its ``id`` when one is readable (to answer it)."""
+
+    id: int | None
+    error: ProtocolError
+
+
+def bundle(members: Sequence[Sequence[Any]]) -> list[Any]:
+    """One message for several, each ``[command, header, frames…]`` without the tag: a lone
+    one as itself, more as a BUNDLE."""
+    if len(members) == 1:
+        return [TAG, *members[0]]
+    frames = [TAG, BUNDLE, _encoder.encode(Bundle(counts=[len(member) for member in members]))]
+    for member in members:
+        frames.extend(member)
+    return frames
+
+
+def decode_all(frames: Sequence[Any], accept: frozenset[bytes]) -> list[Message | Malformed]:
+    """A message, or each member of a BUNDLE decoded on its own (a malformed member is a
+    Malformed in its place, its neighbours unharmed; members may not be BUNDLEs). Raises
+    ProtocolError when the message itself is malformed."""
+    message = decode(frames, accept)
+    if message.command != BUNDLE:
+        return [message]
+    inner = accept - {BUNDLE}
+    members: list[Message | Malformed] = []
+    payload = message.frames
+    start = 0
+    for count in message.header.counts:
+        end = start + count
+        try:
+            members.append(_decode_body(payload, start, end, inner))
+        except ProtocolError as exc:
+            members.append(Malformed(header_id(payload[start + 1]), exc))
+        start = end
+    return members
+
+
+def split_rows(message: Message) -> list[Message]:
+    """A RowsReply as one REPLY (PredictReply) per request, each output's frame a view of its
+    rows; raises ProtocolError when an output cannot be cut by the rows."""
+    reply: RowsReply = message.header
+    total = sum(reply.rows)
+    views = []
+    for spec, frame in zip(reply.outputs, message.frames):
+        view = memoryview(frame).cast("B")
+        row_bytes = len(view) // total if total else 0
+        if row_bytes * total != len(view):
+            raise ProtocolError(f"output {spec.name!r}: {len(view)} bytes do not cut into {total} rows")
+        views.append((spec, view, row_bytes))
+    answers, start = [], 0
+    for request_id, rows in zip(reply.ids, reply.rows):
+        outputs = [TensorSpec(spec.name, spec.dtype, (rows, *spec.shape[1:])) for spec, _, _ in views]
+        header = PredictReply(id=request_id, model=reply.model, version=reply.version, outputs=outputs)
+        answers.append(Message(REPLY, header, [view[start * size:(start + rows) * size] for _, view, size in views]))
+        start += rows
+    return answers
 
 
 def decode_header(command: bytes, frame: Any) -> Any:
@@ -543,6 +637,20 @@ def decode_header(command: bytes, frame: Any) -> Any:
         return _DECODERS[command].decode(frame)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise ProtocolError(f"bad header: {exc}") from exc
+
+
+def _decode_body(frames: Sequence[Any], start: int, end: int, accept: frozenset[bytes]) -> Message:
+    """``frames[start:end]``: command, header, payload (a message after its tag, or a BUNDLE member)."""
+    if end - start < 2:
+        raise ProtocolError(f"a message needs a command and a header, got {end - start} frames")
+    command = bytes(frames[start])
+    if command not in accept:
+        raise ProtocolError(f"command {command!r} is not one this socket takes")
+    header = decode_header(command, frames[start + 1])
+    payload = list(frames[start + 2:end])
+    if header.frame_count() != len(payload):
+        raise ProtocolError(f"the header announces {header.frame_count()} payload frames, {len(payload)} came")
+    return Message(command, header, payload, frames[start + 1])
 
 
 def salvage_id(frames: Sequence[Any]) -> int | None:

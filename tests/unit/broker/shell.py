@@ -26,18 +26,21 @@ class Wire:
         self.to_clients: list[list[Any]] = []
         self.to_workers: list[tuple[bytes, bytes, protocol.Header, list[Any]]] = []
 
-    def send_frontend(self, frames: list[Any], copy: bool) -> None:
-        self.to_clients.append(frames)
+    def send_frontend(self, client: bytes, member: list[Any]) -> None:
+        self.to_clients.append([client, protocol.TAG, *member])
 
     def send_backend(self, identity: bytes, command: bytes, header: protocol.Header, frames: Any) -> None:
         self.to_workers.append((identity, command, header, list(frames)))
 
     def answers(self) -> list[tuple[bytes, protocol.Message]]:
-        """Each client message decoded: (client, message)."""
+        """Each client answer decoded: (client, message); a RowsReply as one REPLY per request."""
         out = []
         for frames in self.to_clients:
             message = protocol.decode([bytes(f) for f in frames[1:]], protocol.BROKER_TO_CLIENT)
-            out.append((frames[0], message))
+            if isinstance(message.header, protocol.RowsReply):
+                out.extend((frames[0], answer) for answer in protocol.split_rows(message))
+            else:
+                out.append((frames[0], message))
         self.to_clients.clear()
         return out
 
