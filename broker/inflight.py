@@ -23,7 +23,7 @@ from tfbroker.wire.errors import Cancelled, DeadlineExceeded, Internal, InvalidA
 
 log = logging.getLogger("tfbroker.broker")
 
-COUNTERS = ("requests", "batches", "rows", "joined", "rejected", "expired", "cancelled", "malformed_client",
+COUNTERS = ("requests", "client_messages", "batches", "rows", "joined", "rejected", "expired", "cancelled", "malformed_client",
             "malformed_worker", "failed_handlers", "auth_refused", "requeued", "lookup_batches", "lookup_tasks",
             "lookup_keys", "lookup_unique_keys", "lookup_failed")
 

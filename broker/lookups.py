@@ -92,8 +92,10 @@ class LookupStage:
     def queue_for(self, served: ServedVersion, signature: str) -> BatchQueue | None:
         """The version's lookup queue when ``signature`` takes a looked-up tensor, else None.
         Unavailable when no I/O batcher holds the version's tables."""
+        if not served.lookups:
+            return None
         inputs = served.model_signatures.get(signature)
-        if not served.lookups or inputs is None or not any(lk.output in inputs.inputs for lk in served.lookups):
+        if inputs is None or not any(lk.output in inputs.inputs for lk in served.lookups):
             return None
         key = (served.model, served.version)
         if not any(link.ready and key in link.loaded for link in self._links):

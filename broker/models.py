@@ -73,6 +73,9 @@ class ServedVersion:
     batching: BatchingParameters | None = None  # its own (batching_params.pbtxt), else the server's
     ended_at: float = 0.0
     counters: VersionCounters = field(default_factory=VersionCounters)  # for the metrics
+    # Input checks that passed, by what they depend on (see check_inputs): most requests of
+    # a version look alike, and admission then costs a dict lookup instead of the walk.
+    checked: dict[tuple[Any, ...], tuple[Any, ...]] = field(default_factory=dict)
 
     @property
     def state(self) -> VersionState:
@@ -221,6 +224,27 @@ def check_inputs(served: ServedVersion, signature_name: str, specs: list[TensorS
     signature (a request whose lookups are done), not the one clients see.
     """
     signature = (served.model_signatures if model_side else served.signatures).get(signature_name)
+    key = (signature_name, method, model_side, *specs)
+    known = served.checked.get(key)
+    if known is not None and known[0] is signature and len(frames) == len(known[3]):
+        for size, frame in zip(known[3], frames):
+            if size is not None and len(frame) != size:
+                break
+        else:
+            return known[1], known[2]
+    rows, join_key = _check_inputs(served, signature, signature_name, specs, frames, method)
+    if len(served.checked) >= MAX_CHECKED:
+        served.checked.clear()
+    if len(frames) == len(specs):
+        served.checked[key] = (signature, rows, join_key, [nbytes(spec) for spec in specs])
+    return rows, join_key
+
+
+MAX_CHECKED = 256  # kinds of request remembered per version
+
+
+def _check_inputs(served: ServedVersion, signature: SignatureSpec | None, signature_name: str,
+                  specs: list[TensorSpec], frames: list[Any], method: str) -> tuple[int, Any]:
     if signature is None:
         raise InvalidArgument(f'Serving signature name: "{signature_name}" not found in signature def')
     if method != "predict":

@@ -44,7 +44,7 @@ from broker.stats import process_stats
 from tfbroker.wire import protocol
 from tfbroker.wire.errors import Internal, InvalidArgument, ProtocolError, TFBrokerError, Unavailable
 from tfbroker.wire.security import KeyRing, load_key_pair, make_server, start_authenticator
-from tfbroker.wire.zmqio import NOBLOCK, recv_message, send_message
+from tfbroker.wire.zmqio import NOBLOCK, POLLIN, events, recv_frames, recv_message, send_message
 
 log = logging.getLogger("tfbroker.broker")
 
@@ -155,12 +155,13 @@ class Broker:
     # --- clients ---
 
     def _process_frontend(self) -> None:
+        sock = self.frontend_socket
         for _ in range(RECV_BURST):
-            try:
-                frames = recv_message(self.frontend_socket, NOBLOCK)
-            except zmq.Again:
+            if not events(sock) & POLLIN:  # cheaper than the zmq.Again a last recv raises
                 return
+            frames = recv_message(sock, NOBLOCK)
             client = frames[0]
+            self.inflight.counters["client_messages"] += 1
             try:
                 members = protocol.decode_all(frames[1:], protocol.CLIENT_TO_BROKER)
             except ProtocolError as exc:
@@ -220,11 +221,11 @@ class Broker:
     # --- workers ---
 
     def _process_backend(self) -> None:
+        sock = self.backend_socket
         for _ in range(RECV_BURST):
-            try:
-                frames = self.backend_socket.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
+            if not events(sock) & POLLIN:
                 return
+            frames = recv_frames(sock, NOBLOCK)
             identity = frames[0].bytes
             link = self.fleet.link(identity)
             io_link = self.lookups.link(identity) if link is None else None

@@ -43,6 +43,15 @@ def recv_message(sock: zmq.Socket[Any], flags: int = 0) -> list[bytes]:
     return frames
 
 
+def recv_frames(sock: zmq.Socket[Any], flags: int = 0) -> list[Any]:
+    """``sock.recv_multipart(flags, copy=False)`` (zmq.Frame objects, not copied), faster."""
+    flags = int(flags)
+    frames = [_recv(sock, flags, False)]
+    while _get(sock, _RCVMORE):
+        frames.append(_recv(sock, flags, False))
+    return frames
+
+
 def events(sock: zmq.Socket[Any]) -> int:
     """``sock.getsockopt(zmq.EVENTS)`` as a plain int, to test against POLLIN and POLLOUT."""
     return int(_get(sock, _EVENTS))
