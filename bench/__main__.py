@@ -21,10 +21,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="Rounds over every server (interleaved); per cell the median requests/s is reported.")
     parser.add_argument("--instances", default="1,32", help="Instances per request, comma-separated.")
     parser.add_argument("--servers", default="", help="Comma-separated subset, e.g. naive-2,tfbroker-4,client.")
+    parser.add_argument("--short_numbers", action="store_true",
+                        help="Bodies with numbers rounded to 3 digits instead of float32 at full precision.")
     args = parser.parse_args(argv)
     config = BenchConfig(out=args.out, duration_s=2.0 if args.quick else args.duration_s, quick=args.quick,
                          servers=tuple(s for s in args.servers.split(",") if s), repeat=max(1, args.repeat),
-                         instances=tuple(int(n) for n in args.instances.split(",")))
+                         instances=tuple(int(n) for n in args.instances.split(",")), short_numbers=args.short_numbers)
     sys.exit(run(config))
 
 

@@ -8,6 +8,7 @@ answer, for predict (bench's mlp row, one float) against classify and regress (o
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
@@ -16,9 +17,12 @@ import numpy as np
 from frontend.app import create_app
 from tfbroker import Prediction
 
+# bench's mlp row as clients that dump numpy arrays write it: float32 values at full precision.
+ROW = json.dumps({"instances": np.random.default_rng(1).standard_normal((1, 256)).astype(np.float32).tolist()})
 CASES = {
-    "predict, mlp row (256 floats)": ("/v1/models/m:predict",
-                                      b'{"instances": [[' + b",".join([b"0.5"] * 256) + b"]]}"),
+    "predict, mlp row (256 floats)": ("/v1/models/m:predict", ROW.encode()),
+    "predict, mlp row (256 short floats)": ("/v1/models/m:predict",
+                                            b'{"instances": [[' + b",".join([b"0.5"] * 256) + b"]]}"),
     "predict, one float": ("/v1/models/m:predict", b'{"instances": [1.0]}'),
     "classify, one example": ("/v1/models/m:classify", b'{"signature_name": "c", "examples": [{"x": 1.0}]}'),
     "regress, one example": ("/v1/models/m:regress", b'{"signature_name": "r", "examples": [{"x": 1.0}]}'),

@@ -19,11 +19,12 @@ import numpy as np
 
 from bench import report
 from bench.load import client_load, wrk
-from bench.servers import (ROOT, Server, cpu_by_role, mosec_server, naive_server, raw_asgi_server,
-                           tfbroker_granian_server, tfbroker_nginx_server, tfbroker_server, total_pss_mb)
+from bench.servers import (ROOT, Server, cpu_by_role, litserve_server, mosec_server, naive_server, raw_asgi_server,
+                           rayserve_server, tfbroker_granian_server, tfbroker_nginx_server, tfbroker_server,
+                           total_pss_mb)
 from tfbroker import Client
 
-SERVERS = ("naive-2", "naive-4", "mosec", "mosec-orjson", "tfbroker-2", "tfbroker-4", "tfbroker-8",
+SERVERS = ("naive-2", "naive-4", "mosec", "mosec-orjson", "litserve", "rayserve", "tfbroker-2", "tfbroker-4", "tfbroker-8",
            "tfbroker-granian-2", "tfbroker-rsgi-2", "tfbroker-nginx-2", "tfbroker-replicas-2", "client")
 QUICK_SERVERS = ("naive-2", "mosec", "tfbroker-2", "client")
 CONCURRENCY = (1, 16, 64, 256)
@@ -40,6 +41,7 @@ class BenchConfig:
     servers: tuple[str, ...] = ()
     repeat: int = 1  # rounds over every server; per cell the run with the median requests/s is reported
     instances: tuple[int, ...] = (1, 32)
+    short_numbers: bool = False  # bodies with 0.5-style numbers instead of float32 at full precision
 
 
 def run(config: BenchConfig) -> int:
@@ -113,6 +115,10 @@ def _server(name: str, model_base: str, work: Path) -> Server:
         return naive_server(model_base + "/1", int(count), PORT)
     if name.startswith("raw-asgi-"):
         return raw_asgi_server(int(count.rsplit("-", 1)[1]), PORT)
+    if name == "litserve":
+        return litserve_server(model_base + "/1", PORT)
+    if name == "rayserve":
+        return rayserve_server(model_base + "/1", PORT)
     if kind == "mosec":
         return mosec_server(model_base + "/1", PORT, count or "default")
     if name.startswith(("tfbroker-granian-", "tfbroker-rsgi-")):
@@ -133,7 +139,12 @@ def _server(name: str, model_base: str, work: Path) -> Server:
     raise ValueError(f"unknown server {name!r}; choose from {', '.join(SERVERS)}")
 
 
-def _body(x: np.ndarray) -> str:
+def _body(x: np.ndarray, short_numbers: bool = False) -> str:
+    """TF Serving's JSON for ``x`` as clients that dump numpy arrays write it: float32 values
+    at full precision (``json.dumps(array.tolist())``), or, with ``short_numbers``, each
+    rounded to 3 digits (a body a third as long)."""
+    if short_numbers:
+        return json.dumps({"instances": np.round(x.astype(np.float64), 3).tolist()})
     return json.dumps({"instances": x.tolist()})
 
 
@@ -187,7 +198,7 @@ def _measure(server: Server, config: BenchConfig, load: Any) -> dict[str, Any]:
 def _http_series(server: Server, probe: Path, config: BenchConfig) -> list[dict[str, Any]]:
     cells = []
     with np.load(probe) as data:
-        bodies = {n: _body(data[f"x{n}"]) for n in INSTANCES}
+        bodies = {n: _body(data[f"x{n}"], config.short_numbers) for n in INSTANCES}
     wrk(server.url, bodies[1], 16, 2)  # warm up
     for n in config.instances:
         for c in CONCURRENCY:

@@ -53,6 +53,10 @@ def role(pid: int) -> str:
     text = title(pid)
     if "bin/mosec " in text:
         return "mosec-http"
+    if "bench.litserve_app" in text:
+        return "litserve"
+    if "bench.rayserve_app" in text or "ray::" in text or "/ray/" in text or text.startswith(("ray", "gcs_server")):
+        return "ray"
     if "bench.mosec_app" in text or "multiprocessing" in text:
         return "workers"
     if "granian" in text:
@@ -163,6 +167,20 @@ def mosec_server(model_dir: str, port: int, json: str = "default") -> Server:
               "--log-level", "warning"],
         url=f"http://127.0.0.1:{port}/v1/models/mlp:predict",
         env={"BENCH_MODEL_DIR": model_dir, "BENCH_MOSEC_JSON": json, **SERVER_ENV})
+
+
+def litserve_server(model_dir: str, port: int) -> Server:
+    """LitServe with its batching on: bench/litserve_app.py (2 API servers, one model worker)."""
+    return Server(name="litserve", argv=[sys.executable, "-m", "bench.litserve_app", "--port", str(port)],
+                  url=f"http://127.0.0.1:{port}/v1/models/mlp:predict",
+                  env={"BENCH_MODEL_DIR": model_dir, **SERVER_ENV})
+
+
+def rayserve_server(model_dir: str, port: int) -> Server:
+    """Ray Serve with @serve.batch: bench/rayserve_app.py (a local Ray, one model replica)."""
+    return Server(name="rayserve", argv=[sys.executable, "-m", "bench.rayserve_app", "--port", str(port)],
+                  url=f"http://127.0.0.1:{port}/v1/models/mlp:predict",
+                  env={"BENCH_MODEL_DIR": model_dir, **SERVER_ENV})
 
 
 def tfbroker_granian_server(base_path: str, frontends: int, port: int, runtime_dir: str,
