@@ -88,7 +88,7 @@ def cut_joined_result(result: protocol.JoinedResult, frames: Sequence[Any],
     answers: list[tuple[list[Task], list[Any]]] = []
     run: list[Task] = []
     start = run_start = 0
-    for index, task in enumerate(tasks):
+    for task in tasks:
         if not run or task.payload.client != run[0].payload.client or task.payload.split is not None:
             if run:
                 answers.append((run, _rows_answer(result, outputs, run, run_start, start)))

@@ -19,6 +19,7 @@ import zmq
 from tfbroker.wire import protocol
 from tfbroker.wire.errors import InvalidArgument, NotFound
 from tfbroker import AsyncClient, Client
+from tfbroker.client import encode_predict, prediction, read_answers
 from tests.conftest import (TESTDATA, BrokerProcess, make_model_config, reference_outputs,
                             stop_and_check, wait_for)
 
@@ -381,3 +382,55 @@ def test_malformed_wire_messages_get_errors_and_the_broker_keeps_serving(served:
         sock.close()
         context.term()
     assert served.predict("linear", {"instances": [2.0]}).json() == {"predictions": [4.0]}
+
+
+def test_a_bundle_is_answered_member_by_member_and_a_malformed_member_fails_alone(served: BrokerProcess) -> None:
+    """A BUNDLE of two good requests around a malformed one and a nested BUNDLE: the good ones
+    are answered (together, as the broker coalesces what it has for a client), the others get
+    a 400 naming their id, and nothing else."""
+    def predict(request_id: int, value: float) -> list[Any]:
+        return encode_predict(request_id, "linear", {"x": np.array([value], np.float32)}, version=None, label=None,
+                              signature_name="serving_default", timeout_s=10)[1:]
+
+    bad = [protocol.REQUEST, packb({"id": 2, "model": "linear", "timeout_ms": 9, "inputs": [["x", "float32", [2]]]}),
+           b"\x00"]  # 1 byte for 2 floats
+    nested = [protocol.BUNDLE, protocol.encode_header(protocol.Bundle(counts=[2])), protocol.HEARTBEAT,
+              protocol.encode_header(protocol.Heartbeat())]
+    context = zmq.Context()
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(served.address)
+    answers: dict[int | None, Any] = {}
+    try:
+        sock.send_multipart(protocol.bundle([predict(1, 2.0), bad, nested, predict(4, 6.0)]))
+        while len(answers) < 4 and sock.poll(10_000):
+            for request_id, answer in read_answers(sock.recv_multipart()):
+                answers[request_id] = answer
+    finally:
+        sock.close()
+        context.term()
+    assert prediction(answers[1]).outputs["y"].tolist() == [4.0]  # linear version 2: 0.5x + 3
+    assert prediction(answers[4]).outputs["y"].tolist() == [6.0]
+    assert answers[2].command == protocol.ERROR and answers[2].header.code == 400
+    assert answers[None].command == protocol.ERROR and "not one this socket takes" in answers[None].header.message
+    assert served.predict("linear", {"instances": [2.0]}).json() == {"predictions": [4.0]}
+
+
+def test_what_a_client_has_ready_at_once_travels_coalesced(served: BrokerProcess) -> None:
+    """Requests made in one loop iteration go as one message: the broker's own count of client
+    messages grows by less than its count of requests, and every answer is right."""
+    async def burst() -> list[float]:
+        async with AsyncClient(served.address, timeout_s=10) as client:
+            await client.predict("linear", {"x": np.array([0.0], np.float32)})  # connected
+            results = await asyncio.gather(*[client.predict("linear", {"x": np.array([float(i)], np.float32)})
+                                             for i in range(64)])
+            return [float(r.outputs["y"][0]) for r in results]
+
+    with Client(served.address) as client:
+        before = client.stats()
+        assert asyncio.run(burst()) == [0.5 * i + 3.0 for i in range(64)]
+        after = client.stats()
+    requests = after["requests"] - before["requests"]
+    messages = after["client_messages"] - before["client_messages"]
+    assert requests == 65
+    assert messages <= 10, f"{requests} requests came in {messages} messages"
