@@ -154,7 +154,7 @@ def _check_answers(server: Server, probe: Path) -> None:
         return  # no model: it answers zeros by design
     with np.load(probe) as data, httpx.Client(timeout=30) as http:
         for n in INSTANCES:
-            response = http.post(server.url, content=_body(data[f"x{n}"]))
+            response = http.post(server.url, content=_body(data[f"x{n}"]), headers={"content-type": "application/json"})
             got = np.array(response.json()["predictions"], np.float32)
             if not np.allclose(got, data[f"y{n}"], rtol=1e-4, atol=1e-4):
                 raise RuntimeError(f"{server.name} gave wrong answers for {n} instances")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import importlib.util
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from typing import IO
@@ -66,7 +68,27 @@ def run(config: ServerConfig) -> int:
     finally:
         broker.close()
         lock.close()
+    clean_runtime_dir(config.resolved_runtime_dir)
     return EXIT_OK
+
+
+# What the broker puts in its runtime directory: its sockets, its lock, the frontends' shared
+# counters and the ready message's example bodies.
+RUNTIME_FILES = ("frontend.sock", "backend.sock", "control.sock", "broker.lock")
+RUNTIME_DIRS = ("metrics", "examples")
+
+
+def clean_runtime_dir(runtime_dir: str) -> None:
+    """After a clean stop: what the broker made goes, and the directory too once empty (a
+    crash leaves them, and the next start takes them over: sockets are bound afresh, the lock
+    is an flock, not the file's existence)."""
+    for name in RUNTIME_FILES:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(runtime_dir, name))
+    for name in RUNTIME_DIRS:
+        shutil.rmtree(os.path.join(runtime_dir, name), ignore_errors=True)
+    with contextlib.suppress(OSError):  # not empty: something of the operator's is in it
+        os.rmdir(runtime_dir)
 
 
 def check_server_install() -> None:

@@ -160,6 +160,10 @@ class ServerConfig:
     monitoring_config_file: str = field(default="", metadata=_help(
         "TF Serving text-protobuf MonitoringConfig; prometheus_config { enable: true } serves Prometheus "
         "metrics on the REST port (path default /monitoring/prometheus/metrics)."))
+    enable_status_page: bool = field(default=True, metadata=_help(
+        "Serve the status page (GET /status, and its figures at /status.json) on the REST port: each "
+        "model's versions, replicas, queues, batch sizes, request rates and latency, errors, I/O batchers "
+        "and the last version swaps, refreshed in the browser."))
     tensorflow_intra_op_parallelism: int = field(default=0, metadata=_help(
         "Threads a model worker gives one TensorFlow op; 0 lets TensorFlow choose (all cores)."))
     tensorflow_inter_op_parallelism: int = field(default=0, metadata=_help(

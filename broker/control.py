@@ -135,6 +135,10 @@ class ControlChannel:
         return self._message(self._versions.set_label(name, args.label, version))
 
     def _status(self, args: protocol.ControlArgs) -> dict[str, Any]:
+        return self.status()
+
+    def status(self) -> dict[str, Any]:
+        """``broker.ctl status``'s answer (and the status page's models and versions)."""
         models = []
         for model in sorted(self._versions.models.values(), key=lambda m: m.name):
             policy = model.config.model_version_policy

@@ -195,29 +195,23 @@ def _version_entry(status: dict[str, Any], model: str, version: int) -> dict[str
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m broker.ctl", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runtime_dir", default="", help="the broker's --runtime_dir (default: the broker's default)")
-    parser.add_argument("--address", default="", help="the broker's --control_address (overrides --runtime_dir)")
-    parser.add_argument("--rest_api_port", type=int, default=8501,
-                        help="the broker's --rest_api_port, which names its default runtime directory")
-    parser.add_argument("--curve_secret_key_file", default=os.environ.get(CLIENT_SECRET_KEY_ENV, ""),
-                        help=f"this client's CURVE key pair (.key_secret), for a broker that uses CURVE "
-                             f"(default: ${CLIENT_SECRET_KEY_ENV})")
-    parser.add_argument("--curve_server_key_file", default=os.environ.get(SERVER_KEY_ENV, ""),
-                        help=f"the broker's public certificate (.key) (default: ${SERVER_KEY_ENV})")
-    parser.add_argument("--timeout_s", type=float, default=10.0, help="how long to wait for answers (and --wait)")
-    parser.add_argument("--json", action="store_true", help="print the broker's answer as JSON")
+    _add_options(parser)
+    # The options also after the command (``status --json``): there they default to nothing,
+    # so a value given before the command stands.
+    options = argparse.ArgumentParser(add_help=False)
+    _add_options(options, after_command=True)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    status = commands.add_parser("status", help="models, versions, states, labels")
+    status = commands.add_parser("status", parents=[options], help="models, versions, states, labels")
     status.add_argument("model", nargs="?", help="only this model")
-    commands.add_parser("reload-config", help="re-read --model_config_file")
+    commands.add_parser("reload-config", parents=[options], help="re-read --model_config_file")
     for name, text in (("load", "load a version (or send a drained one requests again)"),
                        ("unload", "unload a version after the requests it holds"),
                        ("drain", "stop sending a version new requests; it stays loaded")):
-        sub = commands.add_parser(name, help=text)
+        sub = commands.add_parser(name, parents=[options], help=text)
         sub.add_argument("model")
         sub.add_argument("version", type=int)
         sub.add_argument("--wait", action="store_true", help="return once it is done (up to --timeout_s)")
-    label = commands.add_parser("label", help="point a version label at an AVAILABLE version")
+    label = commands.add_parser("label", parents=[options], help="point a version label at an AVAILABLE version")
     label.add_argument("model")
     label.add_argument("label")
     label.add_argument("version", type=int)
@@ -225,6 +219,26 @@ def _parser() -> argparse.ArgumentParser:
     keygen.add_argument("directory")
     keygen.add_argument("name")
     return parser
+
+
+def _add_options(parser: argparse.ArgumentParser, *, after_command: bool = False) -> None:
+    """The options every command takes, before or after it."""
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if after_command else value
+
+    parser.add_argument("--runtime_dir", default=default(""),
+                        help="the broker's --runtime_dir (default: the broker's default)")
+    parser.add_argument("--address", default=default(""), help="the broker's --control_address (overrides --runtime_dir)")
+    parser.add_argument("--rest_api_port", type=int, default=default(8501),
+                        help="the broker's --rest_api_port, which names its default runtime directory")
+    parser.add_argument("--curve_secret_key_file", default=default(os.environ.get(CLIENT_SECRET_KEY_ENV, "")),
+                        help=f"this client's CURVE key pair (.key_secret), for a broker that uses CURVE "
+                             f"(default: ${CLIENT_SECRET_KEY_ENV})")
+    parser.add_argument("--curve_server_key_file", default=default(os.environ.get(SERVER_KEY_ENV, "")),
+                        help=f"the broker's public certificate (.key) (default: ${SERVER_KEY_ENV})")
+    parser.add_argument("--timeout_s", type=float, default=default(10.0),
+                        help="how long to wait for answers (and --wait)")
+    parser.add_argument("--json", action="store_true", default=default(False), help="print the broker's answer as JSON")
 
 
 def _curve(args: argparse.Namespace) -> tuple[KeyPair, bytes] | None:

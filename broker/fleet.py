@@ -98,10 +98,10 @@ class Fleet:
             self._send_to(link.identity, protocol.DISCONNECT, protocol.Disconnect(), ())
             link.disconnect_sent = now
 
-    def terminate_worker(self, served: ServedVersion, replica: int, reason: str) -> None:
+    def terminate_worker(self, served: ServedVersion, replica: int, reason: str, *, dump: bool = True) -> None:
         link = served.link(replica)
         if link is not None:
-            terminate_child(link.child, reason)
+            terminate_child(link.child, reason, dump=dump)
 
     # --- messages from workers ---
 
@@ -185,7 +185,7 @@ class Fleet:
             self._report(served, lc.WorkerExited(code, again, link.error, replica=link.replica), now)
 
     def _murder_workers(self, now: float) -> None:
-        """A worker that stopped answering gets SIGTERM (it writes its traceback: faulthandler),
+        """A worker that stopped answering gets SIGUSR1 and SIGTERM (it writes its stacks: faulthandler),
         its requests go to another replica or get 503 at once, and SIGKILL follows after
         kill_grace_s."""
         expiry_s = self.config.heartbeat_expiry_s

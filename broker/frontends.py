@@ -25,7 +25,7 @@ from broker.supervisor import Child, curve_env, reap_children, schedule_restart,
 from broker.versions import VersionState
 from tfbroker.runtime.flags import dataclass_to_argv
 from tfbroker.runtime.settings import (ADDRESS_ENV, BIND_ENV, FRONTENDS_ENV, GRPC_ENV, LIMITS_ENV, LOG_LEVEL_ENV,
-                                       METRICS_DIR_ENV, METRICS_PATH_ENV, TIMEOUT_ENV)
+                                       METRICS_DIR_ENV, METRICS_PATH_ENV, STATUS_PAGE_ENV, TIMEOUT_ENV)
 
 log = logging.getLogger("tfbroker.frontends")
 
@@ -137,31 +137,46 @@ class Frontends:
                 spawn_child(child)
 
     def _announce(self, serving: Sequence[ServedVersion]) -> None:
-        """Tell the person who started the broker how to call it."""
+        """Tell the person who started the broker how to call it: per model one command that
+        answers 200 (a long example body is written to a file beside the broker's sockets)."""
         if not self.config.frontends:
             print(f"tfbroker: serving {len(serving)} model(s); clients connect to "
                   f"{self.config.resolved_frontend_address}", flush=True)
             return
         host = "localhost" if self.config.rest_api_host in ("0.0.0.0", "::") else self.config.rest_api_host
-        lines = ["tfbroker: ready. Try:"]
-        for served in serving:
-            base = f"http://{host}:{self.http_port}/v1/models/{served.model}"
-            lines.append(f"  curl {base}")
-            example = _example_body(served)
-            if example:
-                lines.append(f"  curl -d '{example}' {base}:predict")
+        root = f"http://{host}:{self.http_port}"
+        grpc = f", gRPC on port {self.config.grpc.port}" if self.config.grpc.port else ""
+        lines = [f"tfbroker: ready: REST on {root}{grpc}. Try:"]
+        examples = os.path.join(self.config.resolved_runtime_dir, "examples")
+        for served in sorted(serving, key=lambda s: s.model):
+            url = f"{root}/v1/models/{served.model}"
+            body = example_body(served)
+            if not body:
+                lines.append(f"  curl {url}")
+            elif len(body) <= INLINE_BODY_CHARS:
+                lines.append(f"  curl -d '{body}' {url}:predict")
+            else:
+                os.makedirs(examples, mode=0o700, exist_ok=True)
+                path = os.path.join(examples, f"{served.model}.json")
+                with open(path, "w", encoding="utf-8") as fh:
+                    fh.write(body + "\n")
+                lines.append(f"  curl -d @{path} {url}:predict")
+        if self.config.enable_status_page:
+            lines.append(f"Status page: {root}/status")
         print("\n".join(lines), file=sys.stdout, flush=True)
 
     # --- implementation ---
 
     def _metrics_env(self) -> dict[str, str]:
-        """The Prometheus path, and a fresh directory where the frontends share their counters."""
-        if not self._metrics_path:
+        """The Prometheus path, the status page, and a fresh directory where the frontends
+        share their counters (both pages show every frontend's)."""
+        status = self.config.enable_status_page
+        if not self._metrics_path and not status:
             return {}
         directory = os.path.join(self.config.resolved_runtime_dir, "metrics")
         shutil.rmtree(directory, ignore_errors=True)
         os.makedirs(directory, mode=0o700)
-        return {METRICS_PATH_ENV: self._metrics_path, METRICS_DIR_ENV: directory}
+        return {METRICS_PATH_ENV: self._metrics_path, METRICS_DIR_ENV: directory, STATUS_PAGE_ENV: "1" if status else ""}
 
 
 def bind_http(host: str, port: int) -> socket.socket:
@@ -201,21 +216,48 @@ def drop_new_connections(sock: socket.socket) -> None:
         log.warning("cannot stop new connections before closing the listener: %s", exc)
 
 
-def _example_body(served: ServedVersion) -> str:
-    """A request body for the ready message: TF Serving's row format, one instance (three
-    for a lone rank-1 input), for inputs of rank 1 or 2 with known inner sizes."""
+INLINE_BODY_CHARS = 120  # a longer example body goes to a file: the ready message stays short
+
+
+def example_body(served: ServedVersion) -> str:
+    """A request body that the version answers with 200: TF Serving's row format, one
+    instance (three for a lone rank-1 input), for inputs of rank 1 or 2 with known inner
+    sizes; a looked-up input gets words or keys from its own tables (broker/lookups.py)."""
     signature = served.signatures.get("serving_default")
     if not signature or not signature.inputs:
         return ""
+    known = _table_entries(served.path)
     values = {}
     for name, (dtype, shape) in signature.inputs.items():
         if shape is None or not 1 <= len(shape) <= 2 or (len(shape) == 2 and shape[1] < 1 and dtype != "string"):
             return ""
-        value: object = "example" if dtype == "string" else 0.5
-        if len(shape) == 2:
-            value = [value] * (3 if shape[1] < 1 else shape[1])
+        words = known.get(name) or ["example"]
+        if len(shape) == 1:
+            value: object = words[0] if dtype == "string" else 0.5
+        else:
+            width = 3 if shape[1] < 1 else shape[1]
+            value = [words[i % len(words)] for i in range(width)] if dtype == "string" else [0.5] * width
         values[name] = value
     if len(values) == 1 and not isinstance(next(iter(values.values())), list):
-        return '{"instances": [1.0, 2.0, 5.0]}' if dtype != "string" else '{"instances": ["example"]}'
-    instance = json.dumps(values if len(values) > 1 else next(iter(values.values())))
+        return '{"instances": [1.0, 2.0, 5.0]}' if dtype != "string" else f'{{"instances": [{json.dumps(value)}]}}'
+    instance = json.dumps(values if len(values) > 1 else next(iter(values.values())), separators=(",", ":"))
     return f'{{"instances": [{instance}]}}'
+
+
+def _table_entries(version_path: str, most: int = 3) -> dict[str, list[str]]:
+    """The first entries of each lookup's vocabulary or keys file, by the input clients send
+    (``assets.extra/lookups.json``, as the I/O batcher reads it); none when unreadable."""
+    extra = os.path.join(version_path, "assets.extra")
+    try:
+        with open(os.path.join(extra, "lookups.json"), encoding="utf-8") as fh:
+            lookups = json.load(fh)["lookups"]
+        found = {}
+        for lookup in lookups:
+            listing = lookup.get("vocabulary") or lookup.get("keys")
+            if listing:
+                with open(os.path.join(extra, listing), encoding="utf-8") as fh:
+                    entries = [line.strip() for _, line in zip(range(most * 4), fh) if line.strip()]
+                found[lookup["input"]] = entries[:most]
+        return found
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}

@@ -162,6 +162,7 @@ class DisconnectWorker:
 class Terminate:
     reason: str
     replica: int = 0
+    stuck: bool = True  # it stopped answering: it writes its stacks first (SIGUSR1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,7 +328,7 @@ class Lifecycle:
                 actions.append(DisconnectWorker(replica))
             elif worker is Replica.STARTING:
                 self.workers[replica] = Replica.LEAVING
-                actions.append(Terminate(reason, replica))
+                actions.append(Terminate(reason, replica, stuck=False))
             elif worker is Replica.RESTARTING:
                 self.workers[replica] = Replica.NONE
                 actions.append(CancelRestart(replica))

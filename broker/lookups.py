@@ -87,6 +87,12 @@ class LookupStage:
                 self._send(link, protocol.UNLOAD, protocol.Tables(model=served.model, version=served.version))
             link.loaded.discard(key)
 
+    def status(self) -> list[dict[str, Any]]:
+        """Each I/O batcher: its process, whether it takes lookups, and the tables it holds."""
+        return [{"index": link.index, "pid": link.child.pid if link.child.running else None, "ready": link.ready,
+                 "restarts": link.child.restarts, "in_flight": len(link.in_flight),
+                 "tables": [f"{model}:{version}" for model, version in sorted(link.loaded)]} for link in self._links]
+
     # --- requests ---
 
     def queue_for(self, served: ServedVersion, signature: str) -> BatchQueue | None:

@@ -14,7 +14,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Callable
+from collections import deque
+from typing import Any, Callable
 
 from broker import lifecycle as lc
 from broker.config import ModelConfig, ServerConfig
@@ -26,6 +27,8 @@ from tfbroker.wire.errors import ConfigError, InvalidArgument, NotFound, Unavail
 from broker.models import ServedModel, ServedVersion, find_versions, fingerprint
 from broker.source import DiskChanges, VersionSource
 from broker.versions import Load, VersionState, next_action
+
+HISTORY = 30  # changes of version state kept for the status page
 
 log = logging.getLogger("tfbroker.versions")
 
@@ -48,6 +51,7 @@ class VersionManager:
         self.config = config
         self._on_available = on_available  # a version became AVAILABLE (the ready message)
         self.models: dict[str, ServedModel] = {}
+        self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY)  # the last changes of state, newest last
         self._fleet = fleet
         self._lookups = lookups
         self._inflight = inflight
@@ -80,8 +84,21 @@ class VersionManager:
 
     def handle(self, served: ServedVersion, event: lc.Event, now: float) -> None:
         """Feed one event to the version's lifecycle and carry out the actions it returns."""
+        before = served.state
         for action in served.life.handle(event):
             self._carry_out(served, action, now)
+        if served.state is not before:
+            self._record(served, before, now)
+
+    def _record(self, served: ServedVersion, before: VersionState, now: float) -> None:
+        """A version's change of state, for the status page's list of the last swaps."""
+        entry: dict[str, Any] = {"time": time.time(), "model": served.model, "version": served.version,
+                                 "from": before.value, "to": served.state.value}
+        if served.state is VersionState.AVAILABLE and served.load_started:
+            entry["load_s"] = round(now - served.load_started, 2)
+        if served.error:
+            entry["error"] = served.error
+        self.history.append(entry)
 
     def stop_all(self, now: float) -> None:
         """Shutdown: every version unloads after the requests it holds."""
@@ -218,7 +235,7 @@ class VersionManager:
         elif isinstance(action, lc.DisconnectWorker):
             fleet.disconnect_worker(served, action.replica, now)
         elif isinstance(action, lc.Terminate):
-            fleet.terminate_worker(served, action.replica, action.reason)
+            fleet.terminate_worker(served, action.replica, action.reason, dump=action.stuck)
         elif isinstance(action, lc.Requeue):
             link = served.link(action.replica)
             if link is not None:

@@ -215,8 +215,10 @@ class Broker:
                     for served in model.versions.values()]
         pids = {"broker": [os.getpid()], "worker": self.fleet.pids(), "iobatcher": self.lookups.pids(),
                 "frontend": self.frontends.pids()}
+        status = {**self.control.status(), "history": list(self.versions.history),
+                  "iobatchers": self.lookups.status()}
         return protocol.StatsReply(id=header.id, counters=self.stats(), versions=versions,
-                                   processes=process_stats(pids))
+                                   processes=process_stats(pids), status=status)
 
     # --- workers ---
 
@@ -297,7 +299,7 @@ class Broker:
             if signum == signal.SIGHUP:
                 self._reload()
             elif self._stop_requested_at is None:
-                log.info("received %s; draining the frontends, then stopping", signal.Signals(signum).name)
+                log.info("received %s: stopping (the frontends finish their requests first)", signal.Signals(signum).name)
                 self._stop_requested_at = now
                 self.frontends.refuse_connections()
             else:
@@ -335,7 +337,7 @@ class Broker:
         for served in serving:
             self.inflight.fail_version(served, Unavailable("the server is shutting down"))
         self.outbox.flush()
-        log.info("stopped")
+        log.debug("stopped")
 
     def _warn(self, text: str, *args: Any) -> None:
         """A warning at most once a second: a peer that floods the broker must not flood the log."""

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from tfbroker.runtime.process import EXIT_BOOT_ERROR, EXIT_MODEL_LOAD_ERROR, PARENT_PID_ENV
+from tfbroker.runtime.process import DUMP_SIGNAL, EXIT_BOOT_ERROR, EXIT_MODEL_LOAD_ERROR, PARENT_PID_ENV
 from tfbroker.wire.security import CLIENT_SECRET_KEY_ENV, SERVER_KEY_ENV
 
 log = logging.getLogger("tfbroker.supervisor")
@@ -91,11 +91,14 @@ def restartable(code: int) -> bool:
     return code not in (EXIT_BOOT_ERROR, EXIT_MODEL_LOAD_ERROR)
 
 
-def terminate_child(child: Child, reason: str, *, kill: bool = False) -> None:
-    """For a child that stopped answering: SIGTERM first (a hung worker's faulthandler writes
-    where it is stuck), SIGKILL (``kill``) once the grace time has passed."""
+def terminate_child(child: Child, reason: str, *, kill: bool = False, dump: bool = True) -> None:
+    """For a child that stopped answering: SIGUSR1 (``dump``: its faulthandler writes where
+    it is stuck: tfbroker/runtime/process.py) and SIGTERM first, SIGKILL (``kill``) once the
+    grace time has passed."""
     if child.running and child.process is not None:
         log.error("%s %s (pid %d): %s", "killing" if kill else "terminating", child.name, child.process.pid, reason)
+        if dump and not kill:
+            child.process.send_signal(DUMP_SIGNAL)
         child.process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
         child.terminated_at = child.terminated_at or time.monotonic()
 

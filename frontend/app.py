@@ -34,12 +34,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from tfbroker.runtime.settings import (DEFAULT_TIMEOUT_MS, FRONTEND_INDEX_ENV, GRPC_ENV, LIMITS_ENV, TIMEOUT_ENV,
-                                       GrpcOptions, RequestLimits)
+from tfbroker.runtime.settings import (DEFAULT_TIMEOUT_MS, FRONTEND_INDEX_ENV, GRPC_ENV, LIMITS_ENV, STATUS_PAGE_ENV,
+                                       TIMEOUT_ENV, GrpcOptions, RequestLimits)
 from tfbroker.wire.errors import Internal, InvalidArgument, NotFound, PayloadTooLarge, TFBrokerError, Unavailable
 from tfbroker.runtime.flags import parse_flags
 from tfbroker.runtime.process import set_title
-from frontend import routes
+from frontend import routes, status_page
 from tfbroker.async_client import AsyncClient
 from frontend.tf_example import format_results, parse_examples
 from frontend.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -76,12 +76,18 @@ class RestApi:
         self.timeout_s = timeout_s
         self.limits = limits
         self.metrics = metrics
+        # The status page: the broker's frontends serve it unless --enable_status_page=false.
+        self.status_page = metrics is not None and os.environ.get(STATUS_PAGE_ENV) == "1"
         self.waiting = 0  # predictions waiting on the broker (max_concurrent_predictions)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not routes.is_api_path(scope["path"]):
             if self.metrics is not None and scope["type"] == "http" and scope["path"] == self.metrics.path:
                 await self.scrape(send)
+                return
+            if self.status_page and scope["type"] == "http" and scope["path"] in (status_page.PATH,
+                                                                                   status_page.JSON_PATH):
+                await self.show_status(scope, send)
                 return
             await self.app(scope, receive, send)
             return
@@ -120,6 +126,22 @@ class RestApi:
         content = self.metrics.render(stats)
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", METRICS_CONTENT_TYPE), (b"content-length", str(len(content)).encode())]})
+        await send({"type": "http.response.body", "body": content})
+
+    async def show_status(self, scope: Scope, send: Send) -> None:
+        """The status page (frontend/status_page.py), or the figures it polls."""
+        assert self.metrics is not None
+        if scope["path"] == status_page.PATH:
+            content, kind = status_page.PAGE, b"text/html; charset=utf-8"
+        else:
+            try:
+                stats = await self.client.stats_reply()
+            except TFBrokerError:
+                stats = None  # the page says the broker does not answer
+            content, kind = orjson.dumps(status_page.status_json(stats, self.metrics)), b"application/json"
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", kind), (b"content-length", str(len(content)).encode()),
+                                (b"cache-control", b"no-store")]})
         await send({"type": "http.response.body", "body": content})
 
     async def answer(self, call: routes.RestCall, scope: Scope, receive: Receive) -> Answer:

@@ -19,9 +19,10 @@ from typing import Any, Iterator, Sequence
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.utils import floatToGoString
 
 from tfbroker.wire import protocol
-from tfbroker.runtime.settings import METRICS_DIR_ENV, METRICS_PATH_ENV
+from tfbroker.runtime.settings import METRICS_DIR_ENV, METRICS_PATH_ENV, STATUS_PAGE_ENV
 from tfbroker.wire.protocol import QUEUE_LATENCY_BOUNDS_US
 
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
@@ -55,16 +56,47 @@ class Metrics:
 
     def render(self, stats: protocol.StatsReply | None) -> bytes:
         registry = CollectorRegistry()
-        own: Any = (MultiProcessCollector(None, path=self.directory) if self.directory
-                    else _Reuse(self.requests, self.latency))
+        own = self._own()
         registry.register(own)
         registry.register(_Derived(own, stats))
         return generate_latest(registry)
 
+    def summary(self) -> dict[str, Any]:
+        """Every frontend's predict, classify and regress requests so far, for the status page:
+        counts by model and HTTP status, and the latency histogram by model (cumulative, TF
+        Serving's bounds in µs)."""
+        requests: dict[str, dict[str, float]] = {}
+        buckets: dict[str, dict[str, float]] = {}
+        for metric in self._own().collect():
+            for sample in metric.samples:
+                if sample.labels.get("api", sample.labels.get("API")) not in SERVING_APIS:
+                    continue
+                if sample.name == "tfbroker_requests_total":
+                    by_status = requests.setdefault(sample.labels["model"], {})
+                    by_status[sample.labels["status"]] = by_status.get(sample.labels["status"], 0) + sample.value
+                elif sample.name == ":tensorflow:serving:request_latency_bucket":
+                    by_bound = buckets.setdefault(sample.labels["model_name"], {})
+                    by_bound[sample.labels["le"]] = by_bound.get(sample.labels["le"], 0) + sample.value
+        bounds = [*(float(b) for b in LATENCY_BOUNDS_US), float("inf")]
+        return {"requests": requests, "latency_bounds_us": list(LATENCY_BOUNDS_US),
+                "latency_buckets": {model: [by_bound.get(_le(b), 0) for b in bounds] for model, by_bound in buckets.items()}}
+
+    def _own(self) -> Any:
+        """The collector of the frontends' own series: every frontend's, or this one's alone."""
+        if self.directory:
+            return MultiProcessCollector(None, path=self.directory)
+        return _Reuse(self.requests, self.latency)
+
+
+def _le(bound: float) -> str:
+    """A bucket's ``le`` label as prometheus-client writes it."""
+    return floatToGoString(bound)
+
 
 def from_env() -> Metrics | None:
+    """The frontend's metrics, when the Prometheus page or the status page shows them."""
     path = os.environ.get(METRICS_PATH_ENV, "")
-    return Metrics(path) if path else None
+    return Metrics(path) if path or os.environ.get(STATUS_PAGE_ENV) else None
 
 
 class _Reuse:

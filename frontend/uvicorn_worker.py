@@ -16,6 +16,7 @@ so the frontends' log reads like every other process's.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import sys
 import time
@@ -44,6 +45,12 @@ class LingeringServer(Server):
             await asyncio.sleep(0.01)
         await super().shutdown(sockets=sockets)
 
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        super().handle_exit(sig, frame)
+        # uvicorn re-raises the signal once it has shut down, so the process ends by it; gunicorn's
+        # master then logs a stop it asked for as an error ("was sent SIGTERM!"). Exit 0 instead.
+        self._captured_signals.clear()
+
 
 class FrontendWorker(UvicornWorker):
     CONFIG_KWARGS = {**UvicornWorker.CONFIG_KWARGS, "proxy_headers": False}
@@ -58,6 +65,21 @@ class FrontendWorker(UvicornWorker):
             sys.exit(Arbiter.WORKER_BOOT_ERROR)
 
 
+# gunicorn's and uvicorn's lines about a stop someone asked for: DEBUG, so that a stop at
+# --log_level=info reads as one line per process (the broker's).
+STOP_CHATTER = ("Handling signal:", "Worker exiting", "Shutting down", "Waiting for application shutdown",
+                "Application shutdown complete", "Finished server process", "Waiting for connections to close",
+                "Waiting for background tasks", "Error while closing socket")
+
+
+class QuietStop(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.DEBUG and str(record.msg).startswith(STOP_CHATTER):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
 class FrontendLogger(Logger):
     def setup(self, cfg: Any) -> None:
         super().setup(cfg)
@@ -66,3 +88,5 @@ class FrontendLogger(Logger):
             # In place: uvicorn's loggers share these lists in the workers.
             log.handlers[:] = [logs.handler()] if log.handlers else []
             log.propagate = False
+        for name in ("gunicorn.error", "uvicorn.error"):
+            logging.getLogger(name).addFilter(QuietStop())

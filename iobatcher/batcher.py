@@ -26,7 +26,7 @@ import numpy as np
 
 from iobatcher.tables import Table, TableError, load_tables
 from tfbroker.runtime.backend_peer import BackendPeer
-from tfbroker.runtime.process import EXIT_OK, die_with_parent, set_title, setup_logging
+from tfbroker.runtime.process import EXIT_OK, die_with_parent, enable_fault_dumps, set_title, setup_logging
 from tfbroker.runtime.settings import IoBatcherConfig
 from tfbroker.wire import protocol, tensors
 from tfbroker.wire.errors import DeadlineExceeded, InvalidArgument, ProtocolError, TFBrokerError, Unavailable
@@ -43,6 +43,7 @@ def run(config: IoBatcherConfig) -> int:
     batcher = IoBatcher(config)
     signal.signal(signal.SIGTERM, batcher.handle_signal)
     signal.signal(signal.SIGINT, batcher.handle_signal)
+    enable_fault_dumps()
     return batcher.serve()
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from broker.supervisor import terminate
+from tfbroker.runtime.settings import default_runtime_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -111,19 +112,26 @@ def make_model_config(models: dict[str, Path], labels: dict[str, dict[str, int]]
 class BrokerProcess:
     """``python -m broker`` in a temp runtime dir, with helpers to reach and inspect it."""
 
-    def __init__(self, tmp: Path, args: list[str], frontends: int = 2) -> None:
+    def __init__(self, tmp: Path, args: list[str], frontends: int = 2, *, default_ports: bool = False) -> None:
+        """``default_ports``: as a user starts it, on ports 8501 and 8500 with the default
+        runtime directory (the docs' commands assume them), else on free ports of its own."""
         tmp.mkdir(parents=True, exist_ok=True)
-        # ipc:// paths must stay short (about 100 bytes): not under pytest's long tmp paths.
-        self.runtime_dir = Path(tempfile.mkdtemp(prefix="tfb-"))
-        self.port = free_port()
-        # gRPC too, on a port of its own (unless the test names one): TF Serving's 8500 is one per host.
-        self.grpc_port = next((int(a.split("=", 1)[1]) for a in args if a.startswith("--port=")), free_port())
         self.log_path = tmp / "broker.log"
         self.frontends = frontends
-        argv = [sys.executable, "-m", "broker", f"--runtime_dir={self.runtime_dir}",
-                f"--rest_api_port={self.port}", "--rest_api_host=127.0.0.1", f"--frontends={frontends}",
-                "--heartbeat_interval_s=0.5", *([] if any(a.startswith("--port=") for a in args)
-                                                else [f"--port={self.grpc_port}"]), *args]
+        if default_ports:
+            self.runtime_dir = Path(default_runtime_dir(8501))
+            self.port, self.grpc_port = 8501, 8500
+            argv = [sys.executable, "-m", "broker", f"--frontends={frontends}", *args]
+        else:
+            # ipc:// paths must stay short (about 100 bytes): not under pytest's long tmp paths.
+            self.runtime_dir = Path(tempfile.mkdtemp(prefix="tfb-"))
+            self.port = free_port()
+            # gRPC too, on a port of its own (unless the test names one): TF Serving's 8500 is one per host.
+            self.grpc_port = next((int(a.split("=", 1)[1]) for a in args if a.startswith("--port=")), free_port())
+            argv = [sys.executable, "-m", "broker", f"--runtime_dir={self.runtime_dir}",
+                    f"--rest_api_port={self.port}", "--rest_api_host=127.0.0.1", f"--frontends={frontends}",
+                    "--heartbeat_interval_s=0.5", *([] if any(a.startswith("--port=") for a in args)
+                                                    else [f"--port={self.grpc_port}"]), *args]
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(argv, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
         self.base_url = f"http://127.0.0.1:{self.port}"
@@ -205,6 +213,15 @@ def stop_and_check(broker: BrokerProcess) -> None:
     children = descendants_of(broker.pid)
     broker.stop()
     wait_for(lambda: not any(pid_alive(p) for p in children), 15, "the broker's children to exit")
+
+
+@pytest.fixture(scope="session")
+def demo_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo's models (what ``python -m broker`` serves with no model flags), made once."""
+    directory = tmp_path_factory.mktemp("demo_models")
+    subprocess.run([sys.executable, "-m", "workers.demo_models", str(directory)], cwd=ROOT, check=True,
+                   capture_output=True, timeout=600)
+    return directory
 
 
 @pytest.fixture()

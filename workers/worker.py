@@ -7,18 +7,17 @@ a dead worker to the broker.
 
 from __future__ import annotations
 
-import faulthandler
 import logging
 import os
 import signal
-import sys
 import time
 from typing import Any
 
 from tfbroker.runtime.backend_peer import BackendPeer
 from tfbroker.runtime.devices import visible_gpus
 from tfbroker.runtime.logs import tensorflow_output
-from tfbroker.runtime.process import EXIT_MODEL_LOAD_ERROR, EXIT_OK, die_with_parent, set_title, setup_logging
+from tfbroker.runtime.process import (EXIT_MODEL_LOAD_ERROR, EXIT_OK, die_with_parent, enable_fault_dumps, set_title,
+                                      setup_logging)
 from tfbroker.runtime.settings import WorkerConfig
 from tfbroker.wire import protocol, tensors
 from tfbroker.wire.errors import DeadlineExceeded, Internal, InvalidArgument, NotFound, ProtocolError, TFBrokerError
@@ -33,13 +32,9 @@ def run(config: WorkerConfig) -> int:
     worker = ModelWorker(config)
     signal.signal(signal.SIGTERM, worker.handle_signal)
     signal.signal(signal.SIGINT, worker.handle_signal)
-    # Where the worker is when it crashes, or when the broker SIGTERMs it for missing
-    # heartbeats (stuck in a model call, where no Python signal handler can run).
-    # On a duplicate of stderr: TensorFlow's start-up output is captured (tfbroker/runtime/logs.py), a
-    # traceback must not be.
-    fault_log = os.fdopen(os.dup(sys.stderr.fileno()), "w")
-    faulthandler.enable(fault_log)
-    faulthandler.register(signal.SIGTERM, file=fault_log, all_threads=True, chain=True)
+    # Where the worker is when it crashes, or when the broker asks before stopping it for
+    # missing heartbeats (stuck in a model call, where no Python signal handler can run).
+    enable_fault_dumps()
     return worker.serve()
 
 

@@ -15,18 +15,23 @@ import numpy as np
 import pytest
 
 from broker.supervisor import terminate
-from examples.processing import postprocess, preprocess
+from examples.processing import input_width, postprocess, preprocess
 from tfbroker import Client
-from tests.conftest import ROOT, BrokerProcess, children_of, free_port, serving, wait_for
+from tests.conftest import ROOT, BrokerProcess, children_of, free_port, stop_and_check, wait_for
 
 APPS = {"flask": ["examples.flask_app:app"],
         "fastapi": ["-k", "uvicorn_worker.UvicornWorker", "examples.fastapi_app:app"]}
 
 
 @pytest.fixture(scope="module")
-def broker(test_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProcess]:
-    with serving(tmp_path_factory.mktemp("examples"), {"mlp": test_models / "mlp"}) as running:
+def broker(demo_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProcess]:
+    """The demo (python -m broker with no model flags), as the examples' docs start it."""
+    running = BrokerProcess(tmp_path_factory.mktemp("examples"), [f"--demo_models_dir={demo_models}"], frontends=1)
+    try:
+        running.wait_available(["half_plus_two", "mlp", "text"], timeout_s=180)
         yield running
+    finally:
+        stop_and_check(running)
 
 
 @pytest.mark.parametrize("kind", sorted(APPS))
@@ -34,15 +39,17 @@ def test_every_web_worker_gets_the_shared_models_answers(kind: str, broker: Brok
     port = free_port()
     log = open(tmp_path / "gunicorn.log", "wb")  # noqa: SIM115 - closed below
     app = subprocess.Popen([sys.executable, "-m", "gunicorn", "-w", "4", "-b", f"127.0.0.1:{port}", *APPS[kind]],
-                           cwd=ROOT, env={**os.environ, "TFBROKER_ADDRESS": broker.address, "MODEL_NAME": "mlp"},
+                           cwd=ROOT, env={**os.environ, "TFBROKER_ADDRESS": broker.address},  # the demo's mlp
                            stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_for(lambda: len(children_of(app.pid)) == 4 and _answers(port), 60, f"the {kind} app")
         rng = np.random.default_rng(5)
-        bodies = [{"features": {f"f{i}": float(rng.normal()) for i in rng.choice(8, 3, replace=False)}}
+        bodies = [{"features": {f"f{i}": float(rng.normal()) for i in rng.choice(16, 3, replace=False)}}
                   for _ in range(240)]
         with Client(broker.address) as client:  # the same steps, in this process
-            expected = [postprocess(client.predict("mlp", preprocess(b)).outputs, 1)["top"] for b in bodies]
+            width = input_width(client.metadata("mlp"))
+            assert width == 16, "the demo's mlp"
+            expected = [postprocess(client.predict("mlp", preprocess(b, width)).outputs, 1)["top"] for b in bodies]
 
         def call(body: dict[str, Any]) -> dict[str, Any]:
             # A connection per request, so that every web worker takes its share.

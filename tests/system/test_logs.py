@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import logging
 import re
+import signal
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tfbroker.runtime.logs import pass_on_tensorflow_output
@@ -24,7 +26,18 @@ NOISE = ("absl::InitializeLog", "is deprecated", "Restoring parameters", "oneDNN
 def event_lines(log: str) -> list[str]:
     """The log without what the broker prints for the person who started it (stdout)."""
     return [line for line in log.splitlines()
-            if line.strip() and not line.startswith(("tfbroker: ready", "tfbroker: serving", "  curl"))]
+            if line.strip() and not line.startswith(("tfbroker: ready", "tfbroker: serving", "  curl", "Status page"))]
+
+
+def ready_commands(log: str) -> list[tuple[str, bytes]]:
+    """The ready message's example calls: (URL, body) of each ``curl -d`` line."""
+    calls = []
+    for line in log.splitlines():
+        match = re.match(r"^  curl -d (?:'(?P<inline>.*)'|@(?P<file>\S+)) (?P<url>\S+)$", line)
+        if match:
+            body = match["inline"].encode() if match["inline"] is not None else Path(match["file"]).read_bytes()
+            calls.append((match["url"], body))
+    return calls
 
 
 def test_demo_mode_serves_its_models_and_its_log_reads_as_one_line_per_event(start_broker: Any,
@@ -35,6 +48,18 @@ def test_demo_mode_serves_its_models_and_its_log_reads_as_one_line_per_event(sta
     response = broker.predict("mlp", {"instances": [[0.0] * 16]})
     assert response.status_code == 200 and len(response.json()["predictions"][0]) == 4
     wait_for(lambda: "curl -d" in broker.log(), 10, "the ready message")
+
+    # The ready message: one short line per model, each a call that answers 200 (the text
+    # model's with words and a user from its tables).
+    message = broker.log()[broker.log().index("tfbroker: ready"):].splitlines()
+    assert all(len(line) <= 200 for line in message[:5]), message[:5]
+    calls = dict(ready_commands(broker.log()))
+    assert sorted(url.rsplit("/", 1)[1] for url in calls) == ["half_plus_two:predict", "mlp:predict", "text:predict"]
+    for url, body in calls.items():
+        answer = httpx.post(url.replace("localhost", "127.0.0.1"), content=body, timeout=10)
+        assert answer.status_code == 200, (url, body, answer.text)
+        if url.endswith("text:predict"):
+            assert answer.json()["predictions"][0]["oov"] == 0, "the example's words are in the vocabulary"
     lines = event_lines(broker.log())
     odd = [line for line in lines if not TEXT_LINE.match(line)]
     assert not odd, odd
@@ -42,6 +67,21 @@ def test_demo_mode_serves_its_models_and_its_log_reads_as_one_line_per_event(sta
     roles = {TEXT_LINE.match(line).group(2).split(":")[0] for line in lines}  # type: ignore[union-attr]
     assert roles >= {"broker", "worker", "iobatcher", "frontends", "frontend"}, roles
     assert sum("tfbroker.worker: loaded" in line for line in lines) == 3
+
+    # Ctrl-C: every process stops with no stack dump, no error, and nothing left behind.
+    before = len(broker.log().splitlines())
+    broker.process.send_signal(signal.SIGINT)
+    assert broker.process.wait(timeout=60) == 0
+    stop = broker.log().splitlines()[before:]
+    assert stop, "the stop is logged"
+    for word in ("Traceback", "Current thread", "File \"", "ERROR", "WARNING", "CRITICAL", "Bad file descriptor",
+                 "was sent"):
+        assert not [line for line in stop if word in line], (word, stop)
+    processes = [TEXT_LINE.match(line).group(2) for line in stop]  # type: ignore[union-attr]
+    assert all(" INFO " in line for line in stop), stop
+    assert len(processes) == len(set(processes)), f"one line per process: {stop}"
+    assert {p.split(":")[0] for p in processes} == {"broker", "worker", "iobatcher"}, stop  # gunicorn's: DEBUG
+    assert not broker.runtime_dir.exists(), list(broker.runtime_dir.iterdir())
 
 
 def test_json_logs_from_every_process(start_broker: Any, test_models: Path) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, debian_binary, free_port, wait_for
 
 PATH = "/monitoring/prometheus/metrics"
 
@@ -83,3 +83,45 @@ def test_a_monitoring_config_that_does_not_parse_is_a_config_error(tmp_path: Pat
                             cwd=ROOT, capture_output=True, timeout=60)
     assert result.returncode == 2, result.stderr.decode()[-500:]
     assert "monitoring.config" in result.stderr.decode()
+
+
+def test_a_real_prometheus_scrapes_the_frontends_and_counts_what_was_sent(start_broker: Any, test_models: Path,
+                                                                           tmp_path: Path) -> None:
+    """Prometheus from Debian, with ops/prometheus/prometheus.yml (its target this broker's
+    REST port, scraped every second), returns the request count the test sent; promtool
+    accepts the page."""
+    prometheus = debian_binary("prometheus", "prometheus")
+    promtool = debian_binary("promtool", "prometheus")
+    config = tmp_path / "monitoring.config"
+    config.write_text('prometheus_config { enable: true path: "/monitoring/prometheus/metrics" }\n')
+    broker = start_broker(["--model_name=linear", f"--model_base_path={test_models / 'linear'}",
+                           f"--monitoring_config_file={config}"], frontends=2)
+    broker.wait_available(["linear"])
+    scrape = (ROOT / "ops" / "prometheus" / "prometheus.yml").read_text()
+    assert '"localhost:8501"' in scrape and "scrape_interval: 15s" in scrape
+    (tmp_path / "prometheus.yml").write_text(scrape.replace('"localhost:8501"', f'"127.0.0.1:{broker.port}"')
+                                             .replace("scrape_interval: 15s", "scrape_interval: 1s"))
+    port = free_port()
+    server = subprocess.Popen([prometheus, f"--config.file={tmp_path / 'prometheus.yml'}",
+                               f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(11):
+            assert broker.predict("linear", {"instances": [2.0]}).status_code == 200
+        query = 'sum(tfbroker_requests_total{job="tfbroker",model="linear",api="predict",status="200"})'
+
+        def counted() -> float | None:
+            try:
+                answer = httpx.get(f"http://127.0.0.1:{port}/api/v1/query", params={"query": query}, timeout=5).json()
+            except (httpx.HTTPError, ValueError):
+                return None
+            result = answer.get("data", {}).get("result", [])
+            return float(result[0]["value"][1]) if result and float(result[0]["value"][1]) == 11 else None
+
+        assert wait_for(counted, 60, "Prometheus to scrape the 11 requests") == 11
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    page = broker.http.get(PATH).text
+    check = subprocess.run([promtool, "check", "metrics"], input=page.encode(), capture_output=True, timeout=60)
+    assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()

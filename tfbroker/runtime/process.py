@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import faulthandler
 import os
 import signal
 import sys
@@ -44,6 +45,23 @@ def die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     if os.getppid() != int(expected):
         sys.exit(EXIT_BOOT_ERROR)
+
+
+# The signal that makes a process write every thread's stack to stderr, on demand: the
+# broker sends it to a child that stopped answering before it terminates it.
+DUMP_SIGNAL = signal.SIGUSR1
+
+
+def enable_fault_dumps() -> None:
+    """Stacks to stderr on a crash (SIGSEGV, SIGABRT…) and on SIGUSR1, never on a stop.
+
+    Written by faulthandler in C, so they come even from a process stuck in a model call,
+    where no Python handler can run. On a duplicate of stderr: TensorFlow's start-up output
+    is captured (tfbroker/runtime/logs.py), a stack dump must not be.
+    """
+    fault_log = os.fdopen(os.dup(sys.stderr.fileno()), "w")
+    faulthandler.enable(fault_log)
+    faulthandler.register(DUMP_SIGNAL, file=fault_log, all_threads=True)
 
 
 def parent_alive() -> bool:

@@ -34,6 +34,7 @@ BIND_ENV = "TFBROKER_BIND"  # gunicorn's bind address; fd://N for the broker's l
 LOG_LEVEL_ENV = "TFBROKER_LOG_LEVEL"
 LIMITS_ENV = "TFBROKER_LIMITS"  # RequestLimits as flags (tfbroker/runtime/flags.py)
 METRICS_PATH_ENV = "TFBROKER_METRICS_PATH"  # the Prometheus path the frontends serve ("" none)
+STATUS_PAGE_ENV = "TFBROKER_STATUS_PAGE"  # "1": the frontends serve /status and /status.json
 GRPC_ENV = "TFBROKER_GRPC"  # GrpcOptions as flags; unset: the frontends serve no gRPC
 # prometheus-client's directory for the frontends' shared counters (multiprocess mode).
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"

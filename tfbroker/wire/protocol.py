@@ -1,9 +1,9 @@
-"""The tfbroker wire protocol (TFB/3): frontends, broker, workers, I/O batchers and ctl over ZeroMQ.
+"""The tfbroker wire protocol (TFB/4): frontends, broker, workers, I/O batchers and ctl over ZeroMQ.
 
 Depends only on the standard library and msgspec. Every message, in both directions, is a
 multipart ZeroMQ message:
 
-    Frame 0   b"TFB03"                 protocol tag and version; a peer with another tag
+    Frame 0   b"TFB04"                 protocol tag and version; a peer with another tag
                                        is rejected on its first message
     Frame 1   one byte                 command (below)
     Frame 2   msgpack map              the header: one typed struct per message kind
@@ -59,7 +59,8 @@ Broker to client:
               signature_def} (METADATA); StatusReply {kind: "s", id, model,
               model_version_status: [{version, state, status}…]} (STATUS); StatsReply
               {kind: "c", id, counters: {name: n}, versions: [VersionStats…], processes:
-              [[role, processes, cpu_seconds, rss_bytes]…]} (STATS); ControlReply {kind:
+              [[role, processes, cpu_seconds, rss_bytes]…], status: {models, broker, history,
+              iobatchers}} (STATS); ControlReply {kind:
               "ctl", id, body: {changes: [text…]}} (RELOAD); RowsReply {kind: "r", ids: [id…],
               rows: [n…], model, version, outputs: [spec…]} + one frame per output: the
               answers to several REQUESTs of one batch at once, each output the requests'
@@ -160,7 +161,7 @@ import msgspec
 
 from tfbroker.wire.errors import ProtocolError
 
-TAG = b"TFB03"
+TAG = b"TFB04"
 
 REQUEST = b"\x01"
 REPLY = b"\x02"
@@ -334,6 +335,7 @@ class StatsReply(Header, tag_field="kind", tag="c"):
     counters: dict[str, int]
     versions: list[VersionStats] = msgspec.field(default_factory=list)
     processes: list[ProcessStats] = msgspec.field(default_factory=list)
+    status: Json = msgspec.field(default_factory=dict)  # broker.ctl status's answer, the last version changes, I/O batchers
 
 
 class ControlReply(Header, tag_field="kind", tag="ctl"):

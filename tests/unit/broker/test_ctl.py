@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from broker.ctl import format_status, main
+from broker.ctl import _parser, format_status, main
 
 STATUS = {
     "broker": {"pid": 42, "uptime_s": 61.0, "requests": 10, "batches": 4, "rows": 10,
@@ -48,3 +48,15 @@ def test_bad_usage_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
         main(["load", "m", "not-a-number"])
     assert exited.value.code == 2
     assert "invalid int value" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--json", "--timeout_s=3", "status", "m"], ["status", "m", "--json", "--timeout_s=3"],
+                                  ["--timeout_s=9", "status", "--json", "m", "--timeout_s=3"]])
+def test_options_go_before_or_after_the_command(argv: list[str]) -> None:
+    args = _parser().parse_args(argv)
+    assert (args.command, args.model, args.json, args.timeout_s) == ("status", "m", True, 3.0)
+
+
+def test_an_option_before_the_command_stands_when_none_follows_it() -> None:
+    args = _parser().parse_args(["--runtime_dir=/run/x", "load", "m", "2", "--wait"])
+    assert (args.runtime_dir, args.timeout_s, args.wait) == ("/run/x", 10.0, True)

@@ -209,7 +209,7 @@ def test_a_replica_that_cannot_load_fails_the_version_and_stops_the_others() -> 
     life = Lifecycle("v1", replicas=3)
     run(life, lc.LoadAsked(), lc.WorkerReady(2))
     actions = run(life, lc.WorkerExited(4, False, "no such op", replica=0))
-    assert actions == [lc.Terminate("no such op", 1), lc.DisconnectWorker(2)]
+    assert actions == [lc.Terminate("no such op", 1, stuck=False), lc.DisconnectWorker(2)]  # loading, not stuck
     assert life.state is S.UNLOADING
     assert run(life, lc.WorkerExited(-15, True, replica=1)) == [lc.FailRequests("v1 was unloaded", 1)]
     assert kinds(run(life, lc.WorkerExited(0, True, replica=2))) == [lc.FailRequests, lc.Ended]
