@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -124,4 +125,10 @@ def test_a_real_prometheus_scrapes_the_frontends_and_counts_what_was_sent(start_
         server.wait(timeout=30)
     page = broker.http.get(PATH).text
     check = subprocess.run([promtool, "check", "metrics"], input=page.encode(), capture_output=True, timeout=60)
-    assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
+    # It parses (exit 1 would say not); its lint (exit 3) may only object to the colons of TF
+    # Serving's own names, which dashboards made for TF Serving query as they are.
+    complaints = [line for line in (check.stdout + check.stderr).decode().splitlines() if line.strip()]
+    assert check.returncode in (0, 3), complaints
+    assert all(re.fullmatch(r":tensorflow:[\w:]+ metric names should not contain ':'", line) for line in complaints), \
+        complaints
+    assert len(complaints) == 5, complaints

@@ -139,6 +139,13 @@ def test_children_die_with_a_killed_broker(start_broker: Any, test_models: Path)
     os.kill(broker.pid, signal.SIGKILL)
     broker.process.wait(timeout=10)
     wait_for(lambda: not any(pid_alive(pid) for pid in children), 15, "orphaned children to exit")
+    # What the crash left in the runtime directory (sockets, lock) does not block the next start.
+    left = sorted(p.name for p in broker.runtime_dir.iterdir())
+    assert "broker.lock" in left, left
+    again = start_broker(["--model_name=linear", f"--model_base_path={test_models / 'linear'}",
+                          f"--runtime_dir={broker.runtime_dir}"], frontends=1)
+    again.wait_available(["linear"])
+    assert again.predict("linear", {"instances": [2.0]}).json() == {"predictions": [4.0]}
 
 
 @pytest.mark.parametrize(("args", "message"), [
