@@ -57,7 +57,7 @@ class IoBatcher:
         self._send = self._peer.send
 
     def handle_signal(self, signum: int, frame: Any) -> None:
-        self._peer.stopping = True
+        self._peer.stopping = signal.Signals(signum).name
 
     def serve(self) -> int:
         self._peer.connect()
@@ -100,8 +100,7 @@ class IoBatcher:
             self._drop((header.model, header.version))
             log.info("unloaded the tables of model %s version %d", header.model, header.version)
         elif isinstance(header, protocol.Disconnect):
-            log.info("the broker asked this I/O batcher to stop")
-            return False
+            return False  # the broker asked this process to stop (BackendPeer logs it)
         return True
 
     def _load(self, header: protocol.Tables) -> None:

@@ -49,7 +49,7 @@ class ModelWorker:
         self._model: Any = None
 
     def handle_signal(self, signum: int, frame: Any) -> None:
-        self._peer.stopping = True
+        self._peer.stopping = signal.Signals(signum).name
 
     def serve(self) -> int:
         self._peer.connect()
@@ -103,8 +103,7 @@ class ModelWorker:
                 ids = message.header.ids if isinstance(message.header, protocol.JoinedBatch) else None
                 self._fail_batch(message, ids, Internal(f"model worker error: {type(exc).__name__}: {exc}"))
         elif message.command == protocol.DISCONNECT:
-            log.info("the broker asked this worker to stop")
-            return False
+            return False  # the broker asked this process to stop (BackendPeer logs it)
         return True
 
     def _run_batch(self, message: protocol.Message, received: float) -> None:

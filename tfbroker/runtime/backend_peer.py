@@ -36,7 +36,8 @@ class BackendPeer:
         self.identity = identity
         self.interval_s = config.heartbeat_interval_s
         self.expiry_s = config.heartbeat_interval_s * config.heartbeat_liveness
-        self.stopping = False  # set by the role's signal handler; the loop ends at its next turn
+        # Set by the role's signal handler (the signal's name); the loop ends at its next turn.
+        self.stopping: str | bool = False
         self._context: zmq.Context | None = None  # made by connect(), in the process that serves
         self._curve = client_keys_from_env()
         self._socket: zmq.Socket | None = None
@@ -62,11 +63,22 @@ class BackendPeer:
 
     def serve(self, handle: Handler, *, hello: Callable[[], None] | None = None,
               tick: Callable[[], None] | None = None, wait_s: Callable[[], float] | None = None) -> None:
-        """Until a handler says stop, a signal, the broker's silence with no ``hello`` (to
-        reconnect with), or the broker's death. ``tick`` runs after every turn; ``wait_s``
-        bounds each poll (the heartbeat interval by default)."""
+        """Until a handler says stop (the broker's DISCONNECT), a signal, the broker's silence
+        with no ``hello`` (to reconnect with), or the broker's death; then one line says why.
+        ``tick`` runs after every turn; ``wait_s`` bounds each poll (the heartbeat interval by
+        default)."""
+        why = self._serve(handle, hello, tick, wait_s)
+        if why:
+            log.info("stopping: %s", why)
+
+    def _serve(self, handle: Handler, hello: Callable[[], None] | None, tick: Callable[[], None] | None,
+               wait_s: Callable[[], float] | None) -> str:
         backoff_s = self.interval_s
-        while not self.stopping and parent_alive():
+        while True:
+            if self.stopping:
+                return f"received {self.stopping}" if isinstance(self.stopping, str) else "asked to stop"
+            if not parent_alive():
+                return "the broker is gone"
             if self._socket is None:
                 raise RuntimeError("not connected to the broker")
             if self._socket.poll(int((wait_s() if wait_s else self.interval_s) * 1000)):
@@ -74,7 +86,7 @@ class BackendPeer:
                 self._last_heard = time.monotonic()
                 backoff_s = self.interval_s
                 if not handle(frames):
-                    return
+                    return "the broker asked it to"
             if tick is not None:
                 tick()
             now = time.monotonic()
@@ -83,7 +95,7 @@ class BackendPeer:
             if now - self._last_heard > self.expiry_s:
                 if hello is None:
                     log.warning("no word from the broker for %.1f s; exiting", now - self._last_heard)
-                    return
+                    return ""
                 log.warning("no word from the broker for %.1f s; reconnecting", now - self._last_heard)
                 self.close(linger_ms=0)
                 time.sleep(min(backoff_s, MAX_BACKOFF_S))
