@@ -104,7 +104,7 @@ class RestApi:
                 if call.verb == "predict":
                     status = await self.predict(call, scope, receive, send)
                     if self.metrics is not None:
-                        self.metrics.observe(call.model, call.verb, status, started)
+                        self.metrics.observe(call.model, call.verb, status, started, busy=self.waiting > 0)
                     return
                 answer = await self.answer(call, scope, receive)
         except TFBrokerError as exc:

@@ -12,6 +12,7 @@ TF Serving's series keep TF Serving's names (``:tensorflow:serving:request_count
 
 from __future__ import annotations
 
+import bisect
 import os
 import time
 from typing import Any, Iterator, Sequence
@@ -30,6 +31,7 @@ CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BOUNDS_US = (250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
                      2_500_000, 5_000_000, 10_000_000, 30_000_000)
 SERVING_APIS = ("predict", "classify", "regress")  # what TF Serving's request_count counts
+FLUSH_S = 0.1  # longest a busy frontend keeps its counts before writing them to the shared series
 BATCH_SIZE_BOUNDS = tuple(2 ** i for i in range(13))  # 1 … 4096 rows
 # TF Serving's request_count status: the gRPC code of the HTTP status.
 STATUS_CODES = {200: "OK", 400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 413: "INVALID_ARGUMENT", 499: "CANCELLED",
@@ -49,12 +51,39 @@ class Metrics:
         self.latency = Histogram(":tensorflow:serving:request_latency",
                                  "Distribution of wall time (in microseconds) for REST requests.",
                                  ["model_name", "API", "entrypoint"], buckets=LATENCY_BOUNDS_US, **kwargs)
+        # Requests counted here first and written to prometheus-client's (shared, mmap'd)
+        # series at most every FLUSH_S while the frontend is busy: a write there costs about
+        # 8 µs a request, a tenth of the frontend's own work per request.
+        self._counts: dict[tuple[str, str, str], int] = {}
+        self._latencies: dict[tuple[str, str, str], list[float]] = {}
+        self._next_flush = 0.0
 
-    def observe(self, model: str, api: str, status: int, started: float, entrypoint: str = "REST") -> None:
-        self.requests.labels(model, api, str(status)).inc()
-        self.latency.labels(model, api, entrypoint).observe((time.monotonic() - started) * 1e6)
+    def observe(self, model: str, api: str, status: int, started: float, entrypoint: str = "REST", *,
+                busy: bool = False) -> None:
+        """One answered request; ``busy``: others are waiting, so it may be written later
+        (within FLUSH_S), else it is written now and the next scrape shows it."""
+        now = time.monotonic()
+        key = (model, api, str(status))
+        self._counts[key] = self._counts.get(key, 0) + 1
+        latencies = self._latencies.get((model, api, entrypoint))
+        if latencies is None:
+            latencies = self._latencies[(model, api, entrypoint)] = []
+        latencies.append((now - started) * 1e6)
+        if not busy or now >= self._next_flush:
+            self.flush(now)
+
+    def flush(self, now: float | None = None) -> None:
+        """Write what this frontend counted since the last flush to the shared series."""
+        counts, self._counts = self._counts, {}
+        latencies, self._latencies = self._latencies, {}
+        for labels, count in counts.items():
+            self.requests.labels(*labels).inc(count)
+        for labels, values in latencies.items():
+            _observe_all(self.latency.labels(*labels), values)
+        self._next_flush = (time.monotonic() if now is None else now) + FLUSH_S
 
     def render(self, stats: protocol.StatsReply | None) -> bytes:
+        self.flush()
         registry = CollectorRegistry()
         own = self._own()
         registry.register(own)
@@ -65,6 +94,7 @@ class Metrics:
         """Every frontend's predict, classify and regress requests so far, for the status page:
         counts by model and HTTP status, and the latency histogram by model (cumulative, TF
         Serving's bounds in µs)."""
+        self.flush()
         requests: dict[str, dict[str, float]] = {}
         buckets: dict[str, dict[str, float]] = {}
         for metric in self._own().collect():
@@ -86,6 +116,25 @@ class Metrics:
         if self.directory:
             return MultiProcessCollector(None, path=self.directory)
         return _Reuse(self.requests, self.latency)
+
+
+def _observe_all(histogram: Any, values: list[float]) -> None:
+    """``histogram.observe(v)`` for each value, with one write per bucket rather than per value
+    (prometheus-client's Histogram keeps one value per bucket, ``_buckets``, and ``_sum``)."""
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
+        for value in values:  # another prometheus-client: its public way
+            histogram.observe(value)
+        return
+    counts = [0] * len(bounds)
+    for value in values:
+        counts[bisect.bisect_left(bounds, value)] += 1
+    total.inc(sum(values))
+    for bucket, count in zip(buckets, counts):
+        if count:
+            bucket.inc(count)
 
 
 def _le(bound: float) -> str:
