@@ -6,8 +6,9 @@ through tfbroker.client. Settings come from the environment, since gunicorn owns
 command line: TFBROKER_ADDRESS (the broker's frontend socket), TFBROKER_TIMEOUT_MS (the
 request deadline, TF Serving's --rest_api_timeout_in_ms), TFBROKER_LIMITS (RequestLimits as
 flags), TFBROKER_GRPC (GrpcOptions as flags: TF Serving's gRPC API on the same event loop,
-frontend/grpc_api.py; unset, none) and TFBROKER_FRONTEND_INDEX (N in the process title
-``tfbroker: frontend:N``).
+frontend/grpc_api.py; unset, none), TFBROKER_STATUS_PAGE ("1": the status page at /status
+and /status.json, frontend/status_page.py) and TFBROKER_FRONTEND_INDEX (N in the process
+title ``tfbroker: frontend:N``).
 
 Everything under ``/v1/`` is served here on raw ASGI (frontend/routes.py matches the paths
 as TF Serving does); Starlette serves the rest (404) and the lifespan. Every answer, errors
