@@ -1,5 +1,8 @@
 """``python -m bench.ab --base REV``: this build against an earlier one, interleaved, at c=64 and 256.
 
+``--variant NAME=FLAGS`` adds this build with other broker flags (``--base HEAD --variant
+inflight1=--batches_in_flight=1`` compares a setting alone).
+
 Checks REV out in a git worktree (same venv), then for each round starts each build alone
 (tfbroker, 2 frontends, bench's mlp), warms it up with wrk for 2 s and measures 5 s at each
 concurrency (``--concurrency``, default 64,256) of one-instance requests. ``--curve`` adds this build with CURVE on every socket.
@@ -31,6 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--curve", action="store_true", help="also this build with CURVE")
     parser.add_argument("--concurrency", default="64,256", help="comma list of wrk connection counts")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
+                        help="also this build with these broker flags, e.g. inflight1=--batches_in_flight=1")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="tfb-ab-"))
     base = work / "base"
@@ -42,6 +47,9 @@ def main(argv: list[str] | None = None) -> None:
         if args.curve:
             zmq.auth.create_certificates(str(work), "broker")
             builds["this build, CURVE"] = (ROOT, [f"--curve_secret_key_file={work / 'broker.key_secret'}"])
+        for variant in args.variant:
+            name, _, flags = variant.partition("=")
+            builds[f"this build, {name}"] = (ROOT, flags.split())
         results = run(builds, work, args.rounds, [int(c) for c in args.concurrency.split(",")])
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=ROOT, check=False)
