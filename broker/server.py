@@ -168,12 +168,13 @@ class Broker:
                 self._malformed(client, protocol.salvage_id(frames[1:]), exc)
                 continue
             now = time.monotonic()
+            alike: dict[Any, Any] = {}  # requests of this message resolved and checked (InFlight.admit)
             for message in members:
                 if isinstance(message, protocol.Malformed):
                     self._malformed(client, message.id, message.error)
                     continue
                 try:
-                    self._handle_client(client, message, now)
+                    self._handle_client(client, message, now, alike)
                 except Exception as exc:  # noqa: BLE001 - a bug for one request must not stop the broker
                     self.inflight.counters["failed_handlers"] += 1
                     log.exception("cannot handle a %r message from a client", message.command)
@@ -185,10 +186,11 @@ class Broker:
         self._warn("malformed message from a client: %s", error)
         self.inflight.reply_error(client, request_id, InvalidArgument(f"protocol error: {error}"))
 
-    def _handle_client(self, client: bytes, message: protocol.Message, now: float) -> None:
+    def _handle_client(self, client: bytes, message: protocol.Message, now: float, alike: dict[Any, Any]) -> None:
         command, header = message.command, message.header
         if command == protocol.REQUEST:
-            self.inflight.admit(client, header, [message.header_frame, *message.frames], self.versions.models, self.lookups.queue_for, now)
+            self.inflight.admit(client, header, [message.header_frame, *message.frames], self.versions.models,
+                                self.lookups.queue_for, now, alike)
         elif command == protocol.CANCEL:
             self.inflight.cancel(client, header.id)
         elif command == protocol.HEARTBEAT:

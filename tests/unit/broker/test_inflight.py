@@ -139,3 +139,18 @@ def test_fail_version_answers_every_stage_of_that_version() -> None:
     inflight.fail_version(served, Unavailable("the server is shutting down"))
     assert sorted(wire.errors()) == [(CLIENT, 1, 503), (CLIENT, 2, 503), (CLIENT, 3, 503)]
     assert not served.has_work()
+
+
+def test_requests_alike_in_one_message_are_resolved_once_and_still_checked_each() -> None:
+    inflight, wire = make()
+    model, served = model_with(1)
+    models = {"m": model}
+    alike: dict[object, object] = {}
+    for request_id, model_name in ((1, "m"), (2, "m"), (3, "nope"), (4, "m")):
+        header, frames = request(request_id, model=model_name)
+        if request_id == 4:
+            frames = [frames[0], frames[1][:4]]  # the header says 2 floats, the frame holds one
+        inflight.admit(b"a", header, frames, models, lambda served, signature: None, 0.0, alike)
+    assert len(alike) == 1, "one kind of request"
+    assert sorted((request_id, code) for _, request_id, code in wire.errors()) == [(3, 404), (4, 400)]
+    assert len(served.queues["serving_default"]) == 2
