@@ -196,6 +196,7 @@ class Broker:
         elif command == protocol.HEARTBEAT:
             self.outbox.add(client, [protocol.HEARTBEAT, protocol.encode_header(protocol.Heartbeat())])
         elif command == protocol.RELOAD:
+            alike.clear()  # the models may change: what was resolved before no longer holds
             try:
                 body = {"changes": self.control.reload_text(header.config)}
             except TFBrokerError as exc:
