@@ -157,7 +157,9 @@ class Broker:
     def _process_frontend(self) -> None:
         sock = self.frontend_socket
         for _ in range(RECV_BURST):
-            if not events(sock) & POLLIN:  # cheaper than the zmq.Again a last recv raises
+            # An EVENTS check (1.5 µs) per message rather than the zmq.Again (3.6 µs) a last recv
+            # raises: with coalescing clients a burst is one or two messages.
+            if not events(sock) & POLLIN:
                 return
             frames = recv_message(sock, NOBLOCK)
             client = frames[0]
