@@ -251,3 +251,37 @@ def test_a_frontend_at_its_limit_answers_503_with_retry_after_at_once(start_brok
     assert "limit" in refused.json()["error"]
     assert answered_first, "refused at once, while the admitted request was still running"
     assert broker.predict("slow", {"instances": [0.0]}).status_code == 200
+
+
+def test_raw_http_pipelined_and_expect_continue_requests_are_answered_whole(guarded: BrokerProcess) -> None:
+    """The frontends send each answer's head and body together (frontend/http_protocol.py):
+    pipelined requests, a client waiting for 100 Continue and Connection: close all get
+    complete answers, in order."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(guarded.base_url)
+    body = b'{"instances": [1.0]}'
+    request = (b"POST /v1/models/linear:predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Content-Length: %d\r\n" % len(body))
+
+    def read_answers(sock: socket.socket, count: int) -> list[bytes]:
+        data = b""
+        while data.count(b"HTTP/1.1 200") < count or not data.endswith(b"]}"):
+            chunk = sock.recv(65536)
+            assert chunk, f"the frontend closed the connection after {data!r}"
+            data += chunk
+        return data.split(b"HTTP/1.1 ")[1:]
+
+    with socket.create_connection((url.hostname, url.port), timeout=10) as sock:
+        sock.sendall((request + b"\r\n" + body) * 3)
+        answers = read_answers(sock, 3)
+        assert len(answers) == 3 and all(a.startswith(b"200 OK") and b'"predictions"' in a for a in answers)
+        sock.sendall(request + b"Expect: 100-continue\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 100 Continue")
+        sock.sendall(body)
+        assert b'"predictions"' in read_answers(sock, 1)[0]
+        sock.sendall(request + b"Connection: close\r\n\r\n" + body)
+        answer = read_answers(sock, 1)[0]
+        assert b"connection: close" in answer.lower()
+        assert sock.recv(65536) == b"", "the connection stays open after Connection: close"
