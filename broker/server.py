@@ -41,6 +41,7 @@ from broker.outbox import Outbox
 from broker.models import ServedVersion, version_stats
 from broker.source import VersionSource
 from broker.stats import process_stats
+from tfbroker.runtime.process import quiet_gc
 from tfbroker.wire import protocol
 from tfbroker.wire.errors import Internal, InvalidArgument, ProtocolError, TFBrokerError, Unavailable
 from tfbroker.wire.security import KeyRing, load_key_pair, make_server, start_authenticator
@@ -124,6 +125,7 @@ class Broker:
         self.control.start(now)
         self.frontends.bind()
         self.versions.reconcile(now)
+        quiet_gc()
         while not self._stop_now:
             events = dict(self._poller.poll(self._poll_timeout_ms()))
             if self.frontend_socket in events:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import faulthandler
+import gc
 import os
 import signal
 import sys
@@ -62,6 +63,22 @@ def enable_fault_dumps() -> None:
     fault_log = os.fdopen(os.dup(sys.stderr.fileno()), "w")
     faulthandler.enable(fault_log)
     faulthandler.register(DUMP_SIGNAL, file=fault_log, all_threads=True)
+
+
+# Young objects collected every this many allocations instead of Python's 700: a busy
+# broker makes ~10 tracked objects per request (header, Task, frame lists) that live for a
+# batch, so at 700 the collector ran every ~70 requests and took 9 % of the broker's CPU
+# (perf under bench at c=256). Cycles among them are rare; they are still collected.
+GC_YOUNG_THRESHOLD = 50_000
+
+
+def quiet_gc() -> None:
+    """Once start-up is done: keep what it made out of every later collection (gc.freeze)
+    and collect young objects less often (GC_YOUNG_THRESHOLD)."""
+    gc.collect()
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
 def parent_alive() -> bool:
