@@ -6,7 +6,9 @@ inflight1=--batches_in_flight=1`` compares a setting alone).
 Checks REV out in a git worktree (same venv), then for each round starts each build alone
 (tfbroker, 2 frontends, bench's mlp), warms it up with wrk for 2 s and measures 5 s at each
 concurrency (``--concurrency``, default 64,256) of one-instance requests. ``--curve`` adds this build with CURVE on every socket.
-Prints each run and the medians: builds compared side by side on a noisy machine.
+Prints each run and the medians, with each role's CPU per request (broker, frontends,
+worker: steadier than requests/s on a shared machine): builds compared side by side on a
+noisy machine.
 """
 
 from __future__ import annotations
@@ -53,18 +55,24 @@ def main(argv: list[str] | None = None) -> None:
         results = run(builds, work, args.rounds, [int(c) for c in args.concurrency.split(",")])
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=ROOT, check=False)
-    print("\n| build | c | req/s (runs) | median | p99 (median) | errors |\n| --- | ---: | --- | ---: | ---: | ---: |")
+    print("\n| build | c | req/s (runs) | median | p99 (median) | errors | CPU ms/request (medians) |\n"
+          "| --- | ---: | --- | ---: | ---: | ---: | --- |")
     for (name, connections), runs in results.items():
+        cpu = {role: statistics.median(r[3].get(role, 0.0) for r in runs) for role in ROLES}
         print(f"| {name} | {connections} | {', '.join(str(round(r[0])) for r in runs)} "
               f"| {round(statistics.median(r[0] for r in runs))} | {statistics.median(r[1] for r in runs):.1f} ms "
-              f"| {sum(r[2] for r in runs)} |")
+              f"| {sum(r[2] for r in runs)} | {', '.join(f'{role} {cpu[role]:.4f}' for role in ROLES)} |")
+
+
+ROLES = ("broker", "frontends", "worker")
+Run = tuple[float, float, int, dict[str, float]]  # requests/s, p99 ms, errors, CPU ms per request by role
 
 
 def run(builds: dict[str, tuple[Path, list[str]]], work: Path, rounds: int,
-        concurrency: list[int]) -> dict[tuple[str, int], list[tuple[float, float, int]]]:
+        concurrency: list[int]) -> dict[tuple[str, int], list[Run]]:
     # float32 at full precision, as clients that dump numpy arrays write it (bench.run's body)
     body = json.dumps({"instances": np.random.default_rng(2).standard_normal((1, 256)).astype(np.float32).tolist()})
-    results: dict[tuple[str, int], list[tuple[float, float, int]]] = {
+    results: dict[tuple[str, int], list[Run]] = {
         (name, c): [] for name in builds for c in concurrency}
     for round_ in range(rounds):
         for name, (tree, extra) in builds.items():
@@ -78,12 +86,18 @@ def run(builds: dict[str, tuple[Path, list[str]]], work: Path, rounds: int,
             try:
                 server.start()
                 wrk(server.url, body, concurrency[0], 2)
+                assert server.process is not None
                 for connections in concurrency:
+                    before = servers.cpu_by_role(server.process.pid)
                     result = wrk(server.url, body, connections, 5)
+                    after = servers.cpu_by_role(server.process.pid)
                     rate = result["requests"] / result["duration_s"]
-                    results[(name, connections)].append((rate, result["p99_ms"], result["errors"]))
+                    cpu = {role: (after.get(role, 0.0) - before.get(role, 0.0)) * 1000 / max(result["requests"], 1)
+                           for role in ROLES}
+                    results[(name, connections)].append((rate, result["p99_ms"], result["errors"], cpu))
                     log(f"round {round_ + 1}: {name}: c={connections} {rate:.0f} requests/s, "
-                        f"p99 {result['p99_ms']:.1f} ms")
+                        f"p99 {result['p99_ms']:.1f} ms, CPU ms/request "
+                        + ", ".join(f"{role} {cpu[role]:.4f}" for role in ROLES))
             finally:
                 server.stop()
                 servers.ROOT = ROOT

@@ -12,12 +12,11 @@ Environment: TFBROKER_FRONTENDS (workers), TFBROKER_BIND (address, or fd://N for
 inherited from the broker), TFBROKER_TIMEOUT_MS (request deadline), TFBROKER_LOG_LEVEL.
 """
 
-import gc
 import os
 
 from tfbroker.runtime.settings import BIND_ENV, FRONTEND_INDEX_ENV, FRONTENDS_ENV, LOG_LEVEL_ENV, METRICS_DIR_ENV
 from tfbroker.runtime.logs import set_role
-from tfbroker.runtime.process import die_with_parent
+from tfbroker.runtime.process import die_with_parent, quiet_gc
 
 worker_class = "frontend.uvicorn_worker.FrontendWorker"
 logger_class = "frontend.uvicorn_worker.FrontendLogger"  # tfbroker's log format (tfbroker/runtime/logs.py)
@@ -41,8 +40,9 @@ def on_starting(server):  # noqa: ANN001 - gunicorn's hook signature
 
 def pre_fork(server, worker):  # noqa: ANN001
     # Keep the preloaded modules out of the garbage collector's reach, so the workers'
-    # collections do not write to (and so copy) the pages they share with the master.
-    gc.freeze()
+    # collections do not write to (and so copy) the pages they share with the master, and
+    # collect young objects less often (each request makes a few dozen).
+    quiet_gc()
 
 
 def child_exit(server, worker):  # noqa: ANN001

@@ -8,6 +8,7 @@ character but ``/`` and ``:`` as sent.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from urllib.parse import unquote
@@ -34,6 +35,7 @@ def is_api_path(path: str) -> bool:
     return path[:4].lower() == API_PREFIX
 
 
+@functools.lru_cache(maxsize=1024)  # a frontend sees a few paths over and over; RestCall is frozen
 def parse(method: str, path: str) -> RestCall:
     """The call a request makes; InvalidArgument with TF Serving's words if it makes none."""
     name = version = label = None
