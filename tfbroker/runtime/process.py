@@ -67,9 +67,11 @@ def enable_fault_dumps() -> None:
 
 # Young objects collected every this many allocations instead of Python's 700: a busy
 # broker makes ~10 tracked objects per request (header, Task, frame lists) that live for a
-# batch, so at 700 the collector ran every ~70 requests and took 9 % of the broker's CPU
-# (perf under bench at c=256). Cycles among them are rare; they are still collected.
-GC_YOUNG_THRESHOLD = 50_000
+# batch, and a frontend a few dozen, so at 700 the collector ran every few dozen requests
+# (9 % of the broker's CPU at c=256, perf under bench). Interleaved runs of 700, 5,000 and
+# 50,000: 5,000 gave the most requests/s and the lowest p99; at 50,000 each collection
+# walks so many objects that its pause raised p99 by a third.
+GC_YOUNG_THRESHOLD = 5_000
 
 
 def quiet_gc() -> None:
