@@ -355,14 +355,14 @@ def packb(value: object) -> bytes:
 
 
 @pytest.mark.parametrize("frames", [
-    [b"TFB04", b"\x01", packb({"id": 1, "model": "linear", "version": "two", "timeout_ms": 9, "inputs": []})],
-    [b"TFB04", b"\x01", packb({"id": 2, "model": "linear", "signature": ["x"], "timeout_ms": 9, "inputs": []})],
-    [b"TFB04", b"\x01", packb({"id": 3, "model": "linear", "timeout_ms": "soon",
+    [b"TFB05", b"\x01", packb({"id": 1, "model": "linear", "version": "two", "timeout_ms": 9, "inputs": []})],
+    [b"TFB05", b"\x01", packb({"id": 2, "model": "linear", "signature": ["x"], "timeout_ms": 9, "inputs": []})],
+    [b"TFB05", b"\x01", packb({"id": 3, "model": "linear", "timeout_ms": "soon",
                                 "inputs": [["x", "float32", [1]]]}), b"\x00" * 4],
-    [b"TFB04", b"\x01", packb({"id": 4, "model": "linear", "timeout_ms": 9, "inputs": [["x", "float32", [2]]]}),
+    [b"TFB05", b"\x01", packb({"id": 4, "model": "linear", "timeout_ms": 9, "inputs": [["x", "float32", [2]]]}),
      b"\x00"],
-    [b"TFB04", b"\x05", packb({"id": 5, "model": "linear", "version": {"a": 1}})],
-    [b"TFB04", protocol.READY, packb({"id": 6})],
+    [b"TFB05", b"\x05", packb({"id": 5, "model": "linear", "version": {"a": 1}})],
+    [b"TFB05", protocol.READY, packb({"id": 6})],
     [b"TFB99", b"\x01", b"\x80"],
 ])
 def test_malformed_wire_messages_get_errors_and_the_broker_keeps_serving(served: BrokerProcess,
@@ -394,8 +394,8 @@ def test_a_bundle_is_answered_member_by_member_and_a_malformed_member_fails_alon
 
     bad = [protocol.REQUEST, packb({"id": 2, "model": "linear", "timeout_ms": 9, "inputs": [["x", "float32", [2]]]}),
            b"\x00"]  # 1 byte for 2 floats
-    nested = [protocol.BUNDLE, protocol.encode_header(protocol.Bundle(counts=[2])), protocol.HEARTBEAT,
-              protocol.encode_header(protocol.Heartbeat())]
+    nested = [protocol.BUNDLE, protocol.encode_header(protocol.Bundle(
+        commands=protocol.HEARTBEAT, headers=[protocol.encode_header(protocol.Heartbeat())], counts=[0]))]
     context = zmq.Context()
     sock = context.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)

@@ -33,7 +33,7 @@ def test_a_lone_member_travels_as_itself() -> None:
 def test_a_malformed_member_fails_alone() -> None:
     bad_header = [protocol.CANCEL, b"\x91"]                             # not a map
     wrong_frames = [*predict_member(3)[:2]]                             # its tensor frame missing
-    nested = [protocol.BUNDLE, protocol.encode_header(protocol.Bundle(counts=[]))]
+    nested = [protocol.BUNDLE, protocol.encode_header(protocol.Bundle(commands=b"", headers=[], counts=[]))]
     members = protocol.decode_all(protocol.bundle([predict_member(1), bad_header, wrong_frames, nested,
                                                    predict_member(5)]), protocol.CLIENT_TO_BROKER)
     assert [type(m).__name__ for m in members] == ["Message", "Malformed", "Malformed", "Malformed", "Message"]
@@ -46,6 +46,20 @@ def test_a_bundle_whose_counts_do_not_add_up_is_refused_whole() -> None:
     frames = protocol.bundle([predict_member(1), predict_member(2)])
     with pytest.raises(ProtocolError):
         protocol.decode_all(frames[:-1], protocol.CLIENT_TO_BROKER)
+    header = msgpack.packb({"commands": protocol.REQUEST * 2, "headers": [b"\x80"], "counts": [1, 1]})
+    with pytest.raises(ProtocolError, match="one each per member"):
+        protocol.decode_all([protocol.TAG, protocol.BUNDLE, header, b"", b""], protocol.CLIENT_TO_BROKER)
+
+
+def test_a_bundle_carries_its_members_headers_in_its_own_header() -> None:
+    """Three frames a request became one: the headers ride in the BUNDLE's header."""
+    members = [predict_member(1), predict_member(2, 2.0), [protocol.CANCEL, protocol.encode_header(protocol.Cancel(id=7))]]
+    frames = protocol.bundle(members)
+    assert len(frames) == 3 + 2, "the tag, BUNDLE, its header, one tensor frame per request"
+    decoded = protocol.decode_all(frames, protocol.CLIENT_TO_BROKER)
+    assert [(m.command, m.header.id) for m in decoded] == [(protocol.REQUEST, 1), (protocol.REQUEST, 2), (protocol.CANCEL, 7)]
+    assert np.frombuffer(decoded[1].frames[0], np.float32).tolist() == [2.0]
+    assert decoded[0].header_frame == members[0][1], "the header as the client sent it, to forward"
 
 
 def test_a_rows_reply_is_cut_per_request_without_copying() -> None:

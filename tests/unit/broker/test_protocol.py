@@ -23,7 +23,7 @@ HAND_TENSOR = np.array([1.5, -2.0], dtype="<f4").tobytes()
 
 
 def test_decodes_a_hand_written_request() -> None:
-    message = protocol.decode([b"TFB04", b"\x01", HAND_HEADER, HAND_TENSOR], protocol.CLIENT_TO_BROKER)
+    message = protocol.decode([b"TFB05", b"\x01", HAND_HEADER, HAND_TENSOR], protocol.CLIENT_TO_BROKER)
     assert message.command == protocol.REQUEST
     header = message.header
     assert (header.id, header.model, header.timeout_ms, header.signature, header.version) == (
@@ -37,7 +37,7 @@ def test_encodes_what_a_hand_written_peer_expects() -> None:
     specs, frames = tensors.encode_tensors({"x": np.array([1.5, -2.0], np.float32)})
     header = protocol.Request(id=7, model="m", timeout_ms=100, inputs=specs)
     encoded = protocol.encode(protocol.REQUEST, header, frames)
-    assert encoded[:3] == [b"TFB04", b"\x01", HAND_HEADER]  # defaults (signature) are left out
+    assert encoded[:3] == [b"TFB05", b"\x01", HAND_HEADER]  # defaults (signature) are left out
     assert bytes(encoded[3]) == HAND_TENSOR
 
 
@@ -66,42 +66,42 @@ def header(**fields: object) -> bytes:
 
 
 @pytest.mark.parametrize(("frames", "accept", "problem"), [
-    ([b"TFB04", b"\x01"], protocol.CLIENT_TO_BROKER, "at least 3 frames"),
+    ([b"TFB05", b"\x01"], protocol.CLIENT_TO_BROKER, "at least 3 frames"),
     ([b"TFB01", b"\x01", b"\x80"], protocol.CLIENT_TO_BROKER, "protocol tag"),
-    ([b"TFB04", b"\x7f", b"\x80"], protocol.CLIENT_TO_BROKER, "not one this socket takes"),
-    ([b"TFB04", protocol.BATCH, b"\x80"], protocol.CLIENT_TO_BROKER, "not one this socket takes"),
-    ([b"TFB04", b"\x01", b"\x91\x01"], protocol.CLIENT_TO_BROKER, "bad header"),
-    ([b"TFB04", b"\x01", b"\xc1"], protocol.CLIENT_TO_BROKER, "bad header"),
-    ([b"TFB04", b"\x01", header(id=-1, model="m", timeout_ms=1, inputs=[])], protocol.CLIENT_TO_BROKER,
+    ([b"TFB05", b"\x7f", b"\x80"], protocol.CLIENT_TO_BROKER, "not one this socket takes"),
+    ([b"TFB05", protocol.BATCH, b"\x80"], protocol.CLIENT_TO_BROKER, "not one this socket takes"),
+    ([b"TFB05", b"\x01", b"\x91\x01"], protocol.CLIENT_TO_BROKER, "bad header"),
+    ([b"TFB05", b"\x01", b"\xc1"], protocol.CLIENT_TO_BROKER, "bad header"),
+    ([b"TFB05", b"\x01", header(id=-1, model="m", timeout_ms=1, inputs=[])], protocol.CLIENT_TO_BROKER,
      r"\$\.id"),
-    ([b"TFB04", b"\x01", header(id=1, model="m", timeout_ms=0, inputs=[])], protocol.CLIENT_TO_BROKER,
+    ([b"TFB05", b"\x01", header(id=1, model="m", timeout_ms=0, inputs=[])], protocol.CLIENT_TO_BROKER,
      r"\$\.timeout_ms"),
-    ([b"TFB04", b"\x01", header(id=1, model="", timeout_ms=1, inputs=[])], protocol.CLIENT_TO_BROKER,
+    ([b"TFB05", b"\x01", header(id=1, model="", timeout_ms=1, inputs=[])], protocol.CLIENT_TO_BROKER,
      r"\$\.model"),
-    ([b"TFB04", b"\x01", header(id=1, model="m", timeout_ms=1, version=1 << 63, inputs=[])],
+    ([b"TFB05", b"\x01", header(id=1, model="m", timeout_ms=1, version=1 << 63, inputs=[])],
      protocol.CLIENT_TO_BROKER, r"\$\.version"),
-    ([b"TFB04", b"\x01", header(id=1, model="m", timeout_ms=1, inputs=[["x", "object", [1]]])],
+    ([b"TFB05", b"\x01", header(id=1, model="m", timeout_ms=1, inputs=[["x", "object", [1]]])],
      protocol.CLIENT_TO_BROKER, r"inputs\[0\]"),
-    ([b"TFB04", b"\x01", header(id=1, model="m", timeout_ms=1, inputs=[["x", "float32", [-1]]])],
+    ([b"TFB05", b"\x01", header(id=1, model="m", timeout_ms=1, inputs=[["x", "float32", [-1]]])],
      protocol.CLIENT_TO_BROKER, r"inputs\[0\]"),
-    ([b"TFB04", b"\x01", header(id=1, model="m", timeout_ms=1, inputs=[["x", "float32", [1] * 33]])],
+    ([b"TFB05", b"\x01", header(id=1, model="m", timeout_ms=1, inputs=[["x", "float32", [1] * 33]])],
      protocol.CLIENT_TO_BROKER, r"inputs\[0\]"),
-    ([b"TFB04", b"\x01", header(id=1, model="m", timeout_ms=1, inputs=[["x", "float32", [1]]])],
+    ([b"TFB05", b"\x01", header(id=1, model="m", timeout_ms=1, inputs=[["x", "float32", [1]]])],
      protocol.CLIENT_TO_BROKER, "announces 1 payload frames, 0 came"),
-    ([b"TFB04", protocol.BATCH, header(kind="t", batch=1, signature="s", counts=[1, 1], timeouts_ms=[5])],
+    ([b"TFB05", protocol.BATCH, header(kind="t", batch=1, signature="s", counts=[1, 1], timeouts_ms=[5])],
      protocol.BROKER_TO_WORKER, "equally long"),
-    ([b"TFB04", protocol.BATCH, header(kind="j", batch=1, signature="s", ids=[1], rows=[2], timeouts_ms=[5],
+    ([b"TFB05", protocol.BATCH, header(kind="j", batch=1, signature="s", ids=[1], rows=[2], timeouts_ms=[5],
                                        inputs=[["x", "float32", [3]]]), b""],
      protocol.BROKER_TO_WORKER, "batch dimension of 2 rows"),
-    ([b"TFB04", protocol.RESULT, header(kind="?", batch=1)], protocol.WORKER_TO_BROKER, "bad header"),
-    ([b"TFB04", protocol.BATCH, header(kind="l", batch=1, model="m", version=1, counts=[2], timeouts_ms=[5],
+    ([b"TFB05", protocol.RESULT, header(kind="?", batch=1)], protocol.WORKER_TO_BROKER, "bad header"),
+    ([b"TFB05", protocol.BATCH, header(kind="l", batch=1, model="m", version=1, counts=[2], timeouts_ms=[5],
                                        inputs=[["w", "string", [1]]]), b""],
      protocol.BROKER_TO_IOBATCHER, "counts must add up"),
-    ([b"TFB04", protocol.RESULT, header(kind="l", batch=1, counts=[0], outputs=[], failures=[[3, 400, "x"]])],
+    ([b"TFB05", protocol.RESULT, header(kind="l", batch=1, counts=[0], outputs=[], failures=[[3, 400, "x"]])],
      protocol.WORKER_TO_BROKER, "failures name tasks"),
-    ([b"TFB04", protocol.LOADED, header(model="m", version=1, lookups=[["w", "float32", "ids", "int64", 0]])],
+    ([b"TFB05", protocol.LOADED, header(model="m", version=1, lookups=[["w", "float32", "ids", "int64", 0]])],
      protocol.WORKER_TO_BROKER, r"lookups\[0\]"),
-    ([b"TFB04", protocol.LOAD, header(model="m", version=1, path="/p")], protocol.BROKER_TO_WORKER,
+    ([b"TFB05", protocol.LOAD, header(model="m", version=1, path="/p")], protocol.BROKER_TO_WORKER,
      "not one this socket takes"),
 ])
 def test_malformed_messages_are_rejected(frames: list[bytes], accept: frozenset[bytes], problem: str) -> None:
@@ -124,9 +124,9 @@ def test_lookup_messages_round_trip() -> None:
 
 
 def test_the_id_of_a_malformed_request_is_salvaged_to_answer_it() -> None:
-    frames = [b"TFB04", b"\x01", header(id=9, model="", timeout_ms=1, inputs=[])]
+    frames = [b"TFB05", b"\x01", header(id=9, model="", timeout_ms=1, inputs=[])]
     assert protocol.salvage_id(frames) == 9
-    assert protocol.salvage_id([b"TFB04", b"\x01", b"\xc1"]) is None
+    assert protocol.salvage_id([b"TFB05", b"\x01", b"\xc1"]) is None
 
 
 def test_tensor_frames_must_fill_their_shape() -> None:
