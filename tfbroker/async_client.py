@@ -47,13 +47,13 @@ class AsyncClient(ClientBase):
         self._socket: zmq.Socket[Any] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._heartbeat: asyncio.TimerHandle | None = None
-        self._pending: dict[int, asyncio.Future[protocol.Message]] = {}
+        self._pending: dict[int, asyncio.Future[protocol.Message | Prediction]] = {}
         # Each waiting request's last moment (loop time) and deadline: swept every heartbeat
         # interval rather than one timer per request, since the broker answers 504 itself at
         # the deadline; this only catches a broker that never answers.
         self._deadlines: dict[int, tuple[float, float]] = {}
         self._writable = False  # the socket has been connected once
-        self._outbox: list[tuple[list[Any], asyncio.Future[protocol.Message]]] = []
+        self._outbox: list[tuple[list[Any], asyncio.Future[protocol.Message | Prediction]]] = []
         self._last_heard = 0.0
 
     async def predict(self, model: str, inputs: Mapping[str, Any], *, version: int | None = None,
@@ -100,10 +100,10 @@ class AsyncClient(ClientBase):
             raise Internal("the broker answered STATS with something else")
         return reply
 
-    async def request(self, request_id: int, frames: list[Any], timeout_s: float) -> protocol.Message:
+    async def request(self, request_id: int, frames: list[Any], timeout_s: float) -> protocol.Message | Prediction:
         """Send one message and wait for its answer: the transport seam of this client."""
         sock, loop = self._ensure_socket()
-        future: asyncio.Future[protocol.Message] = loop.create_future()
+        future: asyncio.Future[protocol.Message | Prediction] = loop.create_future()
         self._pending[request_id] = future
         self._deadlines[request_id] = (loop.time() + timeout_s + GRACE_S, timeout_s)
         try:
@@ -256,6 +256,6 @@ class AsyncClient(ClientBase):
         self._pending.clear()
 
 
-def _expire(future: asyncio.Future[protocol.Message], timeout_s: float) -> None:
+def _expire(future: asyncio.Future[protocol.Message | Prediction], timeout_s: float) -> None:
     if not future.done():
         future.set_exception(DeadlineExceeded(f"no answer from the broker within {timeout_s:.3g} s"))

@@ -13,9 +13,9 @@ from broker.dispatch import Dispatcher
 from broker.inflight import InFlight
 from broker.outbox import Outbox
 from tests.unit.broker.shell import BATCHING, Wire, add_link, admit, model_with
-from tfbroker.client import encode_predict, read_answers
+from tfbroker.client import encode_predict, prediction, read_answers
 from tfbroker.wire import protocol
-from tfbroker.wire.errors import ProtocolError
+from tfbroker.wire.errors import Internal, ProtocolError
 
 
 def predict_member(request_id: int, value: float = 1.0) -> list[Any]:
@@ -66,13 +66,20 @@ def test_a_rows_reply_is_cut_per_request_without_copying() -> None:
     y = np.arange(12, dtype=np.float32).reshape(6, 2)
     header = protocol.RowsReply(ids=[7, 8, 9], rows=[1, 3, 2], model="m", version=4,
                                 outputs=[protocol.TensorSpec("y", "float32", (6, 2))])
-    frames = [protocol.TAG, protocol.REPLY, protocol.encode_header(header), y.tobytes()]
-    answers = dict(read_answers(frames))
+    frame = y.tobytes()
+    answers = dict(read_answers([protocol.TAG, protocol.REPLY, protocol.encode_header(header), frame]))
     assert sorted(answers) == [7, 8, 9]
-    got = {i: np.frombuffer(answers[i].frames[0], np.float32).reshape(answers[i].header.outputs[0].shape)
-           for i in answers}
+    got = {i: prediction(answers[i]).outputs["y"] for i in answers}  # type: ignore[arg-type]
     assert got[7].tolist() == y[:1].tolist() and got[8].tolist() == y[1:4].tolist() and got[9].tolist() == y[4:].tolist()
-    assert answers[8].header.version == 4
+    assert got[8].base is not None and got[8].base is got[9].base, "views of the one frame, not copies"
+    assert prediction(answers[8]).version == 4  # type: ignore[arg-type]
+
+
+def test_a_rows_reply_whose_frame_does_not_fill_its_rows_fails_each_of_its_requests() -> None:
+    header = protocol.RowsReply(ids=[7, 8], rows=[1, 2], model="m", version=4,
+                                outputs=[protocol.TensorSpec("y", "float32", (3, 2))])
+    answers = dict(read_answers([protocol.TAG, protocol.REPLY, protocol.encode_header(header), b"\0" * 20]))
+    assert sorted(answers) == [7, 8] and all(isinstance(a, Internal) and "malformed" in str(a) for a in answers.values())
 
 
 @pytest.mark.parametrize("ids, rows, shape", [([1, 2], [1], (1, 2)), ([1, 2], [1, 1], (3, 2)), ([1], [1], ())])
