@@ -213,7 +213,7 @@ Timeouts = Annotated[list[TimeoutMs], msgspec.Meta(max_length=MAX_TASKS)]
 Json = dict[str, Any]
 
 
-class TensorSpec(msgspec.Struct, array_like=True, frozen=True):
+class TensorSpec(msgspec.Struct, array_like=True, frozen=True, gc=False):
     """``[name, dtype, shape]`` of one tensor frame."""
 
     name: TensorName
@@ -221,8 +221,10 @@ class TensorSpec(msgspec.Struct, array_like=True, frozen=True):
     shape: Shape
 
 
-class Header(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """Base of every header: how many payload frames follow it."""
+class Header(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
+    """Base of every header: how many payload frames follow it. Untracked by the garbage
+    collector (gc=False): a header refers to no header, so it is in no cycle, and a busy
+    broker or frontend makes one or two a request that would otherwise fill its collections."""
 
     def frame_count(self) -> int:
         return 0
