@@ -26,7 +26,7 @@ import logging
 import os
 import shlex
 import time
-from typing import Any, AsyncIterator
+from typing import AsyncIterator
 
 import orjson
 from starlette.applications import Starlette
@@ -41,6 +41,7 @@ from tfbroker.wire.errors import Internal, InvalidArgument, NotFound, PayloadToo
 from tfbroker.runtime.flags import parse_flags
 from tfbroker.runtime.process import set_title
 from frontend import routes, status_page
+from frontend.disconnects import DisconnectWatch
 from tfbroker.async_client import AsyncClient
 from frontend.tf_example import format_results, parse_examples
 from frontend.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -80,6 +81,7 @@ class RestApi:
         # The status page: the broker's frontends serve it unless --enable_status_page=false.
         self.status_page = metrics is not None and os.environ.get(STATUS_PAGE_ENV) == "1"
         self.waiting = 0  # predictions waiting on the broker (max_concurrent_predictions)
+        self.disconnects = DisconnectWatch(DISCONNECT_WATCH_AFTER_S)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not routes.is_api_path(scope["path"]):
@@ -171,35 +173,20 @@ class RestApi:
         timeout_s = _timeout_s(scope, self.timeout_s)
         self.check_capacity()
         # A request still waiting after DISCONNECT_WATCH_AFTER_S starts watching for its client
-        # going away, and is cancelled (taken out of the broker's queue) when it does. Most
-        # requests are answered sooner and never pay for the watcher task.
-        current = asyncio.current_task()
-        watchers: list[asyncio.Future[Any]] = []
-
-        def on_receive(done: asyncio.Future[Any]) -> None:
-            if current is not None and not done.cancelled() and done.exception() is None:
-                if done.result().get("type") == "http.disconnect":
-                    current.cancel()
-
-        def watch() -> None:
-            watcher = asyncio.ensure_future(receive())
-            watcher.add_done_callback(on_receive)
-            watchers.append(watcher)
-
-        timer = asyncio.get_running_loop().call_later(DISCONNECT_WATCH_AFTER_S, watch)
+        # going away, and is cancelled (taken out of the broker's queue) when it does.
+        task = asyncio.current_task()
+        assert task is not None  # (ASGI runs every request in a task)
+        self.disconnects.add(task, receive, asyncio.get_running_loop())
         self.waiting += 1
         try:
             answer = await self.run_predict(body, call, timeout_s)
         except asyncio.CancelledError:
-            if watchers and watchers[0].done() and not watchers[0].cancelled():
+            if self.disconnects.done(task):
                 return 499  # the client is gone: nobody to answer
             raise
         finally:
             self.waiting -= 1
-            timer.cancel()
-            for watcher in watchers:
-                watcher.remove_done_callback(on_receive)
-                watcher.cancel()
+            self.disconnects.done(task)
         await _respond(send, *answer)
         return answer[0]
 
