@@ -115,7 +115,7 @@ def read_answers(frames: list[Any]) -> list[tuple[int | None, Answer]]:
 def rows_predictions(message: protocol.Message) -> list[tuple[int, Prediction]]:
     """A RowsReply's requests and their Predictions: each output decoded once for the whole
     batch, a request's outputs views of its rows (no header, message or decoding per
-    request: 3 µs a request less than cutting it into REPLY messages, in every frontend)."""
+    request: 1.3 µs a request instead of 3.6 for REPLY messages cut and decoded, 26 rows)."""
     reply: protocol.RowsReply = message.header
     outputs = tensors.decode_tensors(reply.outputs, message.frames)
     answers, start = [], 0

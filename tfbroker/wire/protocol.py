@@ -48,11 +48,12 @@ Client (frontend or ``tfbroker.client``) to broker, on the broker's frontend ROU
               payload frames end to end: several of the messages above (not BUNDLE) sent
               as one. Member i is the message with command ``commands[i]`` (one byte
               each), header ``headers[i]`` (a msgpack bin: the bytes of the header it
-              would carry alone) and the next ``counts[i]`` payload frames. What a client has ready at the same
-              moment goes as one BUNDLE; a lone message goes as itself. Each member is
-              decoded and answered on its own: a malformed one fails alone. (The headers
-              travel in the BUNDLE's own header, not as frames: every frame costs the
-              receiver a receive and a more-frames check, 2 µs a request in the broker.)
+              would carry alone) and the next ``counts[i]`` payload frames. What a client
+              has ready at the same moment goes as one BUNDLE; a lone message goes as
+              itself. Each member is decoded and answered on its own: a malformed one
+              fails alone. (The headers travel in the BUNDLE's own header, not as frames:
+              every frame costs its receiver a receive and a more-frames check, 2 µs a
+              request in the broker.)
 
 Broker to client:
 
@@ -660,7 +661,7 @@ def decode_header(command: bytes, frame: Any) -> Any:
 
 
 def _decode_body(frames: Sequence[Any], start: int, end: int, accept: frozenset[bytes]) -> Message:
-    """``frames[start:end]``: command, header, payload (a message after its tag, or a BUNDLE member)."""
+    """``frames[start:end]``: command, header, payload (a message after its tag)."""
     if end - start < 2:
         raise ProtocolError(f"a message needs a command and a header, got {end - start} frames")
     return _decode_member(bytes(frames[start]), frames[start + 1], list(frames[start + 2:end]), accept)
