@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-ROLES = ("frontends", "broker", "worker", "iobatcher", "workers", "master", "mosec-http", "nginx")
+ROLES = ("frontends", "broker", "worker", "iobatcher", "workers", "master", "mosec-http", "nginx", "litserve", "ray")
 
 
 def reference_batch(cell: dict[str, Any]) -> int:

@@ -40,3 +40,10 @@ def test_markdown_table_has_every_cell_and_the_memory() -> None:
     assert "median of 3 run(s)" in table
     assert "| tfbroker-2 | 1 | 64 | 4000 | 4000 |" in table
     assert "| naive-2 | 800 |" in table
+
+
+def test_every_role_measured_is_in_the_table_peers_included() -> None:
+    peers = {**RESULTS, "cells": [{**cell("litserve", 1, 64, 1000), "cpu_ms_per_request": {"litserve": 1.3, "workers": 0.46}},
+                                  {**cell("rayserve", 1, 64, 600), "cpu_ms_per_request": {"ray": 5.95}}]}
+    table = report.markdown(peers)
+    assert "litserve 1.300" in table and "workers 0.460" in table and "ray 5.950" in table
