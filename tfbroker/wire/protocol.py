@@ -632,27 +632,6 @@ def decode_all(frames: Sequence[Any], accept: frozenset[bytes]) -> list[Message 
     return members
 
 
-def split_rows(message: Message) -> list[Message]:
-    """A RowsReply as one REPLY (PredictReply) per request, each output's frame a view of its
-    rows; raises ProtocolError when an output cannot be cut by the rows."""
-    reply: RowsReply = message.header
-    total = sum(reply.rows)
-    views = []
-    for spec, frame in zip(reply.outputs, message.frames):
-        view = memoryview(frame).cast("B")
-        row_bytes = len(view) // total if total else 0
-        if row_bytes * total != len(view):
-            raise ProtocolError(f"output {spec.name!r}: {len(view)} bytes do not cut into {total} rows")
-        views.append((spec, view, row_bytes))
-    answers, start = [], 0
-    for request_id, rows in zip(reply.ids, reply.rows):
-        outputs = [TensorSpec(spec.name, spec.dtype, (rows, *spec.shape[1:])) for spec, _, _ in views]
-        header = PredictReply(id=request_id, model=reply.model, version=reply.version, outputs=outputs)
-        answers.append(Message(REPLY, header, [view[start * size:(start + rows) * size] for _, view, size in views]))
-        start += rows
-    return answers
-
-
 def decode_header(command: bytes, frame: Any) -> Any:
     try:
         return _DECODERS[command].decode(frame)

@@ -38,7 +38,7 @@ class Wire:
         for frames in self.to_clients:
             message = protocol.decode([bytes(f) for f in frames[1:]], protocol.BROKER_TO_CLIENT)
             if isinstance(message.header, protocol.RowsReply):
-                out.extend((frames[0], answer) for answer in protocol.split_rows(message))
+                out.extend((frames[0], answer) for answer in split_rows(message))
             else:
                 out.append((frames[0], message))
         self.to_clients.clear()
@@ -88,3 +88,19 @@ def admit(inflight: InFlight, models: dict[str, ServedModel], client: bytes, req
           **kwargs: Any) -> None:
     header, frames = request(request_id, **kwargs)
     inflight.admit(client, header, frames, models, lambda served, signature: None, now)
+
+
+def split_rows(message: protocol.Message) -> list[protocol.Message]:
+    """A RowsReply as the REPLY each of its requests would have had alone, so tests read every
+    answer alike (the frontends' client reads it as arrays instead: tfbroker.client.rows_predictions)."""
+    reply: protocol.RowsReply = message.header
+    total = sum(reply.rows)
+    views = [(spec, memoryview(frame).cast("B")) for spec, frame in zip(reply.outputs, message.frames)]
+    answers, start = [], 0
+    for request_id, rows in zip(reply.ids, reply.rows):
+        outputs = [protocol.TensorSpec(spec.name, spec.dtype, (rows, *spec.shape[1:])) for spec, _ in views]
+        header = protocol.PredictReply(id=request_id, model=reply.model, version=reply.version, outputs=outputs)
+        frames = [view[len(view) * start // total:len(view) * (start + rows) // total] for _, view in views]
+        answers.append(protocol.Message(protocol.REPLY, header, frames))
+        start += rows
+    return answers
