@@ -41,9 +41,9 @@ def markdown(results: dict[str, Any]) -> str:
     lines += ["", f"## Served ({results['duration_s']:.0f} s per cell, median of {results.get('repeat', 1)} run(s), "
               f"{results['cpus']} CPUs, load from wrk -t1 or bench.client_load, closed loop)", "",
               "| server | inst/req | conc | req/s | samples/s | p50 ms | p99 ms | errors | PSS MB | "
-              "CPU ms/req by role | load gen CPU ms/req | mean batch | × naive-2 | × mosec | × mosec-orjson | "
+              "CPU ms/req by role | load gen CPU ms/req | host busy | mean batch | × naive-2 | × mosec | × mosec-orjson | "
               "× in-process |",
-              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: "
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: "
               "| ---: |"]
     for c in cells:
         roles = ", ".join(f"{r} {c['cpu_ms_per_request'][r]:.3f}" for r in ROLES if r in c["cpu_ms_per_request"])
@@ -51,16 +51,22 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(
             f"| {c['server']} | {c['instances']} | {c['concurrency']} | {c['rps']:.0f} | {c['samples_per_s']:.0f} | "
             f"{c['p50_ms']:.2f} | {c['p99_ms']:.2f} | {errors} | {c['pss_mb']:.0f} | {roles} | "
-            f"{c['load_cpu_s'] * 1000 / max(1, c['requests']):.3f} | "
+            f"{c['load_cpu_s'] * 1000 / max(1, c['requests']):.3f} | {_fmt(_percent(c.get('host_busy')), '.0f')} | "
             f"{_fmt(c.get('mean_batch_rows'), '.1f')} | {_fmt(c['x_naive2'], '.2f')} | {_fmt(c['x_mosec'], '.2f')} | "
             f"{_fmt(c['x_mosec_orjson'], '.2f')} | {_fmt(c['x_inprocess'], '.2f')} |")
     lines += ["", "× in-process compares samples/s with the in-process limit at the request's own batch size "
               "(one-instance requests: min(concurrency, 64)). Errors count non-200 answers, socket errors and, "
-              "for the client, answers that differ from in-process TensorFlow.", "",
+              "for the client, answers that differ from in-process TensorFlow. Host busy: the share of all "
+              "CPUs (%) not idle during the cell, load generator included; well under 100 % means the server "
+              "left CPU unused while its requests waited (bound by its latency, not by CPU).", "",
               "## Memory (total PSS of the server's process tree after the load)", "",
               "| server | PSS MB |", "| --- | ---: |"]
     lines += [f"| {m['server']} | {m['pss_mb']:.0f} |" for m in results["memory"]]
     return "\n".join(lines) + "\n"
+
+
+def _percent(share: float | None) -> float | None:
+    return None if share is None else share * 100
 
 
 def _fmt(value: float | None, spec: str) -> str:

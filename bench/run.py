@@ -19,7 +19,7 @@ import numpy as np
 
 from bench import report
 from bench.load import client_load, wrk
-from bench.servers import (ROOT, Server, cpu_by_role, litserve_server, mosec_server, naive_server, raw_asgi_server,
+from bench.servers import (ROOT, Server, cpu_by_role, host_cpu_ticks, litserve_server, mosec_server, naive_server, raw_asgi_server,
                            rayserve_server, tfbroker_granian_server, tfbroker_nginx_server, tfbroker_server,
                            total_pss_mb)
 from tfbroker import Client
@@ -183,9 +183,10 @@ def _medians(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _measure(server: Server, config: BenchConfig, load: Any) -> dict[str, Any]:
     root = server.process.pid  # type: ignore[union-attr]
-    stats0, cpu0 = _broker_stats(server), cpu_by_role(root)
+    stats0, cpu0, host0 = _broker_stats(server), cpu_by_role(root), host_cpu_ticks()
     result = load()
-    cpu1, stats1 = cpu_by_role(root), _broker_stats(server)
+    host1, cpu1, stats1 = host_cpu_ticks(), cpu_by_role(root), _broker_stats(server)
+    result["host_busy"] = (host1[0] - host0[0]) / max(1, host1[1] - host0[1])
     requests = max(1, result["requests"])
     result["cpu_ms_per_request"] = {role: (cpu1.get(role, 0.0) - cpu0.get(role, 0.0)) * 1000 / requests
                                     for role in cpu1 if role != "other"}

@@ -12,7 +12,8 @@ from bench import report
 def cell(server: str, instances: int, concurrency: int, requests: int) -> dict[str, Any]:
     return {"server": server, "instances": instances, "concurrency": concurrency, "requests": requests,
             "duration_s": 2.0, "errors": 0, "p50_ms": 1.0, "p99_ms": 2.0, "pss_mb": 100.0, "load_cpu_s": 0.1,
-            "cpu_ms_per_request": {"frontends": 0.2, "broker": 0.1, "worker": 0.3}, "mean_batch_rows": 8.0}
+            "cpu_ms_per_request": {"frontends": 0.2, "broker": 0.1, "worker": 0.3}, "mean_batch_rows": 8.0,
+            "host_busy": 0.564}
 
 
 RESULTS = {
@@ -40,6 +41,16 @@ def test_markdown_table_has_every_cell_and_the_memory() -> None:
     assert "median of 3 run(s)" in table
     assert "| tfbroker-2 | 1 | 64 | 4000 | 4000 |" in table
     assert "| naive-2 | 800 |" in table
+    assert "| 0.050 | 56 | 8.0 |" in table  # load generator CPU per request, host busy %, mean batch
+
+
+def test_host_busy_is_read_from_proc_stat_and_moves_with_work() -> None:
+    from bench.servers import host_cpu_ticks
+
+    busy0, total0 = host_cpu_ticks()
+    sum(i * i for i in range(2_000_000))  # about 0.1 s of one CPU
+    busy1, total1 = host_cpu_ticks()
+    assert 0 <= busy0 <= total0 and total1 > total0 and busy1 > busy0
 
 
 def test_every_role_measured_is_in_the_table_peers_included() -> None:
