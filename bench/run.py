@@ -19,9 +19,9 @@ import numpy as np
 
 from bench import report
 from bench.load import client_load, wrk
-from bench.servers import (ROOT, Server, cpu_by_role, host_cpu_ticks, litserve_server, mosec_server, naive_server, raw_asgi_server,
-                           rayserve_server, tfbroker_granian_server, tfbroker_nginx_server, tfbroker_server,
-                           total_pss_mb)
+from bench.servers import (ROOT, Server, cpu_by_role, host_cpu_ticks, litserve_server, mosec_server, naive_server,
+                           raw_asgi_server, rayserve_server, tfbroker_granian_server, tfbroker_nginx_server,
+                           tfbroker_server, total_pss_mb)
 from tfbroker import Client
 
 SERVERS = ("naive-2", "naive-4", "mosec", "mosec-orjson", "litserve", "rayserve", "tfbroker-2", "tfbroker-4", "tfbroker-8",
