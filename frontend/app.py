@@ -153,7 +153,7 @@ class RestApi:
                 await _read_body(scope, receive, self.limits.max_request_body_bytes), call.verb)
             run = self.client.classify if call.verb == "classify" else self.client.regress
             result = await run(call.model, examples, version=call.version, label=call.label,
-                               signature_name=signature, timeout_s=_timeout_s(scope, self.timeout_s))
+                               signature_name=signature, timeout_s=_timeout_s(scope["headers"], self.timeout_s))
             return (200, format_results(call.verb, result.outputs, len(examples)),
                     [(b"x-model-version", str(result.version).encode())])
         if call.verb == "metadata":
@@ -165,12 +165,49 @@ class RestApi:
             body = {"model_version_status": status["model_version_status"]}
         return 200, orjson.dumps(body), []
 
+    def direct_predict_call(self, path: str) -> routes.RestCall | None:
+        """The predict call ``path`` makes, when the HTTP protocol may answer it itself
+        (frontend/http_protocol.py); None for any other path, which then comes through ASGI
+        (errors included)."""
+        if not routes.is_api_path(path):
+            return None
+        try:
+            call = routes.parse("POST", path)
+        except TFBrokerError:
+            return None
+        return call if call.verb == "predict" else None
+
+    async def direct_predict(self, call: routes.RestCall, headers: list[tuple[bytes, bytes]], body: bytes) -> Answer:
+        """predict for a request the HTTP protocol has read whole, with the checks, answer
+        and metrics of the ASGI path; the protocol cancels it when its client goes away
+        (then the broker drops the request, as over ASGI)."""
+        started = time.monotonic()
+        status = 499  # unless answered: cancelled, the client is gone
+        try:
+            try:
+                timeout_s = _timeout_s(headers, self.timeout_s)
+                self.check_capacity()
+            except TFBrokerError as exc:
+                answer = error_answer(exc)
+            else:
+                self.waiting += 1
+                try:
+                    answer = await self.run_predict(body, call, timeout_s)
+                finally:
+                    self.waiting -= 1
+            status = answer[0]
+            return status, answer[1], _closing_headers(answer[2])
+        finally:
+            if self.metrics is not None:
+                self.metrics.observe(call.model, call.verb, status, started, busy=self.waiting > 0)
+
     async def predict(self, call: routes.RestCall, scope: Scope, receive: Receive, send: Send) -> int:
-        """The hot path of every request: no routing table, middleware, Request or Response
-        objects (a third of a frontend's CPU per request, measured with py-spy under bench).
-        Returns the HTTP status it answered (499 when the client went away)."""
+        """predict through ASGI, for the requests the HTTP protocol does not answer itself
+        (direct_predict): no routing table, middleware, Request or Response objects (a third
+        of a frontend's CPU per request, measured with py-spy under bench). Returns the HTTP
+        status it answered (499 when the client went away)."""
         body = await _read_body(scope, receive, self.limits.max_request_body_bytes)
-        timeout_s = _timeout_s(scope, self.timeout_s)
+        timeout_s = _timeout_s(scope["headers"], self.timeout_s)
         self.check_capacity()
         # A request still waiting after DISCONNECT_WATCH_AFTER_S starts watching for its client
         # going away, and is cancelled (taken out of the broker's queue) when it does.
@@ -231,10 +268,13 @@ closing = [False]
 CONNECTION_CLOSE = (b"connection", b"close")
 
 
+def _closing_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    return [*headers, CONNECTION_CLOSE] if closing[0] else headers
+
+
 async def _respond(send: Send, status: int, content: bytes, headers: list[tuple[bytes, bytes]]) -> None:
-    extra = [*headers, CONNECTION_CLOSE] if closing[0] else headers
     await send({"type": "http.response.start", "status": status,
-                "headers": [JSON, (b"content-length", str(len(content)).encode()), *extra]})
+                "headers": [JSON, (b"content-length", str(len(content)).encode()), *_closing_headers(headers)]})
     await send({"type": "http.response.body", "body": content})
 
 
@@ -286,8 +326,8 @@ async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
             return b"".join(chunks)
 
 
-def _timeout_s(scope: Scope, default_s: float) -> float:
-    for name, value in scope["headers"]:
+def _timeout_s(headers: list[tuple[bytes, bytes]], default_s: float) -> float:
+    for name, value in headers:
         if name == TIMEOUT_HEADER:
             return timeout_from_header(value, default_s)
     return default_s

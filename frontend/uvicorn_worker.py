@@ -2,7 +2,7 @@
 
 FrontendWorker is uvicorn's worker without its proxy-headers middleware (the REST API reads
 neither the client's address nor X-Forwarded-*, and the middleware is one more coroutine
-frame on every request's way), answering with one write (frontend/http_protocol.py), and with a shutdown that lets a proxy's pooled connections go
+frame on every request's way), answering predict requests below ASGI and every answer with one write (frontend/http_protocol.py), and with a shutdown that lets a proxy's pooled connections go
 quietly. uvicorn's own graceful shutdown closes idle keep-alive connections at once, and a
 request a proxy (nginx) is sending on one at that moment meets a reset: with several upstream
 servers nginx runs out of retries and answers 502. LingeringServer first stops accepting, then
@@ -29,7 +29,7 @@ from uvicorn_worker import UvicornWorker
 
 from tfbroker.runtime import logs
 from frontend import app as rest_app
-from frontend.http_protocol import OneWriteProtocol
+from frontend.http_protocol import DirectPredictProtocol
 
 LINGER_S = 1.0  # at most; it ends as soon as no connection is left
 
@@ -56,7 +56,7 @@ class LingeringServer(Server):
 class FrontendWorker(UvicornWorker):
     # No "server: uvicorn" header: TF Serving sends none, and each header costs uvicorn two
     # regular-expression checks on every answer.
-    CONFIG_KWARGS = {**UvicornWorker.CONFIG_KWARGS, "proxy_headers": False, "http": OneWriteProtocol,
+    CONFIG_KWARGS = {**UvicornWorker.CONFIG_KWARGS, "proxy_headers": False, "http": DirectPredictProtocol,
                      "server_header": False}
 
     async def _serve(self) -> None:
