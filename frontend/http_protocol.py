@@ -74,7 +74,7 @@ class DirectPredictProtocol(OneWriteProtocol):
     uvicorn's per-request machinery (the scope, the cycle and its send and receive messages,
     header checks) was a quarter of a frontend's CPU per request under bench, more than
     the JSON. A request is plain when it is a keep-alive HTTP/1.1 POST with a Content-Length
-    within the app's body limit, no Expect, nothing before it still unanswered on its
+    within the app's body limit, no Expect or Upgrade, nothing before it still unanswered on its
     connection, and a path the app takes as predict (``app.direct_predict_call``). The
     protocol reads its body, awaits ``app.direct_predict`` (the ASGI path's checks, answer
     and metrics) and writes the answer in one go. Everything else goes through ASGI as
@@ -151,6 +151,7 @@ class DirectPredictProtocol(OneWriteProtocol):
     def _direct_call(self) -> Any:
         if (self._direct_app is None or self.parser.get_method() != b"POST" or self.expect_100_continue
                 or self.parser.get_http_version() != "1.1" or not self.parser.should_keep_alive()
+                or self.parser.should_upgrade()
                 or (self.cycle is not None and not self.cycle.response_complete)
                 or self.root_path or self.limit_concurrency is not None or self.access_log
                 or self.url[:4].lower() != b"/v1/"):
