@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import orjson
+
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 RESPONSE_HEAD = b"HTTP/1.1 "
@@ -123,12 +125,14 @@ class DirectPredictProtocol(OneWriteProtocol):
         super().connection_lost(exc)
 
     async def _answer(self, cycle: _Answering, call: Any, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        app = self._direct_app
+        assert app is not None  # (only a direct request gets here)
         try:
-            status, content, extra = await self._direct_app.direct_predict(call, headers, body)
-        except Exception:  # noqa: BLE001 - as uvicorn does when an app fails: log, close the connection
+            status, content, extra = await app.direct_predict(call, headers, body)
+        except Exception as exc:  # noqa: BLE001 - as uvicorn does when an app fails: 500, then close
             self.logger.exception("the direct predict path failed")
-            self.transport.close()
-            return
+            status, content, extra = 500, orjson.dumps({"error": f"frontend error: {type(exc).__name__}: {exc}"}), []
+            cycle.keep_alive = False
         finally:
             self._answering = None
         close = not cycle.keep_alive or CONNECTION_CLOSE in extra

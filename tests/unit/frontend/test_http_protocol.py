@@ -235,3 +235,20 @@ def test_a_shutdown_lets_the_direct_answer_finish_then_closes() -> None:
 
     socket = asyncio.run(main())
     assert len(socket.writes) == 1 and b"connection: close\r\n" in socket.writes[0] and socket.closed
+
+
+def test_a_direct_predict_that_fails_answers_500_and_closes() -> None:
+    class Failing(App):
+        async def direct_predict(self, call: str, headers: list[tuple[bytes, bytes]], body: bytes) -> Any:
+            raise RuntimeError("a bug")
+
+    async def main() -> Socket:
+        protocol, socket = await connect(Failing())
+        protocol.data_received(post("/v1/models/m:predict", b"[7]"))
+        await turns()
+        return socket
+
+    socket = asyncio.run(main())
+    assert len(socket.writes) == 1 and socket.writes[0].startswith(b"HTTP/1.1 500 ")
+    assert b"connection: close\r\n" in socket.writes[0] and b"RuntimeError: a bug" in socket.writes[0]
+    assert socket.closed
