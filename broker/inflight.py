@@ -103,7 +103,7 @@ class InFlight:
     def _pin(self, header: protocol.Request, frames: list[Any], models: Mapping[str, ServedModel],
              alike: dict[Any, Any] | None) -> tuple[ServedVersion, int, Any]:
         """The request's version, rows and join key (queries.resolve, models.check_inputs)."""
-        key = (header.model, header.version, header.label, header.signature, header.method)
+        key = (header.model, header.version, header.label, header.signature, header.method, header.exact_dtypes)
         if alike is not None:
             known = alike.get(key)
             if known is not None and known[0] == header.inputs and len(frames) == len(known[4]) + 1:
@@ -113,7 +113,8 @@ class InFlight:
                 else:
                     return known[1], known[2], known[3]
         served = queries.resolve(models, header.model, header.version, header.label)
-        rows, join_key = check_inputs(served, header.signature, header.inputs, frames[1:], header.method)
+        rows, join_key = check_inputs(served, header.signature, header.inputs, frames[1:], header.method,
+                                      exact_dtypes=header.exact_dtypes)
         if alike is not None:
             alike[key] = (header.inputs, served, rows, join_key, [nbytes(spec) for spec in header.inputs])
         return served, rows, join_key

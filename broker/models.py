@@ -213,18 +213,22 @@ def _because(served: ServedVersion) -> str:
 
 
 def check_inputs(served: ServedVersion, signature_name: str, specs: list[TensorSpec],
-                 frames: list[Any], method: str = "predict", *, model_side: bool = False) -> tuple[int, Any]:
+                 frames: list[Any], method: str = "predict", *, model_side: bool = False,
+                 exact_dtypes: bool = False) -> tuple[int, Any]:
     """Validate a request's tensors against the signature; return its rows (batch dimension)
     and its join key: tasks of one batch with equal keys (same inputs, numeric dtypes and
     inner shapes) travel to the worker joined, one tensor per input (``None``: never joined).
 
     Cheap checks on the header and frame lengths only: the broker never decodes tensors.
-    A request without one common batch dimension (a scalar, inputs with different first
-    dimensions, zero rows) runs alone, as one row. ``model_side``: against the model's own
-    signature (a request whose lookups are done), not the one clients see.
+    Every input's name, dtype, rank and fixed dimensions are checked, and the inputs the
+    signature batches (-1 first) must agree on their rows. A request without one common
+    batch dimension (a scalar, a fixed first dimension, zero rows) runs alone, as one row.
+    ``model_side``: against the model's own signature (a request whose lookups are done),
+    not the one clients see. ``exact_dtypes``: a tensor's dtype must be the signature's (gRPC,
+    as TF Serving), not only one that JSON's rules let feed it.
     """
     signature = (served.model_signatures if model_side else served.signatures).get(signature_name)
-    key = (signature_name, method, model_side, *specs)
+    key = (signature_name, method, model_side, exact_dtypes, *specs)
     known = served.checked.get(key)
     if known is not None and known[0] is signature and len(frames) == len(known[3]):
         for size, frame in zip(known[3], frames):
@@ -232,7 +236,7 @@ def check_inputs(served: ServedVersion, signature_name: str, specs: list[TensorS
                 break
         else:
             return known[1], known[2]
-    rows, join_key = _check_inputs(served, signature, signature_name, specs, frames, method)
+    rows, join_key = _check_inputs(served, signature, signature_name, specs, frames, method, exact_dtypes)
     if len(served.checked) >= MAX_CHECKED:
         served.checked.clear()
     if len(frames) == len(specs):
@@ -244,7 +248,7 @@ MAX_CHECKED = 256  # kinds of request remembered per version
 
 
 def _check_inputs(served: ServedVersion, signature: SignatureSpec | None, signature_name: str,
-                  specs: list[TensorSpec], frames: list[Any], method: str) -> tuple[int, Any]:
+                  specs: list[TensorSpec], frames: list[Any], method: str, exact_dtypes: bool) -> tuple[int, Any]:
     if signature is None:
         raise InvalidArgument(f'Serving signature name: "{signature_name}" not found in signature def')
     if method != "predict":
@@ -255,7 +259,8 @@ def _check_inputs(served: ServedVersion, signature: SignatureSpec | None, signat
     _check_input_names(expected, [spec.name for spec in specs])
     given = set()
     rows: set[int] = set()
-    scalar = False
+    batched: dict[str, int] = {}  # the rows of each input the signature gives a batch dimension (-1 first)
+    alone = False
     join_key: list[tuple[str, str, tuple[int, ...]]] | None = []
     for spec, frame in zip(specs, frames):
         name = spec.name
@@ -263,10 +268,13 @@ def _check_inputs(served: ServedVersion, signature: SignatureSpec | None, signat
             name = next(iter(expected))  # an unnamed input is the signature's only input
         if name in given:
             raise InvalidArgument(f"input '{name}' is given twice")
-        want = expected[name][0]
-        if not can_cast(spec.dtype, want):
+        want, shape = expected[name]
+        if not can_cast(spec.dtype, want) or (exact_dtypes and spec.dtype != want):
             raise InvalidArgument(f"input '{name}': values of type {TF_NAMES[spec.dtype]} are not of expected type: "
                                   f"{TF_NAMES[want]}")
+        if shape is not None and not shape_fits(spec.shape, shape):
+            raise InvalidArgument(f"input '{name}': expected shape {format_shape(shape)} ({want}), "
+                                  f"got {format_shape(spec.shape)}")
         size = nbytes(spec)
         if size is not None and len(frame) != size:
             raise InvalidArgument(f"input '{name}': {len(frame)} bytes do not fill shape {list(spec.shape)} "
@@ -274,15 +282,39 @@ def _check_inputs(served: ServedVersion, signature: SignatureSpec | None, signat
         given.add(name)
         if spec.shape:
             rows.add(spec.shape[0])
+            if shape and shape[0] == -1:
+                batched[name] = spec.shape[0]
+            elif shape:
+                alone = True  # a fixed first dimension: joined to another request's rows it would not fit
         else:
-            scalar = True
+            alone = True
         if join_key is not None and size is not None and spec.shape:
             join_key.append((spec.name, spec.dtype, spec.shape[1:]))
         else:
             join_key = None
-    if scalar or len(rows) != 1 or 0 in rows:
+    if len(set(batched.values())) > 1:
+        # TF Serving's words (batching_session.cc), then which input has how many.
+        raise InvalidArgument("Batching session Run() input tensors must have equal 0th-dimension size: "
+                              + ", ".join(f"input '{name}' has {count}" for name, count in sorted(batched.items())))
+    if alone or len(rows) != 1 or 0 in rows:
         return 1, None  # runs alone: nothing to batch along
     return rows.pop(), tuple(join_key) if join_key else None
+
+
+def shape_fits(given: tuple[int, ...] | list[int], declared: list[int]) -> bool:
+    """Whether a request's shape fits a signature's: the same rank, and every fixed dimension
+    (not -1) equal. A wrong rank or dimension can abort the process inside a TensorFlow
+    kernel (oneDNN's Conv2D CHECKs the rank) instead of raising, so nothing that does not
+    fit reaches the model. One exception, as TF Serving's own examples send it: a last
+    dimension of 1 may be left out (``[3]`` for half_plus_two's ``[-1, 1]``); the model
+    gets the request's shape, as TF Serving feeds it."""
+    if len(given) == len(declared):
+        return all(want < 0 or want == dim for dim, want in zip(given, declared))
+    return len(given) == len(declared) - 1 and declared[-1] == 1 and shape_fits(given, declared[:-1])
+
+
+def format_shape(shape: tuple[int, ...] | list[int]) -> str:
+    return "[" + ",".join(str(dim) for dim in shape) + "]"
 
 
 def _check_input_names(expected: dict[str, Any], names: list[str]) -> None:

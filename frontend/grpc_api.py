@@ -57,7 +57,8 @@ class Services:
     async def predict(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         spec = request.model_spec
         inputs = {name: from_proto(name, tensor) for name, tensor in request.inputs.items()}
-        result = await self._run(self.client.predict(spec.name, inputs, **_choice(spec), timeout_s=self._deadline(context)))
+        result = await self._run(self.client.predict(spec.name, inputs, **_choice(spec), timeout_s=self._deadline(context),
+                                                     exact_dtypes=True))
         outputs = result.outputs
         if request.output_filter:
             missing = [name for name in request.output_filter if name not in outputs]

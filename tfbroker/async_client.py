@@ -58,9 +58,11 @@ class AsyncClient(ClientBase):
 
     async def predict(self, model: str, inputs: Mapping[str, Any], *, version: int | None = None,
                       label: str | None = None, signature_name: str = "serving_default",
-                      timeout_s: float | None = None) -> Prediction:
+                      timeout_s: float | None = None, exact_dtypes: bool = False) -> Prediction:
+        """``exact_dtypes``: refuse a tensor whose dtype is not its input's (TF Serving's gRPC
+        rule), instead of casting as TF Serving's JSON API does."""
         return prediction(await self.request(*self._predict_call(model, inputs, version, label, signature_name,
-                                                                 timeout_s)))
+                                                                 timeout_s, exact_dtypes=exact_dtypes)))
 
     async def classify(self, model: str, examples: Sequence[bytes], *, version: int | None = None,
                        label: str | None = None, signature_name: str = "serving_default",

@@ -49,14 +49,15 @@ def default_address() -> str:
 
 
 def encode_predict(request_id: int, model: str, inputs: Mapping[str, Any], *, version: int | None,
-                   label: str | None, signature_name: str, timeout_s: float, method: str = "predict") -> list[Any]:
+                   label: str | None, signature_name: str, timeout_s: float, method: str = "predict",
+                   exact_dtypes: bool = False) -> list[Any]:
     try:
         arrays = {name: value if isinstance(value, (np.ndarray, tensors.RawTensor)) else np.asarray(value)
                   for name, value in inputs.items()}
         specs, frames = tensors.encode_tensors(arrays)
         header = protocol.Request(id=request_id, model=model, method=method,  # type: ignore[arg-type]
                                   version=version, label=label, signature=signature_name,
-                                  timeout_ms=_timeout_ms(timeout_s), inputs=specs)
+                                  timeout_ms=_timeout_ms(timeout_s), inputs=specs, exact_dtypes=exact_dtypes)
         return protocol.encode(protocol.REQUEST, header, frames)
     except (ValueError, TypeError, OverflowError) as exc:  # ProtocolError is a ValueError
         raise InvalidArgument(f"cannot send these inputs: {exc}") from exc
@@ -181,11 +182,12 @@ class ClientBase:
 
     def _predict_call(self, model: str, inputs: Mapping[str, Any], version: int | None, label: str | None,
                       signature_name: str, timeout_s: float | None,
-                      method: str = "predict") -> tuple[int, list[Any], float]:
+                      method: str = "predict", exact_dtypes: bool = False) -> tuple[int, list[Any], float]:
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         request_id = next(self._ids)
         frames = encode_predict(request_id, model, inputs, version=version, label=label,
-                                signature_name=signature_name, timeout_s=timeout_s, method=method)
+                                signature_name=signature_name, timeout_s=timeout_s, method=method,
+                                exact_dtypes=exact_dtypes)
         return request_id, frames, timeout_s
 
     def _examples_call(self, method: str, model: str, examples: Sequence[bytes], version: int | None,

@@ -28,7 +28,8 @@ Commands and their headers
 Client (frontend or ``tfbroker.client``) to broker, on the broker's frontend ROUTER:
 
     REQUEST   Request {id, model, method?, version?, label?, signature, timeout_ms, inputs:
-              [spec…]} + one frame per input. ``version`` and ``label`` are optional: the
+              [spec…], exact_dtypes?} + one frame per input. ``exact_dtypes`` (gRPC): each
+              dtype must be its input's. ``version`` and ``label`` are optional: the
               latest available version serves when both are absent. ``timeout_ms`` is the
               request's deadline, counted from when the broker receives it. ``method``
               "classify" or "regress" (default "predict") sends one string input of
@@ -242,6 +243,9 @@ class Request(Header, kw_only=True):
     label: Name | None = None
     timeout_ms: Annotated[int, msgspec.Meta(ge=1, le=MAX_TIMEOUT_MS)]
     inputs: Specs
+    # Each tensor's dtype must be its input's (gRPC, as TF Serving); else JSON's rules apply
+    # (an int feeds a float input).
+    exact_dtypes: bool = False
 
     def frame_count(self) -> int:
         return len(self.inputs)

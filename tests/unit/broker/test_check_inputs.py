@@ -47,10 +47,61 @@ def test_an_unnamed_input_is_the_signatures_only_input() -> None:
 
 
 def test_requests_without_one_batch_dimension_run_alone_as_one_row() -> None:
-    served = served_with({"a": (F32, [-1]), "b": (F32, [-1])})
-    assert check(served, protocol.TensorSpec("a", F32, ()), protocol.TensorSpec("b", F32, (2,))) == (1, None)
-    assert check(served, protocol.TensorSpec("a", F32, (2,)), protocol.TensorSpec("b", F32, (3,))) == (1, None)
-    assert check(served, protocol.TensorSpec("a", F32, (0,)), protocol.TensorSpec("b", F32, (0,))) == (1, None)
+    served = served_with({"a": (F32, []), "b": (F32, [-1]), "c": (F32, [2, 3]), "d": (F32, None)})
+    scalar = protocol.TensorSpec("a", F32, ())
+    fixed = protocol.TensorSpec("c", F32, (2, 3))
+    assert check(served, scalar, protocol.TensorSpec("b", F32, (2,)), fixed,
+                 protocol.TensorSpec("d", F32, (2,))) == (1, None)
+    assert check(served, scalar, protocol.TensorSpec("b", F32, (0,)), fixed,
+                 protocol.TensorSpec("d", F32, (0,))) == (1, None)
+    # unknown rank: no rows to agree on, but a different first dimension cannot join
+    assert check(served, scalar, protocol.TensorSpec("b", F32, (2,)), fixed,
+                 protocol.TensorSpec("d", F32, (5, 1))) == (1, None)
+
+
+def test_inputs_the_signature_batches_must_agree_on_their_rows() -> None:
+    served = served_with({"a": (F32, [-1]), "b": (F32, [-1, 2])})
+    with pytest.raises(InvalidArgument, match=re.escape(
+            "Batching session Run() input tensors must have equal 0th-dimension size: input 'a' has 2, "
+            "input 'b' has 3")):
+        check(served, protocol.TensorSpec("a", F32, (2,)), protocol.TensorSpec("b", F32, (3, 2)))
+
+
+@pytest.mark.parametrize(("declared", "given"), [
+    ([-1, 32, 32, 3], (1, 1, 3)),  # wrong rank: aborts oneDNN's Conv2D if it gets through
+    ([-1, 32, 32, 3], (1, 32, 32, 3, 1)),
+    ([-1, 32, 32, 3], (2, 32, 31, 3)),  # a fixed dimension differs
+    ([-1, 10], (10,)),  # a last dimension other than 1 may not be left out
+    ([], (1,)),
+    ([-1], ()),
+])
+def test_a_shape_that_does_not_fit_the_signature_is_refused_naming_both(declared: list[int],
+                                                                       given: tuple[int, ...]) -> None:
+    served = served_with({"image": (F32, declared)})
+    expected = "[" + ",".join(map(str, declared)) + "]"
+    with pytest.raises(InvalidArgument, match=re.escape(
+            f"input 'image': expected shape {expected} (float32), got [{','.join(map(str, given))}]")):
+        check(served, protocol.TensorSpec("image", F32, given))
+
+
+@pytest.mark.parametrize(("declared", "given", "rows"), [
+    ([-1, 32, 32, 3], (4, 32, 32, 3), 4),
+    ([-1, -1], (2, 7), 2),
+    ([-1, 1], (3,), 3),  # TF Serving's own example: [1.0, 2.0, 5.0] to half_plus_two's [-1, 1]
+    (None, (2, 5, 5), 2),  # unknown rank: anything
+])
+def test_shapes_that_fit(declared: list[int] | None, given: tuple[int, ...], rows: int) -> None:
+    rows_seen, _ = check(served_with({"x": (F32, declared)}), protocol.TensorSpec("x", F32, given))
+    assert rows_seen == rows
+
+
+def test_exact_dtypes_refuses_what_json_rules_would_cast() -> None:
+    served = served_with({"x": (F32, [-1])})
+    spec = protocol.TensorSpec("x", "float64", (2,))
+    assert check_inputs(served, "serving_default", [spec], [frame(spec)]) == (2, (("x", "float64", ()),))
+    with pytest.raises(InvalidArgument, match=re.escape("input 'x': values of type double are not of expected "
+                                                        "type: float")):
+        check_inputs(served, "serving_default", [spec], [frame(spec)], exact_dtypes=True)
 
 
 @pytest.mark.parametrize(("specs", "message"), [
