@@ -68,7 +68,7 @@ def run(config: ServerConfig) -> int:
     finally:
         broker.close()
         lock.close()
-    clean_runtime_dir(config.resolved_runtime_dir)
+        clean_runtime_dir(config.resolved_runtime_dir)  # a failed start leaves nothing behind either
     return EXIT_OK
 
 

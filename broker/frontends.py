@@ -16,10 +16,10 @@ import signal
 import socket
 import struct
 import sys
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from broker.config import ServerConfig
-from broker.models import ServedVersion
+from broker.models import ServedModel, ServedVersion, no_versions_reason
 from broker.stats import children_of
 from broker.supervisor import Child, curve_env, reap_children, schedule_restart, spawn_child, stop_children
 from broker.versions import VersionState
@@ -40,6 +40,7 @@ class Frontends:
         self._metrics_path = metrics_path  # the Prometheus path the frontends serve ("" none)
         self._children: list[Child] = []
         self._listener: socket.socket | None = None
+        self._started = False
         self._announced = False
         self._stopping = False
 
@@ -53,15 +54,37 @@ class Frontends:
         if self.config.grpc.port:
             check_port_free(self.config.grpc.port)
 
-    def open_when_ready(self, serving: Sequence[ServedVersion]) -> None:
+    def open_when_ready(self, models: Mapping[str, ServedModel], serving: Sequence[ServedVersion]) -> None:
         """As TF Serving: the ports open once every version loading at start-up has settled
         (AVAILABLE, or failed), so a readiness probe or a client that connects at once never
-        meets a half-loaded server; loads after that change nothing. Then the ready message."""
-        if self._announced or any(s.state is not VersionState.AVAILABLE for s in serving):
+        meets a half-loaded server; loads after that change nothing. The ready message comes
+        once the ports take connections, so a script that waits for it can call at once."""
+        if self._announced:
             return
-        self._announced = True
-        self._start()
-        self._announce(serving)
+        if not self._started:
+            if any(s.state is not VersionState.AVAILABLE for s in serving):
+                return
+            self._started = True
+            self._start()
+        if self._ports_accept():
+            self._announced = True
+            self._announce(models)
+
+    def _ports_accept(self) -> bool:
+        """The REST port listens (gunicorn has called listen(): a connection waits in its
+        backlog for the first frontend), and the gRPC port, which each frontend binds itself,
+        takes a connection."""
+        if self._listener is None:
+            return True
+        if not self._listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            return False
+        if not self.config.grpc.port:
+            return True
+        try:
+            with socket.create_connection(("127.0.0.1", self.config.grpc.port), timeout=0.05):
+                return True
+        except OSError:
+            return False
 
     def _start(self) -> None:
         if self._listener is None:
@@ -136,19 +159,24 @@ class Frontends:
             if child.restart_at and now >= child.restart_at:
                 spawn_child(child)
 
-    def _announce(self, serving: Sequence[ServedVersion]) -> None:
+    def _announce(self, models: Mapping[str, ServedModel]) -> None:
         """Tell the person who started the broker how to call it: per model one command that
-        answers 200 (a long example body is written to a file beside the broker's sockets)."""
+        answers 200, for its latest version (a long example body is written to a file beside
+        the broker's sockets); for a model that serves nothing, why."""
+        latest = {name: _latest_available(model) for name, model in sorted(models.items())}
+        serving = [served for served in latest.values() if served is not None]
+        idle = [f"  model {name} is not serving: {_not_serving_reason(models[name])}"
+                for name, served in latest.items() if served is None]
         if not self.config.frontends:
-            print(f"tfbroker: serving {len(serving)} model(s); clients connect to "
-                  f"{self.config.resolved_frontend_address}", flush=True)
+            print("\n".join([f"tfbroker: serving {len(serving)} model(s); clients connect to "
+                             f"{self.config.resolved_frontend_address}", *idle]), flush=True)
             return
         host = "localhost" if self.config.rest_api_host in ("0.0.0.0", "::") else self.config.rest_api_host
         root = f"http://{host}:{self.http_port}"
         grpc = f", gRPC on port {self.config.grpc.port}" if self.config.grpc.port else ""
-        lines = [f"tfbroker: ready: REST on {root}{grpc}. Try:"]
+        lines = [f"tfbroker: ready: REST on {root}{grpc}." + (" Try:" if serving else " No model is serving:")]
         examples = os.path.join(self.config.resolved_runtime_dir, "examples")
-        for served in sorted(serving, key=lambda s: s.model):
+        for served in serving:
             url = f"{root}/v1/models/{served.model}"
             body = example_body(served)
             if not body:
@@ -161,6 +189,7 @@ class Frontends:
                 with open(path, "w", encoding="utf-8") as fh:
                     fh.write(body + "\n")
                 lines.append(f"  curl -d @{path} {url}:predict")
+        lines.extend(idle)
         if self.config.enable_status_page:
             lines.append(f"Status page: {root}/status")
         print("\n".join(lines), file=sys.stdout, flush=True)
@@ -184,7 +213,12 @@ def bind_http(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"the REST port {port} on {host} cannot be bound ({exc.strerror}): pass another "
+                      "--rest_api_port, or stop what holds it") from exc
     sock.set_inheritable(True)
     os.set_inheritable(sock.fileno(), True)
     return sock
@@ -219,29 +253,54 @@ def drop_new_connections(sock: socket.socket) -> None:
 INLINE_BODY_CHARS = 120  # a longer example body goes to a file: the ready message stays short
 
 
+def _latest_available(model: ServedModel) -> ServedVersion | None:
+    available = [v for v in model.versions.values() if v.state is VersionState.AVAILABLE]
+    return max(available, key=lambda v: v.version) if available else None
+
+
+def _not_serving_reason(model: ServedModel) -> str:
+    if not model.versions:
+        return no_versions_reason(model.config.base_path)
+    newest = max(model.versions.values(), key=lambda v: v.version)
+    if newest.error:
+        return f"version {newest.version} failed to load: {newest.error}"
+    return f"version {newest.version} is {newest.state.value}"
+
+
 def example_body(served: ServedVersion) -> str:
     """A request body that the version answers with 200: TF Serving's row format, one
-    instance (three for a lone rank-1 input), for inputs of rank 1 or 2 with known inner
-    sizes; a looked-up input gets words or keys from its own tables (broker/lookups.py)."""
+    instance (three for a lone float input of rank 1), each value of its input's dtype (ints
+    for ints, strings for strings) and every fixed dimension filled (an unknown inner one
+    with 3 values); a looked-up input gets words or keys from its own tables
+    (broker/lookups.py). Empty when an input's rank is unknown."""
     signature = served.signatures.get("serving_default")
     if not signature or not signature.inputs:
         return ""
     known = _table_entries(served.path)
-    values = {}
+    instance = {}
     for name, (dtype, shape) in signature.inputs.items():
-        if shape is None or not 1 <= len(shape) <= 2 or (len(shape) == 2 and shape[1] < 1 and dtype != "string"):
+        if not shape:  # unknown rank, or a scalar: no row format to show
             return ""
         words = known.get(name) or ["example"]
-        if len(shape) == 1:
-            value: object = words[0] if dtype == "string" else 0.5
-        else:
-            width = 3 if shape[1] < 1 else shape[1]
-            value = [words[i % len(words)] for i in range(width)] if dtype == "string" else [0.5] * width
-        values[name] = value
-    if len(values) == 1 and not isinstance(next(iter(values.values())), list):
-        return '{"instances": [1.0, 2.0, 5.0]}' if dtype != "string" else f'{{"instances": [{json.dumps(value)}]}}'
-    instance = json.dumps(values if len(values) > 1 else next(iter(values.values())), separators=(",", ":"))
-    return f'{{"instances": [{instance}]}}'
+        instance[name] = _example_value(dtype, shape[1:], words)
+    if len(instance) == 1:
+        (dtype, shape), value = next(iter(signature.inputs.values())), next(iter(instance.values()))
+        if shape is not None and len(shape) == 1 and dtype.startswith("float"):
+            return '{"instances": [1.0, 2.0, 5.0]}'
+        return f'{{"instances": [{json.dumps(value, separators=(",", ":"))}]}}'
+    return f'{{"instances": [{json.dumps(instance, separators=(",", ":"))}]}}'
+
+
+def _example_value(dtype: str, inner: Sequence[int], words: Sequence[str], start: int = 0) -> object:
+    """One row of an input: nested lists for its inner dimensions, values of its dtype."""
+    if not inner:
+        if dtype == "string":
+            return words[start % len(words)]
+        if dtype == "bool":
+            return True
+        return 1 if dtype.startswith(("int", "uint")) else 0.5
+    width = inner[0] if inner[0] >= 0 else 3
+    return [_example_value(dtype, inner[1:], words, start + i) for i in range(width)]
 
 
 def _table_entries(version_path: str, most: int = 3) -> dict[str, list[str]]:

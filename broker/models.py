@@ -21,11 +21,11 @@ log = logging.getLogger("tfbroker.models")
 
 
 def find_versions(base_path: str) -> dict[int, str]:
-    """Numeric version directories under ``base_path`` (``00000123`` is version 123)."""
+    """Numeric version directories under ``base_path`` (``00000123`` is version 123); none
+    when it cannot be listed (``no_versions_reason`` says why)."""
     try:
         names = os.listdir(base_path)
-    except OSError as exc:
-        log.error("cannot list model base path %s: %s", base_path, exc.strerror)
+    except OSError:
         return {}
     versions = {}
     for name in names:
@@ -33,6 +33,27 @@ def find_versions(base_path: str) -> dict[int, str]:
         if name.isdigit() and os.path.isdir(path):
             versions[int(name)] = path
     return versions
+
+
+def no_versions_reason(base_path: str) -> str:
+    """Why ``base_path`` holds no version to serve, in words that say what to do."""
+    path = os.path.normpath(base_path)
+    layout = f"TF Serving's layout: {path}/1/saved_model.pb"
+    if not os.path.exists(path):
+        return f"base path {path} does not exist ({layout})"
+    if not os.path.isdir(path):
+        return f"base path {path} is not a directory ({layout})"
+    if not os.access(path, os.R_OK | os.X_OK):
+        return f"base path {path} cannot be read by this user"
+    holds_model = any(os.path.isfile(os.path.join(path, name)) for name in ("saved_model.pb", "saved_model.pbtxt"))
+    if holds_model and os.path.basename(path).isdigit():
+        parent = os.path.dirname(path)
+        return (f"no version directory under {path}: it looks like a version directory; "
+                f"pass its parent {parent}")
+    if holds_model:
+        return (f"no version directory under {path}: it holds a SavedModel itself; move it into a "
+                f"numbered folder ({path}/1) and pass {path}")
+    return f"no numeric version directory under {path} ({layout})"
 
 
 def fingerprint(path: str) -> tuple[tuple[str, int, int], ...]:

@@ -80,7 +80,8 @@ class Broker:
         self.lookups = LookupStage(config, self.inflight, self._send_backend, self._report)
         self.versions = VersionManager(config, self.fleet, self.lookups, self.inflight,
                                        VersionSource(config.file_system_poll_wait_seconds),
-                                       on_available=lambda: self.frontends.open_when_ready(self.fleet.serving))
+                                       on_available=lambda: self.frontends.open_when_ready(self.versions.models,
+                                                                                           self.fleet.serving))
         self.versions.apply_model_config(models)
         self.control = ControlChannel(config, self.versions, self.stats, self._context)
         self._stop_requested_at: float | None = None
@@ -292,7 +293,7 @@ class Broker:
         self.fleet.manage(now)
         self.lookups.manage(now)
         self.frontends.manage(now)
-        self.frontends.open_when_ready(self.fleet.serving)  # also when a start-up version failed
+        self.frontends.open_when_ready(self.versions.models, self.fleet.serving)  # also when a start-up version failed
         if self._stop_requested_at is None:
             self.control.poll_config(now)
             self.versions.poll_disk(now)

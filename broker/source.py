@@ -15,12 +15,14 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
-from broker.models import ServedModel, find_versions, fingerprint
+from broker.models import ServedModel, find_versions, fingerprint, no_versions_reason
 
 log = logging.getLogger("tfbroker.source")
 
 # How long a new version directory's files must stay unchanged before it is loaded.
 SETTLE_S = 0.5
+# A base path with no version in it is logged once, then at most this often.
+NO_VERSIONS_LOG_EVERY_S = 60.0
 SAVED_MODEL_FILES = ("saved_model.pb", "saved_model.pbtxt")
 
 
@@ -48,6 +50,7 @@ class VersionSource:
         self.poll_wait_s = poll_wait_s
         self._next_poll = 0.0
         self._candidates: dict[tuple[str, int], _Candidate] = {}
+        self._empty_logged: dict[str, float] = {}  # base path -> when its emptiness was last logged
 
     def scan_now(self, models: Iterable[ServedModel], now: float) -> dict[str, dict[int, str]]:
         """At start-up: what is on disk as it is, without waiting for it to settle (model name
@@ -59,9 +62,7 @@ class VersionSource:
         found = {}
         for model in models:
             found[model.name] = find_versions(model.config.base_path)
-            if not found[model.name]:
-                log.error("No versions of servable %s found under base path %s", model.name,
-                          model.config.base_path)
+            self._check_empty(model, found[model.name], now)
         self._next_poll = now + self.poll_wait_s if self.poll_wait_s > 0 else float("inf")
         return found
 
@@ -92,8 +93,22 @@ class VersionSource:
 
     # --- implementation ---
 
+    def _check_empty(self, model: ServedModel, found: dict[int, str], now: float) -> None:
+        """TF Serving's words for a base path without versions, with the reason; once, then at
+        most every NO_VERSIONS_LOG_EVERY_S while it stays so."""
+        path = model.config.base_path
+        if found:
+            self._empty_logged.pop(path, None)
+            return
+        last = self._empty_logged.get(path)
+        if last is None or now - last >= NO_VERSIONS_LOG_EVERY_S:
+            self._empty_logged[path] = now
+            log.error("No versions of servable %s found under base path %s: %s", model.name, path,
+                      no_versions_reason(path))
+
     def _scan(self, model: ServedModel, now: float, changes: DiskChanges) -> None:
         found = find_versions(model.config.base_path)
+        self._check_empty(model, found, now)
         for number in [n for n in model.on_disk if n not in found]:
             log.info("version %d of model %s is gone from %s", number, model.name, model.config.base_path)
             changes.gone.append((model.name, number))

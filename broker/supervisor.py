@@ -4,6 +4,11 @@ Children are fresh interpreters (``python -m workers``, ``python -m gunicorn`` f
 of the broker: a forked TensorFlow or ZeroMQ state is not safe to use. Each child learns the
 broker's pid from TFBROKER_PARENT_PID and asks the kernel for SIGTERM when the broker dies
 (tfbroker/runtime/process.py), so no child outlives it.
+
+Each child runs in a session of its own: Ctrl-C in a terminal (SIGINT to the whole
+foreground process group) and ``kill -TERM -- -PGID`` reach the broker alone, which stops
+its children in order (frontends finish their requests, workers their batches). Signalled
+with the broker, they would stop at once, mid-request, and look to the broker like crashes.
 """
 
 from __future__ import annotations
@@ -59,7 +64,7 @@ def spawn_child(child: Child) -> None:
     env = {**os.environ, **child.env, PARENT_PID_ENV: str(os.getpid())}
     child.process = subprocess.Popen(
         [sys.executable, *child.argv], env=env, pass_fds=tuple(child.pass_fds),
-        stdin=subprocess.DEVNULL, close_fds=True)
+        stdin=subprocess.DEVNULL, close_fds=True, start_new_session=True)
     child.started_at = time.monotonic()
     child.restart_at = 0.0
     child.terminated_at = 0.0

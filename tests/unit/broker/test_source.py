@@ -10,7 +10,7 @@ from broker.config import ModelConfig
 from tfbroker.wire.errors import InvalidArgument, NotFound, Unavailable
 from broker import lifecycle as lc
 from broker.lifecycle import Lifecycle
-from broker.models import ServedModel, ServedVersion, fingerprint
+from broker.models import ServedModel, ServedVersion, fingerprint, no_versions_reason
 from broker.source import SETTLE_S, DiskChanges, VersionSource
 from broker.versions import VersionState
 
@@ -133,3 +133,31 @@ def test_resolution_pins_the_newest_available_version_and_labels_follow_availabi
     model.versions[2].life.handle(lc.StopAdmissions())
     with pytest.raises(Unavailable):
         model.resolve(None, None)
+
+
+def test_a_base_path_without_versions_is_logged_once_then_at_most_once_a_minute_with_the_reason(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    model = ServedModel(ModelConfig(name="mine", base_path=str(tmp_path / "nowhere")))
+    source = VersionSource(poll_wait_s=1.0)
+    with caplog.at_level("ERROR", logger="tfbroker.source"):
+        source.scan_now([model], now=0.0)
+        for second in range(1, 121):
+            source.poll([model], now=float(second))
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 3, messages  # at 0, 60 and 120 s
+    assert messages[0] == (f"No versions of servable mine found under base path {tmp_path / 'nowhere'}: base path "
+                           f"{tmp_path / 'nowhere'} does not exist (TF Serving's layout: "
+                           f"{tmp_path / 'nowhere'}/1/saved_model.pb)")
+
+
+def test_the_reason_for_no_versions_says_what_to_pass(tmp_path: Path) -> None:
+    version = write_version(tmp_path / "mine", 1)
+    assert no_versions_reason(str(version)) == (f"no version directory under {version}: it looks like a version "
+                                                f"directory; pass its parent {tmp_path / 'mine'}")
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (flat / "saved_model.pb").write_bytes(b"graph")
+    assert "holds a SavedModel itself; move it into a numbered folder" in no_versions_reason(str(flat))
+    (tmp_path / "empty").mkdir()
+    assert no_versions_reason(str(tmp_path / "empty")).startswith(f"no numeric version directory under "
+                                                                  f"{tmp_path / 'empty'}")
