@@ -133,7 +133,10 @@ class BrokerProcess:
                     "--heartbeat_interval_s=0.5", *([] if any(a.startswith("--port=") for a in args)
                                                     else [f"--port={self.grpc_port}"]), *args]
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(argv, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
+        # A process group of its own, as a shell gives a command it starts: a test can signal the
+        # whole group as a terminal's Ctrl-C does, and never reaches pytest's.
+        self.process = subprocess.Popen(argv, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+                                        process_group=0)
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.address = f"ipc://{self.runtime_dir}/frontend.sock"
         self.http = httpx.Client(base_url=self.base_url, timeout=30.0)

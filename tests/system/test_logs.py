@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import signal
 from pathlib import Path
@@ -68,9 +69,10 @@ def test_demo_mode_serves_its_models_and_its_log_reads_as_one_line_per_event(sta
     assert roles >= {"broker", "worker", "iobatcher", "frontends", "frontend"}, roles
     assert sum("tfbroker.worker: loaded" in line for line in lines) == 3
 
-    # Ctrl-C: every process stops with no stack dump, no error, and nothing left behind.
+    # Ctrl-C, as a terminal sends it (to the whole process group): every process stops with no
+    # stack dump, no error, and nothing left behind.
     before = len(broker.log().splitlines())
-    broker.process.send_signal(signal.SIGINT)
+    os.killpg(broker.pid, signal.SIGINT)
     assert broker.process.wait(timeout=60) == 0
     stop = broker.log().splitlines()[before:]
     assert stop, "the stop is logged"
