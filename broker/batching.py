@@ -33,6 +33,9 @@ class Batch:
     size: int = 0
     start_time: float = 0.0  # when its first task arrived
     closed: bool = False
+    # Part of a batch a worker died running: it runs alone on a worker (nothing else in flight
+    # there), so that if it kills that worker too, it is known to hold the request that kills.
+    suspect: bool = False
 
     def add(self, task: Task, now: float) -> None:
         if not self.tasks:
@@ -55,7 +58,8 @@ class BatchQueue:
     - ``next_batch(now, idle)`` hands out the oldest batch that is closed or timed out.
       With ``idle`` (the worker has nothing in flight) an open batch is handed out at
       once, so a lone request never waits for company; batches form from what arrives
-      while the worker is busy.
+      while the worker is busy. A suspect batch (``requeue_suspect``) only goes to an idle
+      worker.
     - Queueing latency, with a free worker, is at most ``batch_timeout_micros``.
     - ``batching=False`` gives every task a batch of its own (``--enable_batching=false``).
 
@@ -94,7 +98,7 @@ class BatchQueue:
         if not self._batches:
             return None
         batch = self._batches[0]
-        if not batch.closed and not idle and now - batch.start_time < self._timeout_s:
+        if not idle and (batch.suspect or (not batch.closed and now - batch.start_time < self._timeout_s)):
             return None
         batch.closed = True
         return self._batches.popleft()
@@ -112,6 +116,14 @@ class BatchQueue:
             batch.closed = True
             self._batches.appendleft(batch)
         return again
+
+    def requeue_suspect(self, tasks: list[Task]) -> None:
+        """Put the tasks of a batch a worker died running back at the front as one suspect
+        batch (see Batch.suspect), whatever ``max_enqueued_batches`` says."""
+        batch = Batch(suspect=True, closed=True)
+        for task in tasks:
+            batch.add(task, 0.0)
+        self._batches.appendleft(batch)
 
     def next_deadline(self) -> float | None:
         """When the open batch times out, if the queue holds only an open batch."""

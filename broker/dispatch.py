@@ -41,8 +41,9 @@ class Dispatcher:
                 continue
             queues = list(served.queues.items())
             while True:
-                link = min(ready, key=lambda lk: len(lk.in_flight)) if len(ready) > 1 else ready[0]
-                if len(link.in_flight) >= self._slots:
+                link = (min(ready, key=lambda lk: len(lk.in_flight) + (self._slots if lk.isolating else 0))
+                        if len(ready) > 1 else ready[0])
+                if len(link.in_flight) >= self._slots or link.isolating:
                     break
                 for signature, queue_ in queues:
                     batch = queue_.next_batch(now, idle=not link.in_flight)
@@ -68,6 +69,8 @@ class Dispatcher:
         (its requests get 500) or for no batch the worker holds."""
         result = message.header
         entry = link.in_flight.pop(result.batch, None)
+        if link.isolating == result.batch:
+            link.isolating = 0
         if entry is None:
             log.warning("result for an unknown batch from %r", link.identity)
             return False
@@ -103,6 +106,8 @@ class Dispatcher:
                                      live, now)
         self._send(link.identity, protocol.BATCH, header, frames)
         link.in_flight[batch_id] = (signature, live)
+        if batch.suspect:
+            link.isolating = batch_id
         link.batches += 1
         link.last_sent = now
         counters = self._inflight.counters

@@ -8,6 +8,7 @@ EXIT_MODEL_LOAD_ERROR is not restarted: its version goes to END with the error i
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from typing import Callable
 
@@ -33,6 +34,13 @@ SPOKEN = frozenset({lc.Replica.READY, lc.Replica.LEAVING})
 
 # What the fleet reports to a version's lifecycle (the version manager's handle).
 Report = Callable[[ServedVersion, lc.Event, float], None]
+
+
+# The signals a process dies of when the code it runs fails (a CHECK that aborts, a bad memory
+# access): a worker that dies of one while running batches may have been killed by a request.
+# SIGKILL and SIGTERM come from outside (the OOM killer, an operator) and say nothing of it.
+FAULT_SIGNALS = frozenset({signal.SIGABRT, signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL,
+                           signal.SIGTRAP})
 
 
 class Fleet:
@@ -70,11 +78,13 @@ class Fleet:
             self.serving.append(served)
         self._spawn_worker(served, replica)
 
-    def restart_worker(self, served: ServedVersion, replica: int, now: float) -> None:
+    def restart_worker(self, served: ServedVersion, replica: int, now: float, *, at_once: bool = False) -> None:
         link = served.link(replica)
         if link is None:
             return
-        if link.load_failures and served.state is VersionState.LOADING:  # a load retried, as TF Serving's
+        if at_once:
+            link.child.restart_at = now
+        elif link.load_failures and served.state is VersionState.LOADING:  # a load retried, as TF Serving's
             link.child.restart_at = now + self.config.load_retry_interval_micros / 1e6
         else:
             schedule_restart(link.child, now)
@@ -182,7 +192,9 @@ class Fleet:
                 log.warning("model %s version %d failed to load (%s); retry %d of %d in %.0f s", served.model,
                             served.version, link.error or f"exit code {code}", link.load_failures,
                             self.config.max_num_load_retries, self.config.load_retry_interval_micros / 1e6)
-            self._report(served, lc.WorkerExited(code, again, link.error, replica=link.replica), now)
+            on_requests = bool(link.in_flight) and -code in FAULT_SIGNALS
+            self._report(served, lc.WorkerExited(code, again, link.error, replica=link.replica,
+                                                 on_requests=on_requests), now)
 
     def _murder_workers(self, now: float) -> None:
         """A worker that stopped answering gets SIGUSR1 and SIGTERM (it writes its stacks: faulthandler),

@@ -18,6 +18,7 @@ from broker.batch_codec import join_replies, split_frames
 from broker.batching import BatchQueue, Task
 from broker.config import BatchingParameters
 from broker.models import ServedModel, ServedVersion, WorkerLink, check_inputs
+from broker.poison import KILLED_MESSAGE, content_key
 from tfbroker.wire import protocol
 from tfbroker.wire.tensors import nbytes
 from tfbroker.wire.errors import Cancelled, DeadlineExceeded, Internal, InvalidArgument, TFBrokerError, Unavailable
@@ -26,7 +27,7 @@ log = logging.getLogger("tfbroker.broker")
 
 COUNTERS = ("requests", "client_messages", "batches", "rows", "joined", "rejected", "expired", "cancelled", "malformed_client",
             "malformed_worker", "failed_handlers", "auth_refused", "requeued", "lookup_batches", "lookup_tasks",
-            "lookup_keys", "lookup_unique_keys", "lookup_failed")
+            "lookup_keys", "lookup_unique_keys", "lookup_failed", "bisected", "killed_worker", "refused_poison")
 
 # One answer for a client: (its identity, ``[REPLY|ERROR, header, frames…]``); frames received
 # from a worker are forwarded as they came.
@@ -91,6 +92,11 @@ class InFlight:
             if (client, header.id) in self._queued:
                 raise InvalidArgument(f"request id {header.id} is already queued on this connection")
             served, rows, join_key = self._pin(header, frames, models, alike)
+            if served.poison:
+                refused_s = served.poison.refuses(content_key(header.inputs, frames[1:]), now)
+                if refused_s:
+                    self.counters["refused_poison"] += 1
+                    raise InvalidArgument(f"{KILLED_MESSAGE} earlier: it is refused for {refused_s:.0f} s more")
             timeout_s = min(header.timeout_ms, self._max_timeout_ms) / 1000.0
             task = Task(rows, now + timeout_s, Pending(client, header.id, frames, join_key, now, header))
             self.enqueue(served, header.signature, task, now, lookup_queue_for(served, header.signature))
@@ -189,7 +195,38 @@ class InFlight:
                     task.payload.split.queued += 1
                 self._track(queue_, task)
             self.counters["requeued"] += len(again)
-        link.in_flight.clear()
+        link.take_in_flight()
+
+    def bisect(self, served: ServedVersion, link: WorkerLink, now: float) -> None:
+        """A replica died of a fault while running its batches: a request's values may have
+        killed it (a kernel that aborts), so they are never run again as they were. Each
+        signature's tasks go back to the front of its queue in two halves, each a suspect
+        batch that runs alone on a worker; a task that is alone on a worker when it dies is
+        the one: it is answered 400 and its content is refused from then on (broker/poison.py)."""
+        held = list(link.in_flight.values())
+        link.take_in_flight()
+        if sum(len(tasks) for _, tasks in held) == 1:
+            task = held[0][1][0]
+            pending: Pending = task.payload
+            self.counters["killed_worker"] += 1
+            specs = pending.request.inputs if pending.request is not None else []
+            served.poison.remember(content_key(specs, pending.frames[1:]), now)
+            log.error("model %s version %d: a request killed its worker; its content is refused from now on "
+                      "(request %d: %s)", served.model, served.version, pending.request_id,
+                      ", ".join(f"{s.name} {s.dtype}{list(s.shape)}" for s in specs))
+            self.fail([task], InvalidArgument(KILLED_MESSAGE))
+            return
+        for signature, tasks in reversed(held):
+            queue_ = served.queues[signature]
+            half = (len(tasks) + 1) // 2
+            for part in (tasks[half:], tasks[:half]):  # the first half ends up first
+                if part:
+                    queue_.requeue_suspect(part)
+            for task in tasks:
+                if task.payload.split is not None:
+                    task.payload.split.queued += 1
+                self._track(queue_, task)
+            self.counters["bisected"] += len(tasks)
 
     # --- answers ---
 

@@ -25,8 +25,10 @@ failed loads, shutdown) is tested without one (tests/unit/broker/test_lifecycle.
 With several replicas a version becomes AVAILABLE when every replica is READY, and stays
 AVAILABLE while any one is: a replica that dies or goes silent is restarted, and its batches
 in flight go to the others (Requeue) instead of failing. Only when no replica is left
-READY does the version go back to LOADING and its requests get 503. Worker events and
-actions name their replica (0 when there is one).
+READY does the version go back to LOADING and its requests get 503 — except when a worker
+died running batches: then a request may have killed it, so the version stays AVAILABLE,
+the worker restarts at once, and its batches are bisected to find that request (Requeue
+with ``crashed``). Worker events and actions name their replica (0 when there is one).
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ class WorkerExited:
     restartable: bool  # False: a restart would fail the same way (EXIT_MODEL_LOAD_ERROR, …)
     error: str = ""  # what the worker said before it went (DISCONNECT), if anything
     replica: int = 0
+    on_requests: bool = False  # it died running batches: one of their requests may have killed it
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,9 +144,11 @@ class SpawnWorker:
 
 @dataclass(frozen=True, slots=True)
 class RestartWorker:
-    """Start it again after the supervisor's back-off."""
+    """Start it again after the supervisor's back-off (``at_once``: now, and the back-off
+    does not grow: it died on a request, which says nothing of the next start)."""
 
     replica: int = 0
+    at_once: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,9 +173,12 @@ class Terminate:
 @dataclass(frozen=True, slots=True)
 class Requeue:
     """The replica's batches in flight go back to the front of the queue, for the other
-    replicas (each request at most once: a batch that kills two workers is failed)."""
+    replicas (each request at most once: a batch that kills two workers is failed).
+    ``crashed``: the worker died running them, so they are never re-run as they were: they
+    are bisected to find the request that kills (broker/inflight.py)."""
 
     replica: int
+    crashed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -362,6 +370,12 @@ class Lifecycle:
             # This replica cannot come back (its model no longer loads here); the others serve.
             self.workers[replica] = Replica.NONE
             return [Requeue(replica)]
+        if event.on_requests and event.restartable and self.state is S.AVAILABLE:
+            # Likely killed by a request (a kernel that aborts on its values): the version stays
+            # AVAILABLE, its requests wait for a replica (the others, or this one, back at
+            # once), and the batches it held are bisected until the one request is found.
+            self.workers[replica] = Replica.RESTARTING
+            return [Requeue(replica, crashed=True), RestartWorker(replica, at_once=True)]
         self.workers[replica] = Replica.RESTARTING
         if self._ready_count():
             return [Requeue(replica), RestartWorker(replica)]

@@ -42,6 +42,7 @@ class WorkerLink(ChildLink):
     disconnect_sent: float = 0.0  # when the broker told it to go (unload)
     batches: int = 0  # batches sent to this process
     load_failures: int = 0  # failed loads of this replica's version, retried (--max_num_load_retries)
+    isolating: int = 0  # the suspect batch it runs alone (Batch.suspect): it takes nothing else until answered
 
     def tasks(self) -> Iterator[Task]:
         """Every request in its batches in flight."""
@@ -52,6 +53,7 @@ class WorkerLink(ChildLink):
         """Its batches' requests, which it will not answer (it died, or their version failed)."""
         tasks = list(self.tasks())
         self.in_flight.clear()
+        self.isolating = 0
         return tasks
 
 

@@ -229,7 +229,7 @@ class VersionManager:
         if isinstance(action, lc.SpawnWorker):
             fleet.spawn_worker(served, action.replica)
         elif isinstance(action, lc.RestartWorker):
-            fleet.restart_worker(served, action.replica, now)
+            fleet.restart_worker(served, action.replica, now, at_once=action.at_once)
         elif isinstance(action, lc.CancelRestart):
             fleet.cancel_restart(served, action.replica)
         elif isinstance(action, lc.DisconnectWorker):
@@ -239,7 +239,10 @@ class VersionManager:
         elif isinstance(action, lc.Requeue):
             link = served.link(action.replica)
             if link is not None:
-                self._inflight.requeue(served, link)
+                if action.crashed:
+                    self._inflight.bisect(served, link, now)
+                else:
+                    self._inflight.requeue(served, link)
         elif isinstance(action, lc.LoadTables):
             self._lookups.load_tables(served)
         elif isinstance(action, lc.UnloadTables):

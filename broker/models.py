@@ -12,6 +12,7 @@ from broker.config import BatchingParameters, ModelConfig
 from tfbroker.wire.errors import InvalidArgument, NotFound, Unavailable
 from broker.lifecycle import Lifecycle, Replica
 from broker.links import WorkerLink
+from broker.poison import PoisonRecord
 from tfbroker.wire.protocol import LookupSpec, SignatureSpec, TensorSpec, VersionStats
 from tfbroker.wire.tensors import TF_NAMES, can_cast, nbytes
 from broker.stats import VersionCounters
@@ -97,6 +98,7 @@ class ServedVersion:
     # Input checks that passed, by what they depend on (see check_inputs): most requests of
     # a version look alike, and admission then costs a dict lookup instead of the walk.
     checked: dict[tuple[Any, ...], tuple[Any, ...]] = field(default_factory=dict)
+    poison: PoisonRecord = field(default_factory=PoisonRecord)  # requests that killed its worker
 
     @property
     def state(self) -> VersionState:

@@ -154,3 +154,45 @@ def test_requests_alike_in_one_message_are_resolved_once_and_still_checked_each(
     assert len(alike) == 1, "one kind of request"
     assert sorted((request_id, code) for _, request_id, code in wire.errors()) == [(3, 404), (4, 400)]
     assert len(served.queues["serving_default"]) == 2
+
+
+def run_next(inflight: InFlight, served: object, link: object, batch_id: int, *, idle: bool = True) -> list[int]:
+    """Hand the queue's next batch to ``link``, as the dispatcher does; the request ids in it."""
+    queue_ = served.queues["serving_default"]  # type: ignore[attr-defined]
+    batch = queue_.next_batch(0.0, idle=idle)
+    assert batch is not None
+    link.in_flight[batch_id] = ("serving_default", inflight.take_live(batch.tasks, 0.0))  # type: ignore[attr-defined]
+    return [t.payload.request_id for t in batch.tasks]
+
+
+def test_a_batch_whose_worker_died_of_a_fault_is_bisected_until_the_request_that_kills_is_found() -> None:
+    inflight, wire = make()
+    model, served = model_with(1)
+    link = add_link(served)
+    for request_id in (1, 2, 3, 4):
+        admit(inflight, {"m": model}, CLIENT, request_id, now=0.0)
+    assert run_next(inflight, served, link, 1) == [1, 2, 3, 4]
+    inflight.bisect(served, link, now=0.0)  # died running 1-4 (3 is the poison)
+    queue_ = served.queues["serving_default"]
+    assert queue_.next_batch(0.0, idle=False) is None, "a suspect half runs only on an idle worker"
+    assert run_next(inflight, served, link, 2) == [1, 2]
+    link.in_flight.clear()  # answered: 1 and 2 were not it
+    assert run_next(inflight, served, link, 3) == [3, 4]
+    inflight.bisect(served, link, now=0.0)
+    assert run_next(inflight, served, link, 4) == [3]
+    inflight.bisect(served, link, now=0.0)  # alone, and it died again: 3 is the one
+    [(client, killed)] = wire.answers()
+    assert (client, killed.header.id, killed.header.code) == (CLIENT, 3, 400)
+    assert killed.header.message == "the model's process died on this request"
+    assert run_next(inflight, served, link, 5) == [4]
+    assert inflight.counters["killed_worker"] == 1 and inflight.counters["bisected"] == 6
+
+    # The same content again is refused at admission (the request's id is not part of it);
+    # other content is not.
+    admit(inflight, {"m": model}, b"client-2", 3, now=1.0)
+    admit(inflight, {"m": model}, CLIENT, 7, now=1.0)
+    [(client, refused)] = wire.answers()
+    assert (client, refused.header.id, refused.header.code) == (b"client-2", 3, 400)
+    assert refused.header.message.startswith("the model's process died on this request earlier: it is refused for")
+    assert inflight.counters["refused_poison"] == 1
+    assert len(served.queues["serving_default"]) == 1

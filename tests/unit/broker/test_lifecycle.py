@@ -232,3 +232,19 @@ def test_a_replica_that_stops_loading_after_serving_leaves_the_others_serving() 
     run(life, lc.LoadAsked(), lc.WorkerReady(0), lc.WorkerReady(1))
     assert run(life, lc.WorkerExited(4, False, "out of memory", replica=1)) == [lc.Requeue(1)]
     assert life.state is S.AVAILABLE and life.workers == [Replica.READY, Replica.NONE]
+
+
+def test_a_worker_that_dies_of_a_fault_running_batches_stays_available_and_restarts_at_once() -> None:
+    life = Lifecycle("v1")
+    run(life, lc.LoadAsked(), lc.WorkerReady())
+    actions = run(life, lc.WorkerExited(-6, True, on_requests=True))
+    assert actions == [lc.Requeue(0, crashed=True), lc.RestartWorker(0, at_once=True)]
+    assert life.state is S.AVAILABLE, "its requests wait for the restart instead of failing"
+    assert life.workers == [Replica.RESTARTING]
+    run(life, lc.WorkerStarted())
+    assert kinds(run(life, lc.WorkerReady())) == []  # back: nothing to announce, it never stopped serving
+    assert life.state is S.AVAILABLE and life.workers == [Replica.READY]
+    # Without batches in flight, a death says nothing of a request: 503 and the back-off, as before.
+    actions = run(life, lc.WorkerExited(-6, True))
+    assert kinds(actions) == [lc.FailRequests, lc.RestartWorker] and not actions[1].at_once  # type: ignore[attr-defined]
+    assert life.state is S.LOADING
