@@ -16,7 +16,8 @@ def main(model: str, inputs_path: str, outputs_path: str) -> None:
         for batch in batches:
             feeds = {key.split("/")[1]: tf.constant(data[key]) for key in data.files if key.startswith(batch + "/")}
             for name, value in fn(**feeds).items():
-                results[f"{batch}/{name}"] = value.numpy()
+                array = value.numpy()
+                results[f"{batch}/{name}"] = array.astype("S") if array.dtype == object else array  # no pickle
     np.savez(outputs_path, **results)
 
 
