@@ -364,15 +364,16 @@ def _rows(outputs: dict[str, np.ndarray]) -> Any:
     if len(sizes) != 1 or None in sizes:
         raise InvalidArgument("Tensors with different batch sizes cannot be returned in row format; "
                               "use the columnar format ('inputs')")
+    # Rows as numpy rows and scalars, not .tolist()'s Python floats: orjson writes a float32
+    # in its own shortest form (1.8), a Python float in a double's (1.7999999523162842).
     columns = {n: _jsonable(n, v) for n, v in outputs.items()}
-    listed = {n: c.tolist() if isinstance(c, np.ndarray) else c for n, c in columns.items()}
     count: int = sizes.pop()  # type: ignore[assignment]  # (None was refused above)
-    return [{n: listed[n][i] for n in outputs} for i in range(count)]
+    return [{n: columns[n][i] for n in outputs} for i in range(count)]
 
 
 def _jsonable(name: str, value: np.ndarray) -> Any:
     if value.dtype.kind not in "OSU":
-        return value if value.ndim else value.tolist()  # (orjson writes arrays of rank 1 and up)
+        return value if value.ndim else value[()]  # (orjson writes arrays of rank 1 and up, and numpy scalars)
     return _strings_to_json(value.tolist(), name.endswith("_bytes"))
 
 

@@ -79,3 +79,11 @@ def test_predictions_in_row_and_columnar_format() -> None:
 def test_row_format_needs_one_batch_size() -> None:
     with pytest.raises(InvalidArgument, match="different batch sizes"):
         format_predictions({"a": np.zeros(2), "b": np.zeros(3)}, True)
+
+
+def test_float32_is_written_in_its_shortest_form_in_every_format() -> None:
+    outputs = {"score": np.array([1.8], np.float32), "label": np.array([b"cat"], dtype=object)}
+    assert format_predictions(outputs, row_format=True) == b'{"predictions":[{"score":1.8,"label":"cat"}]}'
+    assert format_predictions(outputs, row_format=False) == b'{"outputs":{"score":[1.8],"label":["cat"]}}'
+    assert format_predictions({"score": np.array([1.8], np.float32)}, row_format=True) == b'{"predictions":[1.8]}'
+    assert format_predictions({"score": np.array(1.8, np.float32)}, row_format=True) == b'{"predictions":1.8}'
