@@ -8,6 +8,7 @@ EXIT_MODEL_LOAD_ERROR is not restarted: its version goes to END with the error i
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 from typing import Callable
@@ -16,6 +17,7 @@ from broker import lifecycle as lc
 from tfbroker.wire import protocol
 from tfbroker.runtime.devices import CPU_ONLY, resolve_devices
 from broker.batch_codec import describe_tasks
+from broker.child_output import OutputRelay
 from broker.config import BatchingParameters, ServerConfig
 from tfbroker.runtime.flags import dataclass_to_argv
 from broker.links import SendToChild, WorkerLink, reap_links, restarts_due, send_heartbeats, silent
@@ -24,6 +26,7 @@ from broker.signatures import describe_for_clients
 from broker.versions import VersionState
 from broker.supervisor import (Child, curve_env, restartable, schedule_restart, spawn_child,
                                stop_children, terminate_child)
+from tfbroker.runtime.logs import TF_OUTPUT_FD_ENV
 from tfbroker.runtime.process import EXIT_MODEL_LOAD_ERROR
 from tfbroker.runtime.settings import WorkerConfig
 
@@ -52,6 +55,7 @@ class Fleet:
         self.serving: list[ServedVersion] = []  # versions that have (or are getting) a worker
         self._links: dict[bytes, WorkerLink] = {}
         self.devices = resolve_devices(self.config.devices)  # ConfigError: a bad --devices
+        self.output = OutputRelay(cpu_only=self.devices == [CPU_ONLY])  # what the workers write to fd 2
 
     def pids(self) -> list[int]:
         """The live worker processes, for the CPU and memory metrics."""
@@ -62,6 +66,7 @@ class Fleet:
         """The workers, once their versions were told to unload: after the batches in hand."""
         stop_children([link.child for s in self.serving for link in s.links()], self.config.shutdown_grace_s)
         self._reap_workers(time.monotonic())
+        self.output.close()
 
     def link(self, identity: bytes) -> WorkerLink | None:
         return self._links.get(identity)
@@ -136,6 +141,7 @@ class Fleet:
     # --- the housekeeping tick ---
 
     def manage(self, now: float) -> None:
+        self.output.poll()
         self._reap_workers(now)
         self._murder_workers(now)
         self._restart_due(now)
@@ -159,8 +165,10 @@ class Fleet:
             tensorflow_inter_op_parallelism=self.config.tensorflow_inter_op_parallelism,
             saved_model_tags=self.config.saved_model_tags, enable_model_warmup=self.config.enable_model_warmup,
             num_request_iterations_for_warmup=self.config.num_request_iterations_for_warmup)
+        read_fd, write_fd = self.output.pipe()
         child = Child(name=config.title, argv=["-m", "workers", *dataclass_to_argv(config)],
-                      env={**curve_env(self.config.curve_secret_key_file), "CUDA_VISIBLE_DEVICES": device.cuda_visible_devices})
+                      env={**curve_env(self.config.curve_secret_key_file), "CUDA_VISIBLE_DEVICES": device.cuda_visible_devices,
+                           TF_OUTPUT_FD_ENV: str(write_fd)}, pass_fds=(write_fd,))
         while len(served.workers) <= replica:
             served.workers.append(None)
         old = served.workers[replica]
@@ -168,7 +176,11 @@ class Fleet:
             child.restarts = old.child.restarts
             self._links.pop(old.identity, None)
         load_failures = old.load_failures if old is not None else 0
-        spawn_child(child)
+        try:
+            spawn_child(child)
+        finally:
+            os.close(write_fd)
+        self.output.watch(read_fd, config.title, child.pid or 0)
         identity = f"{served.model}:{served.version}:{child.pid}".encode()
         link = WorkerLink(child, identity, replica=replica, device=device.name, last_heard=time.monotonic(),
                           load_failures=load_failures)
@@ -179,6 +191,8 @@ class Fleet:
         owners = {id(link): served for served in self.serving for link in served.links()}
         for link, code in reap_links([link for served in self.serving for link in served.links()]):
             served, child = owners[id(link)], link.child
+            if child.pid is not None:
+                self.output.drain(child.pid)  # its last words (a failed CHECK) before its exit
             if link.in_flight and code != 0:
                 log.error("worker %s (pid %s) exited with code %d holding these requests: %s", child.name,
                           child.pid, code, describe_tasks(link.tasks()))

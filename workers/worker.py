@@ -15,7 +15,7 @@ from typing import Any
 
 from tfbroker.runtime.backend_peer import BackendPeer
 from tfbroker.runtime.devices import visible_gpus
-from tfbroker.runtime.logs import tensorflow_output
+from tfbroker.runtime.logs import relay_output_to_broker, tensorflow_output
 from tfbroker.runtime.process import (EXIT_MODEL_LOAD_ERROR, EXIT_OK, die_with_parent, enable_fault_dumps, set_title,
                                       setup_logging)
 from tfbroker.runtime.settings import WorkerConfig
@@ -75,6 +75,7 @@ class ModelWorker:
             self._send(protocol.DISCONNECT, protocol.Disconnect(error=str(exc)[:2000]))
             self._peer.close(linger_ms=2000)
             return EXIT_MODEL_LOAD_ERROR
+        relay_output_to_broker()  # what TensorFlow says from now on goes through the log format
         self._send_ready()
         try:
             # After a reconnect the model is still loaded: READY again is all the broker needs.

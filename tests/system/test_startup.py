@@ -75,7 +75,8 @@ def test_a_client_that_calls_the_moment_ready_is_printed_gets_200_first_time(tes
         broker = BrokerProcess(tmp_path / str(attempt), ["--model_name=linear",
                                                          f"--model_base_path={test_models / 'linear'}"], frontends=1)
         try:
-            url, body = wait_for(lambda: _ready_call(broker.log()), 120, "the ready message", interval_s=0.005)
+            url, body = wait_for(lambda broker=broker: _ready_call(broker.log()), 120, "the ready message",
+                                 interval_s=0.005)
             answer = httpx.post(url, content=body, timeout=30)
             assert answer.status_code == 200, (attempt, answer.text)
             assert answer.json() == {"predictions": [3.5, 4.0, 5.5]}  # linear's version 2: 0.5x + 3

@@ -226,7 +226,7 @@ def test_no_input_crashes_a_worker_and_each_answer_is_tensorflows_or_names_the_i
         if not pairs:
             continue
         expected = reference_outputs(user_models / model / "1", [inputs_as_signature(model, i) for i, _ in pairs])
-        for (inputs, got), want in zip(pairs, expected):
+        for (_, got), want in zip(pairs, expected):
             assert_outputs_equal(model, got, want)
 
 
@@ -300,7 +300,7 @@ def test_a_request_that_kills_its_worker_fails_alone_and_repeating_it_keeps_the_
             sent = time.monotonic()
             response = broker.http.post("/v1/models/poison:predict", json={"instances": [2.0, POISON, 3.0]})
             poisoned.append((response.status_code, response.json().get("error", "")))
-            wait_for(lambda: time.monotonic() - sent >= 1.0 or stop.is_set(), 2, "a second")
+            stop.wait(max(0.0, 1.0 - (time.monotonic() - sent)))  # the client's pace: once a second
         stop.set()
         for thread in threads:
             thread.join(timeout=60)
@@ -316,4 +316,29 @@ def test_a_request_that_kills_its_worker_fails_alone_and_repeating_it_keeps_the_
         assert [v["state"] for v in status] == ["AVAILABLE"]
         # The worker died once (the first poisoned request) and came back at once.
         assert broker.log().count("a request killed its worker") == 1, broker.log()[-3000:]
+        # Its last words, relayed by the broker in the log format, with the worker's role.
+        assert re.search(r" CRITICAL \[worker:poison:1 \d+\] tensorflow.cc: Check failed", broker.log()), \
+            broker.log()[-3000:]
         assert broker.pids_with("tfbroker: worker:poison:") != first_worker
+
+
+def test_what_tensorflow_says_while_serving_is_logged_in_the_log_format(user_models: Path, tmp_path: Path) -> None:
+    """Out-of-range ids make TensorFlow write its own lines while serving: they come as JSON
+    records of the worker under --log_format=json, not as raw text."""
+    with serving(tmp_path, {"embed": user_models / "embed"}, args=["--log_format=json"]) as broker:
+        response = broker.predict("embed", {"instances": [[1, 2, 3, 4, 500]]})
+        assert response.status_code == 400, response.text
+
+        def tensorflows_record() -> dict[str, Any] | None:
+            for line in broker.log().splitlines():
+                if line.startswith("{"):
+                    record = json.loads(line)
+                    if record["logger"] == "tensorflow.cc" and record["role"] == "worker:embed:1":
+                        return record  # type: ignore[no-any-return]
+            return None
+
+        record = wait_for(tensorflows_record, 10, "TensorFlow's note on the bad ids, as a record of the worker")
+        assert "500" in record["message"] and record["pid"] == broker.pids_with("tfbroker: worker:embed:")[0]
+        odd = [line for line in broker.log().splitlines()
+               if line.strip() and not line.startswith(("{", "tfbroker: ready", "  curl", "Status page"))]
+        assert not odd, odd

@@ -15,6 +15,12 @@ v1 loader logs deprecation notices once per worker. ``tensorflow_output()`` capt
 descriptor 2 around that start-up and passes on only what an operator must see (errors and
 fatal lines, as log records of ``tensorflow.cc``); ``--verbose`` (TFBROKER_VERBOSE=1) or the
 usual TF_CPP_MIN_LOG_LEVEL=0 shows everything, unfiltered.
+
+After start-up a model worker's fd 2 is a pipe the broker reads (TFBROKER_TF_OUTPUT_FD,
+``relay_output_to_broker``): what TensorFlow writes while serving (a kernel's notes on a bad
+request, the CHECK that fails as it aborts) becomes log records in this format, with the
+worker's role and pid and TensorFlow's level (``log_child_lines``). The broker reads it, not
+the worker, so even the line a worker writes as it dies is kept.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import tempfile
 from typing import Iterator
 
 LOG_FORMAT_ENV = "TFBROKER_LOG_FORMAT"  # text (default) or json
+TF_OUTPUT_FD_ENV = "TFBROKER_TF_OUTPUT_FD"  # a model worker's pipe to the broker for its fd 2
 VERBOSE_ENV = "TFBROKER_VERBOSE"  # 1: TensorFlow's own logs unfiltered
 LOG_FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(levelname)s [%(role)s %(process)d] %(name)s: %(message)s"
@@ -49,7 +56,8 @@ def set_role(role: str) -> None:
 
 class _RoleFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        record.role = _role[0]
+        if not hasattr(record, "role"):  # a child's line relayed by the broker carries its own
+            record.role = _role[0]
         return True
 
 
@@ -137,6 +145,46 @@ def _point_handlers_at(stream: object, only: list[logging.StreamHandler] | None 
     for h in handlers:
         h.setStream(stream)  # type: ignore[arg-type]
     return handlers
+
+
+def relay_output_to_broker() -> None:
+    """In a model worker after start-up: fd 2 (TensorFlow's C++ output, and anything else
+    written to it) goes to the broker's pipe; this process's own log records keep going to
+    the real stderr. Nothing changes without the pipe, or with --verbose (raw, as asked)."""
+    fd = os.environ.get(TF_OUTPUT_FD_ENV)
+    if not fd or verbose():
+        return
+    sys.stderr.flush()
+    real_stderr = os.fdopen(os.dup(2), "w", buffering=1)
+    _point_handlers_at(real_stderr)
+    os.dup2(int(fd), 2)
+    os.close(int(fd))
+
+
+_LEVELS = {b"I": logging.INFO, b"W": logging.WARNING, b"E": logging.ERROR, b"F": logging.CRITICAL}
+# glog's stack trace after a failed CHECK: native frames, no use in a log line each.
+_STACK_LINE = re.compile(rb"^\*\*\* Check failure stack trace|^\s+@\s+0x")
+
+
+def log_child_lines(lines: list[bytes], role: str, pid: int, *, cpu_only: bool) -> None:
+    """Lines a child wrote to its fd 2, as records of ``tensorflow.cc`` with the child's role
+    and pid: absl's lines at their own level, any other line as a warning."""
+    log = logging.getLogger("tensorflow.cc")
+    for line in lines:
+        if not line.strip() or line.startswith(_ABSL_PREAMBLE) or _STACK_LINE.match(line):
+            continue
+        match = _ABSL_LINE.match(line)
+        if match is None:
+            level, text = logging.WARNING, line.decode(errors="replace")
+        else:
+            severity, where, message = match.groups()
+            if cpu_only and _NO_GPU.search(message):
+                continue
+            level, text = _LEVELS[severity], f"{message.decode(errors='replace')} ({where.decode(errors='replace')})"
+        if log.isEnabledFor(level):
+            record = log.makeRecord(log.name, level, "(child)", 0, "%s", (text,), None)
+            record.role, record.process = role, pid
+            log.handle(record)
 
 
 def pass_on_tensorflow_output(captured: bytes, *, cpu_only: bool) -> None:
