@@ -110,12 +110,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         client.close()
     result.pop("id", None)
-    if args.json:
-        print(json.dumps(result, indent=2, sort_keys=True))
-    elif args.command == "status":
-        print(format_status(result, args.model))
-    else:
-        print(result.get("message") or "\n".join(result.get("changes") or ["no change"]))
+    if args.command == "status" and args.model and not any(m["name"] == args.model for m in result["models"]):
+        print(f"error (404): no model {args.model} on this broker (it serves "
+              f"{', '.join(sorted(m['name'] for m in result['models'])) or 'none'})", file=sys.stderr)
+        return EXIT_REFUSED
+    try:
+        if args.json:
+            print(json.dumps(result, indent=2, sort_keys=True))
+        elif args.command == "status":
+            print(format_status(result, args.model))
+        else:
+            print(result.get("message") or "\n".join(result.get("changes") or ["no change"]))
+        sys.stdout.flush()
+    except BrokenPipeError:  # `broker.ctl status | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
     return 0
 
 

@@ -109,6 +109,10 @@ class Broker:
         # A peer that sends a frame larger than any request may hold is disconnected by ZeroMQ
         # before the frame is allocated.
         self.frontend_socket.setsockopt(zmq.MAXMSGSIZE, self.config.limits.max_tensor_bytes + FRAME_OVERHEAD_BYTES)
+        # A peer that connects with an identity the socket still holds (a worker reconnecting
+        # before its old connection is seen to close) takes it over; by default ZeroMQ drops the
+        # newcomer's messages, and such a worker would never be heard again.
+        self.backend_socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
         for sock, address in ((self.frontend_socket, self.config.resolved_frontend_address),
                               (self.backend_socket, self.config.resolved_backend_address)):
             sock.bind(address)

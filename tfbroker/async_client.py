@@ -40,8 +40,10 @@ class AsyncClient(ClientBase):
     """asyncio client: one DEALER socket per process and event loop, replies matched by id."""
 
     def __init__(self, address: str | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 connect_timeout_s: float = 1.0) -> None:
-        super().__init__(address, timeout_s=timeout_s, connect_timeout_s=connect_timeout_s)
+                 connect_timeout_s: float = 1.0, rest_api_port: int | None = None,
+                 runtime_dir: str | None = None) -> None:
+        super().__init__(address, timeout_s=timeout_s, connect_timeout_s=connect_timeout_s,
+                         rest_api_port=rest_api_port, runtime_dir=runtime_dir)
         self._pid = 0
         self._context: zmq.Context[Any] | None = None
         self._socket: zmq.Socket[Any] | None = None

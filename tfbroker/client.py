@@ -25,7 +25,7 @@ import numpy as np
 import zmq
 
 from tfbroker.wire import protocol, tensors
-from tfbroker.runtime.settings import ADDRESS_ENV, DEFAULT_TIMEOUT_MS, default_frontend_address
+from tfbroker.runtime.settings import ADDRESS_ENV, DEFAULT_TIMEOUT_MS, default_frontend_address, ipc_address
 from tfbroker.wire.errors import DeadlineExceeded, Internal, InvalidArgument, ProtocolError, Unavailable, from_code
 from tfbroker.wire.security import client_keys_from_env, make_client
 from tfbroker.wire.zmqio import NOBLOCK, send_message
@@ -174,7 +174,15 @@ class ClientBase:
     """What the sync and async clients share: settings, request ids and message building."""
 
     def __init__(self, address: str | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 connect_timeout_s: float = 1.0) -> None:
+                 connect_timeout_s: float = 1.0, rest_api_port: int | None = None,
+                 runtime_dir: str | None = None) -> None:
+        """``address``: the broker's frontend socket; else, on this host, the broker started
+        with ``--rest_api_port`` (its default runtime directory) or ``--runtime_dir``; else
+        TFBROKER_ADDRESS, else the broker on port 8501."""
+        if address is None and runtime_dir is not None:
+            address = ipc_address(runtime_dir, "frontend.sock")
+        elif address is None and rest_api_port is not None:
+            address = default_frontend_address(rest_api_port)
         self.address = address or default_address()
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
@@ -207,8 +215,10 @@ class Client(ClientBase):
     """Blocking client; one socket per thread, so threaded WSGI servers can share one Client."""
 
     def __init__(self, address: str | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 connect_timeout_s: float = 1.0) -> None:
-        super().__init__(address, timeout_s=timeout_s, connect_timeout_s=connect_timeout_s)
+                 connect_timeout_s: float = 1.0, rest_api_port: int | None = None,
+                 runtime_dir: str | None = None) -> None:
+        super().__init__(address, timeout_s=timeout_s, connect_timeout_s=connect_timeout_s,
+                         rest_api_port=rest_api_port, runtime_dir=runtime_dir)
         self._local = threading.local()
         self._pid = 0
         self._context: zmq.Context[Any] | None = None

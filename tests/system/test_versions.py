@@ -7,6 +7,7 @@ made it; the X-Model-Version header must name the same version.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -172,6 +173,15 @@ def test_labels_removal_and_the_control_channel(start_broker: Any, test_models: 
     assert [v["state"] for v in model["versions"]] == ["AVAILABLE", "AVAILABLE"]
     text = ctl(broker, "status")
     assert "model lab" in text.stdout and "AVAILABLE" in text.stdout and "stable=1" in text.stdout
+    unknown = ctl(broker, "status", "nosuch")
+    assert (unknown.returncode, unknown.stderr) == (1, "error (404): no model nosuch on this broker (it serves lab)\n")
+    # `broker.ctl status | head -1`: the reader has gone before the status is written.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    piped = subprocess.run([sys.executable, "-m", "broker.ctl", f"--runtime_dir={broker.runtime_dir}", "status"],
+                           cwd=ROOT, stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60)
+    os.close(write_end)
+    assert (piped.returncode, piped.stderr) == (0, ""), piped.stderr
 
     # A label moves only to an AVAILABLE version.
     refused = ctl(broker, "label", "lab", "stable", "7")

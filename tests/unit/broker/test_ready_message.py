@@ -36,3 +36,28 @@ def test_numeric_inputs_get_a_row_of_their_width_and_no_tables_no_guess(tmp_path
     served.signatures = {"serving_default": protocol.SignatureSpec(
         inputs={"x": ("float32", [-1])}, outputs={"y": ("float32", [-1])})}
     assert example_body(served) == '{"instances": [1.0, 2.0, 5.0]}'
+
+
+def test_each_input_gets_values_of_its_dtype_and_every_fixed_dimension_filled(tmp_path: Path) -> None:
+    _, served = model_with(1)
+    served.path = str(tmp_path)
+    served.signatures = {"serving_default": protocol.SignatureSpec(
+        inputs={"ids": ("int64", [-1, 2]), "flag": ("bool", [-1]), "name": ("string", [-1]),
+                "image": ("float32", [-1, 2, 2, 1])}, outputs={"y": ("float32", [-1])})}
+    assert json.loads(example_body(served)) == {"instances": [
+        {"ids": [1, 1], "flag": True, "name": "example", "image": [[[0.5], [0.5]], [[0.5], [0.5]]]}]}
+    served.signatures = {"serving_default": protocol.SignatureSpec(
+        inputs={"ids": ("int64", [-1])}, outputs={"y": ("float32", [-1])})}
+    assert json.loads(example_body(served)) == {"instances": [1]}  # an int for an int input, never 0.5
+    served.signatures = {"serving_default": protocol.SignatureSpec(
+        inputs={"x": ("float32", None)}, outputs={"y": ("float32", [-1])})}
+    assert example_body(served) == ""  # unknown rank: no guess
+
+
+def test_the_client_finds_a_broker_by_its_port_or_runtime_directory() -> None:
+    from tfbroker import Client
+    from tfbroker.runtime.settings import default_frontend_address
+
+    assert Client(rest_api_port=18501).address == default_frontend_address(18501)
+    assert Client(runtime_dir="/run/tfb").address == "ipc:///run/tfb/frontend.sock"
+    assert Client("tcp://10.0.0.1:5555", rest_api_port=18501).address == "tcp://10.0.0.1:5555"
