@@ -174,6 +174,10 @@ class ServerConfig:
         "Run each version's assets.extra/tf_serving_warmup_requests before it takes requests."))
     num_request_iterations_for_warmup: int = field(default=1, metadata=_help(
         "Times each warm-up record runs."))
+    prefer_tflite_model: bool = field(default=False, metadata={**_help(
+        "Serve a version directory's model.tflite (when it has one, even beside a SavedModel) with TensorFlow "
+        "Lite's interpreter, as TF Serving does; --use_tflite_model is its older name."),
+        "aliases": ("use_tflite_model",)})
     rest_api_num_threads: int = field(default=0, metadata=_help(
         "Accepted for TF Serving's command lines: HTTP concurrency here is --frontends event loops."))
     rest_api_enable_cors_support: bool = field(default=False, metadata=_help(

@@ -164,7 +164,8 @@ class Fleet:
             tensorflow_intra_op_parallelism=self.config.tensorflow_intra_op_parallelism,
             tensorflow_inter_op_parallelism=self.config.tensorflow_inter_op_parallelism,
             saved_model_tags=self.config.saved_model_tags, enable_model_warmup=self.config.enable_model_warmup,
-            num_request_iterations_for_warmup=self.config.num_request_iterations_for_warmup)
+            num_request_iterations_for_warmup=self.config.num_request_iterations_for_warmup,
+            prefer_tflite_model=self.config.prefer_tflite_model)
         read_fd, write_fd = self.output.pipe()
         child = Child(name=config.title, argv=["-m", "workers", *dataclass_to_argv(config)],
                       env={**curve_env(self.config.curve_secret_key_file), "CUDA_VISIBLE_DEVICES": device.cuda_visible_devices,

@@ -23,7 +23,7 @@ log = logging.getLogger("tfbroker.source")
 SETTLE_S = 0.5
 # A base path with no version in it is logged once, then at most this often.
 NO_VERSIONS_LOG_EVERY_S = 60.0
-SAVED_MODEL_FILES = ("saved_model.pb", "saved_model.pbtxt")
+SAVED_MODEL_FILES = ("saved_model.pb", "saved_model.pbtxt", "model.tflite")  # (TensorFlow Lite: --prefer_tflite_model)
 
 
 @dataclass(slots=True)

@@ -198,6 +198,16 @@ def test_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
+@pytest.fixture(scope="session")
+def user_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The models of the kinds users bring (tests/user_models.py), made once."""
+    directory = tmp_path_factory.mktemp("user_models")
+    result = subprocess.run([sys.executable, str(ROOT / "tests" / "user_models.py"), str(directory)],
+                            capture_output=True, timeout=300)
+    assert result.returncode == 0, result.stderr.decode(errors="replace")[-3000:]
+    return directory
+
+
 @contextlib.contextmanager
 def serving(tmp: Path, models: dict[str, Path], args: Sequence[str] = (), frontends: int = 1,
             labels: dict[str, dict[str, int]] | None = None) -> Iterator[BrokerProcess]:

@@ -11,6 +11,10 @@
   ``total`` float32 [-1] and ``tag`` string [-1].
 - words/1: strings in and out: ``text`` string [-1] -> ``upper`` string [-1] and
   ``length`` int32 [-1].
+- lite/1: both formats in one version directory, so a test sees which one served: a
+  SavedModel with y = 2x + 1 and a TensorFlow Lite model.tflite with y = 3x + 1 (and
+  ``k2`` = 2k), inputs x float32 [-1, 2] (y sums the row) and k int32 [-1].
+  lite_only/1: the same model.tflite alone.
 - poison/1: y = 2x on x float32 [-1], except that a row equal to 666 makes the process abort
   inside a TensorFlow kernel (a CHECK that fails on values, the kind TensorFlow's security
   advisories list): what defence in depth must contain.
@@ -93,6 +97,29 @@ def _aborting_op(x: tf.Tensor) -> tf.Tensor:
                              padding="VALID")
 
 
+class Lite(tf.Module):
+    def __init__(self, slope: float) -> None:
+        super().__init__()
+        self.slope = slope
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 2], tf.float32, name="x"),
+                                  tf.TensorSpec([None], tf.int32, name="k")])
+    def serve(self, x: tf.Tensor, k: tf.Tensor) -> dict[str, tf.Tensor]:
+        return {"y": tf.reduce_sum(x, axis=1) * self.slope + 1.0, "k2": k * 2}
+
+
+def save_lite(path: str, *, with_saved_model: bool) -> None:
+    """model.tflite (y = 3·sum(x) + 1), converted with TFLiteConverter, beside a SavedModel
+    with y = 2·sum(x) + 1 when asked."""
+    if with_saved_model:
+        save_module(Lite(2.0), path)
+    lite = Lite(3.0)
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([lite.serve.get_concrete_function()], lite)
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "model.tflite"), "wb") as fh:
+        fh.write(converter.convert())
+
+
 def save_module(module: tf.Module, path: str) -> None:
     tf.saved_model.save(module, path, signatures={"serving_default": module.serve})
 
@@ -104,6 +131,8 @@ def main(directory: str) -> None:
     save_module(Mixed(), os.path.join(directory, "mixed", "1"))
     save_module(Words(), os.path.join(directory, "words", "1"))
     save_module(Poison(), os.path.join(directory, "poison", "1"))
+    save_lite(os.path.join(directory, "lite", "1"), with_saved_model=True)
+    save_lite(os.path.join(directory, "lite_only", "1"), with_saved_model=False)
 
 
 def example_inputs(name: str, rows: int, seed: int = 0) -> dict[str, np.ndarray]:

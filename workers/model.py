@@ -26,6 +26,7 @@ from tfbroker.wire.protocol import STRING
 log = logging.getLogger(__name__)
 
 SERVE_TAG = "serve"
+PREDICT_METHOD = "tensorflow/serving/predict"
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,9 +76,17 @@ def configure_devices(intra_op_threads: int = 0, inter_op_threads: int = 0) -> N
     _session_config.inter_op_parallelism_threads = inter_op_threads
 
 
-def load(path: str, tags: tuple[str, ...] = (SERVE_TAG,)) -> LoadedModel:
+def load(path: str, tags: tuple[str, ...] = (SERVE_TAG,), *, prefer_tflite: bool = False) -> LoadedModel:
     """Load the SavedModel in ``path`` (a version directory): the MetaGraph with ``tags``
-    (TF Serving's --saved_model_tags)."""
+    (TF Serving's --saved_model_tags). With ``prefer_tflite`` (TF Serving's
+    --prefer_tflite_model), its ``model.tflite`` when it has one (workers/tflite_model.py)."""
+    from workers import tflite_model
+
+    if prefer_tflite and tflite_model.has_tflite_model(path):
+        return tflite_model.load_tflite(path, _session_config.intra_op_parallelism_threads)
+    if not os.path.exists(os.path.join(path, "saved_model.pb")) and tflite_model.has_tflite_model(path):
+        raise ValueError(f"{path} holds a TensorFlow Lite model ({tflite_model.TFLITE_FILE}) and no SavedModel: "
+                         "serve it with --prefer_tflite_model")
     meta_graph = _serving_meta_graph(path, tags)
     signature_def = _signature_def_json(meta_graph)
     errors = []

@@ -62,7 +62,8 @@ class ModelWorker:
                 model_lib.configure_devices(self.config.tensorflow_intra_op_parallelism,
                                             self.config.tensorflow_inter_op_parallelism)
                 started = time.monotonic()
-                self._model = model_lib.load(self.config.path, tuple(self.config.saved_model_tags.split(",")))
+                self._model = model_lib.load(self.config.path, tuple(self.config.saved_model_tags.split(",")),
+                                             prefer_tflite=self.config.prefer_tflite_model)
                 records = (warmup.warm_up_from_file(self._model, self.config.num_request_iterations_for_warmup)
                            if self.config.enable_model_warmup else 0)
                 warmup.warm_up_batch_sizes(self._model, self.config.warmup_batch_sizes)

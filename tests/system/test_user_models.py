@@ -9,8 +9,6 @@ import json
 import math
 import os
 import re
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,7 +26,7 @@ from frontend import grpc_messages as pb
 from frontend.grpc_tensors import from_proto, to_proto
 from tfbroker import Client
 from tfbroker.wire.errors import TFBrokerError
-from tests.conftest import ROOT, BrokerProcess, reference_outputs, serving, wait_for
+from tests.conftest import BrokerProcess, reference_outputs, serving, wait_for
 from tests.user_models import POISON
 
 # Each model's inputs: dtype and the dimensions after the batch dimension.
@@ -41,15 +39,6 @@ SIGNATURES: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = {
 }
 BATTERY_MODELS = list(SIGNATURES)
 PREDICT = "/tensorflow.serving.PredictionService/Predict"
-
-
-@pytest.fixture(scope="session")
-def user_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("user_models")
-    result = subprocess.run([sys.executable, str(ROOT / "tests" / "user_models.py"), str(directory)],
-                            capture_output=True, timeout=300)
-    assert result.returncode == 0, result.stderr.decode(errors="replace")[-3000:]
-    return directory
 
 
 @pytest.fixture(scope="module")

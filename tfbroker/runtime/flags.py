@@ -46,7 +46,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, *, skip: Seq
             parser.add_argument(f"--{f.name}", type=kind, required=True, help=helptext)
             continue
         if kind is bool:
-            parser.add_argument(f"--{f.name}", type=parse_bool, nargs="?", const=True,
+            names = [f"--{f.name}", *(f"--{alias}" for alias in f.metadata.get("aliases", ()))]
+            parser.add_argument(*names, dest=f.name, type=parse_bool, nargs="?", const=True,
                                 default=default, metavar="BOOL", help=f"{helptext} (default: {default})")
         elif kind == tuple[int, ...]:
             parser.add_argument(f"--{f.name}", type=parse_int_list, default=default, metavar="N,N,...",

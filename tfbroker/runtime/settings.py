@@ -176,6 +176,8 @@ class WorkerConfig(ChildConfig):
         "Run the version's assets.extra/tf_serving_warmup_requests before READY."))
     num_request_iterations_for_warmup: int = field(default=1, metadata=field_help(
         "Times each warm-up record runs."))
+    prefer_tflite_model: bool = field(default=False, metadata=field_help(
+        "Serve the version's model.tflite, when it has one, with TensorFlow Lite's interpreter."))
 
     @property
     def title(self) -> str:
