@@ -56,6 +56,7 @@ class Fleet:
         self._links: dict[bytes, WorkerLink] = {}
         self.devices = resolve_devices(self.config.devices)  # ConfigError: a bad --devices
         self.output = OutputRelay(cpu_only=self.devices == [CPU_ONLY])  # what the workers write to fd 2
+        self.stopping = False  # the broker is stopping: a worker that exits now is not started again
 
     def pids(self) -> list[int]:
         """The live worker processes, for the CPU and memory metrics."""
@@ -236,6 +237,8 @@ class Fleet:
                 self._report(served, event, now)
 
     def _restart_due(self, now: float) -> None:
+        if self.stopping:
+            return
         for served in list(self.serving):
             for link in restarts_due(served.links(), now):
                 self._spawn_worker(served, link.replica)

@@ -65,7 +65,7 @@ class LookupStage:
         self._by_identity: dict[bytes, IoLink] = {}
         self._versions: list[ServedVersion] = []  # versions whose tables are (being) loaded
         self._batch_ids = itertools.count(1)
-        self._stopping = False
+        self.stopping = False
 
     # --- what a version's lifecycle asks for ---
 
@@ -158,11 +158,11 @@ class LookupStage:
     def manage(self, now: float) -> None:
         for link, code in reap_links(self._links):
             self._lost(link, f"the I/O batcher exited (code {code})")
-            if not self._stopping:
+            if not self.stopping:
                 log.error("iobatcher %d (pid %s) exited with code %d; restarting", link.index, link.child.pid, code)
                 if restartable(code):
                     schedule_restart(link.child, now)
-        for link in restarts_due(self._links, now):
+        for link in restarts_due(self._links, now) if not self.stopping else ():
             self._spawn(link)
         for link in self._links:
             if link.ready and silent(link, now, self.config.heartbeat_expiry_s):
@@ -176,7 +176,7 @@ class LookupStage:
         return [link.child.pid for link in self._links if link.child.running and link.child.pid is not None]
 
     def stop(self) -> None:
-        self._stopping = True
+        self.stopping = True
         for link in self._links:
             if link.ready:
                 self._send(link, protocol.DISCONNECT, protocol.Disconnect())

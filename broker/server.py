@@ -313,6 +313,7 @@ class Broker:
             elif self._stop_requested_at is None:
                 log.info("received %s: stopping (the frontends finish their requests first)", signal.Signals(signum).name)
                 self._stop_requested_at = now
+                self.fleet.stopping = self.lookups.stopping = True  # nothing is started again from now on
                 self.frontends.refuse_connections()
             else:
                 log.info("received %s again; stopping now", signal.Signals(signum).name)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -161,7 +162,7 @@ def _load_v1(path: str, meta_graph: meta_graph_pb2.MetaGraphDef, tags: tuple[str
             try:
                 values = run(*[inputs[n] for n in in_names])
             except tf.errors.InvalidArgumentError as exc:
-                raise InvalidArgument(exc.message) from exc
+                raise InvalidArgument(model_error(exc.message)) from exc
             return dict(zip(out_names, values))
 
         signatures[name] = Signature(
@@ -186,7 +187,7 @@ def _load_v2(path: str, meta_graph: meta_graph_pb2.MetaGraphDef, tags: tuple[str
             try:
                 result = fn(**{n: tf.constant(v) for n, v in inputs.items()})
             except (tf.errors.InvalidArgumentError, TypeError, ValueError) as exc:
-                raise InvalidArgument(getattr(exc, "message", None) or str(exc)) from exc
+                raise InvalidArgument(model_error(getattr(exc, "message", None) or str(exc))) from exc
             return {n: t.numpy() for n, t in result.items()}
 
         signatures[name] = Signature(
@@ -195,6 +196,16 @@ def _load_v2(path: str, meta_graph: meta_graph_pb2.MetaGraphDef, tags: tuple[str
             {n: TensorInfo(_dtype_name(s.dtype), _dims(s.shape)) for n, s in sorted(outputs.items())},
             run_fn, loaded)  # concrete functions hold only weak references to ``loaded``
     return signatures
+
+
+# What TensorFlow appends to an error about where in the graph it arose: its function and node
+# names say nothing to a client ("[[{{function_node __inference_serve_26}}{{node mul}}]]").
+_GRAPH_WHERE = re.compile(r"\s*\[\[\{\{.*?\}\}\]\]", re.S)
+
+
+def model_error(message: str) -> str:
+    """TensorFlow's error message without the graph's internals, for the client."""
+    return _GRAPH_WHERE.sub("", message).strip()
 
 
 def _info(tensor_info: Any) -> TensorInfo:

@@ -184,3 +184,11 @@ def test_a_value_that_does_not_fit_fails_its_task_alone_in_a_joined_batch() -> N
     good, bad = run_joined(signature, batch, 0)  # type: ignore[misc]
     assert np.asarray(good["y"]).tolist() == [2]  # type: ignore[index]
     assert isinstance(bad, InvalidArgument) and "is not of expected type: int32" in bad.message
+
+
+def test_tensorflows_graph_internals_are_cut_from_a_model_error() -> None:
+    from workers.model import model_error
+
+    assert model_error("indices[0,4] = 500 is not in [0, 100)\n\t [[{{function_node __inference_serve_26}}"
+                       "{{node embedding/GatherV2}}]]") == "indices[0,4] = 500 is not in [0, 100)"
+    assert model_error("Incompatible shapes: [10] vs. [1,9]\n\t [[{{node mul}}]]") == "Incompatible shapes: [10] vs. [1,9]"
