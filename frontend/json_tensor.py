@@ -144,12 +144,12 @@ class _Parser:
                 try:
                     arrays[name] = self.array(value, name)
                 except RaggedList:
-                    raise InvalidArgument(_dense_error(value) or f"input '{name}' is ragged") from None
+                    raise InvalidArgument(f"input '{name}': {_dense_error(value) or 'the list is ragged'}") from None
             return arrays
         try:
             return {SINGLE_INPUT: self.array(inputs, "inputs")}
         except RaggedList:
-            raise InvalidArgument(_dense_error(inputs) or "'inputs' is ragged") from None
+            raise InvalidArgument(f"'inputs': {_dense_error(inputs) or 'the list is ragged'}") from None
 
     def array(self, value: Any, name: str) -> np.ndarray:
         # The shape along the first elements: enough for the limits, and cheap (numpy finds

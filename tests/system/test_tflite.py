@@ -6,19 +6,16 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import pytest
 
 from tfbroker import Client
-from tests.conftest import serving, wait_for
+from tests.conftest import BrokerProcess, make_model_config, serving, stop_and_check, wait_for
 from tests.system.test_user_models import grpc_predict
 
 
-@pytest.mark.parametrize("flag", ["--prefer_tflite_model", "--use_tflite_model=true"])
-def test_the_flag_serves_model_tflite_on_every_path(flag: str, user_models: Path, tmp_path: Path) -> None:
-    with serving(tmp_path, {"lite": user_models / "lite"}, args=[flag]) as broker:
+def test_the_flag_serves_model_tflite_on_every_path(user_models: Path, tmp_path: Path) -> None:
+    with serving(tmp_path, {"lite": user_models / "lite"}, args=["--prefer_tflite_model"]) as broker:
         # y = 3·sum(x) + 1: the TensorFlow Lite model, not the SavedModel beside it (2·sum(x) + 1).
         answer = broker.predict("lite", {"instances": [{"x": [1.0, 2.0], "k": 1}, {"x": [0.5, 0.5], "k": 4}]})
         assert answer.json() == {"predictions": [{"k2": 2, "y": 10.0}, {"k2": 8, "y": 4.0}]}, answer.text
@@ -47,14 +44,17 @@ def test_the_flag_serves_model_tflite_on_every_path(flag: str, user_models: Path
         assert refused.json()["error"] == "input 'x': expected shape [-1,2] (float32), got [1,3]"
 
 
-def test_without_the_flag_the_saved_model_beside_it_serves(user_models: Path, tmp_path: Path) -> None:
-    with serving(tmp_path, {"lite": user_models / "lite"}) as broker:
+def test_without_the_flag_the_saved_model_serves_and_a_lone_tflite_fails_naming_the_flag(user_models: Path,
+                                                                                          tmp_path: Path) -> None:
+    config = make_model_config({"lite": user_models / "lite", "lone": user_models / "lite_only"})
+    (tmp_path / "models.config").write_text(config)
+    broker = BrokerProcess(tmp_path, [f"--model_config_file={tmp_path / 'models.config'}"], frontends=1)
+    try:
+        broker.wait_available(["lite"])
         answer = broker.predict("lite", {"instances": [{"x": [1.0, 2.0], "k": 1}]})
         assert answer.json() == {"predictions": [{"k2": 2, "y": 7.0}]}, answer.text  # 2·3 + 1: the SavedModel
-
-
-def test_a_lone_tflite_model_without_the_flag_fails_to_load_with_the_flag_to_use(user_models: Path, start_broker: Any) -> None:
-    broker = start_broker(["--model_name=lite", f"--model_base_path={user_models / 'lite_only'}"])
-    wait_for(lambda: "failed to load" in broker.log(), 120, "the failed load")
-    assert "holds a TensorFlow Lite model (model.tflite) and no SavedModel: serve it with --prefer_tflite_model" \
-        in broker.log()
+        wait_for(lambda: "model lone version 1 failed to load" in broker.log(), 60, "the lone model.tflite to fail")
+        assert ("holds a TensorFlow Lite model (model.tflite) and no SavedModel: serve it with --prefer_tflite_model"
+                in broker.log())
+    finally:
+        stop_and_check(broker)

@@ -72,12 +72,16 @@ def grpc_predict(port: int, model: str, arrays: dict[str, np.ndarray]) -> tuple[
 
 
 def rest_predict(broker: BrokerProcess, model: str, arrays: dict[str, np.ndarray],
-                 rows_format: bool) -> tuple[int, str, dict[str, np.ndarray]]:
-    """One predict over REST, in TF Serving's row (``instances``) or column (``inputs``) format."""
+                 rows_format: bool, ragged: bool = False) -> tuple[int, str, dict[str, np.ndarray]]:
+    """One predict over REST, in TF Serving's row (``instances``) or column (``inputs``) format;
+    ``ragged``: the first input's first row nested one level deeper than the others."""
     def plain(array: np.ndarray) -> Any:
         return array.astype(str).tolist() if array.dtype == object else array.tolist()
 
     columns = {name: plain(array) for name, array in arrays.items()}
+    if ragged:
+        first = next(iter(columns.values()))
+        first[0] = [first[0]]
     if rows_format:
         rows = len(next(iter(columns.values())))
         body: dict[str, Any] = {"instances": [
@@ -105,6 +109,7 @@ class Call:
     transport: str
     why: str = ""
     names: list[str] = field(default_factory=list)
+    ragged: bool = False  # REST: one row nested deeper than the rest
 
 
 @st.composite
@@ -160,7 +165,14 @@ def calls(draw: Any) -> Call:
         expect, why = "either", "no rows"
     row_shaped = len({a.shape[:1] for a in arrays.values() if a.ndim}) == 1 and all(a.ndim for a in arrays.values())
     transports = ["rest_inputs", "grpc", "client"] + (["rest_instances"] if row_shaped and rows else [])
-    return Call(model, arrays, expect, draw(st.sampled_from(transports)), why, [*signature, "bogus"])
+    transport = draw(st.sampled_from(transports))
+    ragged = transport.startswith("rest") and rows >= 2 and draw(st.booleans()) and draw(st.booleans())
+    names = [*signature, "bogus"]
+    if ragged:
+        expect, why = "bad", "ragged nesting"
+        if len(signature) == 1:  # a lone input goes unnamed (a list as 'inputs' or 'instances'): its field is named
+            names.append("'inputs'" if transport == "rest_inputs" else "'instances'")
+    return Call(model, arrays, expect, transport, why, names, ragged)
 
 
 def send(broker: BrokerProcess, client: Client, call: Call) -> tuple[int, str, dict[str, np.ndarray]]:
@@ -172,7 +184,8 @@ def send(broker: BrokerProcess, client: Client, call: Call) -> tuple[int, str, d
         except TFBrokerError as exc:
             return exc.http_status, exc.message, {}
         return 200, "", prediction.outputs
-    return rest_predict(broker, call.model, call.arrays, rows_format=call.transport == "rest_instances")
+    return rest_predict(broker, call.model, call.arrays, rows_format=call.transport == "rest_instances",
+                        ragged=call.ragged)
 
 
 def test_no_input_crashes_a_worker_and_each_answer_is_tensorflows_or_names_the_input(broker: BrokerProcess,

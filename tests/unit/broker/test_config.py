@@ -9,6 +9,7 @@ import pytest
 
 from broker.config import BatchingParameters, ServerConfig
 from broker.config_files import load_batching_parameters, load_model_config, parse_batching_parameters, parse_model_config
+from tfbroker.runtime import flags
 from tfbroker.runtime.flags import add_dataclass_flags, dataclass_from_args, dataclass_to_argv
 from tfbroker.runtime.settings import WorkerConfig
 from tfbroker.wire.errors import ConfigError
@@ -110,3 +111,9 @@ def test_model_config_labels_and_errors() -> None:
         parse_model_config('model_config_list { config { name: "a" base_path: "/x" model_platform: "onnx" } }')
     with pytest.raises(ValueError, match="cannot read"):
         load_model_config("/nonexistent/models.config")
+
+
+def test_the_older_flag_name_sets_the_same_setting() -> None:
+    assert flags.parse_flags(ServerConfig, ["--use_tflite_model"]).prefer_tflite_model
+    assert flags.parse_flags(ServerConfig, ["--use_tflite_model=true"]).prefer_tflite_model
+    assert not flags.parse_flags(ServerConfig, []).prefer_tflite_model
