@@ -189,23 +189,23 @@ class BrokerProcess:
         return code
 
 
-@pytest.fixture(scope="session")
-def test_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("models")
-    result = subprocess.run([sys.executable, str(ROOT / "tests" / "model_factory.py"), str(directory)],
+def make_models(factory: str, directory: Path) -> Path:
+    """Run a model-making script of tests/ (in a child: TensorFlow stays out of pytest)."""
+    result = subprocess.run([sys.executable, str(ROOT / "tests" / factory), str(directory)],
                             capture_output=True, timeout=300)
     assert result.returncode == 0, result.stderr.decode(errors="replace")[-3000:]
     return directory
+
+
+@pytest.fixture(scope="session")
+def test_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_models("model_factory.py", tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(scope="session")
 def user_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The models of the kinds users bring (tests/user_models.py), made once."""
-    directory = tmp_path_factory.mktemp("user_models")
-    result = subprocess.run([sys.executable, str(ROOT / "tests" / "user_models.py"), str(directory)],
-                            capture_output=True, timeout=300)
-    assert result.returncode == 0, result.stderr.decode(errors="replace")[-3000:]
-    return directory
+    return make_models("user_models.py", tmp_path_factory.mktemp("user_models"))
 
 
 @contextlib.contextmanager
