@@ -27,7 +27,7 @@ log = logging.getLogger("tfbroker.broker")
 
 COUNTERS = ("requests", "client_messages", "batches", "rows", "joined", "rejected", "expired", "cancelled", "malformed_client",
             "malformed_worker", "failed_handlers", "auth_refused", "requeued", "lookup_batches", "lookup_tasks",
-            "lookup_keys", "lookup_unique_keys", "lookup_failed", "bisected", "killed_worker", "refused_poison")
+            "lookup_keys", "lookup_unique_keys", "lookup_failed", "isolated", "killed_worker", "refused_poison")
 
 # One answer for a client: (its identity, ``[REPLY|ERROR, header, frames…]``); frames received
 # from a worker are forwarded as they came.
@@ -197,12 +197,14 @@ class InFlight:
             self.counters["requeued"] += len(again)
         link.take_in_flight()
 
-    def bisect(self, served: ServedVersion, link: WorkerLink, now: float) -> None:
+    def isolate(self, served: ServedVersion, link: WorkerLink, now: float) -> None:
         """A replica died of a fault while running its batches: a request's values may have
         killed it (a kernel that aborts), so they are never run again as they were. Each
-        signature's tasks go back to the front of its queue in two halves, each a suspect
-        batch that runs alone on a worker; a task that is alone on a worker when it dies is
-        the one: it is answered 400 and its content is refused from then on (broker/poison.py)."""
+        request goes back to the front of its queue as a suspect batch of its own, run alone
+        on a worker: the innocent ones are answered, and the one that kills is alone when it
+        dies, so it is found at the cost of one more restart (halving the batch instead would
+        cost one per halving). That one is answered 400 and its content refused from then on
+        (broker/poison.py)."""
         held = list(link.in_flight.values())
         link.take_in_flight()
         if sum(len(tasks) for _, tasks in held) == 1:
@@ -218,15 +220,12 @@ class InFlight:
             return
         for signature, tasks in reversed(held):
             queue_ = served.queues[signature]
-            half = (len(tasks) + 1) // 2
-            for part in (tasks[half:], tasks[:half]):  # the first half ends up first
-                if part:
-                    queue_.requeue_suspect(part)
-            for task in tasks:
+            for task in reversed(tasks):  # the first ends up first
+                queue_.requeue_suspect([task])
                 if task.payload.split is not None:
                     task.payload.split.queued += 1
                 self._track(queue_, task)
-            self.counters["bisected"] += len(tasks)
+            self.counters["isolated"] += len(tasks)
 
     # --- answers ---
 

@@ -27,7 +27,7 @@ AVAILABLE while any one is: a replica that dies or goes silent is restarted, and
 in flight go to the others (Requeue) instead of failing. Only when no replica is left
 READY does the version go back to LOADING and its requests get 503 — except when a worker
 died running batches: then a request may have killed it, so the version stays AVAILABLE,
-the worker restarts at once, and its batches are bisected to find that request (Requeue
+the worker restarts at once, and its batches' requests run one by one to find it (Requeue
 with ``crashed``). Worker events and actions name their replica (0 when there is one).
 """
 
@@ -175,7 +175,7 @@ class Requeue:
     """The replica's batches in flight go back to the front of the queue, for the other
     replicas (each request at most once: a batch that kills two workers is failed).
     ``crashed``: the worker died running them, so they are never re-run as they were: they
-    are bisected to find the request that kills (broker/inflight.py)."""
+    are run again one request at a time, to find the one that kills (broker/inflight.py)."""
 
     replica: int
     crashed: bool = False
@@ -373,7 +373,7 @@ class Lifecycle:
         if event.on_requests and event.restartable and self.state is S.AVAILABLE:
             # Likely killed by a request (a kernel that aborts on its values): the version stays
             # AVAILABLE, its requests wait for a replica (the others, or this one, back at
-            # once), and the batches it held are bisected until the one request is found.
+            # once), and the requests it held run one at a time until the one that kills is found.
             self.workers[replica] = Replica.RESTARTING
             return [Requeue(replica, crashed=True), RestartWorker(replica, at_once=True)]
         self.workers[replica] = Replica.RESTARTING

@@ -240,7 +240,7 @@ class VersionManager:
             link = served.link(action.replica)
             if link is not None:
                 if action.crashed:
-                    self._inflight.bisect(served, link, now)
+                    self._inflight.isolate(served, link, now)
                 else:
                     self._inflight.requeue(served, link)
         elif isinstance(action, lc.LoadTables):

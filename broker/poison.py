@@ -3,8 +3,8 @@ the model down again.
 
 A kernel that aborts on values (a failed CHECK, the kind TensorFlow's security advisories
 list) kills the worker whatever the broker checked at admission. When that happens the
-batches it held are bisected (broker/inflight.py) until one request is alone on a worker
-that dies: that request is answered 400 and its content (input specs and tensor bytes) is
+requests it held run again one at a time (broker/inflight.py), so the one that kills is
+alone on the worker when it dies: that request is answered 400 and its content (input specs and tensor bytes) is
 refused at admission for REFUSE_FOR_S. The record is per version: a new version may mend it.
 """
 

@@ -165,27 +165,26 @@ def run_next(inflight: InFlight, served: object, link: object, batch_id: int, *,
     return [t.payload.request_id for t in batch.tasks]
 
 
-def test_a_batch_whose_worker_died_of_a_fault_is_bisected_until_the_request_that_kills_is_found() -> None:
+def test_the_requests_of_a_batch_whose_worker_died_of_a_fault_run_alone_until_the_one_that_kills_is_found() -> None:
     inflight, wire = make()
     model, served = model_with(1)
     link = add_link(served)
     for request_id in (1, 2, 3, 4):
         admit(inflight, {"m": model}, CLIENT, request_id, now=0.0)
     assert run_next(inflight, served, link, 1) == [1, 2, 3, 4]
-    inflight.bisect(served, link, now=0.0)  # died running 1-4 (3 is the poison)
+    inflight.isolate(served, link, now=0.0)  # died running 1-4 (3 is the poison)
     queue_ = served.queues["serving_default"]
-    assert queue_.next_batch(0.0, idle=False) is None, "a suspect half runs only on an idle worker"
-    assert run_next(inflight, served, link, 2) == [1, 2]
-    link.in_flight.clear()  # answered: 1 and 2 were not it
-    assert run_next(inflight, served, link, 3) == [3, 4]
-    inflight.bisect(served, link, now=0.0)
+    assert queue_.next_batch(0.0, idle=False) is None, "a suspect request runs only on an idle worker"
+    for batch_id, request_id in ((2, 1), (3, 2)):
+        assert run_next(inflight, served, link, batch_id) == [request_id]
+        link.in_flight.clear()  # answered: it was not the one
     assert run_next(inflight, served, link, 4) == [3]
-    inflight.bisect(served, link, now=0.0)  # alone, and it died again: 3 is the one
+    inflight.isolate(served, link, now=0.0)  # alone, and it died again: 3 is the one
     [(client, killed)] = wire.answers()
     assert (client, killed.header.id, killed.header.code) == (CLIENT, 3, 400)
     assert killed.header.message == "the model's process died on this request"
     assert run_next(inflight, served, link, 5) == [4]
-    assert inflight.counters["killed_worker"] == 1 and inflight.counters["bisected"] == 6
+    assert inflight.counters["killed_worker"] == 1 and inflight.counters["isolated"] == 4
 
     # The same content again is refused at admission (the request's id is not part of it);
     # other content is not.
