@@ -196,6 +196,7 @@ def test_no_input_crashes_a_worker_and_each_answer_is_tensorflows_or_names_the_i
     outcomes: dict[str, int] = {}
     client = Client(broker.address)
 
+    # 250 requests (BATTERY_EXAMPLES), the same ones every run (derandomize): a failure reproduces.
     @settings(max_examples=int(os.environ.get("BATTERY_EXAMPLES", "250")), deadline=None, derandomize=True,
               suppress_health_check=list(HealthCheck))
     @given(calls())
@@ -320,7 +321,10 @@ def test_a_request_that_kills_its_worker_fails_alone_and_repeating_it_keeps_the_
         assert len(after) > 20 * (poisoned[-1][2] - found_at), (len(after), poisoned[-1][2] - found_at)
         status = broker.http.get("/v1/models/poison").json()["model_version_status"]
         assert [v["state"] for v in status] == ["AVAILABLE"]
-        # The worker died once (the first poisoned request) and came back at once.
+        with Client(broker.address) as client:
+            counters = client.stats()
+        assert (counters["killed_worker"], counters["refused_poison"]) == (1, len(poisoned) - 1), counters
+        # Its worker died twice (the batch, then the poison alone), each time back at once.
         assert broker.log().count("a request killed its worker") == 1, broker.log()[-3000:]
         # Its last words, relayed by the broker in the log format, with the worker's role.
         assert re.search(r" CRITICAL \[worker:poison:1 \d+\] tensorflow.cc: Check failed", broker.log()), \
