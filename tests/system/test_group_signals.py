@@ -20,8 +20,7 @@ from tests.system.test_logs import ready_commands
 STOP_WITHIN_S = 5.0
 
 
-# SIGINT under load here; SIGTERM to the group stops the demo in tests/system/test_logs.py.
-@pytest.mark.parametrize("signum", [signal.SIGINT], ids=["SIGINT"])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_to_the_process_group_stops_the_demo_cleanly_under_load(signum: signal.Signals, demo_models: Path,
                                                                         tmp_path: Path) -> None:
     broker = BrokerProcess(tmp_path, [f"--demo_models_dir={demo_models}"], frontends=2)
