@@ -28,6 +28,11 @@ log = logging.getLogger(__name__)
 
 SERVE_TAG = "serve"
 PREDICT_METHOD = "tensorflow/serving/predict"
+TFLITE_FILE = "model.tflite"  # a version's TensorFlow Lite model (--prefer_tflite_model)
+
+
+def has_tflite_model(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, TFLITE_FILE))
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +70,11 @@ class LoadedModel:
 _session_config = tf.compat.v1.ConfigProto()
 
 
+def intra_op_threads() -> int:
+    """The CPU threads one op may use, as configure_devices set them (0: TensorFlow's choice)."""
+    return int(_session_config.intra_op_parallelism_threads)
+
+
 def configure_devices(intra_op_threads: int = 0, inter_op_threads: int = 0) -> None:
     """Let TensorFlow grow GPU memory instead of taking the card, so a second version fits;
     bound its CPU thread pools (0: TensorFlow's choice), as TF Serving's flags of those names."""
@@ -77,16 +87,11 @@ def configure_devices(intra_op_threads: int = 0, inter_op_threads: int = 0) -> N
     _session_config.inter_op_parallelism_threads = inter_op_threads
 
 
-def load(path: str, tags: tuple[str, ...] = (SERVE_TAG,), *, prefer_tflite: bool = False) -> LoadedModel:
+def load(path: str, tags: tuple[str, ...] = (SERVE_TAG,)) -> LoadedModel:
     """Load the SavedModel in ``path`` (a version directory): the MetaGraph with ``tags``
-    (TF Serving's --saved_model_tags). With ``prefer_tflite`` (TF Serving's
-    --prefer_tflite_model), its ``model.tflite`` when it has one (workers/tflite_model.py)."""
-    from workers import tflite_model
-
-    if prefer_tflite and tflite_model.has_tflite_model(path):
-        return tflite_model.load_tflite(path, _session_config.intra_op_parallelism_threads)
-    if not os.path.exists(os.path.join(path, "saved_model.pb")) and tflite_model.has_tflite_model(path):
-        raise ValueError(f"{path} holds a TensorFlow Lite model ({tflite_model.TFLITE_FILE}) and no SavedModel: "
+    (TF Serving's --saved_model_tags). (A model.tflite: workers/tflite_model.py.)"""
+    if not os.path.exists(os.path.join(path, "saved_model.pb")) and has_tflite_model(path):
+        raise ValueError(f"{path} holds a TensorFlow Lite model ({TFLITE_FILE}) and no SavedModel: "
                          "serve it with --prefer_tflite_model")
     meta_graph = _serving_meta_graph(path, tags)
     signature_def = _signature_def_json(meta_graph)

@@ -17,13 +17,7 @@ import tensorflow as tf
 
 from tfbroker.wire.errors import InvalidArgument
 from tfbroker.wire.tensors import TF_NAMES
-from workers.model import PREDICT_METHOD, LoadedModel, Signature, TensorInfo
-
-TFLITE_FILE = "model.tflite"
-
-
-def has_tflite_model(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, TFLITE_FILE))
+from workers.model import PREDICT_METHOD, TFLITE_FILE, LoadedModel, Signature, TensorInfo
 
 
 def load_tflite(path: str, num_threads: int = 0) -> LoadedModel:

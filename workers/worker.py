@@ -57,13 +57,15 @@ class ModelWorker:
             # TensorFlow comes last; its start-up notes are kept out of the log (tfbroker/runtime/logs.py).
             with tensorflow_output(cpu_only=not visible_gpus()):
                 from workers import model as model_lib
-                from workers import warmup
+                from workers import tflite_model, warmup
 
                 model_lib.configure_devices(self.config.tensorflow_intra_op_parallelism,
                                             self.config.tensorflow_inter_op_parallelism)
                 started = time.monotonic()
-                self._model = model_lib.load(self.config.path, tuple(self.config.saved_model_tags.split(",")),
-                                             prefer_tflite=self.config.prefer_tflite_model)
+                if self.config.prefer_tflite_model and model_lib.has_tflite_model(self.config.path):
+                    self._model = tflite_model.load_tflite(self.config.path, model_lib.intra_op_threads())
+                else:
+                    self._model = model_lib.load(self.config.path, tuple(self.config.saved_model_tags.split(",")))
                 records = (warmup.warm_up_from_file(self._model, self.config.num_request_iterations_for_warmup)
                            if self.config.enable_model_warmup else 0)
                 warmup.warm_up_batch_sizes(self._model, self.config.warmup_batch_sizes)
