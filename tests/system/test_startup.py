@@ -86,21 +86,30 @@ def test_a_client_that_calls_the_moment_ready_is_printed_gets_200_first_time(tes
 
 
 def test_models_that_serve_nothing_are_named_in_the_ready_message_with_the_reason(test_models: Path,
+                                                                                 user_models: Path,
                                                                                  tmp_path: Path) -> None:
+    """Also TensorFlow Lite without --prefer_tflite_model: the SavedModel beside a model.tflite
+    serves, and a lone model.tflite fails to load naming the flag."""
     config = make_model_config({"linear": test_models / "linear", "mine": test_models / "linear" / "1",
-                                "gone": tmp_path / "no-such-dir"})
+                                "gone": tmp_path / "no-such-dir", "lite": user_models / "lite",
+                                "lone": user_models / "lite_only"})
     (tmp_path / "models.config").write_text(config)
     broker = BrokerProcess(tmp_path, [f"--model_config_file={tmp_path / 'models.config'}"], frontends=1)
     try:
         wait_for(lambda: _ready_call(broker.log()), 120, "the ready message")
         message = broker.log()[broker.log().index("tfbroker: ready"):].splitlines()
         assert message[0].endswith(". Try:"), message
-        assert sum("curl" in line for line in message) == 1, message  # linear's, once (it has two versions)
+        assert sum("curl" in line for line in message) == 2, message  # linear's once (it has two versions), lite's
         assert (f"  model mine is not serving: no version directory under {test_models / 'linear' / '1'}: it looks "
                 f"like a version directory; pass its parent {test_models / 'linear'}") in message, message
         assert (f"  model gone is not serving: base path {tmp_path / 'no-such-dir'} does not exist "
                 f"(TF Serving's layout: {tmp_path / 'no-such-dir'}/1/saved_model.pb)") in message, message
         assert broker.log().count("No versions of servable gone found") == 1
+        assert any(line.startswith("  model lone is not serving: version 1 failed to load: ") and line.endswith(
+            "holds a TensorFlow Lite model (model.tflite) and no SavedModel: serve it with --prefer_tflite_model")
+            for line in message), message
+        answer = broker.predict("lite", {"instances": [{"x": [1.0, 2.0], "k": 1}]})
+        assert answer.json() == {"predictions": [{"k2": 2, "y": 7.0}]}, answer.text  # 2·3 + 1: the SavedModel
     finally:
         broker.stop()
 

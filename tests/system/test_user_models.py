@@ -10,6 +10,7 @@ import math
 import os
 import re
 import threading
+from concurrent.futures import ThreadPoolExecutor
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +44,10 @@ PREDICT = "/tensorflow.serving.PredictionService/Predict"
 
 @pytest.fixture(scope="module")
 def broker(user_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProcess]:
-    with serving(tmp_path_factory.mktemp("battery"), {name: user_models / name for name in BATTERY_MODELS}) as running:
+    """The battery's models and a TensorFlow Lite one (``lite``: with --prefer_tflite_model its
+    model.tflite serves, not the SavedModel beside it), logging JSON."""
+    models = {name: user_models / name for name in [*BATTERY_MODELS, "lite"]}
+    with serving(tmp_path_factory.mktemp("battery"), models, args=["--log_format=json", "--prefer_tflite_model"]) as running:
         yield running
 
 
@@ -332,23 +336,55 @@ def test_a_request_that_kills_its_worker_fails_alone_and_repeating_it_keeps_the_
         assert broker.pids_with("tfbroker: worker:poison:") != first_worker
 
 
-def test_what_tensorflow_says_while_serving_is_logged_in_the_log_format(user_models: Path, tmp_path: Path) -> None:
+def test_what_tensorflow_says_while_serving_is_logged_in_the_log_format(broker: BrokerProcess) -> None:
     """Out-of-range ids make TensorFlow write its own lines while serving: they come as JSON
     records of the worker under --log_format=json, not as raw text."""
-    with serving(tmp_path, {"embed": user_models / "embed"}, args=["--log_format=json"]) as broker:
-        response = broker.predict("embed", {"instances": [[1, 2, 3, 4, 500]]})
-        assert response.status_code == 400, response.text
+    response = broker.predict("embed", {"instances": [[1, 2, 3, 4, 500]]})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"].startswith("indices[0,4] = 500 is not in [0, 100)"), response.text
 
-        def tensorflows_record() -> dict[str, Any] | None:
-            for line in broker.log().splitlines():
-                if line.startswith("{"):
-                    record = json.loads(line)
-                    if record["logger"] == "tensorflow.cc" and record["role"] == "worker:embed:1":
-                        return record  # type: ignore[no-any-return]
-            return None
+    def tensorflows_record() -> dict[str, Any] | None:
+        for line in broker.log().splitlines():
+            if line.startswith("{"):
+                record = json.loads(line)
+                if record["logger"] == "tensorflow.cc" and record["role"] == "worker:embed:1" and "500" in record[
+                        "message"]:
+                    return record  # type: ignore[no-any-return]
+        return None
 
-        record = wait_for(tensorflows_record, 10, "TensorFlow's note on the bad ids, as a record of the worker")
-        assert "500" in record["message"] and record["pid"] == broker.pids_with("tfbroker: worker:embed:")[0]
-        odd = [line for line in broker.log().splitlines()
-               if line.strip() and not line.startswith(("{", "tfbroker: ready", "  curl", "Status page"))]
-        assert not odd, odd
+    record = wait_for(tensorflows_record, 10, "TensorFlow's note on the bad ids, as a record of the worker")
+    assert record["pid"] == broker.pids_with("tfbroker: worker:embed:")[0]
+    odd = [line for line in broker.log().splitlines()
+           if line.strip() and not line.startswith(("{", "tfbroker: ready", "  curl", "Status page"))]
+    assert not odd, odd
+
+
+def test_a_tflite_model_serves_on_every_path_batched_and_checked(broker: BrokerProcess) -> None:
+    """--prefer_tflite_model: the version's model.tflite through TensorFlow Lite's interpreter,
+    its signatures as the model's (metadata, REST, gRPC, the client)."""
+    # y = 3·sum(x) + 1: the TensorFlow Lite model, not the SavedModel beside it (2·sum(x) + 1).
+    answer = broker.predict("lite", {"instances": [{"x": [1.0, 2.0], "k": 1}, {"x": [0.5, 0.5], "k": 4}]})
+    assert answer.json() == {"predictions": [{"k2": 2, "y": 10.0}, {"k2": 8, "y": 4.0}]}, answer.text
+    metadata = broker.http.get("/v1/models/lite/metadata").json()["metadata"]["signature_def"]["signature_def"]
+    inputs = metadata["serving_default"]["inputs"]
+    assert {n: (t["dtype"], [d["size"] for d in t["tensor_shape"]["dim"]]) for n, t in inputs.items()} == {
+        "x": ("DT_FLOAT", ["-1", "2"]), "k": ("DT_INT32", ["-1"])}
+    status, _, outputs = grpc_predict(broker.grpc_port, "lite", {"x": np.ones([3, 2], np.float32),
+                                                                  "k": np.arange(3, dtype=np.int32)})
+    assert status == 200 and outputs["y"].tolist() == [7.0] * 3 and outputs["k2"].tolist() == [0, 2, 4]
+
+    # Batched with each other, each request gets its own rows (the interpreter resized to each batch).
+    def call(i: int) -> tuple[int, list[float]]:
+        with Client(broker.address) as client:
+            result = client.predict("lite", {"x": np.full([i % 3 + 1, 2], i, np.float32),
+                                             "k": np.full([i % 3 + 1], i, np.int32)})
+        return i, result.outputs["y"].tolist()
+
+    with ThreadPoolExecutor(8) as pool:
+        for i, y in pool.map(call, range(40)):
+            assert y == [6.0 * i + 1.0] * (i % 3 + 1)
+
+    # A wrong inner dimension, which the interpreter would not catch, is refused at admission.
+    refused = broker.predict("lite", {"inputs": {"x": [[1.0, 2.0, 3.0]], "k": [1]}})
+    assert refused.status_code == 400
+    assert refused.json()["error"] == "input 'x': expected shape [-1,2] (float32), got [1,3]"
