@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tfbroker.runtime.logs import pass_on_tensorflow_output
+from tfbroker.runtime.logs import log_child_lines, pass_on_tensorflow_output
 from tests.conftest import wait_for
 
 ABSL_LINE = re.compile(r"^[IWEF]\d{4} [\d:.]+\s+\d+ \S+\]")
@@ -132,3 +132,24 @@ def test_tensorflow_output_keeps_errors_and_drops_notes(caplog: pytest.LogCaptur
     with caplog.at_level(logging.INFO, logger="tensorflow.cc"):
         pass_on_tensorflow_output(captured, cpu_only=False)  # a GPU host: a failed cuInit is news
     assert "failed call to cuInit" in caplog.records[0].getMessage()
+
+
+def test_a_childs_lines_become_records_of_its_role_at_tensorflows_level(caplog: pytest.LogCaptureFixture) -> None:
+    lines = [
+        b"W0000 00:00:1796035712.960900   11425 local_rendezvous.cc:412] Local rendezvous is aborting with "
+        b"status: INVALID_ARGUMENT: indices[0,0] = 126 is not in [0, 100)",
+        b"\t [[{{function_node __inference___call___460}}{{node embedding/GatherV2}}]]",
+        b"F0000 00:00:1796035712.960900   11425 tensor_format.h:428] Check failed: index >= 0",
+        b"*** Check failure stack trace: ***",
+        b"    @     0x7f5d38c92d30  tensorflow::MklDnnConvUtil::GetInputSizeInMklOrder()",
+        b"E0000 00:00:1796035712.960900   11425 cuda_platform.cc:52] failed call to cuInit: UNKNOWN ERROR (303)",
+        b"a line some library printed",
+    ]
+    with caplog.at_level(logging.INFO, logger="tensorflow.cc"):
+        log_child_lines(lines, "worker:m:1", 4242, cpu_only=True)
+    assert [(r.levelname, r.role, r.process, r.getMessage()) for r in caplog.records] == [  # type: ignore[attr-defined]
+        ("WARNING", "worker:m:1", 4242, "Local rendezvous is aborting with status: INVALID_ARGUMENT: indices[0,0] = 126 "
+                                        "is not in [0, 100) (local_rendezvous.cc:412)"),
+        ("CRITICAL", "worker:m:1", 4242, "Check failed: index >= 0 (tensor_format.h:428)"),
+        ("WARNING", "worker:m:1", 4242, "a line some library printed"),
+    ]

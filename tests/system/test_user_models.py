@@ -347,7 +347,8 @@ def test_what_tensorflow_says_while_serving_is_logged_in_the_log_format(broker: 
         for line in broker.log().splitlines():
             if line.startswith("{"):
                 record = json.loads(line)
-                if record["logger"] == "tensorflow.cc" and record["role"] == "worker:embed:1" and "500" in record[
+                # (TensorFlow may say it once for many such requests: the battery sent some before)
+                if record["logger"] == "tensorflow.cc" and record["role"] == "worker:embed:1" and "indices[" in record[
                         "message"]:
                     return record  # type: ignore[no-any-return]
         return None

@@ -33,7 +33,7 @@ import os
 import re
 import sys
 import tempfile
-from typing import Iterator
+from typing import Any, Iterator
 
 LOG_FORMAT_ENV = "TFBROKER_LOG_FORMAT"  # text (default) or json
 TF_OUTPUT_FD_ENV = "TFBROKER_TF_OUTPUT_FD"  # a model worker's pipe to the broker for its fd 2
@@ -164,23 +164,32 @@ def relay_output_to_broker() -> None:
 _LEVELS = {b"I": logging.INFO, b"W": logging.WARNING, b"E": logging.ERROR, b"F": logging.CRITICAL}
 # glog's stack trace after a failed CHECK: native frames, no use in a log line each.
 _STACK_LINE = re.compile(rb"^\*\*\* Check failure stack trace|^\s+@\s+0x")
+# Where in the graph an error arose, on a line of its own: nothing an operator can act on.
+_GRAPH_LINE = re.compile(rb"^\s+\[\[\{\{")
 
 
 def log_child_lines(lines: list[bytes], role: str, pid: int, *, cpu_only: bool) -> None:
     """Lines a child wrote to its fd 2, as records of ``tensorflow.cc`` with the child's role
-    and pid: absl's lines at their own level, any other line as a warning."""
+    and pid: absl's lines at their own level (an indented line after one is part of it; the
+    graph's ``[[{{node …}}]]`` is dropped), any other line as a warning."""
     log = logging.getLogger("tensorflow.cc")
+    entries: list[list[Any]] = []  # [level, text]
     for line in lines:
         if not line.strip() or line.startswith(_ABSL_PREAMBLE) or _STACK_LINE.match(line):
             continue
+        if line[:1].isspace() and entries:
+            if not _GRAPH_LINE.match(line):
+                entries[-1][1] += " " + line.decode(errors="replace").strip()
+            continue
         match = _ABSL_LINE.match(line)
         if match is None:
-            level, text = logging.WARNING, line.decode(errors="replace")
-        else:
-            severity, where, message = match.groups()
-            if cpu_only and _NO_GPU.search(message):
-                continue
-            level, text = _LEVELS[severity], f"{message.decode(errors='replace')} ({where.decode(errors='replace')})"
+            entries.append([logging.WARNING, line.decode(errors="replace")])
+            continue
+        severity, where, message = match.groups()
+        if cpu_only and _NO_GPU.search(message):
+            continue
+        entries.append([_LEVELS[severity], f"{message.decode(errors='replace')} ({where.decode(errors='replace')})"])
+    for level, text in entries:
         if log.isEnabledFor(level):
             record = log.makeRecord(log.name, level, "(child)", 0, "%s", (text,), None)
             record.role, record.process = role, pid
