@@ -115,16 +115,20 @@ def test_a_stranger_with_an_identity_still_connected_is_answered_too(fuzzed: Bro
     never heard. Deterministic here: the first one stays connected, and never reconnects once
     the broker hands its identity over (as a dead worker's connection would not)."""
     backend = f"ipc://{fuzzed.runtime_dir}/backend.sock"
-    first = dealer(backend, b"j", reconnect=False)
-    second = dealer(backend, b"j")
+    peers = []
     try:
-        for _, sock in (first, second):
+        # One after the other: the first is known to the broker (it was answered) and still
+        # connected when the second comes.
+        for name, reconnect in (("first", False), ("second", True)):
+            context, sock = dealer(backend, b"j", reconnect=reconnect)
+            peers.append((context, sock))
             sock.send_multipart(protocol.encode(protocol.HEARTBEAT, protocol.Heartbeat()))
-            assert sock.poll(10_000), "the broker tells an unknown worker to go"
+            assert sock.poll(10_000), f"the broker tells the {name} unknown worker to go"
             assert protocol.decode(sock.recv_multipart(), protocol.BROKER_TO_WORKER).command == protocol.DISCONNECT
     finally:
-        first[0].destroy(linger=0)
-        second[0].destroy(linger=0)
+        for context, sock in peers:
+            sock.close(linger=0)
+            context.destroy(linger=0)
 
 
 def test_http_answers_arbitrary_bytes_and_json_with_json(fuzzed: BrokerProcess) -> None:
