@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from frontend.app import create_app
+from tfbroker.runtime.settings import FrontendConfig
 from tfbroker import Prediction
 
 # bench's mlp row as clients that dump numpy arrays write it: float32 values at full precision.
@@ -66,7 +67,7 @@ async def per_request_us(app: Any, path: str, body: bytes, count: int = 20_000) 
 
 
 async def measure() -> None:
-    app = create_app(InMemoryClient(), timeout_s=5.0)  # type: ignore[arg-type]
+    app = create_app(InMemoryClient(), config=FrontendConfig(rest_api_timeout_in_ms=5000))  # type: ignore[arg-type]
     for _ in range(3):
         print(" | ".join([f"{name}: {await per_request_us(app, *case):.1f} µs" for name, case in CASES.items()]))
 

@@ -11,6 +11,7 @@ import ctypes
 import json
 import logging
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -24,8 +25,8 @@ from broker.stats import children_of
 from broker.supervisor import Child, curve_env, reap_children, schedule_restart, spawn_child, stop_children
 from broker.versions import VersionState
 from tfbroker.runtime.flags import dataclass_to_argv
-from tfbroker.runtime.settings import (ADDRESS_ENV, BIND_ENV, FRONTENDS_ENV, GRPC_ENV, LIMITS_ENV, LOG_LEVEL_ENV,
-                                       METRICS_DIR_ENV, METRICS_PATH_ENV, STATUS_PAGE_ENV, TIMEOUT_ENV)
+from tfbroker.runtime.settings import (BIND_ENV, FRONTEND_ENV, FRONTENDS_ENV, LEGACY_FRONTEND_ENV, LOG_LEVEL_ENV,
+                                       METRICS_DIR_ENV, FrontendConfig)
 
 log = logging.getLogger("tfbroker.frontends")
 
@@ -94,13 +95,11 @@ class Frontends:
         child = Child(
             name="frontends",
             argv=["-m", "gunicorn", "-c", "python:frontend.gunicorn_conf", "frontend.app:app"],
-            env={ADDRESS_ENV: self.config.resolved_frontend_address,
-                 TIMEOUT_ENV: str(self.config.rest_api_timeout_in_ms),
+            env={FRONTEND_ENV: shlex.join(dataclass_to_argv(self.frontend_config())),
                  FRONTENDS_ENV: str(self.config.frontends),
                  BIND_ENV: f"fd://{self._listener.fileno()}",
                  LOG_LEVEL_ENV: self.config.log_level,
-                 LIMITS_ENV: " ".join(dataclass_to_argv(self.config.limits)),
-                 **({GRPC_ENV: " ".join(dataclass_to_argv(self.config.grpc))} if self.config.grpc.enabled else {}),
+                 **{name: "" for name in LEGACY_FRONTEND_ENV},  # the broker's own environment must not override
                  **self._metrics_env(), **curve_env(self.config.curve_secret_key_file)},
             pass_fds=(self._listener.fileno(),))
         self._children.append(child)
@@ -196,16 +195,22 @@ class Frontends:
 
     # --- implementation ---
 
+    def frontend_config(self) -> FrontendConfig:
+        config = self.config
+        return FrontendConfig(frontend_address=config.resolved_frontend_address,
+                              rest_api_timeout_in_ms=config.rest_api_timeout_in_ms, limits=config.limits,
+                              grpc=config.grpc, metrics_path=self._metrics_path,
+                              enable_status_page=config.enable_status_page)
+
     def _metrics_env(self) -> dict[str, str]:
-        """The Prometheus path, the status page, and a fresh directory where the frontends
-        share their counters (both pages show every frontend's)."""
-        status = self.config.enable_status_page
-        if not self._metrics_path and not status:
+        """A fresh directory where the frontends share their counters (the metrics and status
+        pages show every frontend's)."""
+        if not self._metrics_path and not self.config.enable_status_page:
             return {}
         directory = os.path.join(self.config.resolved_runtime_dir, "metrics")
         shutil.rmtree(directory, ignore_errors=True)
         os.makedirs(directory, mode=0o700)
-        return {METRICS_PATH_ENV: self._metrics_path, METRICS_DIR_ENV: directory, STATUS_PAGE_ENV: "1" if status else ""}
+        return {METRICS_DIR_ENV: directory}
 
 
 def bind_http(host: str, port: int) -> socket.socket:

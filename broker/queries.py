@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Mapping
 
 from tfbroker.wire import protocol
-from tfbroker.wire.errors import NotFound
+from tfbroker.wire.errors import NotFound, Unavailable
 from broker.models import ServedModel, ServedVersion
 
 
@@ -38,3 +38,24 @@ def status(models: Mapping[str, ServedModel], header: protocol.Query) -> protoco
     versions.sort(key=lambda v: v.version, reverse=True)
     return protocol.StatusReply(id=header.id, model=model.name,
                                 model_version_status=[v.status_json() for v in versions])
+
+
+def health(models: Mapping[str, ServedModel], header: protocol.Query, stopping: bool) -> protocol.HealthReply:
+    """Ready: not stopping, and every model (or the one asked for, at its version or label)
+    has a version that takes requests. An unknown model is NotFound, not unready."""
+    if stopping:
+        return protocol.HealthReply(id=header.id, ready=False, reason="the server is stopping")
+    if header.model is not None:
+        if header.model not in models:
+            raise NotFound(f"Servable not found for request: Latest({header.model})")
+        asked = [models[header.model]]
+    else:
+        asked = list(models.values())
+    for model in asked:
+        try:
+            model.resolve(header.version, header.label)
+        except (NotFound, Unavailable) as exc:
+            if header.model is not None and isinstance(exc, NotFound) and (header.version is not None or header.label):
+                raise
+            return protocol.HealthReply(id=header.id, ready=False, reason=exc.message)
+    return protocol.HealthReply(id=header.id, ready=True)

@@ -216,7 +216,9 @@ class Broker:
             try:
                 reply = {protocol.METADATA: lambda h: queries.metadata(self.versions.models, h),
                          protocol.STATUS: lambda h: queries.status(self.versions.models, h),
-                         protocol.STATS: self._stats}[command](header)
+                         protocol.STATS: self._stats,
+                         protocol.HEALTH: lambda h: queries.health(self.versions.models, h,
+                                                                   self._stop_requested_at is not None)}[command](header)
             except TFBrokerError as exc:
                 self.inflight.reply_error(client, header.id, exc)
                 return

@@ -1,20 +1,21 @@
-"""The HTTP frontend: TF Serving's REST API on ASGI, ``frontend.app:app``.
+"""The HTTP frontend: TF Serving's REST API and the Open Inference Protocol's on ASGI,
+``frontend.app:app``.
 
-Runs under uvicorn or gunicorn (``gunicorn -k uvicorn_worker.UvicornWorker frontend.app:app``)
+Runs under uvicorn or gunicorn (``gunicorn -c python:frontend.gunicorn_conf frontend.app:app``)
 and never imports TensorFlow: it parses JSON into arrays and passes them to the broker
-through tfbroker.client. Settings come from the environment, since gunicorn owns the
-command line: TFBROKER_ADDRESS (the broker's frontend socket), TFBROKER_TIMEOUT_MS (the
-request deadline, TF Serving's --rest_api_timeout_in_ms), TFBROKER_LIMITS (RequestLimits as
-flags), TFBROKER_GRPC (GrpcOptions as flags: TF Serving's gRPC API on the same event loop,
-frontend/grpc_api.py; unset, none), TFBROKER_STATUS_PAGE ("1": the status page at /status
-and /status.json, frontend/status_page.py) and TFBROKER_FRONTEND_INDEX (N in the process
-title ``tfbroker: frontend:N``).
+through tfbroker's AsyncClient. Its settings are one FrontendConfig
+(tfbroker/runtime/settings.py), as flags in the environment variable TFBROKER_FRONTEND,
+since gunicorn owns the command line; TFBROKER_FRONTEND_INDEX is N in the process title
+``tfbroker: frontend:N``. With a gRPC port in the config the frontend serves TF Serving's
+gRPC services and the Open Inference Protocol's on the same event loop (frontend/grpc_api.py).
 
 Everything under ``/v1/`` is served here on raw ASGI (frontend/routes.py matches the paths
-as TF Serving does); Starlette serves the rest (404) and the lifespan. Every answer, errors
-included, is JSON: ``{"error": "…"}`` with the status of the error's class
-(tfbroker/wire/errors.py); a 503 carries ``Retry-After``. A caller may ask for a shorter deadline
-than TFBROKER_TIMEOUT_MS with the header ``X-Request-Timeout-Ms``. A client that
+as TF Serving does), everything under ``/v2/`` by frontend/oip_rest.py; Starlette serves the
+rest (404) and the lifespan. Every call goes through the frontend's one Pipeline
+(frontend/pipeline.py: capacity, deadline, errors, metrics). Every answer, errors included,
+is JSON: ``{"error": "…"}`` with the status of the error's class (tfbroker/wire/errors.py);
+a 503 carries ``Retry-After``. A caller may ask for a shorter deadline than
+``--rest_api_timeout_in_ms`` with the header ``X-Request-Timeout-Ms``. A client that
 disconnects cancels its request: the broker drops it if it has not been dispatched.
 """
 
@@ -24,9 +25,7 @@ import asyncio
 import contextlib
 import logging
 import os
-import shlex
-import time
-from typing import AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import orjson
 from starlette.applications import Starlette
@@ -35,19 +34,19 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from tfbroker.runtime.settings import (DEFAULT_TIMEOUT_MS, FRONTEND_INDEX_ENV, GRPC_ENV, LIMITS_ENV, STATUS_PAGE_ENV,
-                                       TIMEOUT_ENV, GrpcOptions, RequestLimits)
-from tfbroker.wire.errors import Internal, InvalidArgument, NotFound, PayloadTooLarge, TFBrokerError, Unavailable
-from tfbroker.runtime.flags import parse_flags
-from tfbroker.runtime.process import set_title
-from frontend import routes, status_page
-from frontend.disconnects import DisconnectWatch
 from tfbroker.async_client import AsyncClient
-from frontend.tf_example import format_results, parse_examples
-from frontend.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from frontend.metrics import Metrics
-from frontend.metrics import from_env as metrics_from_env
+from tfbroker.client import Prediction
+from tfbroker.runtime.process import set_title
+from tfbroker.runtime.settings import FRONTEND_INDEX_ENV, FrontendConfig
+from tfbroker.wire.errors import Internal, InvalidArgument, NotFound, PayloadTooLarge, TFBrokerError
+from frontend import oip_rest, routes, status_page
+from frontend.disconnects import DisconnectWatch
 from frontend.json_tensor import JsonTypeError, format_predictions, parse_predict_body
+from frontend.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from frontend.metrics import for_config as metrics_for_config
+from frontend.oip_rest import OipRest, answer_type
+from frontend.pipeline import CLASSIFY, METADATA, PREDICT, REGRESS, ModelCall, Pipeline
+from frontend.tf_example import format_results, parse_examples
 
 log = logging.getLogger("tfbroker.frontend")
 
@@ -68,56 +67,62 @@ def error_answer(error: TFBrokerError) -> Answer:
 
 
 class RestApi:
-    """Everything under /v1/: predict on the hot path, status and metadata, and TF Serving's
-    errors for anything else; other paths go to ``app`` (Starlette: 404 and the lifespan)."""
+    """Everything under /v1/ (TF Serving's REST API) and /v2/ (the Open Inference Protocol's,
+    frontend/oip_rest.py), each call through the frontend's one Pipeline; the metrics and
+    status pages; other paths go to ``app`` (Starlette: 404 and the lifespan)."""
 
-    def __init__(self, app: ASGIApp, client: AsyncClient, timeout_s: float, limits: RequestLimits,
-                 metrics: Metrics | None = None) -> None:
+    def __init__(self, app: ASGIApp, pipeline: Pipeline, *, status_page: bool = False) -> None:
         self.app = app
-        self.client = client
-        self.timeout_s = timeout_s
-        self.limits = limits
-        self.metrics = metrics
-        # The status page: the broker's frontends serve it unless --enable_status_page=false.
-        self.status_page = metrics is not None and os.environ.get(STATUS_PAGE_ENV) == "1"
-        self.waiting = 0  # predictions waiting on the broker (max_concurrent_predictions)
+        self.pipeline = pipeline
+        self.client = pipeline.client
+        self.limits = pipeline.limits
+        self.metrics = pipeline.metrics
+        self.status_page = status_page and self.metrics is not None
         self.disconnects = DisconnectWatch(DISCONNECT_WATCH_AFTER_S)
+        self.oip = OipRest(pipeline)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not routes.is_api_path(scope["path"]):
-            if self.metrics is not None and scope["type"] == "http" and scope["path"] == self.metrics.path:
-                await self.scrape(send)
-                return
-            if self.status_page and scope["type"] == "http" and scope["path"] in (status_page.PATH,
-                                                                                   status_page.JSON_PATH):
-                await self.show_status(scope, send)
-                return
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        path = scope["path"]
+        if oip_rest.is_oip_path(path):
+            await self.oip_call(scope, receive, send)
+            return
+        if not routes.is_api_path(path):
+            if self.metrics is not None and path == self.metrics.path:
+                await self.scrape(send)
+            elif self.status_page and path in (status_page.PATH, status_page.JSON_PATH):
+                await self.show_status(scope, send)
+            else:
+                await self.app(scope, receive, send)
+            return
         raw = scope.get("raw_path")
-        path = raw.decode("latin-1").partition("?")[0] if raw else scope["path"]
+        path = raw.decode("latin-1").partition("?")[0] if raw else path
         method = scope["method"]
-        started = time.monotonic()
-        call = None
         try:
             if method == "OPTIONS":
                 answer = cors_preflight(scope)
             else:
                 call = routes.parse(method, path)
                 if call.verb == "predict":
-                    status = await self.predict(call, scope, receive, send)
-                    if self.metrics is not None:
-                        self.metrics.observe(call.model, call.verb, status, started, busy=self.waiting > 0)
+                    await self.predict(call, scope, receive, send)
                     return
                 answer = await self.answer(call, scope, receive)
         except TFBrokerError as exc:
             answer = error_answer(exc)
-        except Exception as exc:  # noqa: BLE001 - a bug answers this request with JSON, not the process
-            log.exception("%s %s failed", method, path)
-            answer = error_answer(Internal(f"frontend error: {type(exc).__name__}: {exc}"))
         await _respond(send, *answer)
-        if self.metrics is not None and call is not None:
-            self.metrics.observe(call.model, call.verb, answer[0], started)
+
+    async def oip_call(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """An Open Inference Protocol request: its body read (413 beyond the limit), answered whole."""
+        try:
+            body = await _read_body(scope, receive, self.limits.max_request_body_bytes) \
+                if scope["method"] == "POST" else b""
+        except TFBrokerError as exc:
+            answer = error_answer(exc)
+        else:
+            answer = await self.oip.answer(scope["method"], scope["path"], scope["headers"], body)
+        await _respond(send, *answer, content_type=answer_type(answer))
 
     async def scrape(self, send: Send) -> None:
         """The metrics page: every frontend's requests, and the broker's figures."""
@@ -148,22 +153,21 @@ class RestApi:
         await send({"type": "http.response.body", "body": content})
 
     async def answer(self, call: routes.RestCall, scope: Scope, receive: Receive) -> Answer:
-        if call.verb in ("classify", "regress"):
-            examples, signature = parse_examples(
-                await _read_body(scope, receive, self.limits.max_request_body_bytes), call.verb)
-            run = self.client.classify if call.verb == "classify" else self.client.regress
-            result = await run(call.model, examples, version=call.version, label=call.label,
-                               signature_name=signature, timeout_s=_timeout_s(scope["headers"], self.timeout_s))
-            return (200, format_results(call.verb, result.outputs, len(examples)),
-                    [(b"x-model-version", str(result.version).encode())])
-        if call.verb == "metadata":
-            reply = await self.client.metadata(call.model, version=call.version, label=call.label)
-            body = {"model_spec": {"name": call.model, "signature_name": "", "version": str(reply["version"])},
-                    "metadata": {"signature_def": reply["signature_def"]}}
-        else:
-            status = await self.client.status(call.model, version=call.version, label=call.label)
-            body = {"model_version_status": status["model_version_status"]}
-        return 200, orjson.dumps(body), []
+        """classify, regress, metadata and status, through the pipeline."""
+        verb = call.verb
+
+        async def parse() -> ModelCall:
+            model_call = ModelCall(verb, call.model, call.version, call.label)
+            if verb in (CLASSIFY, REGRESS):
+                body = await _read_body(scope, receive, self.limits.max_request_body_bytes)
+                model_call.inputs, model_call.signature_name = parse_examples(body, verb)
+                model_call.timeout_s = _asked_timeout_s(scope["headers"])
+            return model_call
+
+        try:
+            return await self.pipeline.run("REST", verb, call.model, parse, _rest_answer)
+        except TFBrokerError as exc:
+            return error_answer(exc)
 
     def direct_predict_call(self, path: str) -> routes.RestCall | None:
         """The predict call ``path`` makes, when the HTTP protocol may answer it itself
@@ -178,54 +182,49 @@ class RestApi:
         return call if call.verb == "predict" else None
 
     async def direct_predict(self, call: routes.RestCall, headers: list[tuple[bytes, bytes]], body: bytes) -> Answer:
-        """predict for a request the HTTP protocol has read whole, with the checks, answer
-        and metrics of the ASGI path; the protocol cancels it when its client goes away
-        (then the broker drops the request, as over ASGI)."""
-        started = time.monotonic()
-        status = 499  # unless answered: cancelled, the client is gone
-        try:
-            try:
-                timeout_s = _timeout_s(headers, self.timeout_s)
-                self.check_capacity()
-            except TFBrokerError as exc:
-                answer = error_answer(exc)
-            else:
-                self.waiting += 1
-                try:
-                    answer = await self.run_predict(body, call, timeout_s)
-                finally:
-                    self.waiting -= 1
-            status = answer[0]
-            return status, answer[1], _closing_headers(answer[2])
-        finally:
-            if self.metrics is not None:
-                self.metrics.observe(call.model, call.verb, status, started, busy=self.waiting > 0)
+        """predict for a request the HTTP protocol has read whole, as over ASGI; the protocol
+        cancels it when its client goes away (then the broker drops the request)."""
+        status, content, extra = await self.run_predict(call, headers, _given(body))
+        return status, content, _closing_headers(extra)
 
-    async def predict(self, call: routes.RestCall, scope: Scope, receive: Receive, send: Send) -> int:
+    async def predict(self, call: routes.RestCall, scope: Scope, receive: Receive, send: Send) -> None:
         """predict through ASGI, for the requests the HTTP protocol does not answer itself
         (direct_predict): no routing table, middleware, Request or Response objects (a third
-        of a frontend's CPU per request, measured with py-spy under bench). Returns the HTTP
-        status it answered (499 when the client went away)."""
-        body = await _read_body(scope, receive, self.limits.max_request_body_bytes)
-        timeout_s = _timeout_s(scope["headers"], self.timeout_s)
-        self.check_capacity()
+        of a frontend's CPU per request, measured with py-spy under bench)."""
         # A request still waiting after DISCONNECT_WATCH_AFTER_S starts watching for its client
         # going away, and is cancelled (taken out of the broker's queue) when it does.
         task = asyncio.current_task()
         assert task is not None  # (ASGI runs every request in a task)
         self.disconnects.add(task, receive, asyncio.get_running_loop())
-        self.waiting += 1
         try:
-            answer = await self.run_predict(body, call, timeout_s)
+            answer = await self.run_predict(
+                call, scope["headers"], lambda: _read_body(scope, receive, self.limits.max_request_body_bytes))
         except asyncio.CancelledError:
             if self.disconnects.done(task):
-                return 499  # the client is gone: nobody to answer
+                return  # the client is gone: nobody to answer
             raise
         finally:
-            self.waiting -= 1
             self.disconnects.done(task)
         await _respond(send, *answer)
-        return answer[0]
+
+    async def run_predict(self, call: routes.RestCall, headers: list[tuple[bytes, bytes]],
+                          read_body: Callable[[], Awaitable[bytes]]) -> Answer:
+        """One :predict: TF Serving's JSON in and out, the rest the pipeline's."""
+
+        async def parse() -> ModelCall:
+            body = await read_body()
+            asked_s = _asked_timeout_s(headers)
+            try:
+                inputs, signature, row_format = parse_predict_body(body, self.limits)
+            except JsonTypeError as exc:
+                raise await self.name_dtype(exc, call, body) from None
+            return ModelCall(PREDICT, call.model, call.version, call.label, signature, inputs, timeout_s=asked_s,
+                             answer_as=row_format)
+
+        try:
+            return await self.pipeline.run("REST", PREDICT, call.model, parse, _predict_answer)
+        except TFBrokerError as exc:
+            return error_answer(exc)
 
     async def name_dtype(self, error: JsonTypeError, call: routes.RestCall, body: bytes) -> TFBrokerError:
         """The type error with the input's dtype as TensorFlow names it (``float``), from the
@@ -239,27 +238,29 @@ class RestApi:
         except (TFBrokerError, KeyError, StopIteration, ValueError):
             return error  # the model's own error will say more; keep TF Serving's text without the dtype
 
-    def check_capacity(self) -> None:
-        """Overload: refuse before spending anything on the request, so the admitted ones keep
-        the CPU and their latency stays bounded."""
-        if self.waiting >= self.limits.max_concurrent_predictions:
-            raise Unavailable(f"this frontend has {self.waiting} predictions waiting, its limit; retry later")
 
-    async def run_predict(self, body: bytes, call: routes.RestCall, timeout_s: float) -> Answer:
-        try:
-            try:
-                inputs, signature, row_format = parse_predict_body(body, self.limits)
-            except JsonTypeError as exc:
-                raise await self.name_dtype(exc, call, body) from None
-            prediction = await self.client.predict(call.model, inputs, version=call.version, label=call.label,
-                                                   signature_name=signature, timeout_s=timeout_s)
-            return (200, format_predictions(prediction.outputs, row_format),
-                    [(b"x-model-version", str(prediction.version).encode())])
-        except TFBrokerError as exc:
-            return error_answer(exc)
-        except Exception as exc:  # noqa: BLE001 - a bug answers this request with JSON, not the process
-            log.exception("predict failed")
-            return error_answer(Internal(f"frontend error: {type(exc).__name__}: {exc}"))
+def _predict_answer(call: ModelCall, prediction: Prediction) -> Answer:
+    return (200, format_predictions(prediction.outputs, call.answer_as),
+            [(b"x-model-version", str(prediction.version).encode())])
+
+
+def _rest_answer(call: ModelCall, result: Any) -> Answer:
+    """classify, regress, metadata and status in TF Serving's JSON."""
+    if call.verb in (CLASSIFY, REGRESS):
+        return (200, format_results(call.verb, result.outputs, len(call.inputs)),
+                [(b"x-model-version", str(result.version).encode())])
+    if call.verb == METADATA:
+        body = {"model_spec": {"name": call.model, "signature_name": "", "version": str(result["version"])},
+                "metadata": {"signature_def": result["signature_def"]}}
+    else:
+        body = {"model_version_status": result["model_version_status"]}
+    return 200, orjson.dumps(body), []
+
+
+def _given(body: bytes) -> Callable[[], Awaitable[bytes]]:
+    async def read() -> bytes:
+        return body
+    return read
 
 
 # Set while this frontend shuts down (frontend/uvicorn_worker.py): every answer then closes its
@@ -272,9 +273,10 @@ def _closing_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, by
     return [*headers, CONNECTION_CLOSE] if closing[0] else headers
 
 
-async def _respond(send: Send, status: int, content: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+async def _respond(send: Send, status: int, content: bytes, headers: list[tuple[bytes, bytes]], *,
+                   content_type: tuple[bytes, bytes] = JSON) -> None:
     await send({"type": "http.response.start", "status": status,
-                "headers": [JSON, (b"content-length", str(len(content)).encode()), *_closing_headers(headers)]})
+                "headers": [content_type, (b"content-length", str(len(content)).encode()), *_closing_headers(headers)]})
     await send({"type": "http.response.body", "body": content})
 
 
@@ -298,14 +300,15 @@ def check_body_size(size: int, limit: int) -> None:
         raise PayloadTooLarge(f"the request body exceeds the limit of {limit} bytes")
 
 
-def timeout_from_header(value: bytes | str | None, default_s: float) -> float:
-    """The deadline: the server's, or less when the caller asks (X-Request-Timeout-Ms)."""
+def asked_timeout_s(value: bytes | str | None) -> float | None:
+    """The deadline a caller asks for with X-Request-Timeout-Ms (the pipeline keeps the
+    server's when it is sooner)."""
     if value is None:
-        return default_s
+        return None
     if not value.isdigit() or int(value) < 1:
         shown = value.decode(errors="replace") if isinstance(value, bytes) else value
         raise InvalidArgument(f"X-Request-Timeout-Ms must be a positive integer, got {shown!r}")
-    return min(default_s, int(value) / 1000.0)
+    return int(value) / 1000.0
 
 
 async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
@@ -326,11 +329,12 @@ async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
             return b"".join(chunks)
 
 
-def _timeout_s(headers: list[tuple[bytes, bytes]], default_s: float) -> float:
+def _asked_timeout_s(headers: list[tuple[bytes, bytes]]) -> float | None:
+    """The deadline the caller asks for (X-Request-Timeout-Ms), if any."""
     for name, value in headers:
         if name == TIMEOUT_HEADER:
-            return timeout_from_header(value, default_s)
-    return default_s
+            return asked_timeout_s(value)
+    return None
 
 
 async def not_found(request: Request, exc: Exception) -> Response:
@@ -345,39 +349,37 @@ async def server_error(request: Request, exc: Exception) -> Response:
     return Response(content, status_code=status, media_type="application/json")
 
 
-def limits_from_env() -> RequestLimits:
-    text = os.environ.get(LIMITS_ENV, "")
-    return parse_flags(RequestLimits, shlex.split(text)) if text else RequestLimits()
-
-
-def create_app(client: AsyncClient | None = None, *, timeout_s: float | None = None,
-               limits: RequestLimits | None = None) -> ASGIApp:
-    if timeout_s is None:
-        timeout_s = int(os.environ.get(TIMEOUT_ENV, str(DEFAULT_TIMEOUT_MS))) / 1000.0
-    limits = limits or limits_from_env()
-    client = client or AsyncClient(timeout_s=timeout_s)
-
-    metrics = metrics_from_env()
-    grpc_flags = os.environ.get(GRPC_ENV, "")
+def create_app(client: AsyncClient | None = None, *, config: FrontendConfig | None = None) -> ASGIApp:
+    """The frontend's ASGI app: ``config`` (FrontendConfig.from_env() when not given) and a
+    broker client (one to ``config.frontend_address`` when not given)."""
+    config = config or FrontendConfig.from_env()
+    client = client or AsyncClient(config.frontend_address or None, timeout_s=config.timeout_s)
+    pipeline = Pipeline(client, config, metrics_for_config(config))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         # Set here, after gunicorn has set its own title in the forked worker.
         set_title(f"frontend:{os.environ.get(FRONTEND_INDEX_ENV) or os.getpid()}")
-        grpc_server = None
-        if grpc_flags:  # imported only here: a frontend without gRPC never loads grpcio
-            from frontend.grpc_api import Services, start_server
-
-            options = parse_flags(GrpcOptions, shlex.split(grpc_flags))
-            grpc_server = await start_server(Services(client, timeout_s, options, limits, metrics))
+        grpc_server = await start_grpc(pipeline)
         yield
+        pipeline.stopping = True
         if grpc_server is not None:
             await grpc_server.stop(grace=1.0)
         client.close()
 
     rest = Starlette(routes=[], exception_handlers={HTTPException: not_found, Exception: server_error},
                      lifespan=lifespan)
-    return RestApi(rest, client, timeout_s, limits, metrics)
+    return RestApi(rest, pipeline, status_page=config.enable_status_page)
+
+
+async def start_grpc(pipeline: Pipeline) -> Any:
+    """The gRPC services on this event loop, when the config has a port or socket for them
+    (grpcio is imported only then)."""
+    if not pipeline.config.grpc.enabled:
+        return None
+    from frontend.grpc_server import start_server
+
+    return await start_server(pipeline)
 
 
 app = create_app()

@@ -1,5 +1,5 @@
-"""TF Serving's gRPC messages, from our own .proto files (frontend/protos/), in a private
-descriptor pool.
+"""TF Serving's and the Open Inference Protocol's gRPC messages, from our own .proto files
+(frontend/protos/), in a private descriptor pool.
 
 The messages have TensorFlow's and TF Serving's full names (``tensorflow.TensorProto``,
 ``tensorflow.serving.PredictRequest``), so they are wire-compatible with TF Serving's
@@ -22,7 +22,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 PROTOS = Path(__file__).resolve().parent / "protos"
 DESCRIPTOR_SET = PROTOS / "tfserving.binpb"
-ROOT_PROTO = "tensorflow_serving.proto"
+ROOT_PROTOS = ("tensorflow_serving.proto", "inference.proto")  # TF Serving's API, the Open Inference Protocol
 
 
 def compile_descriptor_set() -> bytes:
@@ -34,11 +34,17 @@ def compile_descriptor_set() -> bytes:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "set.binpb"
         result = subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-I{PROTOS}", f"--descriptor_set_out={out}",
-                                 "--include_imports", str(PROTOS / ROOT_PROTO)], capture_output=True, text=True,
-                                timeout=120)
+                                 "--include_imports", *(str(PROTOS / root) for root in ROOT_PROTOS)],
+                                capture_output=True, text=True, timeout=120)
         if result.returncode != 0:
-            raise RuntimeError(f"protoc failed on {PROTOS / ROOT_PROTO}: {result.stderr}")
+            raise RuntimeError(f"protoc failed on {', '.join(ROOT_PROTOS)}: {result.stderr}")
         return out.read_bytes()
+
+
+if __name__ == "__main__":  # before the pool is loaded: the messages below may be new ones
+    DESCRIPTOR_SET.write_bytes(compile_descriptor_set())
+    print(f"wrote {DESCRIPTOR_SET}", file=sys.stderr)
+    sys.exit(0)
 
 
 def _load_pool() -> descriptor_pool.DescriptorPool:
@@ -82,7 +88,24 @@ ReloadConfigRequest = message_class("tensorflow.serving.ReloadConfigRequest")
 ReloadConfigResponse = message_class("tensorflow.serving.ReloadConfigResponse")
 DATA_TYPES = enum_values("tensorflow.DataType")  # DT_FLOAT -> 1, …
 
+# The Open Inference Protocol (frontend/oip_grpc.py).
+ServerLiveRequest = message_class("inference.ServerLiveRequest")
+ServerLiveResponse = message_class("inference.ServerLiveResponse")
+ServerReadyRequest = message_class("inference.ServerReadyRequest")
+ServerReadyResponse = message_class("inference.ServerReadyResponse")
+ModelReadyRequest = message_class("inference.ModelReadyRequest")
+ModelReadyResponse = message_class("inference.ModelReadyResponse")
+ServerMetadataRequest = message_class("inference.ServerMetadataRequest")
+ServerMetadataResponse = message_class("inference.ServerMetadataResponse")
+ModelMetadataRequest = message_class("inference.ModelMetadataRequest")
+ModelMetadataResponse = message_class("inference.ModelMetadataResponse")
+ModelInferRequest = message_class("inference.ModelInferRequest")
+ModelInferResponse = message_class("inference.ModelInferResponse")
+ModelStreamInferResponse = message_class("inference.ModelStreamInferResponse")
+RepositoryIndexRequest = message_class("inference.RepositoryIndexRequest")
+RepositoryIndexResponse = message_class("inference.RepositoryIndexResponse")
+RepositoryModelLoadRequest = message_class("inference.RepositoryModelLoadRequest")
+RepositoryModelLoadResponse = message_class("inference.RepositoryModelLoadResponse")
+RepositoryModelUnloadRequest = message_class("inference.RepositoryModelUnloadRequest")
+RepositoryModelUnloadResponse = message_class("inference.RepositoryModelUnloadResponse")
 
-if __name__ == "__main__":
-    DESCRIPTOR_SET.write_bytes(compile_descriptor_set())
-    print(f"wrote {DESCRIPTOR_SET}", file=sys.stderr)

@@ -23,7 +23,8 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.utils import floatToGoString
 
 from tfbroker.wire import protocol
-from tfbroker.runtime.settings import METRICS_DIR_ENV, METRICS_PATH_ENV, STATUS_PAGE_ENV
+from tfbroker.runtime.settings import METRICS_DIR_ENV, FrontendConfig
+from tfbroker.wire.errors import GRPC_CODES
 from tfbroker.wire.protocol import QUEUE_LATENCY_BOUNDS_US
 
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
@@ -33,9 +34,6 @@ LATENCY_BOUNDS_US = (250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_
 SERVING_APIS = ("predict", "classify", "regress")  # what TF Serving's request_count counts
 FLUSH_S = 0.1  # longest a busy frontend keeps its counts before writing them to the shared series
 BATCH_SIZE_BOUNDS = tuple(2 ** i for i in range(13))  # 1 … 4096 rows
-# TF Serving's request_count status: the gRPC code of the HTTP status.
-STATUS_CODES = {200: "OK", 400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 413: "INVALID_ARGUMENT", 499: "CANCELLED",
-                500: "INTERNAL", 501: "UNIMPLEMENTED", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
 
 
 class Metrics:
@@ -142,10 +140,9 @@ def _le(bound: float) -> str:
     return floatToGoString(bound)
 
 
-def from_env() -> Metrics | None:
+def for_config(config: FrontendConfig) -> Metrics | None:
     """The frontend's metrics, when the Prometheus page or the status page shows them."""
-    path = os.environ.get(METRICS_PATH_ENV, "")
-    return Metrics(path) if path or os.environ.get(STATUS_PAGE_ENV) else None
+    return Metrics(config.metrics_path) if config.metrics_path or config.enable_status_page else None
 
 
 class _Reuse:
@@ -171,7 +168,7 @@ class _Derived:
         for metric in self.own.collect():
             for sample in metric.samples:
                 if sample.name == "tfbroker_requests_total" and sample.labels["api"] in SERVING_APIS:
-                    key = (sample.labels["model"], STATUS_CODES.get(int(sample.labels["status"]), "UNKNOWN"))
+                    key = (sample.labels["model"], GRPC_CODES.get(int(sample.labels["status"]), "UNKNOWN"))
                     counts[key] = counts.get(key, 0.0) + sample.value
         # TF Serving's name exactly (prometheus-client would append _total to a counter).
         request_count = Metric(":tensorflow:serving:request_count", "The total number of requests.", "unknown")

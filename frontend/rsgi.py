@@ -1,27 +1,27 @@
 """The same REST API through granian's RSGI interface: ``granian --interface rsgi frontend.rsgi:app``.
 
 granian parses HTTP in Rust; through RSGI the predict path also skips ASGI's message dicts
-and goes straight to ``RestApi.run_predict`` with the same limits, deadline and metrics.
+and goes straight to ``RestApi.run_predict`` (the frontend's one pipeline: limits, deadline,
+metrics). With a gRPC port in TFBROKER_FRONTEND, each worker serves gRPC too, as under uvicorn.
 Every other path (status, metadata, classify, regress, the metrics page, 404s) runs the
 ASGI app through a small adapter, so the answers are the same byte for byte. One
 difference: a client that goes away does not cancel its queued prediction (the ASGI
 frontend watches for it); the broker still drops it at its deadline.
 
-Environment as for the ASGI app (TFBROKER_ADDRESS, TFBROKER_TIMEOUT_MS, TFBROKER_LIMITS,
-the metrics variables); granian's own flags set workers, address and port.
+Environment as for the ASGI app (TFBROKER_FRONTEND); granian's own flags set workers,
+address and port.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import time
 from typing import Any, MutableMapping
 
-from tfbroker.wire.errors import Internal, TFBrokerError
+from tfbroker.wire.errors import TFBrokerError
 from tfbroker.runtime.process import set_title
 from frontend import routes
-from frontend.app import Answer, RestApi, check_body_size, check_content_length, error_answer, timeout_from_header
+from frontend.app import TIMEOUT_HEADER, RestApi, check_body_size, check_content_length, start_grpc
 from frontend.app import app as rest_app
 
 JSON = ("content-type", "application/json")
@@ -30,11 +30,17 @@ JSON = ("content-type", "application/json")
 class RsgiApp:
     def __init__(self, rest: RestApi) -> None:
         self.rest = rest
+        self.grpc: Any = None
 
     def __rsgi_init__(self, loop: asyncio.AbstractEventLoop) -> None:
         set_title(f"frontend:{os.getpid()}")
+        # gRPC as under uvicorn, on this worker's loop (each worker binds the port: SO_REUSEPORT).
+        self.grpc = loop.run_until_complete(start_grpc(self.rest.pipeline))
 
     def __rsgi_del__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.rest.pipeline.stopping = True
+        if self.grpc is not None:
+            loop.run_until_complete(self.grpc.stop(grace=1.0))
         self.rest.client.close()
 
     async def __rsgi__(self, scope: Any, protocol: Any) -> None:
@@ -53,27 +59,19 @@ class RsgiApp:
 
     async def predict(self, call: routes.RestCall, scope: Any, protocol: Any) -> None:
         rest = self.rest
-        started = time.monotonic()
         headers = scope.headers
-        try:
-            check_content_length(headers.get("content-length"), rest.limits.max_request_body_bytes)
-            timeout_s = timeout_from_header(headers.get("x-request-timeout-ms"), rest.timeout_s)
-            rest.check_capacity()
-            body = await protocol()
-            check_body_size(len(body), rest.limits.max_request_body_bytes)
-            rest.waiting += 1
-            try:
-                answer: Answer = await rest.run_predict(body, call, timeout_s)
-            finally:
-                rest.waiting -= 1
-        except TFBrokerError as exc:
-            answer = error_answer(exc)
-        except Exception as exc:  # noqa: BLE001 - a bug answers this request with JSON, not the process
-            answer = error_answer(Internal(f"frontend error: {type(exc).__name__}: {exc}"))
-        status, content, extra = answer
+        limit = rest.limits.max_request_body_bytes
+
+        async def read_body() -> bytes:
+            check_content_length(headers.get("content-length"), limit)
+            body: bytes = await protocol()
+            check_body_size(len(body), limit)
+            return body
+
+        asked = headers.get("x-request-timeout-ms")
+        status, content, extra = await rest.run_predict(
+            call, [(TIMEOUT_HEADER, asked.encode())] if asked is not None else [], read_body)
         protocol.response_bytes(status, [JSON, *[(k.decode(), v.decode()) for k, v in extra]], content)
-        if rest.metrics is not None:
-            rest.metrics.observe(call.model, call.verb, status, started)
 
     async def asgi(self, scope: Any, protocol: Any) -> None:
         """Any other request, through the ASGI app: the body read whole, the answer sent whole."""

@@ -41,6 +41,8 @@ class LingeringServer(Server):
         for sock in sockets or []:
             sock.close()
         rest_app.closing[0] = True
+        if isinstance(rest_app.app, rest_app.RestApi):
+            rest_app.app.pipeline.stopping = True  # not ready from now on (health, /v2/health/ready)
         deadline = time.monotonic() + LINGER_S
         while self.server_state.connections and time.monotonic() < deadline:
             await asyncio.sleep(0.01)

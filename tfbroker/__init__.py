@@ -21,7 +21,9 @@ if TYPE_CHECKING:
     from tfbroker.async_client import AsyncClient
     from tfbroker.client import Client, Prediction
 
-__all__ = ["AsyncClient", "Client", "Prediction"]
+__all__ = ["AsyncClient", "Client", "Prediction", "__version__"]
+
+__version__ = "0.1.0"  # as pyproject.toml's (a test checks they agree)
 
 
 def __getattr__(name: str) -> Any:

@@ -22,7 +22,7 @@ from tfbroker.runtime.settings import DEFAULT_HEARTBEAT_INTERVAL_S, DEFAULT_HEAR
 from tfbroker.wire.errors import DeadlineExceeded, Internal, Unavailable
 from tfbroker.wire.zmqio import NOBLOCK, POLLIN, POLLOUT, events, recv_message, send_message
 from tfbroker.client import (DEFAULT_TIMEOUT_S, GRACE_S, ClientBase, Prediction, as_dict, decode_reply,
-                             encode_cancel, encode_reload, new_socket, prediction, read_answers)
+                             encode_cancel, encode_reload, health_reply, new_socket, prediction, read_answers)
 
 # While requests wait, a silent broker gets a heartbeat each interval and is given up after
 # liveness silent intervals (its pending requests then fail with Unavailable).
@@ -92,6 +92,11 @@ class AsyncClient(ClientBase):
         request_id = next(self._ids)
         reply = as_dict(await self.request(request_id, encode_reload(request_id, config), self.timeout_s))
         return dict(reply["body"])
+
+    async def health(self, model: str | None = None, *, version: int | None = None, label: str | None = None
+                     ) -> protocol.HealthReply:
+        """Whether the broker serves (see Client.health)."""
+        return health_reply(await self.request(*self._query_call(protocol.HEALTH, model, version, label)))
 
     async def stats(self) -> dict[str, Any]:
         """The broker's counters (see Client.stats)."""

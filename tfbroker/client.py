@@ -141,6 +141,13 @@ def prediction(message: protocol.Message | Prediction) -> Prediction:
     return Prediction(outputs, reply.model, reply.version)
 
 
+def health_reply(message: protocol.Message | Prediction) -> protocol.HealthReply:
+    reply = decode_reply(message)
+    if not isinstance(reply, protocol.HealthReply):
+        raise Internal("the broker answered HEALTH with something else")
+    return reply
+
+
 def as_dict(message: protocol.Message | Prediction) -> dict[str, Any]:
     """A METADATA, STATUS or STATS answer as a plain dict (the counters alone, for STATS)."""
     reply = decode_reply(message)
@@ -250,6 +257,12 @@ class Client(ClientBase):
 
     def status(self, model: str, *, version: int | None = None, label: str | None = None) -> dict[str, Any]:
         return as_dict(self.request(*self._query_call(protocol.STATUS, model, version, label)))
+
+    def health(self, model: str | None = None, *, version: int | None = None, label: str | None = None
+               ) -> protocol.HealthReply:
+        """Whether the broker serves (``.ready``, ``.reason``): without ``model``, every model
+        it has; with one, that model at ``version`` or ``label`` (unknown: NotFound)."""
+        return health_reply(self.request(*self._query_call(protocol.HEALTH, model, version, label)))
 
     def stats(self) -> dict[str, Any]:
         """The broker's counters: requests admitted, batches formed (and of those, joined), rows

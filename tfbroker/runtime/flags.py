@@ -29,18 +29,21 @@ def parse_int_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
 
 
-def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, *, skip: Sequence[str] = ()) -> None:
-    """One ``--field`` per dataclass field, typed and documented from the field."""
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, *, skip: Sequence[str] = (),
+                        defaults: Any = None) -> None:
+    """One ``--field`` per dataclass field, typed and documented from the field; ``defaults``:
+    an instance whose values are the defaults instead of the fields' own."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         kind = hints[f.name]
         if dataclasses.is_dataclass(kind):  # a group of settings: its fields are flags too
-            add_dataclass_flags(parser, kind)  # type: ignore[arg-type]
+            group_defaults = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+            add_dataclass_flags(parser, kind, defaults=group_defaults)  # type: ignore[arg-type]
             continue
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        default = None if required else f.default
+        default = None if required else (getattr(defaults, f.name) if defaults is not None else f.default)
         helptext = f.metadata.get("help", "")
         if required:
             parser.add_argument(f"--{f.name}", type=kind, required=True, help=helptext)
@@ -81,6 +84,9 @@ def dataclass_to_argv(instance: Any) -> list[str]:
     argv = []
     for f in dataclasses.fields(instance):
         value = getattr(instance, f.name)
+        if dataclasses.is_dataclass(value):  # a group: its fields are flags of their own
+            argv += dataclass_to_argv(value)
+            continue
         if isinstance(value, bool):
             text = "true" if value else "false"
         elif isinstance(value, tuple):

@@ -8,6 +8,7 @@ on what is here.
 from __future__ import annotations
 
 import os
+import shlex
 import tempfile
 from dataclasses import dataclass, field
 
@@ -27,15 +28,15 @@ DEFAULT_TIMEOUT_MS = 30000  # TF Serving's --rest_api_timeout_in_ms
 # Environment variables the broker sets for the frontends it starts; under gunicorn the
 # operator sets them (ops/gunicorn.conf.py).
 ADDRESS_ENV = "TFBROKER_ADDRESS"  # the broker's frontend socket
-TIMEOUT_ENV = "TFBROKER_TIMEOUT_MS"  # the REST request deadline (--rest_api_timeout_in_ms)
 FRONTEND_INDEX_ENV = "TFBROKER_FRONTEND_INDEX"  # N in the title "tfbroker: frontend:N"
 FRONTENDS_ENV = "TFBROKER_FRONTENDS"  # gunicorn workers (frontend/gunicorn_conf.py)
 BIND_ENV = "TFBROKER_BIND"  # gunicorn's bind address; fd://N for the broker's listening socket
 LOG_LEVEL_ENV = "TFBROKER_LOG_LEVEL"
-LIMITS_ENV = "TFBROKER_LIMITS"  # RequestLimits as flags (tfbroker/runtime/flags.py)
-METRICS_PATH_ENV = "TFBROKER_METRICS_PATH"  # the Prometheus path the frontends serve ("" none)
-STATUS_PAGE_ENV = "TFBROKER_STATUS_PAGE"  # "1": the frontends serve /status and /status.json
-GRPC_ENV = "TFBROKER_GRPC"  # GrpcOptions as flags; unset: the frontends serve no gRPC
+FRONTEND_ENV = "TFBROKER_FRONTEND"  # FrontendConfig as flags (tfbroker/runtime/flags.py)
+# Before FrontendConfig, one variable per setting; still read (FrontendConfig.from_env), as flags.
+LEGACY_FRONTEND_ENV = {"TFBROKER_TIMEOUT_MS": "--rest_api_timeout_in_ms={}", "TFBROKER_LIMITS": "{}",
+                       "TFBROKER_GRPC": "--port=8500 {}", "TFBROKER_METRICS_PATH": "--metrics_path={}",
+                       "TFBROKER_STATUS_PAGE": "--enable_status_page={}"}
 # prometheus-client's directory for the frontends' shared counters (multiprocess mode).
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -122,6 +123,49 @@ class GrpcOptions:
     @property
     def enabled(self) -> bool:
         return bool(self.port or self.grpc_socket_path)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class FrontendConfig:
+    """Everything a frontend process takes, passed as flags in one environment variable,
+    TFBROKER_FRONTEND (gunicorn owns the command line): the broker sets it for the frontends
+    it starts; under your own gunicorn you set it (``TFBROKER_FRONTEND="--port=8500
+    --rest_api_timeout_in_ms=10000"``). The groups' fields are flags of their own."""
+
+    frontend_address: str = field(default="", metadata=field_help(
+        "The broker's frontend socket; empty: TFBROKER_ADDRESS, else the broker on this host (port 8501)."))
+    rest_api_timeout_in_ms: int = field(default=DEFAULT_TIMEOUT_MS, metadata=field_help(
+        "A request's deadline, from when the frontend has it to its answer (a caller may ask for less)."))
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    grpc: GrpcOptions = field(default_factory=lambda: GrpcOptions(port=0))
+    metrics_path: str = field(default="", metadata=field_help(
+        "The path of the Prometheus page on the REST port; empty: none."))
+    enable_status_page: bool = field(default=False, metadata=field_help(
+        "Serve the status page at /status and /status.json."))
+
+    def __post_init__(self) -> None:
+        if self.rest_api_timeout_in_ms < 1:
+            raise ConfigError(f"rest_api_timeout_in_ms must be >= 1, got {self.rest_api_timeout_in_ms}")
+
+    @property
+    def timeout_s(self) -> float:
+        return self.rest_api_timeout_in_ms / 1000.0
+
+    @classmethod
+    def from_env(cls) -> FrontendConfig:
+        """TFBROKER_FRONTEND's flags, after those of the variables it replaced (which it overrides)."""
+        from tfbroker.runtime.flags import parse_flags
+
+        argv: list[str] = []
+        for name, form in LEGACY_FRONTEND_ENV.items():
+            value = os.environ.get(name)
+            if value:
+                argv += shlex.split(form.format(value))
+        argv += shlex.split(os.environ.get(FRONTEND_ENV, ""))
+        try:
+            return parse_flags(cls, argv)
+        except SystemExit:  # argparse's way of saying a flag is wrong (it has printed why)
+            raise ConfigError(f"{FRONTEND_ENV}: cannot use {' '.join(argv)!r}") from None
 
 
 def channel_arguments(text: str) -> tuple[tuple[str, int | str], ...]:

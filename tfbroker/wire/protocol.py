@@ -38,6 +38,9 @@ Client (frontend or ``tfbroker.client``) to broker, on the broker's frontend ROU
     STATUS    Query {id, model, version?, label?}
     STATS     Query {id}                 the broker's counters, each version's, and the CPU and
                                          memory of its processes by role (metrics, bench/)
+    HEALTH    Query {id, model?, version?, label?}   whether the broker serves: without a model,
+                                         it is not stopping and every model has a version
+                                         AVAILABLE; with one, that model (at that version)
     CANCEL    Cancel {id}                the client gave up: drop the request if it has not
                                          been dispatched (it is answered with ERROR 499)
     RELOAD    Reload {id, config}        TF Serving's ModelService.HandleReloadConfigRequest:
@@ -64,7 +67,8 @@ Broker to client:
               model_version_status: [{version, state, status}…]} (STATUS); StatsReply
               {kind: "c", id, counters: {name: n}, versions: [VersionStats…], processes:
               [[role, processes, cpu_seconds, rss_bytes]…], status: {models, broker, history,
-              iobatchers}} (STATS); ControlReply {kind:
+              iobatchers}} (STATS); HealthReply {kind: "h", id, ready, reason} (HEALTH;
+              ``reason``: why not ready); ControlReply {kind:
               "ctl", id, body: {changes: [text…]}} (RELOAD); RowsReply {kind: "r", ids: [id…],
               rows: [n…], model, version, outputs: [spec…]} + one frame per output: the
               answers to several REQUESTs of one batch at once, each output the requests'
@@ -186,6 +190,7 @@ UNLOAD = b"\x0f"
 LOADED = b"\x10"
 RELOAD = b"\x11"
 BUNDLE = b"\x12"
+HEALTH = b"\x13"
 
 STRING = "string"
 
@@ -252,7 +257,7 @@ class Request(Header, kw_only=True):
 
 
 class Query(Header):
-    """METADATA, STATUS and STATS."""
+    """METADATA, STATUS, STATS and HEALTH."""
 
     id: Id
     model: Name | None = None
@@ -307,6 +312,12 @@ class StatusReply(Header, tag_field="kind", tag="s"):
     id: Id
     model: Name
     model_version_status: list[Json]
+
+
+class HealthReply(Header, tag_field="kind", tag="h"):
+    id: Id
+    ready: bool
+    reason: Annotated[str, msgspec.Meta(max_length=MAX_CONFIG_CHARS)] = ""
 
 
 # Bounds of the queueing-latency histogram in VersionStats, microseconds (as TF Serving's).
@@ -531,17 +542,17 @@ class Control(Header):
     args: ControlArgs = msgspec.field(default_factory=ControlArgs)
 
 
-Reply = Union[PredictReply, RowsReply, MetadataReply, StatusReply, StatsReply, ControlReply]
+Reply = Union[PredictReply, RowsReply, MetadataReply, StatusReply, StatsReply, ControlReply, HealthReply]
 
 HEADER_TYPES: dict[bytes, Any] = {
     REQUEST: Request, REPLY: Reply, ERROR: Error, METADATA: Query, STATUS: Query, HEARTBEAT: Heartbeat,
     READY: Union[Ready, IoReady], BATCH: Union[TaskBatch, JoinedBatch, LookupBatch],
     RESULT: Union[TaskResult, JoinedResult, LookupResult], DISCONNECT: Disconnect, STATS: Query, CONTROL: Control,
-    CANCEL: Cancel, LOAD: Tables, UNLOAD: Tables, LOADED: TablesLoaded, RELOAD: Reload, BUNDLE: Bundle,
+    CANCEL: Cancel, LOAD: Tables, UNLOAD: Tables, LOADED: TablesLoaded, RELOAD: Reload, BUNDLE: Bundle, HEALTH: Query,
 }
 
 # What each socket takes: anything else is answered (clients) or dropped and counted (workers).
-CLIENT_TO_BROKER = frozenset({REQUEST, METADATA, STATUS, STATS, CANCEL, HEARTBEAT, RELOAD, BUNDLE})
+CLIENT_TO_BROKER = frozenset({REQUEST, METADATA, STATUS, STATS, CANCEL, HEARTBEAT, RELOAD, BUNDLE, HEALTH})
 BROKER_TO_CLIENT = frozenset({REPLY, ERROR, HEARTBEAT, BUNDLE})
 WORKER_TO_BROKER = frozenset({READY, RESULT, HEARTBEAT, DISCONNECT, LOADED})  # workers and I/O batchers
 BROKER_TO_WORKER = frozenset({BATCH, HEARTBEAT, DISCONNECT})

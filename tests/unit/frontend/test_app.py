@@ -12,6 +12,7 @@ import pytest
 
 from tfbroker.wire.errors import DeadlineExceeded, NotFound, Unavailable
 from frontend.app import create_app
+from tfbroker.runtime.settings import FrontendConfig, RequestLimits
 from tfbroker.client import Prediction
 
 
@@ -58,7 +59,7 @@ class SyncASGI:
     """Plain HTTP calls into the app in memory (no lifespan: it would retitle pytest)."""
 
     def __init__(self, fake: FakeClient) -> None:
-        self.app = create_app(fake, timeout_s=5.0)  # type: ignore[arg-type]
+        self.app = create_app(fake, config=FrontendConfig(rest_api_timeout_in_ms=5000))  # type: ignore[arg-type]
 
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         async def call() -> httpx.Response:
@@ -172,16 +173,35 @@ def test_the_caller_may_ask_for_a_shorter_deadline_but_not_a_longer_one(http: Sy
     assert [c[1]["timeout_s"] for c in fake.calls] == [0.25, 5.0]
 
 
-def test_limits_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    from tfbroker.runtime.settings import LIMITS_ENV, RequestLimits
+def test_the_config_comes_from_one_variable_and_the_old_ones_still_count(monkeypatch: pytest.MonkeyPatch) -> None:
     from tfbroker.runtime.flags import dataclass_to_argv
-    from frontend.app import limits_from_env
+    from tfbroker.runtime.settings import FRONTEND_ENV, GrpcOptions
 
-    limits = RequestLimits(max_instances=7, max_request_body_bytes=123)
-    monkeypatch.setenv(LIMITS_ENV, " ".join(dataclass_to_argv(limits)))
-    assert limits_from_env() == limits
-    monkeypatch.delenv(LIMITS_ENV)
-    assert limits_from_env() == RequestLimits()
+    config = FrontendConfig(rest_api_timeout_in_ms=1234, limits=RequestLimits(max_instances=7),
+                            grpc=GrpcOptions(port=8600, enable_grpc_healthcheck_service=True), metrics_path="/m")
+    monkeypatch.setenv(FRONTEND_ENV, " ".join(dataclass_to_argv(config)))
+    assert FrontendConfig.from_env() == config
+    monkeypatch.delenv(FRONTEND_ENV)
+    assert FrontendConfig.from_env() == FrontendConfig()
+    # What deployments set before FrontendConfig: read as its flags, TFBROKER_FRONTEND winning.
+    monkeypatch.setenv("TFBROKER_TIMEOUT_MS", "777")
+    monkeypatch.setenv("TFBROKER_LIMITS", "--max_instances=9")
+    monkeypatch.setenv("TFBROKER_GRPC", "--grpc_socket_path=/tmp/g.sock")
+    monkeypatch.setenv("TFBROKER_STATUS_PAGE", "1")
+    legacy = FrontendConfig.from_env()
+    assert (legacy.rest_api_timeout_in_ms, legacy.limits.max_instances, legacy.grpc.port,
+            legacy.grpc.grpc_socket_path, legacy.enable_status_page) == (777, 9, 8500, "/tmp/g.sock", True)
+    monkeypatch.setenv(FRONTEND_ENV, "--rest_api_timeout_in_ms=55")
+    assert FrontendConfig.from_env().rest_api_timeout_in_ms == 55
+
+
+def test_a_wrong_flag_in_the_config_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tfbroker.runtime.settings import FRONTEND_ENV
+    from tfbroker.wire.errors import ConfigError
+
+    monkeypatch.setenv(FRONTEND_ENV, "--no_such_flag=1")
+    with pytest.raises(ConfigError, match=FRONTEND_ENV):
+        FrontendConfig.from_env()
 
 
 def test_classify_writes_label_and_score_pairs(http: SyncASGI, fake: FakeClient) -> None:

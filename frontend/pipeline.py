@@ -1,0 +1,143 @@
+"""What every API does around a model call, in one place.
+
+Each way into a frontend (TF Serving's REST API over ASGI, below ASGI and through RSGI,
+TF Serving's gRPC services, the Open Inference Protocol's REST and gRPC) is an adapter of
+two functions: ``parse`` turns its request into a ModelCall, ``answer`` turns the broker's
+result into its own answer. ``Pipeline.run`` does the rest, the same for all of them:
+
+1. the capacity gate: one count of calls waiting on the broker per frontend, across every
+   API (``--max_concurrent_predictions``); beyond it Unavailable at once, before the
+   request is parsed, so the admitted ones keep the CPU;
+2. parse; the deadline: the server's (``--rest_api_timeout_in_ms``), or less when the
+   caller asks (a gRPC deadline, ``X-Request-Timeout-Ms``);
+3. the broker call the ModelCall names;
+4. answer; errors: every failure leaves as a TFBrokerError, whose class carries its HTTP
+   status and gRPC code (tfbroker/wire/errors.py), so each adapter maps errors one way;
+   anything else is a bug, logged here and answered as Internal;
+5. the metrics: one observation per call, with its API (REST, GRPC) and status (499 when
+   the caller went away).
+
+Health lives here too, since it is the pipeline's to say whether calls can succeed:
+``ready`` is false while the frontend stops and until the broker has its initial models.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, TypeVar
+
+from frontend.metrics import Metrics
+from tfbroker.async_client import AsyncClient
+from tfbroker.runtime.settings import FrontendConfig
+from tfbroker.wire.errors import DeadlineExceeded, Internal, NotFound, TFBrokerError, Unavailable
+
+log = logging.getLogger("tfbroker.frontend")
+
+T = TypeVar("T")
+
+# What a ModelCall may ask of the broker.
+PREDICT, CLASSIFY, REGRESS, METADATA, STATUS, RELOAD = "predict", "classify", "regress", "metadata", "status", "reload"
+
+
+@dataclass(slots=True)
+class ModelCall:
+    """One broker call, as every API asks it."""
+
+    verb: str  # PREDICT, CLASSIFY, REGRESS (inputs), METADATA, STATUS, RELOAD (inputs: the config text)
+    model: str = ""
+    version: int | None = None
+    label: str | None = None
+    signature_name: str = "serving_default"
+    inputs: Any = None  # {name: array or RawTensor}; serialized tf.Examples; a config
+    exact_dtypes: bool = False  # gRPC: each tensor must have its input's dtype
+    timeout_s: float | None = None  # the deadline the caller asks for; None: the server's
+    answer_as: Any = None  # what the adapter's ``answer`` needs of its request (a form, outputs asked for)
+
+
+class Pipeline:
+    def __init__(self, client: AsyncClient, config: FrontendConfig, metrics: Metrics | None = None) -> None:
+        self.client = client
+        self.config = config
+        self.timeout_s = config.timeout_s
+        self.limits = config.limits
+        self.metrics = metrics
+        self.waiting = 0  # calls waiting on the broker, every API's: the capacity gate's count
+        self.stopping = False  # set when the frontend begins to stop: not ready from then on
+
+    async def run(self, api: str, verb: str, model: str, parse: Callable[[], Awaitable[ModelCall]],
+                  answer: Callable[[ModelCall, Any], T]) -> T:
+        """``parse``, the broker call, ``answer``; TFBrokerError for every failure. ``verb``
+        and ``model`` are what the request's path or RPC says, for the metrics."""
+        started = time.monotonic()
+        status = 499  # unless answered: cancelled, the caller is gone
+        try:
+            self.admit()
+            self.waiting += 1
+            try:
+                call = await parse()
+                result = await self.call(call)
+                out = answer(call, result)
+            finally:
+                self.waiting -= 1
+            status = 200
+            return out
+        except TFBrokerError as exc:
+            status = exc.http_status
+            raise
+        except Exception as exc:  # a bug answers this call, not the process
+            status = 500
+            log.exception("%s %s failed", api, verb)
+            raise Internal(f"frontend error: {type(exc).__name__}: {exc}") from exc
+        finally:
+            if self.metrics is not None:
+                self.metrics.observe(model, verb, status, started, api, busy=self.waiting > 0)
+
+    def admit(self) -> None:
+        if self.waiting >= self.limits.max_concurrent_predictions:
+            raise Unavailable(f"this frontend has {self.waiting} predictions waiting, its limit; retry later")
+
+    def deadline(self, asked_s: float | None) -> float:
+        """The server's deadline, or the caller's when it is sooner."""
+        if asked_s is None:
+            return self.timeout_s
+        if asked_s <= 0:
+            raise DeadlineExceeded()
+        return min(self.timeout_s, asked_s)
+
+    async def call(self, call: ModelCall) -> Any:
+        """The broker call ``call`` names (the gate is the caller's)."""
+        client, verb = self.client, call.verb
+        if verb == PREDICT:
+            return await client.predict(call.model, call.inputs, version=call.version, label=call.label,
+                                        signature_name=call.signature_name, timeout_s=self.deadline(call.timeout_s),
+                                        exact_dtypes=call.exact_dtypes)
+        if verb in (CLASSIFY, REGRESS):
+            run = client.classify if verb == CLASSIFY else client.regress
+            return await run(call.model, call.inputs, version=call.version, label=call.label,
+                             signature_name=call.signature_name, timeout_s=self.deadline(call.timeout_s))
+        if verb == METADATA:
+            return await client.metadata(call.model, version=call.version, label=call.label)
+        if verb == STATUS:
+            return await client.status(call.model, version=call.version, label=call.label)
+        if verb == RELOAD:
+            return await client.reload_config(call.inputs)
+        raise AssertionError(f"no such call: {verb}")
+
+    # --- health ---
+
+    async def ready(self, model: str | None = None, version: int | None = None, label: str | None = None
+                    ) -> tuple[bool, str]:
+        """Whether calls can succeed now, and why not: the frontend is not stopping and the
+        broker answers that it serves its initial models (or ``model``, at ``version``).
+        NotFound for a model or version the broker does not have."""
+        if self.stopping:
+            return False, "this frontend is stopping"
+        try:
+            health = await self.client.health(model, version=version, label=label)
+        except NotFound:
+            raise
+        except TFBrokerError as exc:
+            return False, exc.message
+        return health.ready, health.reason
