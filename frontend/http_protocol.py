@@ -1,4 +1,11 @@
-"""uvicorn's HTTP protocol (httptools), answering each request with one write.
+"""uvicorn's HTTP protocol (httptools), answering each request with one write: the one module
+that reaches into uvicorn's internals.
+
+The fence: pyproject.toml bounds uvicorn to the minor versions this module was checked
+against (0.30 to 0.55); the classes, methods and attributes it uses are checked at import
+and again on the first connection (the instance's). Where any is missing, ``FRONTEND_PROTOCOL``
+is None and the frontend runs uvicorn's own protocol, every request through ASGI, after one
+warning (``unavailable``) that says what is missing.
 
 uvicorn writes a response's head and its body with two ``transport.write`` calls, and the
 event loop sends each at once: two system calls, two TCP segments and two wake-ups of the
@@ -14,11 +21,31 @@ The interim ``100 Continue`` is never held.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import orjson
 
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+log = logging.getLogger("tfbroker.frontend")
+
+# What this module uses of uvicorn: the protocol class's methods, and its instances' attributes.
+PROTOCOL_METHODS = ("connection_made", "connection_lost", "data_received", "on_headers_complete", "on_body",
+                    "on_message_complete", "on_response_complete")
+INSTANCE_ATTRIBUTES = ("parser", "cycle", "tasks", "root_path", "limit_concurrency", "access_log",
+                       "expect_100_continue", "server_state", "logger", "loop", "app")
+REQUEST_ATTRIBUTES = ("url", "headers")  # set as a request's head is parsed
+unavailable = ""  # why the direct path is off, when it is
+
+try:
+    from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+except ImportError as exc:  # uvicorn without httptools, or a uvicorn that moved it
+    unavailable = f"uvicorn's httptools protocol cannot be imported ({exc})"
+    HttpToolsProtocol = object  # type: ignore[assignment,misc]
+    STATUS_LINE = {}
+else:
+    missing = [name for name in PROTOCOL_METHODS if not callable(getattr(HttpToolsProtocol, name, None))]
+    if missing:
+        unavailable = f"uvicorn's HttpToolsProtocol lacks {', '.join(missing)}"
 
 RESPONSE_HEAD = b"HTTP/1.1 "
 CONTINUE = b"HTTP/1.1 100 "
@@ -85,16 +112,34 @@ class DirectPredictProtocol(OneWriteProtocol):
     then closes the connection. A client that goes away cancels its request at once.
     """
 
+    checked = False  # the instance attributes, on the first connection and its first request
+    checked_request = False
+
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._reading: tuple[Any, list[bytes]] | None = None  # the direct request being read: call, chunks
         self._answering: asyncio.Task[None] | None = None
+        if not DirectPredictProtocol.checked:
+            DirectPredictProtocol.checked = True
+            self._check(INSTANCE_ATTRIBUTES)
         app = self.app
-        self._direct_app = app if hasattr(app, "direct_predict") else None
+        self._direct_app = app if hasattr(app, "direct_predict") and not unavailable else None
         limits = getattr(app, "limits", None)
         self._body_limit = limits.max_request_body_bytes if limits is not None else 0
 
+    def _check(self, names: tuple[str, ...]) -> None:
+        global unavailable
+        missing = [name for name in names if not hasattr(self, name)]
+        if missing and not unavailable:
+            unavailable = f"uvicorn's HttpToolsProtocol instances lack {', '.join(missing)}"
+            log.warning("predict requests go through ASGI: %s (uvicorn %s)", unavailable, _uvicorn_version())
+        if unavailable:
+            self._direct_app = None
+
     def on_headers_complete(self) -> None:
+        if not DirectPredictProtocol.checked_request:
+            DirectPredictProtocol.checked_request = True
+            self._check(REQUEST_ATTRIBUTES)
         call = self._direct_call()
         if call is None:
             self._reading = None
@@ -138,8 +183,10 @@ class DirectPredictProtocol(OneWriteProtocol):
         close = not cycle.keep_alive or CONNECTION_CLOSE in extra
         if close and CONNECTION_CLOSE not in extra:
             extra = [*extra, CONNECTION_CLOSE]
-        head = [STATUS_LINE[status], b"content-type: application/json\r\ncontent-length: ",
-                str(len(content)).encode(), b"\r\n"]
+        head = [STATUS_LINE[status]]
+        for name, value in self.server_state.default_headers:  # date (and server), as uvicorn's answers
+            head += [name, b": ", value, b"\r\n"]
+        head += [b"content-type: application/json\r\ncontent-length: ", str(len(content)).encode(), b"\r\n"]
         for name, value in extra:
             head += [name, b": ", value, b"\r\n"]
         head += [b"\r\n", content]
@@ -194,3 +241,18 @@ class _NoEvent:
 
 _NO_EVENT = _NoEvent()
 CONNECTION_CLOSE = (b"connection", b"close")
+
+
+def _uvicorn_version() -> str:
+    import uvicorn
+
+    return str(uvicorn.__version__)
+
+
+def frontend_protocol() -> type | None:
+    """The protocol class the frontends run: the direct one, or None (uvicorn's own, with the
+    warning logged once) when uvicorn lacks what it needs."""
+    if unavailable:
+        log.warning("predict requests go through ASGI: %s (uvicorn %s)", unavailable, _uvicorn_version())
+        return None
+    return DirectPredictProtocol

@@ -29,7 +29,7 @@ from uvicorn_worker import UvicornWorker
 
 from tfbroker.runtime import logs
 from frontend import app as rest_app
-from frontend.http_protocol import DirectPredictProtocol
+from frontend.http_protocol import frontend_protocol
 
 LINGER_S = 1.0  # at most; it ends as soon as no connection is left
 
@@ -58,7 +58,7 @@ class LingeringServer(Server):
 class FrontendWorker(UvicornWorker):
     # No "server: uvicorn" header: TF Serving sends none, and each header costs uvicorn two
     # regular-expression checks on every answer.
-    CONFIG_KWARGS = {**UvicornWorker.CONFIG_KWARGS, "proxy_headers": False, "http": DirectPredictProtocol,
+    CONFIG_KWARGS = {**UvicornWorker.CONFIG_KWARGS, "proxy_headers": False, "http": frontend_protocol() or "auto",
                      "server_header": False}
 
     async def _serve(self) -> None:

@@ -269,3 +269,12 @@ def test_a_stream_answers_every_request_in_order(rpc: triton_grpc.InferenceServe
             continue
         assert answer.get_response().id == str(i)
         assert answer.as_numpy("y").tolist() == [0.5 * i + 3.0]
+
+
+def test_every_answer_carries_a_date_header(broker: BrokerProcess) -> None:
+    """TF Serving's predict (answered below ASGI by the frontend's own protocol), its other calls
+    and the protocol's (through ASGI): the same headers."""
+    answers = [broker.predict("mlp", {"instances": [[0.0] * 8]}), broker.http.get("/v1/models/mlp"),
+               broker.http.get("/v2/models/mlp")]
+    for answer in answers:
+        assert answer.status_code == 200 and "date" in answer.headers, answer.headers

@@ -8,6 +8,7 @@ from typing import Any
 from frontend.http_protocol import HeldHead
 from tfbroker.runtime.settings import RequestLimits
 
+DATE = (b"date", b"Mon, 07 Dec 2026 10:00:00 GMT")
 HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n"
 
 
@@ -140,7 +141,9 @@ async def connect(app: App) -> tuple[Any, Socket]:
 
     config = Config(app=app, access_log=False, log_config=None, proxy_headers=False)
     config.load()
-    protocol = DirectPredictProtocol(config, ServerState(), {})
+    state = ServerState()
+    state.default_headers = [DATE]  # as uvicorn's Server keeps it, each second
+    protocol = DirectPredictProtocol(config, state, {})
     socket = Socket()
     protocol.connection_made(socket)  # type: ignore[arg-type]
     return protocol, socket
@@ -163,9 +166,49 @@ def test_a_plain_predict_is_answered_directly_in_one_write() -> None:
 
     app, socket = asyncio.run(main())
     assert app.direct == [b"[1]"] and app.asgi == []
-    assert socket.writes == [b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 20\r\n"
+    assert socket.writes == [b"HTTP/1.1 200 OK\r\ndate: Mon, 07 Dec 2026 10:00:00 GMT\r\n"
+                             b"content-type: application/json\r\ncontent-length: 20\r\n"
                              b"x-model-version: 1\r\n\r\n" b'{"predictions": [1]}']
     assert not socket.closed
+
+
+def test_a_direct_answer_has_the_headers_of_an_asgi_answer() -> None:
+    async def main() -> tuple[bytes, bytes]:
+        app = App()
+        app.release.set()
+        protocol, socket = await connect(app)
+        protocol.data_received(post("/v1/models/m:predict", b"[1]"))
+        await turns()
+        protocol.data_received(post("/v1/models/m", b"{}"))  # through ASGI
+        await turns()
+        return socket.writes[0], socket.writes[1]
+
+    direct, asgi = asyncio.run(main())
+    names = [{line.split(b":")[0].lower() for line in answer.split(b"\r\n\r\n")[0].split(b"\r\n")[1:]}
+             for answer in (direct, asgi)]
+    assert b"date" in names[1] and names[1] <= names[0], names
+
+
+def test_a_uvicorn_without_what_the_direct_path_needs_falls_back_to_asgi(monkeypatch: Any, caplog: Any) -> None:
+    from frontend import http_protocol
+
+    monkeypatch.setattr(http_protocol.DirectPredictProtocol, "checked", False)
+    monkeypatch.setattr(http_protocol.DirectPredictProtocol, "checked_request", False)
+    monkeypatch.setattr(http_protocol, "unavailable", "")
+    monkeypatch.setattr(http_protocol, "INSTANCE_ATTRIBUTES", (*http_protocol.INSTANCE_ATTRIBUTES, "renamed_in_uvicorn_1"))
+
+    async def main() -> App:
+        app = App()
+        app.release.set()
+        protocol, socket = await connect(app)
+        protocol.data_received(post("/v1/models/m:predict", b"[1]"))
+        await turns()
+        assert socket.writes and socket.writes[0].endswith(b"asgi")
+        return app
+
+    app = asyncio.run(main())
+    assert app.direct == [] and app.asgi == ["/v1/models/m:predict"]
+    assert "renamed_in_uvicorn_1" in caplog.text and http_protocol.frontend_protocol() is None
 
 
 def test_other_requests_go_through_asgi() -> None:
