@@ -4,15 +4,13 @@ and queueing latency; model loads; the CPU and memory of its processes by role."
 from __future__ import annotations
 
 import bisect
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
+
+import psutil
 
 from tfbroker.wire import protocol
 from tfbroker.wire.protocol import QUEUE_LATENCY_BOUNDS_US
 
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 
 
 @dataclass(slots=True)
@@ -42,18 +40,19 @@ class VersionCounters:
 
 
 def process_stats(pids_by_role: dict[str, list[int]]) -> list[protocol.ProcessStats]:
-    """CPU seconds and resident memory of each role's live processes, from /proc."""
+    """CPU seconds and resident memory of each role's live processes."""
     stats = []
     for role, pids in pids_by_role.items():
         cpu_s, rss, alive = 0.0, 0, 0
         for pid in pids:
             try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                resident = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            cpu_s += (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
-            rss += resident * _PAGE_BYTES
+                process = psutil.Process(pid)
+                with process.oneshot():
+                    times, resident = process.cpu_times(), process.memory_info().rss
+            except psutil.Error:
+                continue  # gone since it was listed
+            cpu_s += times.user + times.system
+            rss += resident
             alive += 1
         stats.append(protocol.ProcessStats(role, alive, round(cpu_s, 3), rss))
     return stats
@@ -62,6 +61,6 @@ def process_stats(pids_by_role: dict[str, list[int]]) -> list[protocol.ProcessSt
 def children_of(pid: int) -> list[int]:
     """Direct children of ``pid`` (the frontends under the broker's gunicorn master)."""
     try:
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
+        return [child.pid for child in psutil.Process(pid).children()]
+    except psutil.Error:
         return []

@@ -1,9 +1,9 @@
 """TF Serving's :classify and :regress bodies: JSON examples to serialized tf.Example protos,
 and the model's outputs to ``{"results": …}``, without TensorFlow.
 
-The protos are built with protobuf from message definitions of our own with TensorFlow's
-names and field numbers (tensorflow/core/example/{example,feature}.proto), in a private
-descriptor pool. The JSON rules are TF Serving's (util/json_tensor.cc): a feature's values
+The protos are the frontend's compiled ones (frontend/grpc_messages.py: TensorFlow's names and
+field numbers, tensorflow/core/example/{example,feature}.proto, in a private descriptor pool),
+the same the gRPC API reads. The JSON rules are TF Serving's (util/json_tensor.cc): a feature's values
 are a value or a list of values, all of one kind: integers and booleans go to int64_list,
 other numbers to float_list (exact in float32), strings and ``{"b64": …}`` to bytes_list.
 Context features are merged into every example, as TF Serving's servables do.
@@ -17,47 +17,9 @@ from typing import Any
 
 import numpy as np
 import orjson
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
-
+from frontend.grpc_messages import Example, Feature
 from tfbroker.wire.errors import Internal, InvalidArgument
 
-_F = descriptor_pb2.FieldDescriptorProto
-
-
-def _example_classes() -> dict[str, Any]:
-    file = descriptor_pb2.FileDescriptorProto(name="tfbroker/example.proto", package="tensorflow", syntax="proto3")
-
-    def message(name: str, *fields: tuple[str, int, int, int, str]) -> descriptor_pb2.DescriptorProto:
-        msg = file.message_type.add(name=name)
-        for field_name, number, kind, label, type_name in fields:
-            msg.field.add(name=field_name, number=number, type=kind, label=label, type_name=type_name or None)
-        return msg
-
-    repeated, optional = _F.LABEL_REPEATED, _F.LABEL_OPTIONAL
-    message("BytesList", ("value", 1, _F.TYPE_BYTES, repeated, ""))
-    message("FloatList", ("value", 1, _F.TYPE_FLOAT, repeated, ""))
-    message("Int64List", ("value", 1, _F.TYPE_INT64, repeated, ""))
-    feature = message("Feature", ("bytes_list", 1, _F.TYPE_MESSAGE, optional, ".tensorflow.BytesList"),
-                      ("float_list", 2, _F.TYPE_MESSAGE, optional, ".tensorflow.FloatList"),
-                      ("int64_list", 3, _F.TYPE_MESSAGE, optional, ".tensorflow.Int64List"))
-    feature.oneof_decl.add(name="kind")
-    for field in feature.field:
-        field.oneof_index = 0
-    features = message("Features", ("feature", 1, _F.TYPE_MESSAGE, repeated, ".tensorflow.Features.FeatureEntry"))
-    entry = features.nested_type.add(name="FeatureEntry")
-    entry.field.add(name="key", number=1, type=_F.TYPE_STRING, label=optional)
-    entry.field.add(name="value", number=2, type=_F.TYPE_MESSAGE, label=optional, type_name=".tensorflow.Feature")
-    entry.options.map_entry = True
-    message("Example", ("features", 1, _F.TYPE_MESSAGE, optional, ".tensorflow.Features"))
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(file)
-    return {name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"tensorflow.{name}"))
-            for name in ("Example", "Feature")}
-
-
-_CLASSES = _example_classes()
-Example = _CLASSES["Example"]
-Feature = _CLASSES["Feature"]
 _KIND_NAMES = {"bytes_list": "bytes", "float_list": "float", "int64_list": "int64"}
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
