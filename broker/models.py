@@ -9,7 +9,7 @@ from typing import Any
 
 from broker.batching import BatchQueue
 from broker.config import BatchingParameters, ModelConfig
-from tfbroker.wire.errors import InvalidArgument, NotFound, Unavailable
+from tfbroker.wire.errors import PLAIN_INSTANCES, InvalidArgument, NotFound, Unavailable
 from broker.lifecycle import Lifecycle, Replica
 from broker.links import WorkerLink
 from broker.poison import PoisonRecord
@@ -343,6 +343,8 @@ def format_shape(shape: tuple[int, ...] | list[int]) -> str:
 def _check_input_names(expected: dict[str, Any], names: list[str]) -> None:
     """TF Serving's words (predict_util.cc) for inputs that are not the signature's: a
     different count, or a name it does not know. An unnamed input is the only one's."""
+    if names == [""] and len(expected) > 1:
+        raise InvalidArgument(PLAIN_INSTANCES)
     given = [next(iter(expected)) if name == "" and len(expected) == 1 and len(names) == 1 else name
              for name in names]
     if len(set(given)) != len(expected):

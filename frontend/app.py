@@ -38,7 +38,8 @@ from tfbroker.async_client import AsyncClient
 from tfbroker.client import Prediction
 from tfbroker.runtime.process import set_title
 from tfbroker.runtime.settings import FRONTEND_INDEX_ENV, FrontendConfig
-from tfbroker.wire.errors import Internal, InvalidArgument, NotFound, PayloadTooLarge, TFBrokerError
+from tfbroker.wire.errors import (PLAIN_INPUTS, PLAIN_INSTANCES, Internal, InvalidArgument, NotFound, PayloadTooLarge,
+                                  TFBrokerError)
 from frontend import oip_rest, routes, status_page
 from frontend.disconnects import DisconnectWatch
 from frontend.json_tensor import JsonTypeError, format_predictions, parse_predict_body
@@ -210,20 +211,25 @@ class RestApi:
     async def run_predict(self, call: routes.RestCall, headers: list[tuple[bytes, bytes]],
                           read_body: Callable[[], Awaitable[bytes]]) -> Answer:
         """One :predict: TF Serving's JSON in and out, the rest the pipeline's."""
+        columnar = False
 
         async def parse() -> ModelCall:
+            nonlocal columnar
             body = await read_body()
             asked_s = _asked_timeout_s(headers)
             try:
                 inputs, signature, row_format = parse_predict_body(body, self.limits)
             except JsonTypeError as exc:
                 raise await self.name_dtype(exc, call, body) from None
+            columnar = not row_format
             return ModelCall(PREDICT, call.model, call.version, call.label, signature, inputs, timeout_s=asked_s,
                              answer_as=row_format)
 
         try:
             return await self.pipeline.run("REST", PREDICT, call.model, parse, _predict_answer)
         except TFBrokerError as exc:
+            if columnar and exc.message == PLAIN_INSTANCES:
+                exc = InvalidArgument(PLAIN_INPUTS)  # TF Serving's words for the columnar form
             return error_answer(exc)
 
     async def name_dtype(self, error: JsonTypeError, call: routes.RestCall, body: bytes) -> TFBrokerError:
@@ -233,9 +239,10 @@ class RestApi:
             metadata = await self.client.metadata(call.model, version=call.version, label=call.label)
             signature_name = orjson.loads(body).get("signature_name") or "serving_default"
             inputs = metadata["signature_def"]["signature_def"][signature_name]["inputs"]
-            info = inputs[error.name] if error.name else next(iter(inputs.values()))
+            # A value the request does not name ("instances": [...]) is the only input's.
+            info = inputs[error.name] if error.name in inputs or len(inputs) != 1 else next(iter(inputs.values()))
             return error.with_dtype(str(info["dtype"]).removeprefix("DT_").lower())
-        except (TFBrokerError, KeyError, StopIteration, ValueError):
+        except (TFBrokerError, KeyError, StopIteration, ValueError, AttributeError):
             return error  # the model's own error will say more; keep TF Serving's text without the dtype
 
 

@@ -99,3 +99,11 @@ def test_the_python_client_classifies_serialized_examples(tfs: BrokerProcess) ->
         result = client.classify("half_plus_two", examples, signature_name="classify_x_to_y")
     assert result.outputs["scores"].tolist() == [[2.5], [3.5]]
     assert result.version == 123
+
+
+def test_a_null_among_numbers_names_the_tf1_model_s_dtype_in_either_form(tfs: BrokerProcess) -> None:
+    for body in ({"instances": [1.0, None]}, {"inputs": [1.0, None]}, {"instances": [True, 1.0]}):
+        response = tfs.predict("half_plus_two", body)
+        assert response.status_code == 400, response.text
+        value, kind = ("null", "Null") if None in next(iter(body.values())) else ("true", "True")
+        assert response.json()["error"] == f"JSON Value: {value} Type: {kind} is not of expected type: float"

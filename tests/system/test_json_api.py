@@ -40,6 +40,8 @@ def call(broker: BrokerProcess, **inputs: Any) -> Any:
     ("f64", [1.0, None], "JSON Value: null Type: Null is not of expected type: double"),
     ("i64", [None, 2], "JSON Value: null Type: Null is not of expected type: int64"),
     ("s", [5], "values of type int64 are not of expected type: string"),
+    ("f32", [1.0, "a"], 'JSON Value: "a" Type: String is not of expected type: float'),
+    ("s", ["a", 1], "JSON Value: 1 Type: Number is not of expected type: string"),
     ("i64", [["a"]], None),
 ])
 def test_values_that_do_not_fit_the_signature_are_refused(typed: BrokerProcess, field: str, value: Any,
@@ -53,7 +55,7 @@ def test_values_that_do_not_fit_the_signature_are_refused(typed: BrokerProcess, 
 def test_any_json_number_feeds_a_float_input_converted_as_cpp_converts_it(typed: BrokerProcess) -> None:
     """TF Serving since 2021 (api_rest.md, "Floating Point Precision"): no loss-of-precision error."""
     body = ('{"inputs": {"f32": [1435774380, 1.8e308, -1.8e308, 2.2e-308, 16777217, 1e300], '
-            '"f64": [1e400, -1e400, 1, 2, 3, 4], "i32": [1, 2, 3, 4, 5, 6], "i64": [1, 2, 3, 4, 5, 6], '
+            '"f64": [1.8e308, -1.8e308, 1, 2, 3, 4], "i32": [1, 2, 3, 4, 5, 6], "i64": [1, 2, 3, 4, 5, 6], '
             '"flag": [true, true, true, true, true, true], "s": ["a", "b", "c", "d", "e", "f"]}}')
     response = typed.http.post("/v1/models/typed:predict", content=body, headers={"content-type": "application/json"})
     assert response.status_code == 200, response.text
@@ -61,6 +63,26 @@ def test_any_json_number_feeds_a_float_input_converted_as_cpp_converts_it(typed:
     assert np.array(outputs["f32_out"], np.float32).tolist() == [1435774336.0, float("inf"), -float("inf"), 0.0,
                                                                  16777216.0, float("inf")]
     assert '"f64_out":[Infinity,-Infinity,1.0,2.0,3.0,4.0]' in response.text
+
+
+def test_a_number_too_big_for_a_double_is_tf_serving_s_parse_error(typed: BrokerProcess) -> None:
+    """RapidJSON's words: an exponent over 308, or a significand of more than 308 digits."""
+    for number in ("1e400", "-1e400", "1.5e310", "1" * 310):
+        body = '{"inputs": {"f64": [1.0, %s]}}' % number
+        response = typed.http.post("/v1/models/typed:predict", content=body)
+        assert response.status_code == 400, (number, response.text)
+        assert response.json()["error"] == ("JSON Parse error: Number too big to be stored in double. at offset: "
+                                             f"{body.index(number)}")
+
+
+def test_one_plain_value_for_several_inputs_gets_tf_serving_s_words(typed: BrokerProcess) -> None:
+    rows = typed.http.post("/v1/models/typed:predict", json={"instances": [1.0, 2.0]})
+    assert (rows.status_code, rows.json()["error"]) == (400, "instances is a plain list, but expecting list of objects "
+                                                             "as multiple input tensors required as per tensorinfo_map")
+    columns = typed.http.post("/v1/models/typed:predict", json={"inputs": [1.0, 2.0]})
+    assert (columns.status_code, columns.json()["error"]) == (400, "inputs is a plain value/list, but expecting an "
+                                                                   "object as multiple input tensors required as per "
+                                                                   "tensorinfo_map")
 
 
 def test_values_that_fit_are_taken_and_written_as_tf_serving_writes_them(typed: BrokerProcess) -> None:

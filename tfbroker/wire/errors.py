@@ -87,6 +87,14 @@ class Internal(ServiceError):
     grpc_code = "INTERNAL"
 
 
+# TF Serving's words (json_tensor.cc) for one unnamed value sent to a signature of several
+# inputs: the broker says the first; the REST frontend, for a request in the columnar form, the second.
+PLAIN_INSTANCES = ("instances is a plain list, but expecting list of objects as multiple input tensors required "
+                   "as per tensorinfo_map")
+PLAIN_INPUTS = ("inputs is a plain value/list, but expecting an object as multiple input tensors required as per "
+                "tensorinfo_map")
+
+
 class ProtocolError(ValueError):
     """A peer sent frames that do not follow tfbroker/wire/protocol.py. Never sent to clients as is."""
 
