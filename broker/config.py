@@ -191,6 +191,51 @@ class ServerConfig:
     enable_per_model_batching_parameters: bool = field(default=False, metadata=_help(
         "A version directory's batching_params.pbtxt (TF Serving's BatchingParameters) sets that "
         "version's batching in place of --batching_parameters_file."))
+    per_process_gpu_memory_fraction: float = field(default=0.0, metadata=_help(
+        "Each model worker's share of its GPU's memory, 0 to 1, taken at start (TF Serving's per-process "
+        "fraction: here every model version on a card is a process of its own, so the versions sharing a "
+        "card, counting both during a version swap, need their fractions to sum to 1 at most); 0: grow as "
+        "needed."))
+    tensorflow_session_parallelism: int = field(default=0, metadata=_help(
+        "Threads for both of TensorFlow's pools in each worker where --tensorflow_intra_op_parallelism or "
+        "--tensorflow_inter_op_parallelism is 0; 0: TensorFlow's choice."))
+    mixed_precision: str = field(default="", metadata=_help(
+        "bfloat16: TensorFlow's oneDNN bfloat16 auto mixed precision in the workers (TF Serving's one "
+        "mode); empty: none."))
+    enable_signature_method_name_check: bool = field(default=False, metadata=_help(
+        "Predict only signatures whose method_name is tensorflow/serving/predict (classify and regress "
+        "always check theirs)."))
+    # TF Serving's flags taken so its command lines start, with no effect here (docs/flags.md says why).
+    num_load_threads: int = field(default=0, metadata=_help(
+        "No effect: every version loads in a process of its own, all at once."))
+    num_unload_threads: int = field(default=0, metadata=_help(
+        "No effect: every version unloads in a process of its own, all at once."))
+    flush_filesystem_caches: bool = field(default=True, metadata=_help(
+        "No effect: the workers leave the page cache to the kernel."))
+    enable_profiler: bool = field(default=True, metadata=_help(
+        "No effect: there is no profiler service on the gRPC port."))
+    skip_initialize_tpu: bool = field(default=False, metadata=_help("No effect: TPUs are not served."))
+    remove_unused_fields_from_bundle_metagraph: bool = field(default=True, metadata=_help(
+        "No effect: the worker keeps what its loader keeps."))
+    allow_version_labels_for_unavailable_models: bool = field(default=False, metadata=_help(
+        "No effect: a label always waits for its version to be AVAILABLE, never refused."))
+    num_tflite_pools: int = field(default=1, metadata=_help(
+        "No effect: a TensorFlow Lite worker runs one interpreter, one batch at a time."))
+    num_tflite_interpreters_per_pool: int = field(default=1, metadata=_help(
+        "No effect: a TensorFlow Lite worker runs one interpreter, one batch at a time."))
+    xla_cpu_compilation_enabled: bool = field(default=False, metadata=_help(
+        "No effect: TensorFlow compiles a model's jit_compile functions with XLA whatever it says."))
+    xla_gpu_compilation_enabled: bool = field(default=False, metadata=_help(
+        "No effect: TensorFlow compiles a model's jit_compile functions with XLA whatever it says."))
+    # TF Serving's flags refused when given (exit 2), each with the reason and what to use instead.
+    platform_config_file: str = field(default="", metadata=_help(
+        "Refused: tfbroker serves the TensorFlow platform only; set its batching with "
+        "--batching_parameters_file and its threads with the tensorflow_* flags."))
+    tensorflow_session_config_file: str = field(default="", metadata=_help(
+        "Refused: set what a Session ConfigProto would with --tensorflow_intra_op_parallelism, "
+        "--tensorflow_inter_op_parallelism and --per_process_gpu_memory_fraction."))
+    thread_pool_factory_config_file: str = field(default="", metadata=_help(
+        "Refused: the workers use TensorFlow's own thread pools (--tensorflow_*_parallelism)."))
     # --- ours ---
     frontends: int = field(default=2, metadata=_help(
         "HTTP frontend processes to run; 0 runs none (start them under gunicorn instead)."))
@@ -292,6 +337,26 @@ class ServerConfig:
             raise ConfigError(f"iobatchers must be >= 1, got {self.iobatchers}")
         if self.lookup_redis_timeout_ms < 1:
             raise ConfigError(f"lookup_redis_timeout_ms must be >= 1, got {self.lookup_redis_timeout_ms}")
+        if not 0.0 <= self.per_process_gpu_memory_fraction <= 1.0:
+            raise ConfigError(f"per_process_gpu_memory_fraction must be 0 to 1, got {self.per_process_gpu_memory_fraction}")
+        if self.tensorflow_session_parallelism < 0:
+            raise ConfigError(f"tensorflow_session_parallelism must be >= 0, got {self.tensorflow_session_parallelism}")
+        if self.mixed_precision not in ("", "bfloat16"):
+            raise ConfigError(f"mixed_precision must be bfloat16 or empty (TF Serving's one mode), got "
+                              f"{self.mixed_precision!r}")
+        for name in ("platform_config_file", "tensorflow_session_config_file", "thread_pool_factory_config_file"):
+            if getattr(self, name):
+                reason = str(ServerConfig.__dataclass_fields__[name].metadata["help"]).removeprefix("Refused: ")
+                raise ConfigError(f"--{name} is not supported: {reason}")
+
+    @property
+    def intra_op_threads(self) -> int:
+        """Each worker's intra-op threads: its flag, else --tensorflow_session_parallelism (TF Serving's rule)."""
+        return self.tensorflow_intra_op_parallelism or self.tensorflow_session_parallelism
+
+    @property
+    def inter_op_threads(self) -> int:
+        return self.tensorflow_inter_op_parallelism or self.tensorflow_session_parallelism
 
     @property
     def resolved_runtime_dir(self) -> str:

@@ -162,8 +162,10 @@ class Fleet:
             heartbeat_liveness=self.config.heartbeat_liveness,
             warmup_batch_sizes=warmup, log_level=self.config.log_level,
             device="" if self.devices == [CPU_ONLY] else device.name,
-            tensorflow_intra_op_parallelism=self.config.tensorflow_intra_op_parallelism,
-            tensorflow_inter_op_parallelism=self.config.tensorflow_inter_op_parallelism,
+            tensorflow_intra_op_parallelism=self.config.intra_op_threads,
+            tensorflow_inter_op_parallelism=self.config.inter_op_threads,
+            per_process_gpu_memory_fraction=self.config.per_process_gpu_memory_fraction,
+            mixed_precision=self.config.mixed_precision,
             saved_model_tags=self.config.saved_model_tags, enable_model_warmup=self.config.enable_model_warmup,
             num_request_iterations_for_warmup=self.config.num_request_iterations_for_warmup,
             prefer_tflite_model=self.config.prefer_tflite_model)

@@ -17,7 +17,7 @@ from broker import queries
 from broker.batch_codec import join_replies, split_frames
 from broker.batching import BatchQueue, Task
 from broker.config import BatchingParameters
-from broker.models import ServedModel, ServedVersion, WorkerLink, check_inputs
+from broker.models import ServedModel, ServedVersion, WorkerLink, check_inputs, check_method_name
 from broker.poison import KILLED_MESSAGE, content_key
 from tfbroker.wire import protocol
 from tfbroker.wire.tensors import nbytes
@@ -71,8 +71,9 @@ class Split:
 
 class InFlight:
     def __init__(self, send: Send, batching: BatchingParameters, *, enable_batching: bool,
-                 max_timeout_ms: int) -> None:
+                 max_timeout_ms: int, check_method_names: bool = False) -> None:
         self._send = send
+        self._check_method_names = check_method_names  # --enable_signature_method_name_check
         self._batching = batching
         self._enable_batching = enable_batching
         self._max_timeout_ms = max_timeout_ms
@@ -119,6 +120,8 @@ class InFlight:
                 else:
                     return known[1], known[2], known[3]
         served = queries.resolve(models, header.model, header.version, header.label)
+        if self._check_method_names and header.method == "predict":
+            check_method_name(served, header.signature)
         rows, join_key = check_inputs(served, header.signature, header.inputs, frames[1:], header.method,
                                       exact_dtypes=header.exact_dtypes)
         if alike is not None:

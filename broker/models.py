@@ -9,7 +9,7 @@ from typing import Any
 
 from broker.batching import BatchQueue
 from broker.config import BatchingParameters, ModelConfig
-from tfbroker.wire.errors import PLAIN_INSTANCES, InvalidArgument, NotFound, Unavailable
+from tfbroker.wire.errors import PLAIN_INSTANCES, Internal, InvalidArgument, NotFound, Unavailable
 from broker.lifecycle import Lifecycle, Replica
 from broker.links import WorkerLink
 from broker.poison import PoisonRecord
@@ -361,6 +361,16 @@ def _check_input_names(expected: dict[str, Any], names: list[str]) -> None:
 
 
 PREDICT_METHOD = "tensorflow/serving/predict"
+SIGNATURE_METHODS = (PREDICT_METHOD, "tensorflow/serving/classify", "tensorflow/serving/regress")
+
+
+def check_method_name(served: ServedVersion, signature_name: str) -> None:
+    """--enable_signature_method_name_check: predict only a signature of TF Serving's three
+    methods (predict_util.cc's words and status)."""
+    declared = served.signature_def.get("signature_def", {}).get(signature_name, {}).get("method_name", "")
+    if declared not in SIGNATURE_METHODS:
+        raise Internal(f"Expected prediction signature method_name to be one of {{{', '.join(SIGNATURE_METHODS)}}}. "
+                       f"Was: {declared}")
 # TF Serving's method names, and the outputs each needs (servables/tensorflow/classifier.cc,
 # regressor.cc).
 _METHODS = {"classify": ("classification", "tensorflow/serving/classify", ("classes", "scores")),

@@ -72,7 +72,8 @@ class Broker:
         self.backend_socket = self._context.socket(zmq.ROUTER)
         self.outbox = Outbox(self._send_frontend)
         self.inflight = InFlight(self.outbox.add, batching, enable_batching=config.enable_batching,
-                                 max_timeout_ms=config.rest_api_timeout_in_ms)
+                                 max_timeout_ms=config.rest_api_timeout_in_ms,
+                                 check_method_names=config.enable_signature_method_name_check)
         self.dispatcher = Dispatcher(self.inflight, self._send_backend, batching,
                                      batches_in_flight=config.batches_in_flight)
         self.frontends = Frontends(config, metrics_path=metrics_path)

@@ -20,7 +20,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from frontend.pipeline import Pipeline
-from tfbroker.runtime.settings import channel_arguments
+from tfbroker.runtime.settings import GrpcOptions, channel_arguments, read_ssl_config
 from tfbroker.wire.errors import Internal, TFBrokerError
 
 log = logging.getLogger("tfbroker.grpc")
@@ -78,12 +78,28 @@ async def start_server(pipeline: Pipeline) -> grpc.aio.Server:
     server.add_generic_rpc_handlers([*grpc_api.handlers(pipeline), *oip_grpc.handlers(pipeline)])
     if options.enable_grpc_healthcheck_service:
         health_pb2_grpc.add_HealthServicer_to_server(TruthfulHealth(pipeline), server)
-    if options.port:
-        server.add_insecure_port(f"[::]:{options.port}")
-    if options.grpc_socket_path:
-        server.add_insecure_port(f"unix:{options.grpc_socket_path}")
+    credentials = server_credentials(options)
+    for address in ([f"[::]:{options.port}"] if options.port else []) + (
+            [f"unix:{options.grpc_socket_path}"] if options.grpc_socket_path else []):
+        if credentials is None:
+            server.add_insecure_port(address)
+        else:
+            server.add_secure_port(address, credentials)
     await server.start()
     return server
+
+
+def server_credentials(options: GrpcOptions) -> grpc.ServerCredentials | None:
+    """TF Serving's: ALTS, or TLS from --ssl_config_file (client certificates required with
+    client_verify), or none."""
+    if options.use_alts_credentials:
+        return grpc.alts_server_credentials()
+    if not options.ssl_config_file:
+        return None
+    ssl = read_ssl_config(options.ssl_config_file)
+    return grpc.ssl_server_credentials([(ssl.server_key.encode(), ssl.server_cert.encode())],
+                                       root_certificates=ssl.custom_ca.encode() or None,
+                                       require_client_auth=ssl.client_verify)
 
 
 class TruthfulHealth(health.aio.HealthServicer):  # type: ignore[misc]

@@ -21,6 +21,7 @@ from tensorflow.python.util import deprecation
 from google.protobuf import json_format
 from tensorflow.core.protobuf import config_pb2, meta_graph_pb2, saved_model_pb2
 
+from tfbroker.runtime.devices import gpu_memory_mib
 from tfbroker.wire.errors import InvalidArgument
 from tfbroker.wire.protocol import STRING
 
@@ -75,16 +76,30 @@ def intra_op_threads() -> int:
     return int(_session_config.intra_op_parallelism_threads)
 
 
-def configure_devices(intra_op_threads: int = 0, inter_op_threads: int = 0) -> None:
-    """Let TensorFlow grow GPU memory instead of taking the card, so a second version fits;
-    bound its CPU thread pools (0: TensorFlow's choice), as TF Serving's flags of those names."""
+def configure_devices(intra_op_threads: int = 0, inter_op_threads: int = 0, *, gpu_memory_fraction: float = 0.0,
+                      mixed_precision: str = "") -> None:
+    """As TF Serving's flags of those names: GPU memory grown as needed (so a second version
+    fits beside the first), or ``gpu_memory_fraction`` of the card taken at start; the CPU
+    thread pools bounded (0: TensorFlow's choice); bfloat16 auto mixed precision."""
     for gpu in tf.config.list_physical_devices("GPU"):
-        tf.config.experimental.set_memory_growth(gpu, True)
+        total_mib = gpu_memory_mib(os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0])
+        if gpu_memory_fraction and total_mib:
+            limit = tf.config.LogicalDeviceConfiguration(memory_limit=int(total_mib * gpu_memory_fraction))
+            tf.config.set_logical_device_configuration(gpu, [limit])
+        else:
+            if gpu_memory_fraction:
+                log.warning("per_process_gpu_memory_fraction: the card's memory is unknown (nvidia-smi does not "
+                            "answer): growing as needed instead")
+            tf.config.experimental.set_memory_growth(gpu, True)
     tf.config.threading.set_intra_op_parallelism_threads(intra_op_threads)
     tf.config.threading.set_inter_op_parallelism_threads(inter_op_threads)
-    _session_config.gpu_options.allow_growth = True
+    _session_config.gpu_options.allow_growth = not gpu_memory_fraction
+    _session_config.gpu_options.per_process_gpu_memory_fraction = gpu_memory_fraction
     _session_config.intra_op_parallelism_threads = intra_op_threads
     _session_config.inter_op_parallelism_threads = inter_op_threads
+    if mixed_precision == "bfloat16":
+        tf.config.optimizer.set_experimental_options({"auto_mixed_precision_onednn_bfloat16": True})
+        _session_config.graph_options.rewrite_options.auto_mixed_precision_onednn_bfloat16 = 1  # ON
 
 
 def load(path: str, tags: tuple[str, ...] = (SERVE_TAG,)) -> LoadedModel:

@@ -60,7 +60,9 @@ class ModelWorker:
                 from workers import tflite_model, warmup
 
                 model_lib.configure_devices(self.config.tensorflow_intra_op_parallelism,
-                                            self.config.tensorflow_inter_op_parallelism)
+                                            self.config.tensorflow_inter_op_parallelism,
+                                            gpu_memory_fraction=self.config.per_process_gpu_memory_fraction,
+                                            mixed_precision=self.config.mixed_precision)
                 started = time.monotonic()
                 if self.config.prefer_tflite_model and model_lib.has_tflite_model(self.config.path):
                     self._model = tflite_model.load_tflite(self.config.path, model_lib.intra_op_threads())

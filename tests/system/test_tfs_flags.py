@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -9,8 +10,24 @@ import threading
 from pathlib import Path
 
 import httpx
+import pytest
 
-from tests.conftest import ROOT, BrokerProcess, make_model_config, serving
+from tests.conftest import ROOT, BrokerProcess, debian_binary, free_port, make_model_config, serving, stop_and_check
+
+# Every flag of tensorflow_model_server (tensorflow_serving/model_servers/main.cc, master).
+TF_SERVING_FLAGS = (
+    "allow_version_labels_for_unavailable_models batching_parameters_file enable_batching "
+    "enable_grpc_healthcheck_service enable_model_warmup enable_per_model_batching_parameters enable_profiler "
+    "enable_serialization_as_tensor_content enable_signature_method_name_check file_system_poll_wait_seconds "
+    "flush_filesystem_caches grpc_channel_arguments grpc_max_threads grpc_socket_path load_retry_interval_micros "
+    "max_num_load_retries mixed_precision model_base_path model_config_file model_config_file_poll_wait_seconds "
+    "model_name monitoring_config_file num_load_threads num_request_iterations_for_warmup "
+    "num_tflite_interpreters_per_pool num_tflite_pools num_unload_threads per_process_gpu_memory_fraction "
+    "platform_config_file port prefer_tflite_model remove_unused_fields_from_bundle_metagraph "
+    "rest_api_enable_cors_support rest_api_num_threads rest_api_port rest_api_timeout_in_ms saved_model_tags "
+    "skip_initialize_tpu ssl_config_file tensorflow_inter_op_parallelism tensorflow_intra_op_parallelism "
+    "tensorflow_session_config_file tensorflow_session_parallelism thread_pool_factory_config_file "
+    "use_alts_credentials version xla_cpu_compilation_enabled xla_gpu_compilation_enabled").split()
 
 
 def test_version_flag_prints_and_exits() -> None:
@@ -66,3 +83,106 @@ def test_per_version_batching_warmup_off_and_load_retries(test_models: Path, tmp
         assert state["state"] == "END" and state["status"]["error_code"] != "OK", state
     finally:
         broker.stop()
+
+
+def make_tls(directory: Path) -> dict[str, bytes]:
+    """A CA, a server certificate for localhost and a client certificate, made with openssl."""
+    openssl = debian_binary("openssl", "openssl")
+    directory.mkdir(parents=True, exist_ok=True)
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], cwd=directory, check=True, capture_output=True, timeout=60)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    run("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=tfbroker test CA")
+    (directory / "san.txt").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    for name in ("server", "client"):
+        run("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", f"{name}.pem", "-days", "1", "-extfile", "san.txt")
+    return {name: (directory / name).read_bytes() for name in ("ca.pem", "server.key", "server.pem", "client.key",
+                                                               "client.pem")}
+
+
+def test_every_flag_of_tf_serving_main_starts_the_broker(test_models: Path, tmp_path: Path) -> None:
+    """Every flag of tensorflow_model_server's main.cc (but --version, and --model_name with
+    --model_base_path, which TF Serving refuses beside --model_config_file too), each with a
+    value TF Serving takes; the gRPC port then takes TLS with a client certificate only."""
+    import grpc
+
+    from frontend import grpc_messages as pb
+
+    tls = make_tls(tmp_path / "tls")
+    ssl_config = tmp_path / "ssl.config"
+    ssl_config.write_text(f"server_key: {json.dumps(tls['server.key'].decode())}\n"
+                          f"server_cert: {json.dumps(tls['server.pem'].decode())}\n"
+                          f"custom_ca: {json.dumps(tls['ca.pem'].decode())}\nclient_verify: true\n")
+    (tmp_path / "batching.config").write_text("max_batch_size { value: 8 }\nbatch_timeout_micros { value: 1000 }\n")
+    (tmp_path / "monitoring.config").write_text("prometheus_config { enable: true }\n")
+    (tmp_path / "models.config").write_text(make_model_config({"linear": test_models / "linear"}))
+    grpc_port = free_port()
+    flags = {
+        "port": grpc_port, "grpc_socket_path": tmp_path / "grpc.sock", "grpc_channel_arguments": "",
+        "grpc_max_threads": 0, "enable_grpc_healthcheck_service": "true", "enable_serialization_as_tensor_content":
+        "false", "ssl_config_file": ssl_config, "use_alts_credentials": "false", "rest_api_num_threads": 4,
+        "rest_api_timeout_in_ms": 30000, "rest_api_enable_cors_support": "true", "enable_batching": "true",
+        "batching_parameters_file": tmp_path / "batching.config", "enable_per_model_batching_parameters": "false",
+        "allow_version_labels_for_unavailable_models": "false", "model_config_file": tmp_path / "models.config",
+        "model_config_file_poll_wait_seconds": 0, "file_system_poll_wait_seconds": 1,
+        "monitoring_config_file": tmp_path / "monitoring.config", "max_num_load_retries": 0,
+        "load_retry_interval_micros": 60000000, "num_load_threads": 2, "num_unload_threads": 2,
+        "flush_filesystem_caches": "true", "tensorflow_session_parallelism": 0, "tensorflow_intra_op_parallelism": 1,
+        "tensorflow_inter_op_parallelism": 1, "tensorflow_session_config_file": "", "platform_config_file": "",
+        "per_process_gpu_memory_fraction": 0.5, "saved_model_tags": "serve", "enable_model_warmup": "true",
+        "num_request_iterations_for_warmup": 1, "prefer_tflite_model": "false", "num_tflite_pools": 2,
+        "num_tflite_interpreters_per_pool": 1, "remove_unused_fields_from_bundle_metagraph": "true",
+        "enable_signature_method_name_check": "true", "xla_cpu_compilation_enabled": "false",
+        "xla_gpu_compilation_enabled": "false", "enable_profiler": "true", "thread_pool_factory_config_file": "",
+        "mixed_precision": "", "skip_initialize_tpu": "true"}
+    main_cc = {"version", "model_name", "model_base_path", "rest_api_port"}  # rest_api_port: BrokerProcess's
+    assert set(flags) | main_cc == set(TF_SERVING_FLAGS), sorted(set(TF_SERVING_FLAGS) ^ (set(flags) | main_cc))
+    broker = BrokerProcess(tmp_path / "run", [f"--{name}={value}" for name, value in flags.items()], frontends=1)
+    try:
+        broker.wait_available(["linear"])
+        assert broker.predict("linear", {"instances": [2.0]}).json() == {"predictions": [4.0]}
+        request = pb.PredictRequest()
+        request.model_spec.name = "linear"
+        request.inputs["x"].dtype = pb.DATA_TYPES["DT_FLOAT"]
+        request.inputs["x"].tensor_shape.dim.add(size=1)
+        request.inputs["x"].float_val.append(2.0)
+        method = "/tensorflow.serving.PredictionService/Predict"
+        with_client = grpc.ssl_channel_credentials(tls["ca.pem"], tls["client.key"], tls["client.pem"])
+        with grpc.secure_channel(f"localhost:{grpc_port}", with_client) as channel:
+            call = channel.unary_unary(method, request_serializer=lambda m: m.SerializeToString(),
+                                       response_deserializer=pb.PredictResponse.FromString)
+            assert list(call(request, timeout=30).outputs["y"].float_val) == [4.0]
+        without = grpc.ssl_channel_credentials(tls["ca.pem"])  # TLS, but no client certificate
+        with grpc.secure_channel(f"localhost:{grpc_port}", without) as channel:
+            call = channel.unary_unary(method, request_serializer=lambda m: m.SerializeToString(),
+                                       response_deserializer=pb.PredictResponse.FromString)
+            with pytest.raises(grpc.RpcError) as refused:
+                call(request, timeout=30)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:  # no TLS at all
+            call = channel.unary_unary(method, request_serializer=lambda m: m.SerializeToString(),
+                                       response_deserializer=pb.PredictResponse.FromString)
+            with pytest.raises(grpc.RpcError):
+                call(request, timeout=10)
+    finally:
+        stop_and_check(broker)
+
+
+@pytest.mark.parametrize(("flag", "reason"), [
+    ("--platform_config_file=/etc/platform.config", "serves the TensorFlow platform only"),
+    ("--tensorflow_session_config_file=/etc/session.config", "--per_process_gpu_memory_fraction"),
+    ("--thread_pool_factory_config_file=/etc/pools.config", "TensorFlow's own thread pools"),
+    ("--mixed_precision=fp16", "bfloat16"),
+    ("--per_process_gpu_memory_fraction=1.5", "0 to 1"),
+    ("--ssl_config_file=/nowhere/ssl.config", "ssl_config_file /nowhere/ssl.config"),
+    ("--use_alts_credentials=true --ssl_config_file=/x", "Either use_alts_credentials must be false"),
+])
+def test_flags_with_no_meaning_here_are_refused_with_the_reason(flag: str, reason: str) -> None:
+    result = subprocess.run([sys.executable, "-m", "broker", "--model_name=m", "--model_base_path=/nowhere",
+                             *flag.split()], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result
+    assert reason in result.stderr and "unrecognized arguments" not in result.stderr, result.stderr

@@ -81,3 +81,17 @@ def resolve_devices(spec: str) -> list[Device]:
     if len({d.name for d in devices}) != len(devices):
         raise ConfigError(f"--devices names a GPU twice: {spec!r} (one worker per model version per GPU)")
     return devices
+
+
+def gpu_memory_mib(device_id: str) -> int | None:
+    """The memory of CUDA device ``device_id`` (as CUDA_VISIBLE_DEVICES names it), in MiB, from
+    nvidia-smi; None when it does not answer."""
+    if not shutil.which("nvidia-smi"):
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits",
+                              f"--id={device_id}"], capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    first = out.stdout.strip().splitlines()[:1]
+    return int(first[0]) if out.returncode == 0 and first and first[0].strip().isdigit() else None

@@ -112,6 +112,11 @@ class GrpcOptions:
         "Serve grpc.health.v1.Health: SERVING for ModelService and PredictionService."))
     enable_serialization_as_tensor_content: bool = field(default=False, metadata=field_help(
         "Answer numeric gRPC outputs in tensor_content rather than the typed fields."))
+    ssl_config_file: str = field(default="", metadata=field_help(
+        "TF Serving's SSLConfig (text protobuf: server_key, server_cert, custom_ca, client_verify): the gRPC "
+        "port and socket take TLS only, and with client_verify only clients whose certificate custom_ca signed."))
+    use_alts_credentials: bool = field(default=False, metadata=field_help(
+        "The gRPC port takes Google's ALTS only (on Google Cloud)."))
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -119,6 +124,10 @@ class GrpcOptions:
         if self.grpc_max_threads < 0:
             raise ConfigError(f"grpc_max_threads must be >= 0, got {self.grpc_max_threads}")
         channel_arguments(self.grpc_channel_arguments)  # checks them
+        if self.use_alts_credentials and self.ssl_config_file:
+            raise ConfigError("Either use_alts_credentials must be false or ssl_config_file must be empty.")
+        if self.ssl_config_file:
+            read_ssl_config(self.ssl_config_file)  # refused at start, not in every frontend
 
     @property
     def enabled(self) -> bool:
@@ -166,6 +175,54 @@ class FrontendConfig:
             return parse_flags(cls, argv)
         except SystemExit:  # argparse's way of saying a flag is wrong (it has printed why)
             raise ConfigError(f"{FRONTEND_ENV}: cannot use {' '.join(argv)!r}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class SslConfig:
+    """TF Serving's SSLConfig (tensorflow_serving/config/ssl_config.proto): PEM texts."""
+
+    server_key: str = ""
+    server_cert: str = ""
+    custom_ca: str = ""
+    client_verify: bool = False
+
+
+def read_ssl_config(path: str) -> SslConfig:
+    """The SSLConfig text protobuf at ``path``; ConfigError says what is wrong with it."""
+    from google.protobuf import text_format
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError as exc:
+        raise ConfigError(f"--ssl_config_file {path}: {exc.strerror}") from None
+    message = _ssl_config_class()()
+    try:
+        text_format.Parse(text, message)
+    except text_format.ParseError as exc:
+        raise ConfigError(f"--ssl_config_file {path} is not an SSLConfig text protobuf: {exc}") from None
+    config = SslConfig(message.server_key, message.server_cert, message.custom_ca, message.client_verify)
+    if not config.server_key or not config.server_cert:
+        raise ConfigError(f"--ssl_config_file {path}: server_key and server_cert are both needed")
+    if config.client_verify and not config.custom_ca:
+        raise ConfigError(f"--ssl_config_file {path}: client_verify needs custom_ca, the CA that signs the clients")
+    return config
+
+
+def _ssl_config_class() -> type:
+    """SSLConfig's message class, from its four fields (TF Serving's names and numbers)."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    kinds = descriptor_pb2.FieldDescriptorProto
+    file = descriptor_pb2.FileDescriptorProto(name="tfbroker/ssl_config.proto", package="tensorflow.serving",
+                                              syntax="proto3")
+    message = file.message_type.add(name="SSLConfig")
+    for number, (name, kind) in enumerate((("server_key", kinds.TYPE_STRING), ("server_cert", kinds.TYPE_STRING),
+                                           ("custom_ca", kinds.TYPE_STRING), ("client_verify", kinds.TYPE_BOOL)), 1):
+        message.field.add(name=name, number=number, type=kind, label=kinds.LABEL_OPTIONAL)
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(file)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("tensorflow.serving.SSLConfig"))
 
 
 def channel_arguments(text: str) -> tuple[tuple[str, int | str], ...]:
@@ -222,6 +279,10 @@ class WorkerConfig(ChildConfig):
         "Times each warm-up record runs."))
     prefer_tflite_model: bool = field(default=False, metadata=field_help(
         "Serve the version's model.tflite, when it has one, with TensorFlow Lite's interpreter."))
+    per_process_gpu_memory_fraction: float = field(default=0.0, metadata=field_help(
+        "This worker's share of its GPU's memory, taken at start; 0: grow as needed."))
+    mixed_precision: str = field(default="", metadata=field_help(
+        "bfloat16: TensorFlow's oneDNN bfloat16 auto mixed precision; empty: none."))
 
     @property
     def title(self) -> str:

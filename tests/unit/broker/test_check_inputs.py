@@ -145,3 +145,23 @@ def test_classify_needs_a_classify_signature_and_one_string_tensor_of_examples()
     classify = served_with({"inputs": ("string", None)}, method="classify")
     classify.signatures["serving_default"].outputs["scores"] = (F32, [-1])
     assert check_inputs(classify, "serving_default", [spec], [b""], "classify") == (2, None)
+
+
+def test_the_method_name_check_takes_tf_serving_s_three_methods_only() -> None:
+    """--enable_signature_method_name_check (predict_util.cc's words, and its Internal status)."""
+    from broker.models import check_method_name
+    from tfbroker.wire.errors import Internal
+
+    for method in ("predict", "classify", "regress"):
+        check_method_name(served_with({"x": (F32, [-1])}, method), "serving_default")
+    with pytest.raises(Internal, match=re.escape("Expected prediction signature method_name to be one of "
+                                                 "{tensorflow/serving/predict, tensorflow/serving/classify, "
+                                                 "tensorflow/serving/regress}. Was: tensorflow/serving/custom")):
+        check_method_name(served_with({"x": (F32, [-1])}, "custom"), "serving_default")
+
+
+def test_one_plain_value_for_several_inputs_gets_json_tensor_s_words() -> None:
+    from tfbroker.wire.errors import PLAIN_INSTANCES
+
+    with pytest.raises(InvalidArgument, match=re.escape(PLAIN_INSTANCES)):
+        check(served_with({"a": (F32, [-1]), "b": (F32, [-1])}), protocol.TensorSpec("", F32, (2,)))
