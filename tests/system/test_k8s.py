@@ -84,10 +84,9 @@ def test_the_frontends_reach_the_broker_and_probe_the_model_status() -> None:
     keys = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}["keys"]["secret"]["items"]
     key_files = {f"{mounts['keys']}/{item['path']}" for item in keys}
     assert {env["TFBROKER_CURVE_SECRET_KEY_FILE"], env["TFBROKER_CURVE_SERVER_KEY_FILE"]} <= key_files
-    model = find("ConfigMap", "tfbroker-models")["data"]["models.config"].split('name: "')[1].split('"')[0]
-    assert frontends["readinessProbe"]["httpGet"]["path"] == f"/v1/models/{model}"
+    assert frontends["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]
-    assert annotations["prometheus.io/path"] == env["TFBROKER_METRICS_PATH"]
+    assert f"--metrics_path={annotations['prometheus.io/path']}" in env["TFBROKER_FRONTEND"].split()
     assert env["PROMETHEUS_MULTIPROC_DIR"] == mounts["metrics"]
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert find("Service", "tfbroker")["spec"]["selector"].items() <= labels.items()

@@ -90,7 +90,7 @@ def test_frontends_on_host_a_serve_through_a_broker_on_host_b(two_hosts: dict[st
                         {"TFBROKER_ADDRESS": address, "TFBROKER_BIND": f"unix:{socket_path}",
                          "TFBROKER_FRONTENDS": "1",
                          # TF Serving's gRPC API too, on a unix socket the test reaches from outside host A.
-                         "TFBROKER_GRPC": f"--port=0 --grpc_socket_path={grpc_path}",
+                         "TFBROKER_FRONTEND": f"--port=0 --grpc_socket_path={grpc_path}",
                          "TFBROKER_CURVE_SECRET_KEY_FILE": str(keys / "frontend.key_secret"),
                          "TFBROKER_CURVE_SERVER_KEY_FILE": str(keys / "broker.key")})
     http = httpx.Client(transport=httpx.HTTPTransport(uds=socket_path), base_url="http://host-a", timeout=60)

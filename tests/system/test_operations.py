@@ -68,7 +68,7 @@ def gunicorn_frontends(tmp_path: Path) -> Iterator[Any]:
     def start(address: str, workers: int = 2) -> tuple[subprocess.Popen[bytes], str]:
         port = free_port()
         env = {**os.environ, "TFBROKER_ADDRESS": address, "TFBROKER_FRONTENDS": str(workers),
-               "TFBROKER_BIND": f"127.0.0.1:{port}", "TFBROKER_TIMEOUT_MS": "10000"}
+               "TFBROKER_BIND": f"127.0.0.1:{port}", "TFBROKER_FRONTEND": "--rest_api_timeout_in_ms=10000"}
         log = open(tmp_path / "gunicorn.log", "wb")  # noqa: SIM115 - closed with the process
         process = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "ops/gunicorn.conf.py",
                                     "frontend.app:app"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -27,7 +27,7 @@ def both(tmp_path_factory: pytest.TempPathFactory, test_models: Path) -> Iterato
     broker = BrokerProcess(tmp_path, [f"--model_config_file={tmp_path / 'models.config'}",
                                       "--max_request_body_bytes=4096"], frontends=1)
     port = free_port()
-    env = {**os.environ, "TFBROKER_ADDRESS": broker.address, "TFBROKER_LIMITS": "--max_request_body_bytes=4096"}
+    env = {**os.environ, "TFBROKER_ADDRESS": broker.address, "TFBROKER_FRONTEND": "--max_request_body_bytes=4096"}
     granian = subprocess.Popen([sys.executable, "-m", "granian", "--interface", "rsgi", "--workers", "2", "--host",
                                 "127.0.0.1", "--port", str(port), "--log-level", "warning", "frontend.rsgi:app"],
                                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
