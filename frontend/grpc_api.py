@@ -16,7 +16,7 @@ import grpc
 from google.protobuf import json_format, text_format
 
 from frontend import grpc_messages as pb
-from frontend.grpc_server import unary
+from frontend.grpc_handlers import unary
 from frontend.grpc_tensors import from_proto, to_proto
 from frontend.pipeline import CLASSIFY, METADATA, PREDICT, REGRESS, RELOAD, STATUS, ModelCall, Pipeline
 from frontend.tf_example import classifications, regressions

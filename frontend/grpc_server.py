@@ -1,8 +1,8 @@
 """The frontend's gRPC server: TF Serving's services (frontend/grpc_api.py), the Open Inference
 Protocol's (frontend/oip_grpc.py) and grpc.health.v1, on the frontend's event loop.
 
-Every RPC answers a TFBrokerError with the gRPC code of its class (tfbroker/wire/errors.py)
-and its text; the Pipeline has already turned anything else into Internal. Health follows
+Every RPC answers a TFBrokerError with the gRPC code of its class (frontend/grpc_handlers.py).
+Health follows
 the truth: SERVING once the broker serves its initial models, NOT_SERVING before and while
 the frontend stops, for the server (""), TF Serving's services by their full names and by
 the short ones TF Serving registers (server.cc: "ModelService", "PredictionService"), and
@@ -13,56 +13,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from frontend.pipeline import Pipeline
 from tfbroker.runtime.settings import GrpcOptions, channel_arguments, read_ssl_config
-from tfbroker.wire.errors import Internal, TFBrokerError
-
-log = logging.getLogger("tfbroker.grpc")
 
 HEALTH_SERVICES = ("", "tensorflow.serving.ModelService", "tensorflow.serving.PredictionService", "ModelService",
                    "PredictionService", "inference.GRPCInferenceService")
 HEALTH_REFRESH_S = 1.0  # how soon a Watch of health sees the truth change (a Check asks at once)
-
-
-def status_code(error: TFBrokerError) -> grpc.StatusCode:
-    return getattr(grpc.StatusCode, error.grpc_code, grpc.StatusCode.UNKNOWN)
-
-
-def unary(method: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]], request_type: Any) -> Any:
-    """One unary RPC: a TFBrokerError to its gRPC code and text."""
-
-    async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            return await method(request, context)
-        except TFBrokerError as exc:
-            await context.abort(status_code(exc), exc.message)
-        except Exception as exc:  # noqa: BLE001 - a bug outside the pipeline answers this RPC, not the process
-            if isinstance(exc, (grpc.aio.AbortError, asyncio.CancelledError)):
-                raise
-            log.exception("gRPC call failed")
-            await context.abort(grpc.StatusCode.INTERNAL, Internal(f"frontend error: {type(exc).__name__}: {exc}")
-                                .message)
-        raise AssertionError("unreachable: abort raises")
-
-    return grpc.unary_unary_rpc_method_handler(handle, request_deserializer=request_type.FromString,
-                                               response_serializer=_serialize)
-
-
-def stream(method: Callable[[AsyncIterator[Any], grpc.aio.ServicerContext], AsyncIterator[Any]],
-           request_type: Any) -> Any:
-    """One bidirectional stream; ``method`` answers each request in turn (its errors in its answers)."""
-    return grpc.stream_stream_rpc_method_handler(method, request_deserializer=request_type.FromString,
-                                                 response_serializer=_serialize)
-
-
-def _serialize(message: Any) -> bytes:
-    return message.SerializeToString()  # type: ignore[no-any-return]
 
 
 async def start_server(pipeline: Pipeline) -> grpc.aio.Server:

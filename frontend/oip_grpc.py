@@ -22,7 +22,7 @@ import numpy as np
 
 from frontend import grpc_messages as pb
 from frontend import oip_tensors
-from frontend.grpc_server import stream, unary
+from frontend.grpc_handlers import stream, unary
 from frontend.pipeline import METADATA, PREDICT, ModelCall, Pipeline
 from tfbroker.client import Prediction
 from tfbroker.wire.errors import InvalidArgument, TFBrokerError

@@ -15,7 +15,8 @@ import pytest
 from frontend import grpc_messages as pb
 from frontend.app import create_app
 from frontend.grpc_api import Services
-from frontend.grpc_server import TruthfulHealth, status_code
+from frontend.grpc_handlers import status_code
+from frontend.grpc_server import TruthfulHealth
 from grpc_health.v1 import health_pb2
 from frontend.oip_grpc import InferenceService
 from frontend.pipeline import Pipeline
@@ -127,7 +128,7 @@ def test_one_error_table_for_every_api() -> None:
         client = HeldClient()
         app = create_app(client, config=FrontendConfig())  # type: ignore[arg-type]
         pipeline: Pipeline = app.pipeline  # type: ignore[attr-defined]
-        from frontend.grpc_server import unary
+        from frontend.grpc_handlers import unary
 
         for cls in ERROR_CLASSES:
             client.error = cls("the reason")
