@@ -237,6 +237,10 @@ class ServerConfig:
     thread_pool_factory_config_file: str = field(default="", metadata=_help(
         "Refused: the workers use TensorFlow's own thread pools (--tensorflow_*_parallelism)."))
     # --- ours ---
+    enable_model_control: bool = field(default=False, metadata=_help(
+        "Let clients load and unload models with the Open Inference Protocol's model repository extension "
+        "(Triton's --model-control-mode=explicit); off, they may list it only, and python -m broker.ctl "
+        "alone loads and unloads."))
     frontends: int = field(default=2, metadata=_help(
         "HTTP frontend processes to run; 0 runs none (start them under gunicorn instead)."))
     rest_api_host: str = field(default="0.0.0.0", metadata=_help(

@@ -124,6 +124,39 @@ class ControlChannel:
 
     # --- implementation ---
 
+    def repository(self, header: protocol.Repository) -> dict[str, Any]:
+        """The Open Inference Protocol's model repository extension, from a client: the index
+        always; load and unload only with --enable_model_control (Triton's explicit mode)."""
+        if header.op == "index":
+            return {"models": self.repository_index(header.ready_only)}
+        if not self.config.enable_model_control:
+            raise InvalidArgument(f"{header.op} of a model over the API is off: start the broker with "
+                                  "--enable_model_control, or use python -m broker.ctl")
+        if header.model is None:
+            raise InvalidArgument(f"{header.op} needs a model name")
+        if header.op == "load":
+            return self._message(self._versions.load_model_by_hand(header.model))
+        return self._message(self._versions.unload_model_by_hand(header.model))
+
+    def repository_index(self, ready_only: bool) -> list[dict[str, str]]:
+        """Every model's versions as Triton's index lists them (READY, LOADING, UNLOADING,
+        UNAVAILABLE, with the reason)."""
+        index = []
+        for model in sorted(self._versions.models.values(), key=lambda m: m.name):
+            for served in sorted(model.versions.values(), key=lambda v: v.version):
+                state = {"AVAILABLE": "READY", "START": "LOADING", "LOADING": "LOADING",
+                         "UNLOADING": "UNLOADING"}.get(served.state.value, "UNAVAILABLE")
+                if served.draining and state == "READY":
+                    state = "UNAVAILABLE"
+                if ready_only and state != "READY":
+                    continue
+                index.append({"name": model.name, "version": str(served.version), "state": state,
+                              "reason": served.error or ("draining" if served.draining else "")})
+            if not model.versions and not ready_only:
+                index.append({"name": model.name, "version": "", "state": "UNAVAILABLE",
+                              "reason": "no version loaded"})
+        return index
+
     def _message(self, text: str) -> dict[str, Any]:
         log.info("%s", text)
         return {"message": text}

@@ -137,10 +137,26 @@ class VersionManager:
             model.wanted_labels = dict(config.version_labels)
             model.loaded_by_hand.clear()  # the config file is the truth again
             model.unloaded_by_hand.clear()
+            model.unloaded = False
             self._note_labels(model)
         return changes
 
     # --- control channel ---
+
+    def load_model_by_hand(self, name: str) -> str:
+        """The model repository's load: what its version policy wants serves again (after an
+        unload), its version directories looked at afresh."""
+        model = self._model(name)
+        model.on_disk = {**find_versions(model.config.base_path), **model.on_disk}
+        model.unloaded = False
+        if not model.aspired():
+            raise NotFound(f"model {name} has no version to load under {model.config.base_path}")
+        return f"model {name} will serve versions {', '.join(map(str, sorted(model.aspired())))}"
+
+    def unload_model_by_hand(self, name: str) -> str:
+        """The model repository's unload: every version of the model, after the requests it holds."""
+        self._model(name).unloaded = True
+        return f"model {name} unloads every version after the requests it holds"
 
     def load_by_hand(self, name: str, version: int) -> str:
         model = self._model(name)

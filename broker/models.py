@@ -165,13 +165,14 @@ class ServedModel:
     loaded_by_hand: set[int] = field(default_factory=set)
     unloaded_by_hand: set[int] = field(default_factory=set)
     removed: bool = False  # gone from the config file: every version unloads
+    unloaded: bool = False  # unloaded through the model repository extension: none serves until a load
 
     @property
     def name(self) -> str:
         return self.config.name
 
     def aspired(self) -> set[int]:
-        if self.removed:
+        if self.removed or self.unloaded:
             return set()
         wanted = aspired_versions(self.config.model_version_policy, self.on_disk)
         wanted |= self.loaded_by_hand & self.on_disk.keys()
@@ -207,6 +208,8 @@ class ServedModel:
 
     def resolve(self, version: int | None, label: str | None) -> ServedVersion:
         """The version a request is pinned to, chosen once at admission."""
+        if self.unloaded:  # (the model repository's unload: new requests find no model from then on)
+            raise NotFound(f"Servable not found for request: Latest({self.name}) (unloaded)")
         if label:
             version = self.version_of_label(label)
         if version is not None:

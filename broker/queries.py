@@ -50,7 +50,7 @@ def health(models: Mapping[str, ServedModel], header: protocol.Query, stopping: 
             raise NotFound(f"Servable not found for request: Latest({header.model})")
         asked = [models[header.model]]
     else:
-        asked = list(models.values())
+        asked = [model for model in models.values() if not model.unloaded]  # (unloaded on purpose)
     for model in asked:
         try:
             model.resolve(header.version, header.label)

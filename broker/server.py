@@ -205,6 +205,14 @@ class Broker:
             self.inflight.cancel(client, header.id)
         elif command == protocol.HEARTBEAT:
             self.outbox.add(client, [protocol.HEARTBEAT, protocol.encode_header(protocol.Heartbeat())])
+        elif command == protocol.REPOSITORY:
+            alike.clear()
+            try:
+                body = self.control.repository(header)
+            except TFBrokerError as exc:
+                self.inflight.reply_error(client, header.id, exc)
+                return
+            self.outbox.add(client, [protocol.REPLY, protocol.encode_header(protocol.ControlReply(id=header.id, body=body))])
         elif command == protocol.RELOAD:
             alike.clear()  # the models may change: what was resolved before no longer holds
             try:

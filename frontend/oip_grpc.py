@@ -1,9 +1,11 @@
 """The Open Inference Protocol over gRPC: ``inference.GRPCInferenceService`` on the gRPC port,
 beside TF Serving's services (frontend/grpc_server.py), through the same Pipeline.
 
-ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer and
+ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer,
 ModelStreamInfer (Triton's streaming extension: every request of a stream answered in the
-order it came, each one batched with everyone else's). A request's tensors come in the typed
+order it came, each one batched with everyone else's) and the model repository extension
+(RepositoryIndex; RepositoryModelLoad and RepositoryModelUnload with the broker's
+--enable_model_control). A request's tensors come in the typed
 ``contents`` or in ``raw_input_contents`` (tritonclient's default), the latter forwarded to
 the broker as the bytes they are; outputs go back in ``raw_output_contents``, as Triton
 answers. ``model_version`` is a number, a version label, or empty for the latest. Errors
@@ -23,7 +25,7 @@ import numpy as np
 from frontend import grpc_messages as pb
 from frontend import oip_tensors
 from frontend.grpc_handlers import stream, unary
-from frontend.pipeline import METADATA, PREDICT, ModelCall, Pipeline
+from frontend.pipeline import METADATA, PREDICT, REPOSITORY, ModelCall, Pipeline
 from tfbroker.client import Prediction
 from tfbroker.wire.errors import InvalidArgument, TFBrokerError
 
@@ -95,6 +97,31 @@ class InferenceService:
                 left = started.get_nowait()
                 if left is not None:
                     left.cancel()
+
+
+    async def repository_index(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def parse() -> ModelCall:
+            return ModelCall(REPOSITORY, inputs=("index", request.ready))
+
+        def answer(call: ModelCall, reply: dict[str, Any]) -> Any:
+            response = pb.RepositoryIndexResponse()
+            for entry in reply["models"]:
+                response.models.add(**entry)
+            return response
+
+        return await self.pipeline.run("GRPC", REPOSITORY, "", parse, answer)
+
+    async def repository_model_load(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await self._repository_change("load", request.model_name, pb.RepositoryModelLoadResponse)
+
+    async def repository_model_unload(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await self._repository_change("unload", request.model_name, pb.RepositoryModelUnloadResponse)
+
+    async def _repository_change(self, op: str, model: str, response: Any) -> Any:
+        async def parse() -> ModelCall:
+            return ModelCall(REPOSITORY, model, inputs=(op, False))
+
+        return await self.pipeline.run("GRPC", REPOSITORY, model, parse, lambda call, reply: response())
 
 
 def parse_infer(request: Any, asked_s: float | None) -> ModelCall:
@@ -182,5 +209,8 @@ def handlers(pipeline: Pipeline) -> list[Any]:
         "ModelMetadata": unary(service.model_metadata, pb.ModelMetadataRequest),
         "ModelInfer": unary(service.model_infer, pb.ModelInferRequest),
         "ModelStreamInfer": stream(service.model_stream_infer, pb.ModelInferRequest),
+        "RepositoryIndex": unary(service.repository_index, pb.RepositoryIndexRequest),
+        "RepositoryModelLoad": unary(service.repository_model_load, pb.RepositoryModelLoadRequest),
+        "RepositoryModelUnload": unary(service.repository_model_unload, pb.RepositoryModelUnloadRequest),
     }
     return [grpc.method_handlers_generic_handler("inference.GRPCInferenceService", methods)]

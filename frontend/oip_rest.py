@@ -7,6 +7,9 @@
     GET  /v2/models/M[/versions/V]                  model metadata (serving_default's tensors)
     GET  /v2/models/M[/versions/V]/ready            200 when that model (version) takes requests
     POST /v2/models/M[/versions/V]/infer            inference
+    POST /v2/repository/index                       the model repository extension: every model's
+    POST /v2/repository/models/M/load | /unload     versions and states; load and unload with the
+                                                    broker's --enable_model_control
 
 V is a version number or a version label, as TF Serving's ``/labels/`` paths. An inference
 request's tensors are JSON or binary (Triton's binary tensor data extension, with
@@ -28,7 +31,7 @@ from urllib.parse import unquote
 import orjson
 
 from frontend import oip_tensors
-from frontend.pipeline import METADATA, PREDICT, ModelCall, Pipeline
+from frontend.pipeline import METADATA, PREDICT, REPOSITORY, ModelCall, Pipeline
 from tfbroker.client import Prediction
 from tfbroker.wire.errors import InvalidArgument, NotFound, TFBrokerError
 
@@ -40,6 +43,7 @@ OCTETS = (b"content-type", b"application/octet-stream")
 NUMPY = orjson.OPT_SERIALIZE_NUMPY
 
 _MODEL = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer)?")
+_REPOSITORY = re.compile(r"/v2/repository/models/([^/]+)/(load|unload)")
 
 Answer = tuple[int, bytes, list[tuple[bytes, bytes]]]
 
@@ -79,6 +83,15 @@ class OipRest:
             _expect(method, "GET", path)
             ready, reason = await self.pipeline.ready()
             return _json({"ready": True}) if ready else _json({"ready": False, "error": reason}, 503)
+        if path == "/v2/repository/index":
+            _expect(method, "POST", path)
+            request = _object(body) if body.strip() else {}
+            return await self.repository("index", "", request.get("ready") is True)
+        if match := _REPOSITORY.fullmatch(path):
+            _expect(method, "POST", path)
+            if body.strip():
+                _object(body)  # (its parameters, a config to load with, are not taken: the broker's config is)
+            return await self.repository(match[2], unquote(match[1]), False)
         match = _MODEL.fullmatch(path)
         if match is None:
             raise NotFound(f"{method} {path} is not part of the Open Inference Protocol")
@@ -100,6 +113,15 @@ class OipRest:
             return parse_infer(model, version, label, headers, body)
 
         return await self.pipeline.run("REST", PREDICT, model, parse, format_infer)
+
+    async def repository(self, op: str, model: str, ready_only: bool) -> Answer:
+        async def parse() -> ModelCall:
+            return ModelCall(REPOSITORY, model, inputs=(op, ready_only))
+
+        def answer(call: ModelCall, reply: dict[str, Any]) -> Answer:
+            return (200, orjson.dumps(reply["models"]), []) if op == "index" else (200, b"", [])
+
+        return await self.pipeline.run("REST", REPOSITORY, model, parse, answer)
 
     async def metadata(self, model: str, version: int | None, label: str | None) -> Answer:
         async def parse() -> ModelCall:

@@ -39,13 +39,14 @@ T = TypeVar("T")
 
 # What a ModelCall may ask of the broker.
 PREDICT, CLASSIFY, REGRESS, METADATA, STATUS, RELOAD = "predict", "classify", "regress", "metadata", "status", "reload"
+REPOSITORY = "repository"  # the model repository extension: inputs (op, ready_only)
 
 
 @dataclass(slots=True)
 class ModelCall:
     """One broker call, as every API asks it."""
 
-    verb: str  # PREDICT, CLASSIFY, REGRESS (inputs), METADATA, STATUS, RELOAD (inputs: the config text)
+    verb: str  # PREDICT, CLASSIFY, REGRESS (inputs), METADATA, STATUS, RELOAD (inputs: the config text), REPOSITORY
     model: str = ""
     version: int | None = None
     label: str | None = None
@@ -123,6 +124,9 @@ class Pipeline:
             return await client.status(call.model, version=call.version, label=call.label)
         if verb == RELOAD:
             return await client.reload_config(call.inputs)
+        if verb == REPOSITORY:
+            op, ready_only = call.inputs
+            return await client.repository(op, call.model or None, ready_only=ready_only)
         raise AssertionError(f"no such call: {verb}")
 
     # --- health ---

@@ -98,6 +98,14 @@ class AsyncClient(ClientBase):
         """Whether the broker serves (see Client.health)."""
         return health_reply(await self.request(*self._query_call(protocol.HEALTH, model, version, label)))
 
+    async def repository(self, op: str, model: str | None = None, *, ready_only: bool = False) -> dict[str, Any]:
+        """The model repository extension: ``index`` (``{"models": [...]}``), ``load`` or
+        ``unload`` a model (``{"changes": ...}``)."""
+        request_id = next(self._ids)
+        header = protocol.Repository(id=request_id, op=op, model=model, ready_only=ready_only)  # type: ignore[arg-type]
+        reply = as_dict(await self.request(request_id, protocol.encode(protocol.REPOSITORY, header), self.timeout_s))
+        return dict(reply["body"])
+
     async def stats(self) -> dict[str, Any]:
         """The broker's counters (see Client.stats)."""
         return as_dict(await self.request(*self._query_call(protocol.STATS)))

@@ -18,7 +18,7 @@ import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import BrokerProcess, make_model_config, reference_outputs, stop_and_check
+from tests.conftest import BrokerProcess, make_model_config, reference_outputs, stop_and_check, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,8 @@ def broker(test_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
            model_version_policy {{ all {{}} }} version_labels {{ key: "stable" value: 2 }} }}""")
     (tmp / "models.config").write_text(config)
     started = BrokerProcess(tmp, [f"--model_config_file={tmp / 'models.config'}",
-                                  "--enable_grpc_healthcheck_service=true"], frontends=2)
+                                  "--enable_grpc_healthcheck_service=true", "--enable_model_control=true"],
+                           frontends=2)
     try:
         started.wait_available([*models, "linear"])
         yield started
@@ -278,3 +279,27 @@ def test_every_answer_carries_a_date_header(broker: BrokerProcess) -> None:
                broker.http.get("/v2/models/mlp")]
     for answer in answers:
         assert answer.status_code == 200 and "date" in answer.headers, answer.headers
+
+
+def test_the_model_repository_lists_unloads_and_loads(broker: BrokerProcess, http: triton_http.InferenceServerClient,
+                                                      rpc: triton_grpc.InferenceServerClient) -> None:
+    """tritonclient's repository calls, on the control channel's load and unload (the broker runs
+    with --enable_model_control)."""
+    index = {(m["name"], m["version"]): m["state"] for m in http.get_model_repository_index()}
+    assert index[("two_io", "1")] == "READY" and index[("linear", "1")] == "READY"
+    assert {m.name for m in rpc.get_model_repository_index().models} >= {"mlp", "two_io", "linear"}
+    ready = broker.http.post("/v2/repository/index", json={"ready": True}).json()
+    assert ready and all(m["state"] == "READY" for m in ready)
+    body = {"inputs": [{"name": "a", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]},
+                       {"name": "b", "shape": [1], "datatype": "INT64", "data": [3]}]}
+    rpc.unload_model("two_io")
+    assert broker.http.post("/v2/models/two_io/infer", json=body).status_code == 404  # at once
+    assert not http.is_model_ready("two_io")
+    wait_for(lambda: {m["state"] for m in http.get_model_repository_index() if m["name"] == "two_io"}
+             == {"UNAVAILABLE"}, 60, "two_io's worker to go")
+    assert http.is_server_ready()  # a model unloaded on purpose does not make the server unready
+    http.load_model("two_io")
+    wait_for(lambda: http.is_model_ready("two_io"), 120, "two_io to load again")
+    assert broker.http.post("/v2/models/two_io/infer", json=body).status_code == 200
+    with pytest.raises(InferenceServerException, match="no_such_model"):
+        http.load_model("no_such_model")

@@ -222,7 +222,8 @@ def _ssl_config_class() -> type:
         message.field.add(name=name, number=number, type=kind, label=kinds.LABEL_OPTIONAL)
     pool = descriptor_pool.DescriptorPool()
     pool.Add(file)
-    return message_factory.GetMessageClass(pool.FindMessageTypeByName("tensorflow.serving.SSLConfig"))
+    cls: type = message_factory.GetMessageClass(pool.FindMessageTypeByName("tensorflow.serving.SSLConfig"))
+    return cls
 
 
 def channel_arguments(text: str) -> tuple[tuple[str, int | str], ...]:

@@ -41,6 +41,10 @@ Client (frontend or ``tfbroker.client``) to broker, on the broker's frontend ROU
     HEALTH    Query {id, model?, version?, label?}   whether the broker serves: without a model,
                                          it is not stopping and every model has a version
                                          AVAILABLE; with one, that model (at that version)
+    REPOSITORY Repository {id, op, model?, ready_only?}   the model repository extension
+                                         (index, load, unload); answered by ControlReply
+                                         {body: {models: [...]}} or {body: {changes}};
+                                         load and unload only with --enable_model_control
     CANCEL    Cancel {id}                the client gave up: drop the request if it has not
                                          been dispatched (it is answered with ERROR 499)
     RELOAD    Reload {id, config}        TF Serving's ModelService.HandleReloadConfigRequest:
@@ -191,6 +195,7 @@ LOADED = b"\x10"
 RELOAD = b"\x11"
 BUNDLE = b"\x12"
 HEALTH = b"\x13"
+REPOSITORY = b"\x14"
 
 STRING = "string"
 
@@ -536,6 +541,16 @@ class Reload(Header):
     config: Annotated[str, msgspec.Meta(max_length=MAX_CONFIG_CHARS)]
 
 
+class Repository(Header):
+    """The Open Inference Protocol's model repository extension: ``index`` (every model's
+    versions and states; ``ready_only``: the AVAILABLE ones), ``load`` or ``unload`` ``model``."""
+
+    id: Id
+    op: Literal["index", "load", "unload"]
+    model: Name | None = None
+    ready_only: bool = False
+
+
 class Control(Header):
     id: Id
     op: Literal["status", "reload-config", "load", "unload", "label", "drain"]
@@ -549,10 +564,12 @@ HEADER_TYPES: dict[bytes, Any] = {
     READY: Union[Ready, IoReady], BATCH: Union[TaskBatch, JoinedBatch, LookupBatch],
     RESULT: Union[TaskResult, JoinedResult, LookupResult], DISCONNECT: Disconnect, STATS: Query, CONTROL: Control,
     CANCEL: Cancel, LOAD: Tables, UNLOAD: Tables, LOADED: TablesLoaded, RELOAD: Reload, BUNDLE: Bundle, HEALTH: Query,
+    REPOSITORY: Repository,
 }
 
 # What each socket takes: anything else is answered (clients) or dropped and counted (workers).
-CLIENT_TO_BROKER = frozenset({REQUEST, METADATA, STATUS, STATS, CANCEL, HEARTBEAT, RELOAD, BUNDLE, HEALTH})
+CLIENT_TO_BROKER = frozenset({REQUEST, METADATA, STATUS, STATS, CANCEL, HEARTBEAT, RELOAD, BUNDLE, HEALTH,
+                              REPOSITORY})
 BROKER_TO_CLIENT = frozenset({REPLY, ERROR, HEARTBEAT, BUNDLE})
 WORKER_TO_BROKER = frozenset({READY, RESULT, HEARTBEAT, DISCONNECT, LOADED})  # workers and I/O batchers
 BROKER_TO_WORKER = frozenset({BATCH, HEARTBEAT, DISCONNECT})
