@@ -1,8 +1,10 @@
-"""``python -m bench.grpc``: TF Serving's gRPC API against the REST API on one tfbroker
-(2 frontends, bench's mlp), interleaved rounds: req/s, p50, p99 and the frontends' CPU per
-request at c=1, 64 and 256, one row and 32 rows a request (float32 written at full precision
-in JSON; tensor_content and float_val in gRPC). wrk drives REST, h2load drives gRPC (both in C;
-bench.grpc_load's Python loop without h2load), their own CPU reported beside."""
+"""``python -m bench.grpc``: every way into one tfbroker (2 frontends, bench's mlp), interleaved
+rounds: TF Serving's REST and gRPC APIs and the Open Inference Protocol's (REST with JSON, REST
+with binary tensors as tritonclient sends them, gRPC with raw_input_contents as tritonclient
+sends them): req/s, p50, p99 and the frontends' and broker's CPU per request at c=1, 64 and
+256, one row and 32 rows a request (float32 written at full precision in JSON; tensor_content
+and float_val in TF Serving's gRPC). wrk drives REST, h2load drives gRPC (both in C;
+bench.grpc_load's Python loop without h2load, TF Serving's API only), their own CPU reported beside."""
 
 from __future__ import annotations
 
@@ -16,9 +18,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 
-from bench.grpc_load import h2load, request_bytes
+from bench.grpc_load import OIP_METHOD, h2load, oip_request_bytes, request_bytes
 from bench.load import wrk
 from bench.run import PORT, log
 from bench.run import _broker_stats as broker_stats
@@ -28,7 +31,23 @@ GRPC_PORT = 18500
 WIDTH = 256
 
 
+APIS = ("REST", "gRPC content", "gRPC typed", "OIP JSON", "OIP binary", "OIP gRPC raw")
+
+
+def oip_bodies(x: np.ndarray) -> tuple[str, bytes, dict[str, str]]:
+    """The protocol's JSON body, and its binary one with the header that announces it."""
+    tensor = {"name": "x", "shape": list(x.shape), "datatype": "FP32"}
+    text = json.dumps({"inputs": [{**tensor, "data": x.reshape(-1).tolist()}]})
+    head = json.dumps({"inputs": [{**tensor, "parameters": {"binary_data_size": x.nbytes}}],
+                       "outputs": [{"name": "y", "parameters": {"binary_data": True}}]}).encode()
+    return text, head + x.tobytes(), {"Inference-Header-Content-Length": str(len(head)),
+                                      "Content-Type": "application/octet-stream"}
+
+
 def grpc_load(rows: int, concurrency: int, seconds: float, encoding: str) -> dict[str, Any]:
+    if encoding == "raw":
+        return h2load("127.0.0.1", GRPC_PORT, oip_request_bytes("mlp", rows, WIDTH), concurrency, seconds,
+                      OIP_METHOD)
     if shutil.which("h2load"):
         return h2load("127.0.0.1", GRPC_PORT, request_bytes("mlp", rows, WIDTH, encoding), concurrency, seconds)
     result = subprocess.run([sys.executable, "-m", "bench.grpc_load", f"127.0.0.1:{GRPC_PORT}", "mlp", str(rows),
@@ -53,6 +72,10 @@ def check_grpc() -> None:
             for rows in (1, 32):
                 answer = call(request_bytes("mlp", rows, WIDTH, encoding), timeout=30)
                 assert answer.outputs["y"].tensor_shape.dim[0].size == rows, answer
+        infer = channel.unary_unary(OIP_METHOD, response_deserializer=pb.ModelInferResponse.FromString)
+        for rows in (1, 32):
+            answer = infer(oip_request_bytes("mlp", rows, WIDTH), timeout=30)
+            assert list(answer.outputs[0].shape)[0] == rows and answer.raw_output_contents, answer
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -66,21 +89,30 @@ def main(argv: list[str] | None = None) -> None:
     server = tfbroker_server(str(work / "mlp"), 2, PORT, tempfile.mkdtemp(prefix="tfb-"), [f"--port={GRPC_PORT}"])
     server.start()
     rng = np.random.default_rng(5)
-    bodies = {rows: json.dumps({"instances": rng.standard_normal((rows, WIDTH)).astype(np.float32).tolist()})
-              for rows in (1, 32)}
+    inputs = {rows: rng.standard_normal((rows, WIDTH)).astype(np.float32) for rows in (1, 32)}
+    bodies = {rows: json.dumps({"instances": x.tolist()}) for rows, x in inputs.items()}
+    oip = {rows: oip_bodies(x) for rows, x in inputs.items()}
+    oip_url = server.url.replace("/v1/models/mlp:predict", "/v2/models/mlp/infer")
     cells: dict[tuple[str, int, int], list[dict[str, Any]]] = {}
     try:
         check_grpc()
+        for answer in (httpx.post(oip_url, content=oip[32][0], timeout=30),
+                       httpx.post(oip_url, content=oip[32][1], headers=oip[32][2], timeout=30)):
+            assert answer.status_code == 200, answer.text[:300]
         wrk(server.url, bodies[1], 16, 2)
         grpc_load(1, 16, 2, "content")
         for round_ in range(args.rounds):
             for rows in (1, 32):
                 for concurrency in (1, 64, 256):
-                    for api in ("REST", "gRPC content", "gRPC typed"):
+                    for api in APIS:
                         before = cpu_by_role(server.process.pid)  # type: ignore[union-attr]
                         rejected = broker_stats(server)["rejected"]
                         if api == "REST":
                             result = wrk(server.url, bodies[rows], concurrency, args.duration_s)
+                        elif api == "OIP JSON":
+                            result = wrk(oip_url, oip[rows][0], concurrency, args.duration_s)
+                        elif api == "OIP binary":
+                            result = wrk(oip_url, oip[rows][1], concurrency, args.duration_s, oip[rows][2])
                         else:
                             result = grpc_load(rows, concurrency, args.duration_s, api.split()[1])
                         after = cpu_by_role(server.process.pid)  # type: ignore[union-attr]

@@ -66,7 +66,20 @@ async def run(target: str, body: bytes, concurrency: int, seconds: float) -> dic
             "p99_ms": float(np.percentile(latencies, 99) * 1000) if latencies else 0.0, "load_cpu_s": cpu}
 
 
-def h2load(host: str, port: int, body: bytes, concurrency: int, seconds: float) -> dict[str, float]:
+def oip_request_bytes(model: str, rows: int, width: int) -> bytes:
+    """The Open Inference Protocol's ModelInfer as tritonclient sends it: raw_input_contents."""
+    x = np.random.default_rng(5).standard_normal((rows, width)).astype(np.float32)
+    request = pb.ModelInferRequest(model_name=model)
+    request.inputs.add(name="x", datatype="FP32", shape=list(x.shape))
+    request.raw_input_contents.append(x.tobytes())
+    return bytes(request.SerializeToString())
+
+
+OIP_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+
+
+def h2load(host: str, port: int, body: bytes, concurrency: int, seconds: float,
+           method: str = METHOD) -> dict[str, float]:
     """h2load's closed loop: ``concurrency`` streams over up to 16 connections (so both
     frontends, which share the port, take connections), gRPC's length-prefixed message as the
     body. h2load sees HTTP status only: a gRPC error (HTTP 200 with grpc-status) counts as an
@@ -91,7 +104,7 @@ def h2load(host: str, port: int, body: bytes, concurrency: int, seconds: float) 
         result = subprocess.run(
             [binary, "-c", str(connections), "-m", str(streams), "-D", str(max(1, round(seconds))), "-d", data,
              "-H", "content-type: application/grpc", "-H", "te: trailers", "--log-file", log,
-             f"http://{host}:{port}{METHOD}"], capture_output=True, text=True, timeout=seconds + 60)
+             f"http://{host}:{port}{method}"], capture_output=True, text=True, timeout=seconds + 60)
         usage1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         if result.returncode != 0:
             raise RuntimeError(f"h2load failed: {result.stderr[-500:]}")

@@ -19,6 +19,7 @@ WRK_SCRIPT = """
 bodies = {%s}
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
+%s
 wrk.body = bodies[1]
 if #bodies > 1 then
   request = function() return wrk.format(nil, nil, nil, bodies[math.random(#bodies)]) end
@@ -33,11 +34,22 @@ end
 """
 
 
-def wrk(url: str, body: str | list[str], concurrency: int, duration_s: float) -> dict[str, Any]:
-    """One closed-loop wrk run; with several bodies each request takes one at random."""
-    bodies = [body] if isinstance(body, str) else body
+def wrk(url: str, body: str | bytes | list[str], concurrency: int, duration_s: float,
+        headers: dict[str, str] | None = None) -> dict[str, Any]:
+    """One closed-loop wrk run; with several bodies each request takes one at random. A body
+    in bytes (binary: the Open Inference Protocol's binary tensors) is read from a file."""
+    binary = None
+    if isinstance(body, bytes):
+        with tempfile.NamedTemporaryFile("wb", suffix=".bin", delete=False) as data:
+            data.write(body)
+        binary = data.name
+        bodies_lua = f'(function() local f = io.open("{binary}", "rb"); local b = f:read("*a"); f:close(); ' \
+                     'return b end)()'
+    else:
+        bodies_lua = ",".join(f"[==[{b}]==]" for b in ([body] if isinstance(body, str) else body))
+    header_lua = "\n".join(f'wrk.headers["{name}"] = "{value}"' for name, value in (headers or {}).items())
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
-        script.write(WRK_SCRIPT % ",".join(f"[==[{b}]==]" for b in bodies))
+        script.write(WRK_SCRIPT % (bodies_lua, header_lua))
     try:
         before = _children_cpu_s()
         result_ = subprocess.run(
@@ -47,6 +59,8 @@ def wrk(url: str, body: str | list[str], concurrency: int, duration_s: float) ->
         load_cpu = _children_cpu_s() - before
     finally:
         os.unlink(script.name)
+        if binary is not None:
+            os.unlink(binary)
     last = out.decode().strip().splitlines()[-1] if out else ""
     if not last.startswith("{"):
         raise RuntimeError(f"wrk failed: {err.decode()[-500:]}")
