@@ -1,6 +1,7 @@
 """``python -m bench.ab --base REV``: this build against an earlier one, interleaved, at c=64 and 256.
 
-``--variant NAME=FLAGS`` adds this build with other broker flags (``--base HEAD --variant
+``--api grpc`` loads TF Serving's gRPC Predict (tensor_content, with h2load) instead of its
+REST API (wrk). ``--variant NAME=FLAGS`` adds this build with other broker flags (``--base HEAD --variant
 inflight1=--batches_in_flight=1`` compares a setting alone).
 
 Checks REV out in a git worktree (same venv), then for each round starts each build alone
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--curve", action="store_true", help="also this build with CURVE")
     parser.add_argument("--concurrency", default="64,256", help="comma list of wrk connection counts")
+    parser.add_argument("--api", choices=("rest", "grpc"), default="rest", help="which API carries the load")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
                         help="also this build with these broker flags, e.g. inflight1=--batches_in_flight=1")
     args = parser.parse_args(argv)
@@ -52,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
         for variant in args.variant:
             name, _, flags = variant.partition("=")
             builds[f"this build, {name}"] = (ROOT, flags.split())
-        results = run(builds, work, args.rounds, [int(c) for c in args.concurrency.split(",")])
+        results = run(builds, work, args.rounds, [int(c) for c in args.concurrency.split(",")], args.api)
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=ROOT, check=False)
     print("\n| build | c | req/s (runs) | median | p99 (median) | errors | CPU ms/request (medians) |\n"
@@ -68,8 +70,20 @@ ROLES = ("broker", "frontends", "worker")
 Run = tuple[float, float, int, dict[str, float]]  # requests/s, p99 ms, errors, CPU ms per request by role
 
 
+GRPC_PORT = 18500
+
+
 def run(builds: dict[str, tuple[Path, list[str]]], work: Path, rounds: int,
-        concurrency: list[int]) -> dict[tuple[str, int], list[Run]]:
+        concurrency: list[int], api: str = "rest") -> dict[tuple[str, int], list[Run]]:
+    from bench.grpc_load import h2load, request_bytes
+
+    grpc_body = request_bytes("mlp", 1, 256, "content")
+
+    def load(url: str, connections: int, seconds: float) -> dict[str, float]:
+        if api == "grpc":
+            return h2load("127.0.0.1", GRPC_PORT, grpc_body, connections, seconds)
+        return wrk(url, body, connections, seconds)
+
     # float32 at full precision, as clients that dump numpy arrays write it (bench.run's body)
     body = json.dumps({"instances": np.random.default_rng(2).standard_normal((1, 256)).astype(np.float32).tolist()})
     results: dict[tuple[str, int], list[Run]] = {
@@ -79,17 +93,19 @@ def run(builds: dict[str, tuple[Path, list[str]]], work: Path, rounds: int,
             argv = [sys.executable, "-m", "broker", "--model_name=mlp", f"--model_base_path={work / 'mlp'}",
                     f"--rest_api_port={PORT}", "--rest_api_host=127.0.0.1", "--frontends=2",
                     f"--runtime_dir={tempfile.mkdtemp(prefix='tfb-')}", "--log_level=warning", *extra]
-            if tree == ROOT:
+            if api == "grpc":
+                argv.append(f"--port={GRPC_PORT}")
+            elif tree == ROOT:
                 argv.append("--port=0")  # no gRPC in this comparison (builds before it had none)
             server = Server(name=name, argv=argv, url=f"http://127.0.0.1:{PORT}/v1/models/mlp:predict", env=SERVER_ENV)
             servers.ROOT = tree  # the build's own packages come first on its path (python -m from its tree)
             try:
                 server.start()
-                wrk(server.url, body, concurrency[0], 2)
+                load(server.url, concurrency[0], 2)
                 assert server.process is not None
                 for connections in concurrency:
                     before = servers.cpu_by_role(server.process.pid)
-                    result = wrk(server.url, body, connections, 5)
+                    result = load(server.url, connections, 5)
                     after = servers.cpu_by_role(server.process.pid)
                     rate = result["requests"] / result["duration_s"]
                     cpu = {role: (after.get(role, 0.0) - before.get(role, 0.0)) * 1000 / max(result["requests"], 1)

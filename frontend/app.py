@@ -41,6 +41,7 @@ from tfbroker.runtime.settings import FRONTEND_INDEX_ENV, FrontendConfig
 from tfbroker.wire.errors import (PLAIN_INPUTS, PLAIN_INSTANCES, Internal, InvalidArgument, NotFound, PayloadTooLarge,
                                   TFBrokerError)
 from frontend import oip_rest, routes, status_page
+from frontend.answers import JSON, Answer, error_answer
 from frontend.disconnects import DisconnectWatch
 from frontend.json_tensor import JsonTypeError, format_predictions, parse_predict_body
 from frontend.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -51,20 +52,11 @@ from frontend.tf_example import format_results, parse_examples
 
 log = logging.getLogger("tfbroker.frontend")
 
-RETRY_AFTER_S = "1"  # what a 503 (queue full, model loading, worker restarting) tells callers
 TIMEOUT_HEADER = b"x-request-timeout-ms"
 DISCONNECT_WATCH_AFTER_S = 0.05
-JSON = (b"content-type", b"application/json")
 # TF Serving's answer to a CORS preflight.
 CORS = [(b"access-control-allow-origin", b"*"), (b"access-control-allow-methods", b"POST, GET"),
         (b"access-control-allow-headers", b"Content-Type")]
-
-Answer = tuple[int, bytes, list[tuple[bytes, bytes]]]  # status, JSON body, extra headers
-
-
-def error_answer(error: TFBrokerError) -> Answer:
-    headers = [(b"retry-after", RETRY_AFTER_S.encode())] if error.http_status == 503 else []
-    return error.http_status, orjson.dumps({"error": error.message}), headers
 
 
 class RestApi:
@@ -170,10 +162,12 @@ class RestApi:
         except TFBrokerError as exc:
             return error_answer(exc)
 
-    def direct_predict_call(self, path: str) -> routes.RestCall | None:
-        """The predict call ``path`` makes, when the HTTP protocol may answer it itself
-        (frontend/http_protocol.py); None for any other path, which then comes through ASGI
-        (errors included)."""
+    def direct_predict_call(self, path: str) -> routes.RestCall | oip_rest.InferCall | None:
+        """The predict (or the Open Inference Protocol's infer) call ``path`` makes, when the
+        HTTP protocol may answer it itself (frontend/http_protocol.py); None for any other
+        path, which then comes through ASGI (errors included)."""
+        if oip_rest.is_oip_path(path):
+            return oip_rest.infer_call(path)
         if not routes.is_api_path(path):
             return None
         try:
@@ -182,11 +176,17 @@ class RestApi:
             return None
         return call if call.verb == "predict" else None
 
-    async def direct_predict(self, call: routes.RestCall, headers: list[tuple[bytes, bytes]], body: bytes) -> Answer:
-        """predict for a request the HTTP protocol has read whole, as over ASGI; the protocol
-        cancels it when its client goes away (then the broker drops the request)."""
-        status, content, extra = await self.run_predict(call, headers, _given(body))
-        return status, content, _closing_headers(extra)
+    async def direct_predict(self, call: routes.RestCall | oip_rest.InferCall, headers: list[tuple[bytes, bytes]],
+                             body: bytes) -> Answer:
+        """predict (or infer) for a request the HTTP protocol has read whole, as over ASGI;
+        the protocol cancels it when its client goes away (then the broker drops the request).
+        The answer's headers name its content type."""
+        if isinstance(call, oip_rest.InferCall):
+            answer = await self.oip.infer(call.model, call.version, call.label, headers, body)
+        else:
+            answer = await self.run_predict(call, headers, _given(body))
+        status, content, extra = answer
+        return status, content, [answer_type(answer), *_closing_headers(extra)]
 
     async def predict(self, call: routes.RestCall, scope: Scope, receive: Receive, send: Send) -> None:
         """predict through ASGI, for the requests the HTTP protocol does not answer itself

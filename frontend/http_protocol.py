@@ -186,7 +186,9 @@ class DirectPredictProtocol(OneWriteProtocol):
         head = [STATUS_LINE[status]]
         for name, value in self.server_state.default_headers:  # date (and server), as uvicorn's answers
             head += [name, b": ", value, b"\r\n"]
-        head += [b"content-type: application/json\r\ncontent-length: ", str(len(content)).encode(), b"\r\n"]
+        if not any(name == b"content-type" for name, _ in extra):
+            head.append(b"content-type: application/json\r\n")
+        head += [b"content-length: ", str(len(content)).encode(), b"\r\n"]
         for name, value in extra:
             head += [name, b": ", value, b"\r\n"]
         head += [b"\r\n", content]
@@ -205,7 +207,7 @@ class DirectPredictProtocol(OneWriteProtocol):
                 or self.parser.should_upgrade()
                 or (self.cycle is not None and not self.cycle.response_complete)
                 or self.root_path or self.limit_concurrency is not None or self.access_log
-                or self.url[:4].lower() != b"/v1/"):
+                or self.url[:4].lower() not in (b"/v1/", b"/v2/")):
             return None
         length = None
         for name, value in self.headers:

@@ -25,12 +25,14 @@ Every model call goes through the frontend's Pipeline, like TF Serving's API's.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
 import orjson
 
 from frontend import oip_tensors
+from frontend.answers import JSON, Answer, error_answer
 from frontend.pipeline import METADATA, PREDICT, REPOSITORY, ModelCall, Pipeline
 from tfbroker.client import Prediction
 from tfbroker.wire.errors import InvalidArgument, NotFound, TFBrokerError
@@ -38,28 +40,40 @@ from tfbroker.wire.errors import InvalidArgument, NotFound, TFBrokerError
 PREFIX = "/v2"
 HEADER_LENGTH = b"inference-header-content-length"
 TIMEOUT_HEADER = b"x-request-timeout-ms"
-JSON = (b"content-type", b"application/json")
 OCTETS = (b"content-type", b"application/octet-stream")
 NUMPY = orjson.OPT_SERIALIZE_NUMPY
 
 _MODEL = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer)?")
 _REPOSITORY = re.compile(r"/v2/repository/models/([^/]+)/(load|unload)")
 
-Answer = tuple[int, bytes, list[tuple[bytes, bytes]]]
-
-
 def is_oip_path(path: str) -> bool:
     return path == PREFIX or path.startswith("/v2/")
+
+
+@dataclass(frozen=True, slots=True)
+class InferCall:
+    """An inference request's path, parsed: what the HTTP protocol's direct path hands back."""
+
+    model: str
+    version: int | None
+    label: str | None
+
+
+def infer_call(path: str) -> InferCall | None:
+    """The inference call ``path`` makes, or None for any other path (or a version out of range)."""
+    match = _MODEL.fullmatch(path)
+    if match is None or match[3] != "/infer":
+        return None
+    try:
+        version, label = oip_tensors.version_or_label(unquote(match[2] or ""))
+    except TFBrokerError:
+        return None
+    return InferCall(unquote(match[1]), version, label)
 
 
 def answer_type(answer: Answer) -> tuple[bytes, bytes]:
     """The content type of an answer: binary when it carries binary tensors."""
     return OCTETS if any(name == HEADER_LENGTH for name, _ in answer[2]) else JSON
-
-
-def error_answer(error: TFBrokerError) -> Answer:
-    headers = [(b"retry-after", b"1")] if error.http_status == 503 else []
-    return error.http_status, orjson.dumps({"error": error.message}), headers
 
 
 class OipRest:
@@ -109,10 +123,14 @@ class OipRest:
 
     async def infer(self, model: str, version: int | None, label: str | None, headers: list[tuple[bytes, bytes]],
                     body: bytes) -> Answer:
+        """One inference: an error as its answer too."""
         async def parse() -> ModelCall:
             return parse_infer(model, version, label, headers, body)
 
-        return await self.pipeline.run("REST", PREDICT, model, parse, format_infer)
+        try:
+            return await self.pipeline.run("REST", PREDICT, model, parse, format_infer)
+        except TFBrokerError as exc:
+            return error_answer(exc)
 
     async def repository(self, op: str, model: str, ready_only: bool) -> Answer:
         async def parse() -> ModelCall:

@@ -102,11 +102,20 @@ def from_json_data(name: str, dtype: str, shape: tuple[int, ...], data: Any, *, 
                    ) -> np.ndarray:
     """A tensor from JSON ``data``, nested or flat, in row-major order. ``literals``: the
     body may hold true, false or null (when it cannot, the check for them is skipped)."""
-    flat = _flatten(name, data)
     count = math.prod(shape)
+    datatype = DATATYPES[dtype]
+    if dtype != "string" and isinstance(data, list) and not literals:
+        # The common case, numbers only (no true, false or null in the body), nested or flat:
+        # numpy reads the lists itself, in C; anything else takes the careful way below.
+        try:
+            values = np.array(data)
+        except (ValueError, OverflowError):
+            values = None
+        if values is not None and values.dtype.kind in "iuf" and values.size == count:
+            return _numbers(name, dtype, datatype, values.reshape(-1), count).reshape(shape)
+    flat = _flatten(name, data)
     if len(flat) != count:
         raise InvalidArgument(f"input '{name}': shape {list(shape)} holds {count} elements, data has {len(flat)}")
-    datatype = DATATYPES[dtype]
     if dtype == "string":
         array = np.empty(count, dtype=object)
         for i, value in enumerate(flat):
@@ -125,6 +134,12 @@ def from_json_data(name: str, dtype: str, shape: tuple[int, ...], data: Any, *, 
                       or isinstance(v, (str, list, dict))), None)
         expected = "true or false" if dtype == "bool" else "numbers"
         raise InvalidArgument(f"input '{name}': {datatype} data must be {expected}, got {_json_type(wrong)}")
+    return _numbers(name, dtype, datatype, values, count).reshape(shape)
+
+
+def _numbers(name: str, dtype: str, datatype: str, values: np.ndarray, count: int) -> np.ndarray:
+    """Numbers as ``dtype``, refused when one does not fit it."""
+    kind = values.dtype.kind
     if dtype[0] in "iu":
         if kind == "f" and not np.all(np.mod(values, 1) == 0):
             raise InvalidArgument(f"input '{name}': {datatype} data must be integers")
@@ -135,7 +150,7 @@ def from_json_data(name: str, dtype: str, shape: tuple[int, ...], data: Any, *, 
         finite = np.abs(values[np.isfinite(values)]) if kind == "f" else np.abs(values)
         if finite.size and finite.max() > np.finfo(dtype).max:
             raise InvalidArgument(f"input '{name}': a value is out of {datatype}'s range")
-    return values.astype(dtype).reshape(shape)
+    return values.astype(dtype)
 
 
 def from_binary(name: str, dtype: str, shape: tuple[int, ...], data: Any) -> np.ndarray | RawTensor:

@@ -295,3 +295,25 @@ def test_a_direct_predict_that_fails_answers_500_and_closes() -> None:
     assert len(socket.writes) == 1 and socket.writes[0].startswith(b"HTTP/1.1 500 ")
     assert b"connection: close\r\n" in socket.writes[0] and b"RuntimeError: a bug" in socket.writes[0]
     assert socket.closed
+
+
+def test_a_direct_answer_may_name_its_own_content_type() -> None:
+    """The Open Inference Protocol's binary answers (application/octet-stream) go the direct way too."""
+    class Binary(App):
+        def direct_predict_call(self, path: str) -> str | None:
+            return path if path.endswith("/infer") else None
+
+        async def direct_predict(self, call: str, headers: list[tuple[bytes, bytes]], body: bytes) -> Any:
+            return 200, b"{}\x00\x01", [(b"content-type", b"application/octet-stream"),
+                                        (b"inference-header-content-length", b"2")]
+
+    async def main() -> Socket:
+        protocol, socket = await connect(Binary())
+        protocol.data_received(post("/v2/models/m/infer", b"{}"))
+        await turns()
+        return socket
+
+    (answer,) = asyncio.run(main()).writes
+    head = answer.split(b"\r\n\r\n")[0].lower()
+    assert b"content-type: application/octet-stream" in head and b"application/json" not in head
+    assert answer.endswith(b"\r\n\r\n{}\x00\x01")
