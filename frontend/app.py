@@ -180,13 +180,13 @@ class RestApi:
                              body: bytes) -> Answer:
         """predict (or infer) for a request the HTTP protocol has read whole, as over ASGI;
         the protocol cancels it when its client goes away (then the broker drops the request).
-        The answer's headers name its content type."""
+        A binary answer names its content type first among its headers (JSON goes without)."""
         if isinstance(call, oip_rest.InferCall):
             answer = await self.oip.infer(call.model, call.version, call.label, headers, body)
-        else:
-            answer = await self.run_predict(call, headers, _given(body))
-        status, content, extra = answer
-        return status, content, [answer_type(answer), *_closing_headers(extra)]
+            kind = answer_type(answer)
+            return answer[0], answer[1], _closing_headers([kind, *answer[2]] if kind != JSON else answer[2])
+        status, content, extra = await self.run_predict(call, headers, _given(body))
+        return status, content, _closing_headers(extra)
 
     async def predict(self, call: routes.RestCall, scope: Scope, receive: Receive, send: Send) -> None:
         """predict through ASGI, for the requests the HTTP protocol does not answer itself

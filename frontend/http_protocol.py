@@ -186,7 +186,7 @@ class DirectPredictProtocol(OneWriteProtocol):
         head = [STATUS_LINE[status]]
         for name, value in self.server_state.default_headers:  # date (and server), as uvicorn's answers
             head += [name, b": ", value, b"\r\n"]
-        if not any(name == b"content-type" for name, _ in extra):
+        if not extra or extra[0][0] != b"content-type":  # (an answer names any other type first)
             head.append(b"content-type: application/json\r\n")
         head += [b"content-length: ", str(len(content)).encode(), b"\r\n"]
         for name, value in extra:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import base64
 import json
 import struct
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -18,7 +20,7 @@ import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import BrokerProcess, make_model_config, reference_outputs, stop_and_check, wait_for
+from tests.conftest import ROOT, BrokerProcess, make_model_config, reference_outputs, stop_and_check, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -303,3 +305,23 @@ def test_the_model_repository_lists_unloads_and_loads(broker: BrokerProcess, htt
     assert broker.http.post("/v2/models/two_io/infer", json=body).status_code == 200
     with pytest.raises(InferenceServerException, match="no_such_model"):
         http.load_model("no_such_model")
+
+
+def test_kserve_s_own_clients_get_the_same_answers(broker: BrokerProcess) -> None:
+    """KServe's SDK clients (REST with JSON and binary tensors, gRPC), in a child."""
+    inputs = {"a": ["FP32", [[1.0, 2.0], [3.0, 4.0]]], "b": ["INT64", [5, 6]]}
+    result = subprocess.run([sys.executable, str(ROOT / "tests" / "system" / "kserve_client.py"), broker.base_url,
+                             f"127.0.0.1:{broker.grpc_port}", "two_io"], input=json.dumps(inputs), cwd=ROOT,
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    answers = json.loads(result.stdout)
+    rest = broker.predict("two_io", {"inputs": {"a": [[1.0, 2.0], [3.0, 4.0]], "b": [5, 6]}}).json()["outputs"]
+    for key in ("rest json", "rest binary", "grpc"):
+        answer = answers[key]
+        # (KServe's REST client does not read model_version from the answer; its gRPC client does.)
+        assert answer["ready"] and answer["id"] == "kserve-1", (key, answer)
+        assert answer["version"] == ("1" if key == "grpc" else None), (key, answer)
+        assert answer["outputs"]["sum"] == rest["sum"], (key, answer)
+        labels = [base64.b64decode(v["b64"]).decode() for v in rest["label_bytes"]]  # (TF Serving: *_bytes in b64)
+        assert answer["outputs"]["label_bytes"] == labels, (key, answer)
+    assert "no_such_model" in answers["rest error"] and "no_such_model" in answers["grpc error"], answers

@@ -27,7 +27,10 @@ def both(tmp_path_factory: pytest.TempPathFactory, test_models: Path) -> Iterato
     broker = BrokerProcess(tmp_path, [f"--model_config_file={tmp_path / 'models.config'}",
                                       "--max_request_body_bytes=4096"], frontends=1)
     port = free_port()
-    env = {**os.environ, "TFBROKER_ADDRESS": broker.address, "TFBROKER_FRONTEND": "--max_request_body_bytes=4096"}
+    global RSGI_GRPC_PORT
+    RSGI_GRPC_PORT = free_port()  # gRPC served by granian's workers too, as by uvicorn's
+    env = {**os.environ, "TFBROKER_ADDRESS": broker.address,
+           "TFBROKER_FRONTEND": f"--max_request_body_bytes=4096 --port={RSGI_GRPC_PORT}"}
     granian = subprocess.Popen([sys.executable, "-m", "granian", "--interface", "rsgi", "--workers", "2", "--host",
                                 "127.0.0.1", "--port", str(port), "--log-level", "warning", "frontend.rsgi:app"],
                                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -63,7 +66,36 @@ CASES = [
     ("GET", "/v1/models/linear/versions/7", b"", {}),
     ("POST", "/v1/models/linear:explode", b"{}", {}),
     ("GET", "/elsewhere", b"", {}),
+    ("POST", "/v2/models/linear/infer", b'{"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": [1, 2]}]}',
+     {}),
+    ("POST", "/v2/models/linear/infer", b'{"inputs": []}', {}),
+    ("GET", "/v2/health/ready", b"", {}),
+    ("GET", "/v2/models/linear", b"", {}),
 ]
+RSGI_GRPC_PORT = 0
+
+
+def test_rsgi_serves_grpc_as_uvicorn_does(both: tuple[httpx.Client, httpx.Client]) -> None:
+    import numpy as np
+    import tritonclient.grpc as triton_grpc
+
+    client = triton_grpc.InferenceServerClient(f"127.0.0.1:{RSGI_GRPC_PORT}")
+    try:
+        wait_for(lambda: _ready(client), 30, "granian's gRPC")
+        given = triton_grpc.InferInput("x", [2], "FP32")
+        given.set_data_from_numpy(np.array([1.0, 2.0], np.float32))
+        assert client.infer("linear", [given]).as_numpy("y").tolist() == [3.5, 4.0]
+    finally:
+        client.close()
+
+
+def _ready(client: object) -> bool:
+    from tritonclient.utils import InferenceServerException
+
+    try:
+        return bool(client.is_server_ready())  # type: ignore[attr-defined]
+    except InferenceServerException:
+        return False
 
 
 @pytest.mark.parametrize("method, path, body, headers", CASES)
