@@ -32,7 +32,9 @@ def broker(test_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
            model_version_policy {{ all {{}} }} version_labels {{ key: "stable" value: 2 }} }}""")
     (tmp / "models.config").write_text(config)
     started = BrokerProcess(tmp, [f"--model_config_file={tmp / 'models.config'}",
-                                  "--enable_grpc_healthcheck_service=true", "--enable_model_control=true"],
+                                  "--enable_grpc_healthcheck_service=true", "--enable_model_control=true",
+                                  # One batch in flight: a request waits in the queue while the slow model runs.
+                                  "--batches_in_flight=1"],
                            frontends=2)
     try:
         started.wait_available([*models, "linear"])
@@ -325,3 +327,26 @@ def test_kserve_s_own_clients_get_the_same_answers(broker: BrokerProcess) -> Non
         labels = [base64.b64decode(v["b64"]).decode() for v in rest["label_bytes"]]  # (TF Serving: *_bytes in b64)
         assert answer["outputs"]["label_bytes"] == labels, (key, answer)
     assert "no_such_model" in answers["rest error"] and "no_such_model" in answers["grpc error"], answers
+
+
+def test_a_deadline_or_a_cancel_over_grpc_takes_the_request_out_of_the_queue(
+        rpc: triton_grpc.InferenceServerClient) -> None:
+    """As TF Serving's gRPC API: the slow model answers how many calls it has run, and neither the
+    request past its deadline nor the cancelled one is among them."""
+    import queue
+
+    answers: queue.Queue[Any] = queue.Queue()
+    x = grpc_inputs({"x": np.zeros(1, np.float32)})
+    rpc.async_infer("slow", x, lambda result, error: answers.put(("first", result, error)))  # runs a while
+    cancelled = rpc.async_infer("slow", x, lambda result, error: answers.put(("cancelled", result, error)))
+    with pytest.raises(InferenceServerException) as late:
+        rpc.infer("slow", x, client_timeout=0.1)
+    assert late.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+    cancelled.cancel()
+    after = rpc.infer("slow", x).as_numpy("y")[0]
+    got = {name: (result, error) for name, result, error in (answers.get(timeout=60) for _ in range(2))}
+    first, error = got["first"]
+    assert error is None, error
+    assert got["cancelled"][1] is not None and "CANCELLED" in str(got["cancelled"][1].status()), got["cancelled"]
+    runs = after - first.as_numpy("y")[0]
+    assert runs == 1, f"{runs - 1} requests the client gave up on reached the model"
