@@ -43,7 +43,8 @@ from tfbroker.wire.errors import (PLAIN_INPUTS, PLAIN_INSTANCES, Internal, Inval
 from frontend import oip_rest, routes, status_page
 from frontend.answers import JSON, Answer, error_answer
 from frontend.disconnects import DisconnectWatch
-from frontend.json_tensor import JsonTypeError, format_predictions, parse_predict_body
+from frontend.json_errors import JsonTypeError
+from frontend.json_tensor import format_predictions, parse_predict_body
 from frontend.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from frontend.metrics import for_config as metrics_for_config
 from frontend.oip_rest import OipRest, answer_type
@@ -185,7 +186,7 @@ class RestApi:
             answer = await self.oip.infer(call.model, call.version, call.label, headers, body)
             kind = answer_type(answer)
             return answer[0], answer[1], _closing_headers([kind, *answer[2]] if kind != JSON else answer[2])
-        status, content, extra = await self.run_predict(call, headers, _given(body))
+        status, content, extra = await self.run_predict(call, headers, body)
         return status, content, _closing_headers(extra)
 
     async def predict(self, call: routes.RestCall, scope: Scope, receive: Receive, send: Send) -> None:
@@ -209,21 +210,28 @@ class RestApi:
         await _respond(send, *answer)
 
     async def run_predict(self, call: routes.RestCall, headers: list[tuple[bytes, bytes]],
-                          read_body: Callable[[], Awaitable[bytes]]) -> Answer:
-        """One :predict: TF Serving's JSON in and out, the rest the pipeline's."""
+                          body: bytes | Callable[[], Awaitable[bytes]]) -> Answer:
+        """One :predict: TF Serving's JSON in and out, the rest the pipeline's. ``body``, or
+        the read that gives it (then inside the capacity gate)."""
         columnar = False
 
-        async def parse() -> ModelCall:
+        def parse() -> ModelCall | Awaitable[ModelCall]:
+            if not isinstance(body, bytes):
+                return read_then_parse(body())
             nonlocal columnar
-            body = await read_body()
-            asked_s = _asked_timeout_s(headers)
             try:
                 inputs, signature, row_format = parse_predict_body(body, self.limits)
             except JsonTypeError as exc:
-                raise await self.name_dtype(exc, call, body) from None
+                return self.name_dtype_then_raise(exc, call, body)
             columnar = not row_format
-            return ModelCall(PREDICT, call.model, call.version, call.label, signature, inputs, timeout_s=asked_s,
-                             answer_as=row_format)
+            return ModelCall(PREDICT, call.model, call.version, call.label, signature, inputs,
+                             timeout_s=_asked_timeout_s(headers), answer_as=row_format)
+
+        async def read_then_parse(read: Awaitable[bytes]) -> ModelCall:
+            nonlocal body
+            body = await read
+            parsed = parse()
+            return parsed if isinstance(parsed, ModelCall) else await parsed
 
         try:
             return await self.pipeline.run("REST", PREDICT, call.model, parse, _predict_answer)
@@ -231,6 +239,9 @@ class RestApi:
             if columnar and exc.message == PLAIN_INSTANCES:
                 exc = InvalidArgument(PLAIN_INPUTS)  # TF Serving's words for the columnar form
             return error_answer(exc)
+
+    async def name_dtype_then_raise(self, error: JsonTypeError, call: routes.RestCall, body: bytes) -> ModelCall:
+        raise await self.name_dtype(error, call, body) from None
 
     async def name_dtype(self, error: JsonTypeError, call: routes.RestCall, body: bytes) -> TFBrokerError:
         """The type error with the input's dtype as TensorFlow names it (``float``), from the
@@ -262,12 +273,6 @@ def _rest_answer(call: ModelCall, result: Any) -> Answer:
     else:
         body = {"model_version_status": result["model_version_status"]}
     return 200, orjson.dumps(body), []
-
-
-def _given(body: bytes) -> Callable[[], Awaitable[bytes]]:
-    async def read() -> bytes:
-        return body
-    return read
 
 
 # Set while this frontend shuts down (frontend/uvicorn_worker.py): every answer then closes its

@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import math
-import re
 from typing import Any
 
 import numpy as np
 import orjson
 
+from frontend.json_errors import JsonTypeError, flat, json_text, parse_leniently, refuse_non_numbers
 from tfbroker.runtime.settings import RequestLimits
 from tfbroker.wire.errors import InvalidArgument
 
@@ -46,7 +45,7 @@ def parse_predict_body(body: bytes, limits: RequestLimits = DEFAULT_LIMITS) -> t
     try:
         request = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        request = _parse_leniently(body, exc)
+        request = parse_leniently(body, exc)
     if not isinstance(request, dict):
         raise InvalidArgument("JSON Value: the request body is not a JSON object")
     signature = request.get("signature_name", "serving_default")
@@ -166,7 +165,7 @@ class _Parser:
             return array
         array = _to_array(value, name)
         if self.mixed_types and array.dtype.kind != "b":
-            _refuse_non_numbers(value, name)
+            refuse_non_numbers(value, name)
         return array
 
     def _count(self, nbytes: int, name: str) -> None:
@@ -184,7 +183,7 @@ def _to_array(value: Any, name: str) -> np.ndarray:
             raise RaggedList(name) from exc
         raise InvalidArgument(f"input '{name}': {exc}") from exc
     if array.dtype.kind not in "biuf":
-        _refuse_non_numbers(value, name)
+        refuse_non_numbers(value, name)
         raise InvalidArgument(f"input '{name}' holds values that are not numbers, booleans or strings")
     if array.dtype.kind == "u" and array.max() <= np.iinfo(np.int64).max:
         array = array.astype(np.int64)  # (uint64 only for values beyond int64)
@@ -195,106 +194,6 @@ def _may_hold_literals(body: bytes) -> bool:
     """Whether the body may hold true, false or null (then numeric values are checked for
     them); one-byte searches first, as most bodies hold neither an "l" nor a "u"."""
     return (b"l" in body and (b"false" in body or b"null" in body)) or (b"u" in body and b"true" in body)
-
-
-class JsonTypeError(InvalidArgument):
-    """TF Serving's TypeError (``JSON Value: null Type: Null is not of expected type: float``),
-    found while parsing, before the input's dtype is known: the frontend names the dtype from
-    the model's metadata (``with_dtype``), on this error path only, and then the value is the
-    first of the input's that does not fit that dtype, as TF Serving walks them."""
-
-    def __init__(self, name: str, values: list[Any], expected: str = "a number") -> None:
-        self.name, self.values = name, values
-        bad = _first_misfit(values, expected)
-        super().__init__(f"JSON Value: {_debug_text(bad)} Type: {_json_kind(bad)} is not of expected type: {expected}")
-
-    def with_dtype(self, expected: str) -> JsonTypeError:
-        return JsonTypeError(self.name, self.values, expected)
-
-
-def _first_misfit(values: list[Any], expected: str) -> Any:
-    """The first value TF Serving's AddValueToTensor refuses for ``expected`` (a dtype's name;
-    "a number" while the dtype is unknown)."""
-    if expected == "string":
-        fits = lambda v: isinstance(v, str) or (isinstance(v, dict) and "b64" in v)  # noqa: E731
-    elif expected == "bool":
-        fits = lambda v: isinstance(v, bool)  # noqa: E731
-    else:
-        fits = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
-    return next((v for v in values if not fits(v)), values[0] if values else None)
-
-
-def _json_kind(value: Any) -> str:
-    """RapidJSON's name of a value's type (json_tensor.cc: JsonTypeString)."""
-    if value is None:
-        return "Null"
-    if isinstance(value, bool):
-        return "True" if value else "False"
-    kinds: dict[type, str] = {str: "String", dict: "Object", list: "Array"}
-    return kinds.get(type(value), "Number")
-
-
-def _debug_text(value: Any) -> str:
-    return orjson.dumps(value).decode() if not isinstance(value, float) or math.isfinite(value) else str(value)
-
-
-def _flat(value: Any) -> list[Any]:
-    flat = value if isinstance(value, list) else [value]
-    while any(isinstance(v, list) for v in flat):
-        flat = [v for row in flat for v in (row if isinstance(row, list) else [row])]
-    return flat
-
-
-def _refuse_non_numbers(value: Any, name: str) -> None:
-    """TF Serving's TypeError for a null, a boolean or a string among numbers, or an integer
-    beyond 64 bits."""
-    flat = _flat(value)
-    kinds = {type(v) for v in flat}
-    for v in flat:
-        if v is None or (isinstance(v, bool) and len(kinds) > 1) or isinstance(v, (str, dict)):
-            raise JsonTypeError(name, flat)
-        if isinstance(v, int) and not isinstance(v, bool) and not -(1 << 63) <= v < (1 << 64):
-            raise InvalidArgument(f"input '{name}': JSON Value: {v} Type: Number does not fit a 64-bit integer")
-
-
-# RapidJSON (TF Serving's parser, without kParseFullPrecisionFlag) refuses a number whose
-# decimal exponent is over 308 (beyond what its fraction digits allow) or whose significand
-# reaches 1.8e307 before its exponent: "Number too big to be stored in double".
-_NUMBER = re.compile(rb"-?(\d+)(?:\.(\d+))?(?:[eE]([+-]?\d+))?")
-
-
-def _too_big(token: str) -> bool:
-    match = _NUMBER.fullmatch(token.encode())
-    if match is None:
-        return False
-    digits, fraction, exponent = match.groups()
-    if len(digits.lstrip(b"0")) > 308:
-        return True
-    return exponent is not None and int(exponent) > 308 + len(fraction or b"")
-
-
-def _number_too_big(body: bytes, token: str) -> InvalidArgument:
-    return InvalidArgument(f"JSON Parse error: Number too big to be stored in double. at offset: "
-                           f"{max(body.find(token.encode()), 0)}")
-
-
-def _parse_leniently(body: bytes, error: Exception) -> Any:
-    """JSON with NaN, Infinity and -Infinity, which TF Serving takes (and orjson does not);
-    a number too big for a double is TF Serving's parse error."""
-    if b"NaN" not in body and b"Infinity" not in body and "infinity" not in str(error):
-        raise InvalidArgument(f"JSON Parse error: {error}") from error
-
-    def number(token: str, kind: type) -> Any:
-        if _too_big(token):
-            raise _number_too_big(body, token)
-        return kind(token)
-
-    try:
-        return json.loads(body, parse_float=lambda t: number(t, float), parse_int=lambda t: number(t, int))
-    except InvalidArgument:
-        raise
-    except ValueError as exc:
-        raise InvalidArgument(f"JSON Parse error: {exc}") from exc
 
 
 def _holds_strings(value: Any) -> bool:
@@ -317,7 +216,7 @@ def _string_array(value: Any, name: str, max_bytes: int) -> np.ndarray:
             except binascii.Error as exc:
                 raise InvalidArgument(f"input '{name}': invalid base64: {exc}") from exc
         else:
-            raise JsonTypeError(name, _flat(value), "string")
+            raise JsonTypeError(name, flat(value), "string")
         if len(data) > max_bytes:
             raise InvalidArgument(f"input '{name}': a string exceeds the limit of {max_bytes} bytes")
         return data
@@ -380,7 +279,7 @@ def _fill_error(value: Any, shape: list[int], level: int) -> str | None:
     rank = len(shape)
     if not isinstance(value, list):
         if level != rank:
-            return (f"JSON Value: {_json_text(value)} found at incorrect level: {level + 1} in the JSON DOM. "
+            return (f"JSON Value: {json_text(value)} found at incorrect level: {level + 1} in the JSON DOM. "
                     f"Expected at level: {rank}")
         return None
     if level >= rank:
@@ -411,10 +310,6 @@ def _instances_error(elements: list[Any], name: str) -> str:
         if first_shape is None:
             first_shape = shape
     return "the 'instances' list is ragged"
-
-
-def _json_text(value: Any) -> str:
-    return orjson.dumps(value).decode() if not isinstance(value, float) or math.isfinite(value) else str(value)
 
 
 def _rows(outputs: dict[str, np.ndarray]) -> Any:

@@ -67,18 +67,27 @@ class Pipeline:
         self.waiting = 0  # calls waiting on the broker, every API's: the capacity gate's count
         self.stopping = False  # set when the frontend begins to stop: not ready from then on
 
-    async def run(self, api: str, verb: str, model: str, parse: Callable[[], Awaitable[ModelCall]],
+    async def run(self, api: str, verb: str, model: str, parse: Callable[[], ModelCall | Awaitable[ModelCall]],
                   answer: Callable[[ModelCall, Any], T]) -> T:
         """``parse``, the broker call, ``answer``; TFBrokerError for every failure. ``verb``
-        and ``model`` are what the request's path or RPC says, for the metrics."""
+        and ``model`` are what the request's path or RPC says, for the metrics. ``parse`` may
+        answer at once or be awaited (a body still to read, a broker call on an error path)."""
         started = time.monotonic()
         status = 499  # unless answered: cancelled, the caller is gone
         try:
             self.admit()
             self.waiting += 1
             try:
-                call = await parse()
-                result = await self.call(call)
+                call = parse()
+                if not isinstance(call, ModelCall):
+                    call = await call
+                if call.verb == PREDICT:  # (the hot path: no coroutine of its own)
+                    result = await self.client.predict(
+                        call.model, call.inputs, version=call.version, label=call.label,
+                        signature_name=call.signature_name, timeout_s=self.deadline(call.timeout_s),
+                        exact_dtypes=call.exact_dtypes)
+                else:
+                    result = await self.call(call)
                 out = answer(call, result)
             finally:
                 self.waiting -= 1

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import orjson
 from frontend.grpc_messages import Example, Feature
+from frontend.json_errors import json_kind, json_text
 from tfbroker.wire.errors import Internal, InvalidArgument
 
 _KIND_NAMES = {"bytes_list": "bytes", "float_list": "float", "int64_list": "int64"}
@@ -34,7 +35,7 @@ def parse_examples(body: bytes, verb: str) -> tuple[list[bytes], str]:
         raise InvalidArgument("JSON Value: the request body is not a JSON object")
     signature = request.get("signature_name", "serving_default")
     if not isinstance(signature, str):
-        raise InvalidArgument(f"JSON Value: {_text(signature)} not formatted correctly. 'signature_name' key must "
+        raise InvalidArgument(f"JSON Value: {json_text(signature)} not formatted correctly. 'signature_name' key must "
                               "be a string value.")
     context = _features(request["context"]) if "context" in request else None
     if "examples" not in request:
@@ -92,7 +93,7 @@ def classifications(outputs: dict[str, np.ndarray], count: int) -> list[list[tup
 
 def _features(value: Any) -> dict[str, Any]:
     if not isinstance(value, dict):
-        raise InvalidArgument(f"Example must be JSON object but got JSON {_json_type(value)}")
+        raise InvalidArgument(f"Example must be JSON object but got JSON {json_kind(value)}")
     features = {}
     for name, content in value.items():
         feature = Feature()
@@ -104,7 +105,7 @@ def _features(value: Any) -> dict[str, Any]:
 
 def _add_value(feature: Any, name: str, value: Any) -> None:
     if value is None or isinstance(value, list) or (isinstance(value, dict) and not _is_b64(value)):
-        raise InvalidArgument(f"Feature: {name} has element with unexpected JSON type: {_json_type(value)}")
+        raise InvalidArgument(f"Feature: {name} has element with unexpected JSON type: {json_kind(value)}")
     if isinstance(value, bool) or isinstance(value, int):
         _of_kind(feature, name, "int64_list")
         if value > (1 << 63) - 1:
@@ -136,19 +137,6 @@ def _of_kind(feature: Any, name: str, kind: str) -> None:
 
 def _is_b64(value: dict[str, Any]) -> bool:
     return len(value) == 1 and isinstance(value.get("b64"), str)
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "Null"
-    if isinstance(value, bool):
-        return "True" if value else "False"
-    names: dict[type, str] = {dict: "Object", list: "Array", str: "String"}
-    return names.get(type(value), "Number")
-
-
-def _text(value: Any) -> str:
-    return orjson.dumps(value).decode()
 
 
 def _decimal(value: Any) -> float:

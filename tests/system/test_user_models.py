@@ -172,6 +172,10 @@ def calls(draw: Any) -> Call:
     transport = draw(st.sampled_from(transports))
     ragged = transport.startswith("rest") and rows >= 2 and draw(st.booleans()) and draw(st.booleans())
     names = [*signature, "bogus"]
+    if why == "missing input" and len(arrays) == 1 and transport.startswith("rest"):
+        # The one input left goes unnamed (a plain list): TF Serving's words for that name none.
+        names.append("but expecting list of objects as multiple input tensors" if transport == "rest_instances"
+                     else "but expecting an object as multiple input tensors")
     if ragged:
         expect, why = "bad", "ragged nesting"
         if len(signature) == 1:  # a lone input goes unnamed (a list as 'inputs' or 'instances'): its field is named

@@ -309,7 +309,8 @@ def test_a_broken_new_version_leaves_the_old_one_serving(start_broker: Any, test
 def test_fourteen_swaps_leave_memory_flat_and_no_stray_processes(start_broker: Any, test_models: Path,
                                                                   tmp_path: Path) -> None:
     # Fourteen, not twenty: each swap starts a worker (5 s), and memory is measured over the
-    # last nine, past the broker's first allocations.
+    # last nine, past the broker's first allocations (in CI, eight and the last five: the suite's time).
+    last = 9 if os.environ.get("CI") else 15
     base = tmp_path / "many"
     copy_version(test_models, 1, base, 1)
     broker = start_broker(["--model_name=many", f"--model_base_path={base}", "--file_system_poll_wait_seconds=0.1",
@@ -319,7 +320,7 @@ def test_fourteen_swaps_leave_memory_flat_and_no_stray_processes(start_broker: A
     worker_pids: set[int] = set()
     rss_kb: dict[int, int] = {}
     try:
-        for new in range(2, 16):
+        for new in range(2, last + 1):
             copy_version(test_models, (new - 1) % 3 + 1, base, new)
             wait_for(lambda new=new: version_states(broker, "many").get(new) == "AVAILABLE"
                      and version_states(broker, "many").get(new - 1) == "END",
@@ -329,11 +330,12 @@ def test_fourteen_swaps_leave_memory_flat_and_no_stray_processes(start_broker: A
     finally:
         answers = load.stop()
     assert all(a.status == 200 for a in answers), [a for a in answers if a.status != 200][:5]
-    assert len(worker_pids) >= 14
+    assert len(worker_pids) >= last - 1
     wait_for(lambda: len(workers_of(broker, "many")) == 1, 30, "old workers to exit")
     assert sum(pid_alive(p) for p in worker_pids) == 1
-    growth_kb = rss_kb[15] - rss_kb[6]
-    assert growth_kb < 4096, f"the broker grew by {growth_kb} kB over 9 swaps: {rss_kb}"
+    first = last - 9 if last == 15 else last - 5
+    growth_kb = rss_kb[last] - rss_kb[first]
+    assert growth_kb < 4096, f"the broker grew by {growth_kb} kB over {last - first} swaps: {rss_kb}"
     states = version_states(broker, "many")
     assert len(states) <= 5, f"status keeps every ended version: {states}"
 
