@@ -117,12 +117,8 @@ class Pipeline:
         return min(self.timeout_s, asked_s)
 
     async def call(self, call: ModelCall) -> Any:
-        """The broker call ``call`` names (the gate is the caller's)."""
+        """The broker call ``call`` names, but predict, which ``run`` makes itself (the gate is the caller's)."""
         client, verb = self.client, call.verb
-        if verb == PREDICT:
-            return await client.predict(call.model, call.inputs, version=call.version, label=call.label,
-                                        signature_name=call.signature_name, timeout_s=self.deadline(call.timeout_s),
-                                        exact_dtypes=call.exact_dtypes)
         if verb in (CLASSIFY, REGRESS):
             run = client.classify if verb == CLASSIFY else client.regress
             return await run(call.model, call.inputs, version=call.version, label=call.label,
