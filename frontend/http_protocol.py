@@ -1,9 +1,9 @@
 """uvicorn's HTTP protocol (httptools), answering each request with one write: the one module
 that reaches into uvicorn's internals.
 
-The fence: pyproject.toml bounds uvicorn to the minor versions this module was checked
-against (0.30 to 0.55); the classes, methods and attributes it uses are checked at import
-and again on the first connection (the instance's). Where any is missing, ``FRONTEND_PROTOCOL``
+The fence: pyproject.toml bounds uvicorn below the minor after the one this module was
+checked against (0.55); the classes, methods and attributes it uses are checked at import
+and again on the first connection and request (the instance's). Where any is missing, ``FRONTEND_PROTOCOL``
 is None and the frontend runs uvicorn's own protocol, every request through ASGI, after one
 warning (``unavailable``) that says what is missing.
 
