@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tfbroker.runtime.settings import (DEFAULT_HEARTBEAT_INTERVAL_S, DEFAULT_HEARTBEAT_LIVENESS, DEFAULT_TIMEOUT_MS,
-                                       GrpcOptions, RequestLimits, default_runtime_dir, ipc_address,
+                                       GrpcOptions, RequestLimits, TensorFlowOptions, default_runtime_dir, ipc_address,
                                        local_address)
 from tfbroker.runtime.settings import field_help as _help
 from tfbroker.wire.errors import ConfigError
@@ -164,20 +164,8 @@ class ServerConfig:
         "Serve the status page (GET /status, and its figures at /status.json) on the REST port: each "
         "model's versions, replicas, queues, batch sizes, request rates and latency, errors, I/O batchers "
         "and the last version swaps, refreshed in the browser."))
-    tensorflow_intra_op_parallelism: int = field(default=0, metadata=_help(
-        "Threads a model worker gives one TensorFlow op; 0 lets TensorFlow choose (all cores)."))
-    tensorflow_inter_op_parallelism: int = field(default=0, metadata=_help(
-        "TensorFlow ops a model worker runs at once; 0 lets TensorFlow choose."))
-    saved_model_tags: str = field(default="serve", metadata=_help(
-        "Comma-separated tags of the MetaGraph each worker loads from a SavedModel."))
-    enable_model_warmup: bool = field(default=True, metadata=_help(
-        "Run each version's assets.extra/tf_serving_warmup_requests before it takes requests."))
-    num_request_iterations_for_warmup: int = field(default=1, metadata=_help(
-        "Times each warm-up record runs."))
-    prefer_tflite_model: bool = field(default=False, metadata={**_help(
-        "Serve a version directory's model.tflite (when it has one, even beside a SavedModel) with TensorFlow "
-        "Lite's interpreter, as TF Serving does; --use_tflite_model is its older name."),
-        "aliases": ("use_tflite_model",)})
+    tensorflow: TensorFlowOptions = field(default=TensorFlowOptions(), metadata=_help(
+        "Flags of TensorFlowOptions: how each worker runs TensorFlow."))
     rest_api_num_threads: int = field(default=0, metadata=_help(
         "Accepted for TF Serving's command lines: HTTP concurrency here is --frontends event loops."))
     rest_api_enable_cors_support: bool = field(default=False, metadata=_help(
@@ -191,17 +179,6 @@ class ServerConfig:
     enable_per_model_batching_parameters: bool = field(default=False, metadata=_help(
         "A version directory's batching_params.pbtxt (TF Serving's BatchingParameters) sets that "
         "version's batching in place of --batching_parameters_file."))
-    per_process_gpu_memory_fraction: float = field(default=0.0, metadata=_help(
-        "Each model worker's share of its GPU's memory, 0 to 1, taken at start (TF Serving's per-process "
-        "fraction: here every model version on a card is a process of its own, so the versions sharing a "
-        "card, counting both during a version swap, need their fractions to sum to 1 at most); 0: grow as "
-        "needed."))
-    tensorflow_session_parallelism: int = field(default=0, metadata=_help(
-        "Threads for both of TensorFlow's pools in each worker where --tensorflow_intra_op_parallelism or "
-        "--tensorflow_inter_op_parallelism is 0; 0: TensorFlow's choice."))
-    mixed_precision: str = field(default="", metadata=_help(
-        "bfloat16: TensorFlow's oneDNN bfloat16 auto mixed precision in the workers (TF Serving's one "
-        "mode); empty: none."))
     enable_signature_method_name_check: bool = field(default=False, metadata=_help(
         "Predict only signatures whose method_name is tensorflow/serving/predict (classify and regress "
         "always check theirs)."))
@@ -332,35 +309,14 @@ class ServerConfig:
             raise ConfigError(f"kill_grace_s must be > 0, got {self.kill_grace_s}")
         if self.max_num_load_retries < 0 or self.load_retry_interval_micros < 0:
             raise ConfigError("max_num_load_retries and load_retry_interval_micros must be >= 0")
-        if self.num_request_iterations_for_warmup < 1:
-            raise ConfigError(f"num_request_iterations_for_warmup must be >= 1, got "
-                              f"{self.num_request_iterations_for_warmup}")
-        if not all(self.saved_model_tags.split(",")):
-            raise ConfigError(f"saved_model_tags must be comma-separated tags, got {self.saved_model_tags!r}")
         if self.iobatchers < 1:
             raise ConfigError(f"iobatchers must be >= 1, got {self.iobatchers}")
         if self.lookup_redis_timeout_ms < 1:
             raise ConfigError(f"lookup_redis_timeout_ms must be >= 1, got {self.lookup_redis_timeout_ms}")
-        if not 0.0 <= self.per_process_gpu_memory_fraction <= 1.0:
-            raise ConfigError(f"per_process_gpu_memory_fraction must be 0 to 1, got {self.per_process_gpu_memory_fraction}")
-        if self.tensorflow_session_parallelism < 0:
-            raise ConfigError(f"tensorflow_session_parallelism must be >= 0, got {self.tensorflow_session_parallelism}")
-        if self.mixed_precision not in ("", "bfloat16"):
-            raise ConfigError(f"mixed_precision must be bfloat16 or empty (TF Serving's one mode), got "
-                              f"{self.mixed_precision!r}")
         for name in ("platform_config_file", "tensorflow_session_config_file", "thread_pool_factory_config_file"):
             if getattr(self, name):
                 reason = str(ServerConfig.__dataclass_fields__[name].metadata["help"]).removeprefix("Refused: ")
                 raise ConfigError(f"--{name} is not supported: {reason}")
-
-    @property
-    def intra_op_threads(self) -> int:
-        """Each worker's intra-op threads: its flag, else --tensorflow_session_parallelism (TF Serving's rule)."""
-        return self.tensorflow_intra_op_parallelism or self.tensorflow_session_parallelism
-
-    @property
-    def inter_op_threads(self) -> int:
-        return self.tensorflow_inter_op_parallelism or self.tensorflow_session_parallelism
 
     @property
     def resolved_runtime_dir(self) -> str:

@@ -161,14 +161,7 @@ class Fleet:
             heartbeat_interval_s=self.config.heartbeat_interval_s,
             heartbeat_liveness=self.config.heartbeat_liveness,
             warmup_batch_sizes=warmup, log_level=self.config.log_level,
-            device="" if self.devices == [CPU_ONLY] else device.name,
-            tensorflow_intra_op_parallelism=self.config.intra_op_threads,
-            tensorflow_inter_op_parallelism=self.config.inter_op_threads,
-            per_process_gpu_memory_fraction=self.config.per_process_gpu_memory_fraction,
-            mixed_precision=self.config.mixed_precision,
-            saved_model_tags=self.config.saved_model_tags, enable_model_warmup=self.config.enable_model_warmup,
-            num_request_iterations_for_warmup=self.config.num_request_iterations_for_warmup,
-            prefer_tflite_model=self.config.prefer_tflite_model)
+            device="" if self.devices == [CPU_ONLY] else device.name, tensorflow=self.config.tensorflow)
         read_fd, write_fd = self.output.pipe()
         child = Child(name=config.title, argv=["-m", "workers", *dataclass_to_argv(config)],
                       env={**curve_env(self.config.curve_secret_key_file), "CUDA_VISIBLE_DEVICES": device.cuda_visible_devices,

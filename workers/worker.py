@@ -59,17 +59,17 @@ class ModelWorker:
                 from workers import model as model_lib
                 from workers import tflite_model, warmup
 
-                model_lib.configure_devices(self.config.tensorflow_intra_op_parallelism,
-                                            self.config.tensorflow_inter_op_parallelism,
-                                            gpu_memory_fraction=self.config.per_process_gpu_memory_fraction,
-                                            mixed_precision=self.config.mixed_precision)
+                options = self.config.tensorflow
+                model_lib.configure_devices(options.intra_op_threads, options.inter_op_threads,
+                                            gpu_memory_fraction=options.per_process_gpu_memory_fraction,
+                                            mixed_precision=options.mixed_precision)
                 started = time.monotonic()
-                if self.config.prefer_tflite_model and model_lib.has_tflite_model(self.config.path):
+                if options.prefer_tflite_model and model_lib.has_tflite_model(self.config.path):
                     self._model = tflite_model.load_tflite(self.config.path, model_lib.intra_op_threads())
                 else:
-                    self._model = model_lib.load(self.config.path, tuple(self.config.saved_model_tags.split(",")))
-                records = (warmup.warm_up_from_file(self._model, self.config.num_request_iterations_for_warmup)
-                           if self.config.enable_model_warmup else 0)
+                    self._model = model_lib.load(self.config.path, tuple(options.saved_model_tags.split(",")))
+                records = (warmup.warm_up_from_file(self._model, options.num_request_iterations_for_warmup)
+                           if options.enable_model_warmup else 0)
                 warmup.warm_up_batch_sizes(self._model, self.config.warmup_batch_sizes)
             log.info("loaded %s (%s loader, signatures %s, %d warm-up records) in %.1f s on %s "
                      "(CUDA_VISIBLE_DEVICES=%r)", self.config.path, self._model.loader, sorted(self._model.signatures),

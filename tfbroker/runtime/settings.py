@@ -238,6 +238,66 @@ def channel_arguments(text: str) -> tuple[tuple[str, int | str], ...]:
     return tuple(options)
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TensorFlowOptions:
+    """TF Serving's flags for how each model worker runs TensorFlow: flags of the broker,
+    passed on to every worker as they are (a new one is one field here)."""
+
+    tensorflow_intra_op_parallelism: int = field(default=0, metadata=field_help(
+        "Threads a model worker gives one TensorFlow op; 0: --tensorflow_session_parallelism, else "
+        "TensorFlow's choice (all cores)."))
+    tensorflow_inter_op_parallelism: int = field(default=0, metadata=field_help(
+        "TensorFlow ops a model worker runs at once; 0: --tensorflow_session_parallelism, else TensorFlow's "
+        "choice."))
+    tensorflow_session_parallelism: int = field(default=0, metadata=field_help(
+        "Threads for both of TensorFlow's pools in each worker where --tensorflow_intra_op_parallelism or "
+        "--tensorflow_inter_op_parallelism is 0; 0: TensorFlow's choice."))
+    saved_model_tags: str = field(default="serve", metadata=field_help(
+        "Comma-separated tags of the MetaGraph each worker loads from a SavedModel."))
+    enable_model_warmup: bool = field(default=True, metadata=field_help(
+        "Run each version's assets.extra/tf_serving_warmup_requests before it takes requests."))
+    num_request_iterations_for_warmup: int = field(default=1, metadata=field_help(
+        "Times each warm-up record runs."))
+    prefer_tflite_model: bool = field(default=False, metadata={**field_help(
+        "Serve a version directory's model.tflite (when it has one, even beside a SavedModel) with TensorFlow "
+        "Lite's interpreter, as TF Serving does; --use_tflite_model is its older name."),
+        "aliases": ("use_tflite_model",)})
+    per_process_gpu_memory_fraction: float = field(default=0.0, metadata=field_help(
+        "Each model worker's share of its GPU's memory, 0 to 1, taken at start (TF Serving's per-process "
+        "fraction: here every model version on a card is a process of its own, so the versions sharing a "
+        "card, counting both during a version swap, need their fractions to sum to 1 at most); 0: grow as "
+        "needed."))
+    mixed_precision: str = field(default="", metadata=field_help(
+        "bfloat16: TensorFlow's oneDNN bfloat16 auto mixed precision in the workers (TF Serving's one "
+        "mode); empty: none."))
+
+    def __post_init__(self) -> None:
+        for name in ("tensorflow_intra_op_parallelism", "tensorflow_inter_op_parallelism",
+                     "tensorflow_session_parallelism"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.num_request_iterations_for_warmup < 1:
+            raise ConfigError(f"num_request_iterations_for_warmup must be >= 1, got "
+                              f"{self.num_request_iterations_for_warmup}")
+        if not all(self.saved_model_tags.split(",")):
+            raise ConfigError(f"saved_model_tags must be comma-separated tags, got {self.saved_model_tags!r}")
+        if not 0.0 <= self.per_process_gpu_memory_fraction <= 1.0:
+            raise ConfigError(f"per_process_gpu_memory_fraction must be 0 to 1, got "
+                              f"{self.per_process_gpu_memory_fraction}")
+        if self.mixed_precision not in ("", "bfloat16"):
+            raise ConfigError(f"mixed_precision must be bfloat16 or empty (TF Serving's one mode), got "
+                              f"{self.mixed_precision!r}")
+
+    @property
+    def intra_op_threads(self) -> int:
+        """A worker's intra-op threads: its flag, else --tensorflow_session_parallelism (TF Serving's rule)."""
+        return self.tensorflow_intra_op_parallelism or self.tensorflow_session_parallelism
+
+    @property
+    def inter_op_threads(self) -> int:
+        return self.tensorflow_inter_op_parallelism or self.tensorflow_session_parallelism
+
+
 # --- the configuration of each child the broker starts (python -m workers / -m iobatcher) ---
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -265,25 +325,11 @@ class WorkerConfig(ChildConfig):
     path: str = field(metadata=field_help("The version's SavedModel directory."))
     warmup_batch_sizes: tuple[int, ...] = field(default=(1,), metadata=field_help(
         "Batch sizes each signature runs once before READY."))
-    tensorflow_intra_op_parallelism: int = field(default=0, metadata=field_help(
-        "Threads for one TensorFlow op (0: TensorFlow's choice)."))
-    tensorflow_inter_op_parallelism: int = field(default=0, metadata=field_help(
-        "TensorFlow ops run at once (0: TensorFlow's choice)."))
     device: str = field(default="", metadata=field_help(
         "The device of this replica (gpuN, cpuN), in its title; empty when the CPU is the only one. "
         "The broker makes it the only one visible (CUDA_VISIBLE_DEVICES)."))
-    saved_model_tags: str = field(default="serve", metadata=field_help(
-        "Comma-separated tags of the MetaGraph to load."))
-    enable_model_warmup: bool = field(default=True, metadata=field_help(
-        "Run the version's assets.extra/tf_serving_warmup_requests before READY."))
-    num_request_iterations_for_warmup: int = field(default=1, metadata=field_help(
-        "Times each warm-up record runs."))
-    prefer_tflite_model: bool = field(default=False, metadata=field_help(
-        "Serve the version's model.tflite, when it has one, with TensorFlow Lite's interpreter."))
-    per_process_gpu_memory_fraction: float = field(default=0.0, metadata=field_help(
-        "This worker's share of its GPU's memory, taken at start; 0: grow as needed."))
-    mixed_precision: str = field(default="", metadata=field_help(
-        "bfloat16: TensorFlow's oneDNN bfloat16 auto mixed precision; empty: none."))
+    tensorflow: TensorFlowOptions = field(default=TensorFlowOptions(), metadata=field_help(
+        "Flags of TensorFlowOptions."))
 
     @property
     def title(self) -> str:

@@ -11,7 +11,7 @@ from broker.config import BatchingParameters, ServerConfig
 from broker.config_files import load_batching_parameters, load_model_config, parse_batching_parameters, parse_model_config
 from tfbroker.runtime import flags
 from tfbroker.runtime.flags import add_dataclass_flags, dataclass_from_args, dataclass_to_argv
-from tfbroker.runtime.settings import WorkerConfig
+from tfbroker.runtime.settings import TensorFlowOptions, WorkerConfig
 from tfbroker.wire.errors import ConfigError
 
 
@@ -42,10 +42,25 @@ def test_inconsistent_flags_are_refused(argv: list[str], message: str) -> None:
 
 def test_worker_config_survives_the_command_line() -> None:
     config = WorkerConfig(model_name="m", version=3, path="/p/3", backend_address="ipc:///x",
-                          warmup_batch_sizes=(1, 8))
+                          warmup_batch_sizes=(1, 8),
+                          tensorflow=TensorFlowOptions(tensorflow_session_parallelism=2, prefer_tflite_model=True,
+                                                       mixed_precision="bfloat16", saved_model_tags="serve,gpu"))
     parser = argparse.ArgumentParser()
     add_dataclass_flags(parser, WorkerConfig)
     assert dataclass_from_args(WorkerConfig, parser.parse_args(dataclass_to_argv(config))) == config
+
+
+def test_tensorflow_flags_are_one_group_from_broker_to_worker() -> None:
+    """TensorFlowOptions is declared once: the broker's flags reach a worker as they are, and the
+    worker resolves --tensorflow_session_parallelism as TF Serving does."""
+    server = parse(["--tensorflow_session_parallelism=3", "--tensorflow_intra_op_parallelism=1",
+                    "--use_tflite_model", "--num_request_iterations_for_warmup=2"])
+    worker = flags.parse_flags(WorkerConfig, ["--model_name=m", "--version=1", "--path=/p", "--backend_address=ipc:///x",
+                                              *dataclass_to_argv(server.tensorflow)])
+    assert worker.tensorflow == server.tensorflow
+    assert (worker.tensorflow.intra_op_threads, worker.tensorflow.inter_op_threads) == (1, 3)
+    with pytest.raises(ValueError, match="mixed_precision"):
+        parse(["--mixed_precision=float16"])
 
 
 # TF Serving's own test files (servables/tensorflow/testdata), in its text format, as written there.
@@ -114,6 +129,6 @@ def test_model_config_labels_and_errors() -> None:
 
 
 def test_the_older_flag_name_sets_the_same_setting() -> None:
-    assert flags.parse_flags(ServerConfig, ["--use_tflite_model"]).prefer_tflite_model
-    assert flags.parse_flags(ServerConfig, ["--use_tflite_model=true"]).prefer_tflite_model
-    assert not flags.parse_flags(ServerConfig, []).prefer_tflite_model
+    assert flags.parse_flags(ServerConfig, ["--use_tflite_model"]).tensorflow.prefer_tflite_model
+    assert flags.parse_flags(ServerConfig, ["--use_tflite_model=true"]).tensorflow.prefer_tflite_model
+    assert not flags.parse_flags(ServerConfig, []).tensorflow.prefer_tflite_model
