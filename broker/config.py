@@ -251,6 +251,11 @@ class ServerConfig:
         "Seconds between heartbeats when a peer has sent nothing else."))
     heartbeat_liveness: int = field(default=DEFAULT_HEARTBEAT_LIVENESS, metadata=_help(
         "Missed intervals before a peer is dead. interval x liveness must exceed the slowest batch."))
+    worker_start: str = field(default="zygote", metadata=_help(
+        "How a model worker starts: zygote (forked from one process that imported TensorFlow once: a new "
+        "version serves in under a second, and each costs its model's memory only) or spawn (a fresh "
+        "interpreter each: for a model whose Python code is not safe to fork, such as one that starts threads "
+        "or opens a device when imported)."))
     kill_grace_s: float = field(default=3.0, metadata=_help(
         "A child told to stop (SIGTERM: a hung worker, an unload) that is still there this long after "
         "gets SIGKILL; a hung worker writes its Python traceback to the log first."))
@@ -305,6 +310,8 @@ class ServerConfig:
                                      "(and --curve_client_keys_dir), or use ipc:// or a loopback address")
         if self.curve_client_keys_dir and not self.curve_secret_key_file:
             raise ConfigError("--curve_client_keys_dir needs --curve_secret_key_file")
+        if self.worker_start not in ("zygote", "spawn"):
+            raise ConfigError(f"worker_start must be zygote or spawn, got {self.worker_start!r}")
         if self.kill_grace_s <= 0:
             raise ConfigError(f"kill_grace_s must be > 0, got {self.kill_grace_s}")
         if self.max_num_load_retries < 0 or self.load_retry_interval_micros < 0:

@@ -29,10 +29,11 @@ log = logging.getLogger("tfbroker.control")
 
 class ControlChannel:
     def __init__(self, config: ServerConfig, versions: VersionManager, counters: Callable[[], dict[str, int]],
-                 context: zmq.Context) -> None:
+                 context: zmq.Context, *, zygote_status: Callable[[], dict[str, Any]] | None = None) -> None:
         self.config = config
         self._versions = versions
         self._counters = counters  # the broker's counters, for status
+        self._zygote_status = zygote_status
         self.socket = context.socket(zmq.ROUTER)
         self._config_text = ""
         self._next_config_poll = float("inf")
@@ -189,7 +190,9 @@ class ControlChannel:
             })
         return {"models": models, "broker": {
             "pid": os.getpid(), "uptime_s": round(time.monotonic() - self._started, 1),
-            **self._counters(), "swap_policy": self.config.version_swap_policy}}
+            **self._counters(), "swap_policy": self.config.version_swap_policy,
+            "worker_start": self.config.worker_start,
+            "zygote": self._zygote_status() if self._zygote_status else None}}
 
 
 def _version_status(served: ServedVersion) -> dict[str, Any]:
@@ -207,6 +210,7 @@ def _version_status(served: ServedVersion) -> dict[str, Any]:
         "path": served.path,
         # One worker per device (--devices): where each runs, and whether it takes batches.
         "replicas": [{"device": link.device, "pid": pid, "ready": link in ready, "restarts": link.child.restarts,
+                      "started": "forked" if link.child.forked else "spawned",
                       "batches": link.batches,
                       "in_flight": sum(1 for _ in link.tasks())} for link, pid in zip(links, pids)],
     }

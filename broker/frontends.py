@@ -22,7 +22,7 @@ from typing import Mapping, Sequence
 from broker.config import ServerConfig
 from broker.models import ServedModel, ServedVersion, no_versions_reason
 from broker.stats import children_of
-from broker.supervisor import Child, curve_env, reap_children, schedule_restart, spawn_child, stop_children
+from broker.supervisor import Child, Speaker, Supervisor, curve_env, spawn_child, stop_children
 from broker.versions import VersionState
 from tfbroker.runtime.flags import dataclass_to_argv
 from tfbroker.runtime.settings import (BIND_ENV, FRONTEND_ENV, FRONTENDS_ENV, LEGACY_FRONTEND_ENV, LOG_LEVEL_ENV,
@@ -36,8 +36,12 @@ ACCEPT_DRAIN_S = 0.3
 
 
 class Frontends:
-    def __init__(self, config: ServerConfig, *, metrics_path: str = "") -> None:
+    kind = "frontends"
+
+    def __init__(self, config: ServerConfig, supervisor: Supervisor, *, metrics_path: str = "") -> None:
         self.config = config
+        self._supervisor = supervisor
+        supervisor.add_kind(self)
         self._metrics_path = metrics_path  # the Prometheus path the frontends serve ("" none)
         self._children: list[Child] = []
         self._listener: socket.socket | None = None
@@ -103,6 +107,7 @@ class Frontends:
                  **self._metrics_env(), **curve_env(self.config.curve_secret_key_file)},
             pass_fds=(self._listener.fileno(),))
         self._children.append(child)
+        self._supervisor.watch(child, self)
         spawn_child(child)
         log.info("%d frontends on http://%s:%d%s", self.config.frontends, self.config.rest_api_host, self.http_port,
                  f", gRPC on port {self.config.grpc.port}" if self.config.grpc.port else "")
@@ -149,14 +154,22 @@ class Frontends:
         masters = [c.pid for c in self._children if c.running and c.pid is not None]
         return [pid for master in masters for pid in [master, *children_of(master)]]
 
-    def manage(self, now: float) -> None:
-        for child, code in reap_children(self._children):
-            if not self._stopping:
-                log.error("%s (pid %s) exited with code %d; restarting", child.name, child.pid, code)
-                schedule_restart(child, now)
-        for child in self._children:
-            if child.restart_at and now >= child.restart_at:
-                spawn_child(child)
+    # --- the supervisor's kind ---
+
+    def restarts(self, child: Child, code: int) -> bool:
+        return not self._stopping  # gunicorn's master: whatever it died of, HTTP must come back
+
+    def exited(self, child: Child, code: int, now: float) -> None:
+        pass  # its frontends' requests are the clients' to retry; nothing in the broker waits on them
+
+    def start(self, child: Child, now: float) -> None:
+        spawn_child(child)
+
+    def speaking(self) -> list[Speaker]:
+        return []  # gunicorn's master watches its frontends' heartbeats (its worker timeout)
+
+    def silent(self, link: Speaker, now: float) -> None:
+        pass
 
     def _announce(self, models: Mapping[str, ServedModel]) -> None:
         """Tell the person who started the broker how to call it: per model one command that

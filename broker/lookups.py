@@ -9,9 +9,10 @@ the same version's model queue. A version's tables load with it (LOAD to every I
 TablesLoaded to its lifecycle once all have answered) and unload when it ends, after its
 last request has left every stage.
 
-The I/O batchers are the broker's children (``tfbroker: iobatcher``), started when the first
-version with lookups loads; one that dies fails its lookups in flight with 503 and is
-restarted, and loads again the tables of every live version.
+The I/O batchers are the broker's children (``tfbroker: iobatcher``, one kind of the
+supervisor's: broker/supervisor.py), started when the first version with lookups loads; one
+that dies or goes silent fails its lookups in flight with 503 and is restarted, and loads
+again the tables of every live version.
 """
 
 from __future__ import annotations
@@ -32,9 +33,8 @@ from tfbroker.wire.errors import Internal, TFBrokerError, Unavailable, from_code
 from tfbroker.runtime.flags import dataclass_to_argv
 from broker.models import ServedVersion, check_inputs
 from broker.signatures import describe_for_clients
-from broker.links import ChildLink, SendToChild, reap_links, restarts_due, send_heartbeats, silent
-from broker.supervisor import (Child, curve_env, restartable, schedule_restart, spawn_child, stop_children,
-                               terminate_child)
+from broker.links import ChildLink, SendToChild
+from broker.supervisor import Child, Speaker, Supervisor, curve_env, restartable, spawn_child, terminate_child
 from broker.versions import VersionState
 from tfbroker.runtime.settings import IoBatcherConfig
 
@@ -55,17 +55,21 @@ class IoLink(ChildLink):
 
 
 class LookupStage:
-    def __init__(self, config: ServerConfig, inflight: InFlight, send: SendToChild, report: Report) -> None:
+    kind = "iobatcher"
+
+    def __init__(self, config: ServerConfig, inflight: InFlight, send: SendToChild, report: Report,
+                 supervisor: Supervisor) -> None:
         self.config = config
         self._inflight = inflight
         self._send_to = send
         self._report = report
+        self._supervisor = supervisor
+        supervisor.add_kind(self)
         self.params = self.config.lookup_batching.parameters()
         self._links: list[IoLink] = []
         self._by_identity: dict[bytes, IoLink] = {}
         self._versions: list[ServedVersion] = []  # versions whose tables are (being) loaded
         self._batch_ids = itertools.count(1)
-        self.stopping = False
 
     # --- what a version's lifecycle asks for ---
 
@@ -156,31 +160,40 @@ class LookupStage:
     # --- the housekeeping tick ---
 
     def manage(self, now: float) -> None:
-        for link, code in reap_links(self._links):
-            self._lost(link, f"the I/O batcher exited (code {code})")
-            if not self.stopping:
-                log.error("iobatcher %d (pid %s) exited with code %d; restarting", link.index, link.child.pid, code)
-                if restartable(code):
-                    schedule_restart(link.child, now)
-        for link in restarts_due(self._links, now) if not self.stopping else ():
-            self._spawn(link)
-        for link in self._links:
-            if link.ready and silent(link, now, self.config.heartbeat_expiry_s):
-                self._lost(link, "the I/O batcher stopped answering")
-                terminate_child(link.child, f"no heartbeat for {now - link.last_heard:.1f} s")
-        send_heartbeats([link for link in self._links if link.ready], now, self.config.heartbeat_interval_s,
-                        self._send_to)
         self._check_loads()
+
+    # --- the supervisor's kind ---
+
+    def restarts(self, child: Child, code: int) -> bool:
+        return restartable(code)
+
+    def exited(self, child: Child, code: int, now: float) -> None:
+        link = self._link_of(child)
+        if link is not None:
+            self._lost(link, f"the I/O batcher exited (code {code})")
+
+    def start(self, child: Child, now: float) -> None:
+        link = self._link_of(child)
+        if link is not None:
+            self._spawn(link)
+
+    def speaking(self) -> list[Speaker]:
+        return [link for link in self._links if link.ready]
+
+    def silent(self, link: Speaker, now: float) -> None:
+        io_link = self._link_of(link.child)
+        if io_link is not None:
+            self._lost(io_link, "the I/O batcher stopped answering")
+        terminate_child(link.child, f"no heartbeat for {now - link.last_heard:.1f} s")
 
     def pids(self) -> list[int]:
         return [link.child.pid for link in self._links if link.child.running and link.child.pid is not None]
 
     def stop(self) -> None:
-        self.stopping = True
         for link in self._links:
             if link.ready:
                 self._send(link, protocol.DISCONNECT, protocol.Disconnect())
-        stop_children([link.child for link in self._links], self.config.shutdown_grace_s)
+        self._supervisor.stop([link.child for link in self._links], self.config.shutdown_grace_s)
 
     # --- implementation ---
 
@@ -188,6 +201,7 @@ class LookupStage:
         for index in range(self.config.iobatchers):
             link = IoLink(Child(name=f"iobatcher:{index}", argv=[]), index=index)
             self._links.append(link)
+            self._supervisor.watch(link.child, self)
             self._spawn(link)
 
     def _spawn(self, link: IoLink) -> None:
@@ -204,6 +218,9 @@ class LookupStage:
         link.loaded.clear()
         link.last_heard = time.monotonic()
         self._by_identity[link.identity] = link
+
+    def _link_of(self, child: Child) -> IoLink | None:
+        return next((link for link in self._links if link.child is child), None)
 
     def _on_ready(self, link: IoLink) -> None:
         link.ready = True

@@ -33,6 +33,8 @@ from broker.config import BatchingParameters, ModelConfig, ServerConfig
 from broker.control import ControlChannel
 from broker.dispatch import Dispatcher
 from broker.fleet import Fleet
+from broker.supervisor import Supervisor, become_subreaper
+from broker.zygote import Zygote
 from broker.frontends import ACCEPT_DRAIN_S, Frontends
 from broker.inflight import InFlight
 from broker.lookups import LookupStage
@@ -76,15 +78,19 @@ class Broker:
                                  check_method_names=config.enable_signature_method_name_check)
         self.dispatcher = Dispatcher(self.inflight, self._send_backend, batching,
                                      batches_in_flight=config.batches_in_flight)
-        self.frontends = Frontends(config, metrics_path=metrics_path)
-        self.fleet = Fleet(config, batching, self._send_backend, self._report)
-        self.lookups = LookupStage(config, self.inflight, self._send_backend, self._report)
+        self.supervisor = Supervisor(kill_grace_s=config.kill_grace_s, heartbeat_interval_s=config.heartbeat_interval_s,
+                                     heartbeat_expiry_s=config.heartbeat_expiry_s, send=self._send_backend)
+        self.zygote = Zygote(config, self.supervisor) if config.worker_start == "zygote" else None
+        self.frontends = Frontends(config, self.supervisor, metrics_path=metrics_path)
+        self.fleet = Fleet(config, batching, self._send_backend, self._report, self.supervisor, self.zygote)
+        self.lookups = LookupStage(config, self.inflight, self._send_backend, self._report, self.supervisor)
         self.versions = VersionManager(config, self.fleet, self.lookups, self.inflight,
                                        VersionSource(config.file_system_poll_wait_seconds),
                                        on_available=lambda: self.frontends.open_when_ready(self.versions.models,
                                                                                            self.fleet.serving))
         self.versions.apply_model_config(models)
-        self.control = ControlChannel(config, self.versions, self.stats, self._context)
+        self.control = ControlChannel(config, self.versions, self.stats, self._context,
+                                      zygote_status=self.zygote.status if self.zygote else None)
         self._stop_requested_at: float | None = None
         self._frontends_stopped = False
         self._stop_now = False
@@ -127,6 +133,7 @@ class Broker:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, self.handle_signal)
         now = time.monotonic()
+        self._start_zygote(now)
         self.versions.scan(now)
         self.control.start(now)
         self.frontends.bind()
@@ -237,7 +244,9 @@ class Broker:
         versions = [version_stats(served) for model in self.versions.models.values()
                     for served in model.versions.values()]
         pids = {"broker": [os.getpid()], "worker": self.fleet.pids(), "iobatcher": self.lookups.pids(),
-                "frontend": self.frontends.pids()}
+                "frontend": self.frontends.pids(),
+                "zygote": [self.zygote.child.pid] if self.zygote and self.zygote.child.running and self.zygote.child.pid
+                else []}
         status = {**self.control.status(), "history": list(self.versions.history),
                   "iobatchers": self.lookups.status()}
         return protocol.StatsReply(id=header.id, counters=self.stats(), versions=versions,
@@ -305,9 +314,11 @@ class Broker:
 
     def _housekeeping(self, now: float) -> None:
         self._next_housekeeping = now + HOUSEKEEPING_S
+        self.supervisor.tick(now)
+        if self.zygote is not None:
+            self.zygote.manage(now)
         self.fleet.manage(now)
         self.lookups.manage(now)
-        self.frontends.manage(now)
         self.frontends.open_when_ready(self.versions.models, self.fleet.serving)  # also when a start-up version failed
         if self._stop_requested_at is None:
             self.control.poll_config(now)
@@ -324,7 +335,7 @@ class Broker:
             elif self._stop_requested_at is None:
                 log.info("received %s: stopping (the frontends finish their requests first)", signal.Signals(signum).name)
                 self._stop_requested_at = now
-                self.fleet.stopping = self.lookups.stopping = True  # nothing is started again from now on
+                self.supervisor.stopping = True  # nothing is started again from now on
                 self.frontends.refuse_connections()
             else:
                 log.info("received %s again; stopping now", signal.Signals(signum).name)
@@ -336,6 +347,18 @@ class Broker:
             # Keep serving while the frontends finish their open requests, within the grace time.
             idle = not self.frontends.running() and not any(s.has_work() for s in self.fleet.serving)
             self._stop_now = idle or now - self._stop_requested_at > self.config.shutdown_grace_s
+
+    def _start_zygote(self, now: float) -> None:
+        """The zygote first, so the first workers are forks of it: the broker adopts them as
+        their subreaper (no subreaper, no zygote: every worker a fresh interpreter)."""
+        if self.zygote is None:
+            return
+        if not become_subreaper():
+            log.warning("--worker_start=zygote needs Linux's child subreaper; workers start as fresh interpreters")
+            self.supervisor.forget(self.zygote.child)  # never started: fork() answers False, workers spawn
+            return
+        self.supervisor.adopting = True
+        self.zygote.start(self.zygote.child, now)
 
     def _reload(self) -> None:
         """SIGHUP, as gunicorn's: re-read the model config, and roll the frontends."""
@@ -350,7 +373,10 @@ class Broker:
     def stop_children(self) -> None:
         """The frontends, then every version unloads after the batches in hand, then the
         workers and I/O batchers go."""
+        self.supervisor.stopping = True
         self.frontends.stop_now()
+        if self.zygote is not None:
+            self.zygote.stop()  # no more forks; the workers it forked are the broker's
         self.versions.stop_all(time.monotonic())
         self.fleet.stop_workers()
         self.lookups.stop()
