@@ -50,6 +50,18 @@ FAULT_SIGNALS = frozenset({signal.SIGABRT, signal.SIGSEGV, signal.SIGBUS, signal
                            signal.SIGTRAP})
 
 
+WAIT, FORK, SPAWN = "wait", "fork", "spawn"
+
+
+def start_mode(link: WorkerLink, zygote: Zygote | None) -> str:
+    """How a worker starts: forked from the zygote (FORK); as a fresh interpreter (SPAWN) without
+    one, or when this replica's fork hung in its load (a fork may inherit a lock); or, while
+    the zygote makes its first start, after it (WAIT). A fork the zygote cannot make spawns."""
+    if zygote is None or link.spawn_only:
+        return SPAWN
+    return WAIT if zygote.starting else FORK
+
+
 class Fleet:
     kind = "worker"
 
@@ -270,15 +282,13 @@ class Fleet:
         self._launch(link)
 
     def _launch(self, link: WorkerLink) -> None:
-        """Fork it from the zygote, or start a fresh interpreter when the zygote is down (or this
-        replica's forks have hung); while the zygote makes its first start, wait for it."""
         child = link.child
-        zygote = self._zygote if not link.spawn_only else None
-        if zygote is not None and zygote.starting:
+        mode = start_mode(link, self._zygote)
+        if mode == WAIT:
             child.started_at = time.monotonic()
             self._waiting.append(link)
             return
-        if zygote is None or not zygote.fork(child):
+        if mode == SPAWN or self._zygote is None or not self._zygote.fork(child):
             spawn_child(child)
         for fd in child.fd_env.values():
             os.close(fd)  # the child's now

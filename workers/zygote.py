@@ -61,9 +61,10 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot import TensorFlow and the worker: %s", exc)
         return EXIT_BOOT_ERROR
     report = start_report(tensorflow.__version__, time.monotonic() - started)
-    log.info("ready in %.1f s: TensorFlow %s imported; threads %s; eager context: %s; devices listed: %s",
-             report["import_s"], report["tensorflow"], ", ".join(f"{t['tid']} {t['name']}" for t in report["threads"]),
-             report["eager_context"], report["devices_listed"])
+    others = [t["tid"] for t in report["threads"] if t["tid"] != os.getpid()]
+    log.info("ready in %.1f s: TensorFlow %s imported; %d threads (the main one, and %s started by the imports: "
+             "threads %s); eager context: %s; devices listed: %s", report["import_s"], report["tensorflow"],
+             len(report["threads"]), len(others), others, report["eager_context"], report["devices_listed"])
     gc.collect()
     gc.freeze()
     try:

@@ -19,7 +19,7 @@ from tests.conftest import wait_for
 
 ABSL_LINE = re.compile(r"^[IWEF]\d{4} [\d:.]+\s+\d+ \S+\]")
 TEXT_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) "
-                       r"\[(broker|worker:[\w.-]+:\d+|iobatcher:\d+|frontends|frontend:\d+) \d+\] [\w.]+: ")
+                       r"\[(broker|zygote|worker:[\w.-]+:\d+|iobatcher:\d+|frontends|frontend:\d+) \d+\] [\w.]+: ")
 NOISE = ("absl::InitializeLog", "is deprecated", "Restoring parameters", "oneDNN custom operations",
          "cudart_stub", "cpu_feature_guard")
 

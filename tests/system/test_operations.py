@@ -125,7 +125,7 @@ def test_sigterm_stops_the_broker_and_all_its_children(start_broker: Any, test_m
     broker = start_broker(["--model_name=linear", f"--model_base_path={test_models / 'linear'}"], frontends=2)
     broker.wait_available(["linear"])
     children = descendants_of(broker.pid)
-    assert len(children) == 4  # one worker, a gunicorn master, two frontends
+    assert len(children) == 5  # the zygote, one worker, a gunicorn master, two frontends
     broker.process.send_signal(signal.SIGTERM)
     assert broker.process.wait(timeout=30) == 0
     wait_for(lambda: not any(pid_alive(pid) for pid in children), 15, "children to exit")
@@ -135,7 +135,7 @@ def test_children_die_with_a_killed_broker(start_broker: Any, test_models: Path)
     broker = start_broker(["--model_name=linear", f"--model_base_path={test_models / 'linear'}"], frontends=1)
     broker.wait_available(["linear"])
     children = descendants_of(broker.pid)
-    assert len(children) == 3  # one worker, a gunicorn master, one frontend
+    assert len(children) == 4  # the zygote, one worker, a gunicorn master, one frontend
     os.kill(broker.pid, signal.SIGKILL)
     broker.process.wait(timeout=10)
     wait_for(lambda: not any(pid_alive(pid) for pid in children), 15, "orphaned children to exit")
