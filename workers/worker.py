@@ -79,6 +79,7 @@ class ModelWorker:
             log.error("cannot load model %s version %d: %s", self.config.model_name, self.config.version, exc)
             self._send(protocol.DISCONNECT, protocol.Disconnect(error=str(exc)[:2000]))
             self._peer.close(linger_ms=2000)
+            self._peer.term()  # sends what is queued first: a fork ends in os._exit, with no teardown to do it
             return EXIT_MODEL_LOAD_ERROR
         relay_output_to_broker()  # what TensorFlow says from now on goes through the log format
         self._send_ready()
@@ -87,6 +88,7 @@ class ModelWorker:
             self._peer.serve(self._handle, hello=self._send_ready)
         finally:
             self._peer.close(linger_ms=1000)
+            self._peer.term()
         return EXIT_OK
 
     # --- implementation ---
