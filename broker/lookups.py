@@ -9,10 +9,10 @@ the same version's model queue. A version's tables load with it (LOAD to every I
 TablesLoaded to its lifecycle once all have answered) and unload when it ends, after its
 last request has left every stage.
 
-The I/O batchers are the broker's children (``tfbroker: iobatcher``, one kind of the
-supervisor's: broker/supervisor.py), started when the first version with lookups loads; one
-that dies or goes silent fails its lookups in flight with 503 and is restarted, and loads
-again the tables of every live version.
+This module is the stage's queues and the requests in them; its processes, the I/O batchers
+(``tfbroker: iobatcher``), are broker/iobatchers.py's, started when the first version with
+lookups loads. One that dies or goes silent fails its lookups in flight with 503 here and is
+restarted, and loads again the tables of every live version.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from broker import lifecycle as lc
@@ -30,13 +29,12 @@ from broker.config import ServerConfig
 from broker.inflight import InFlight, Pending
 from broker.lookup_codec import build_lookup_batch, model_request
 from tfbroker.wire.errors import Internal, TFBrokerError, Unavailable, from_code
-from tfbroker.runtime.flags import dataclass_to_argv
 from broker.models import ServedVersion, check_inputs
 from broker.signatures import describe_for_clients
-from broker.links import ChildLink, SendToChild
-from broker.supervisor import Child, Speaker, Supervisor, curve_env, restartable, spawn_child, terminate_child
+from broker.iobatchers import IoBatchers, IoLink
+from broker.links import SendToChild
+from broker.supervisor import Supervisor
 from broker.versions import VersionState
-from tfbroker.runtime.settings import IoBatcherConfig
 
 log = logging.getLogger("tfbroker.lookups")
 
@@ -44,30 +42,16 @@ log = logging.getLogger("tfbroker.lookups")
 Report = Callable[[ServedVersion, lc.Event, float], None]
 
 
-@dataclass(slots=True)
-class IoLink(ChildLink):
-    """The broker's side of one I/O batcher process."""
-
-    index: int = 0
-    ready: bool = False  # it said IoReady (and has not been lost since)
-    loaded: set[tuple[str, int]] = field(default_factory=set)  # versions whose tables it holds
-    in_flight: dict[int, tuple[ServedVersion, list[Task]]] = field(default_factory=dict)
-
-
 class LookupStage:
-    kind = "iobatcher"
-
     def __init__(self, config: ServerConfig, inflight: InFlight, send: SendToChild, report: Report,
                  supervisor: Supervisor) -> None:
         self.config = config
         self._inflight = inflight
         self._send_to = send
         self._report = report
-        self._supervisor = supervisor
-        supervisor.add_kind(self)
         self.params = self.config.lookup_batching.parameters()
-        self._links: list[IoLink] = []
-        self._by_identity: dict[bytes, IoLink] = {}
+        self.processes = IoBatchers(config, send, supervisor, on_lost=self._lost)
+        self._links = self.processes.links  # the I/O batchers' links: their tables and lookups in flight
         self._versions: list[ServedVersion] = []  # versions whose tables are (being) loaded
         self._batch_ids = itertools.count(1)
 
@@ -75,7 +59,7 @@ class LookupStage:
 
     def load_tables(self, served: ServedVersion) -> None:
         if not self._links:
-            self._start()
+            self.processes.start_all()
         self._versions.append(served)
         for link in self._links:
             if link.ready:
@@ -90,12 +74,6 @@ class LookupStage:
             if key in link.loaded and link.ready:
                 self._send(link, protocol.UNLOAD, protocol.Tables(model=served.model, version=served.version))
             link.loaded.discard(key)
-
-    def status(self) -> list[dict[str, Any]]:
-        """Each I/O batcher: its process, whether it takes lookups, and the tables it holds."""
-        return [{"index": link.index, "pid": link.child.pid if link.child.running else None, "ready": link.ready,
-                 "restarts": link.child.restarts, "in_flight": len(link.in_flight),
-                 "tables": [f"{model}:{version}" for model, version in sorted(link.loaded)]} for link in self._links]
 
     # --- requests ---
 
@@ -141,9 +119,6 @@ class LookupStage:
 
     # --- messages from I/O batchers ---
 
-    def link(self, identity: bytes) -> IoLink | None:
-        return self._by_identity.get(identity)
-
     def on_message(self, link: IoLink, message: protocol.Message) -> None:
         header = message.header
         if isinstance(header, protocol.IoReady):
@@ -162,65 +137,19 @@ class LookupStage:
     def manage(self, now: float) -> None:
         self._check_loads()
 
-    # --- the supervisor's kind ---
+    def link(self, identity: bytes) -> IoLink | None:
+        return self.processes.link(identity)
 
-    def restarts(self, child: Child, code: int) -> bool:
-        return restartable(code)
-
-    def exited(self, child: Child, code: int, now: float) -> None:
-        link = self._link_of(child)
-        if link is not None:
-            self._lost(link, f"the I/O batcher exited (code {code})")
-
-    def start(self, child: Child, now: float) -> None:
-        link = self._link_of(child)
-        if link is not None:
-            self._spawn(link)
-
-    def speaking(self) -> list[Speaker]:
-        return [link for link in self._links if link.ready]
-
-    def silent(self, link: Speaker, now: float) -> None:
-        io_link = self._link_of(link.child)
-        if io_link is not None:
-            self._lost(io_link, "the I/O batcher stopped answering")
-        terminate_child(link.child, f"no heartbeat for {now - link.last_heard:.1f} s")
+    def status(self) -> list[dict[str, Any]]:
+        return self.processes.status()
 
     def pids(self) -> list[int]:
-        return [link.child.pid for link in self._links if link.child.running and link.child.pid is not None]
+        return self.processes.pids()
 
     def stop(self) -> None:
-        for link in self._links:
-            if link.ready:
-                self._send(link, protocol.DISCONNECT, protocol.Disconnect())
-        self._supervisor.stop([link.child for link in self._links], self.config.shutdown_grace_s)
+        self.processes.stop()
 
     # --- implementation ---
-
-    def _start(self) -> None:
-        for index in range(self.config.iobatchers):
-            link = IoLink(Child(name=f"iobatcher:{index}", argv=[]), index=index)
-            self._links.append(link)
-            self._supervisor.watch(link.child, self)
-            self._spawn(link)
-
-    def _spawn(self, link: IoLink) -> None:
-        config = IoBatcherConfig(
-            index=link.index, backend_address=self.config.resolved_backend_address,
-            heartbeat_interval_s=self.config.heartbeat_interval_s, heartbeat_liveness=self.config.heartbeat_liveness,
-            redis_timeout_ms=self.config.lookup_redis_timeout_ms, log_level=self.config.log_level)
-        link.child.argv = ["-m", "iobatcher", *dataclass_to_argv(config)]
-        link.child.env = curve_env(self.config.curve_secret_key_file)
-        self._by_identity.pop(link.identity, None)
-        spawn_child(link.child)
-        link.identity = f"iobatcher:{link.index}:{link.child.pid}".encode()
-        link.ready = False
-        link.loaded.clear()
-        link.last_heard = time.monotonic()
-        self._by_identity[link.identity] = link
-
-    def _link_of(self, child: Child) -> IoLink | None:
-        return next((link for link in self._links if link.child is child), None)
 
     def _on_ready(self, link: IoLink) -> None:
         link.ready = True
@@ -307,8 +236,6 @@ class LookupStage:
 
     def _lost(self, link: IoLink, why: str) -> None:
         """The I/O batcher is gone: its lookups in flight get 503 at once."""
-        link.ready = False
-        link.loaded.clear()
         for served, tasks in link.in_flight.values():
             served.lookups_in_flight -= len(tasks)
             self._inflight.fail(tasks, Unavailable(f"{why}; lookups of model {served.model} are retried "
@@ -316,6 +243,6 @@ class LookupStage:
         link.in_flight.clear()
 
     def _send(self, link: IoLink, command: bytes, header: protocol.Header, frames: Any = ()) -> None:
-        self._send_to(link.identity, command, header, frames)
+        self.processes.send(link, command, header, frames)
         link.last_sent = time.monotonic()
 

@@ -187,8 +187,9 @@ def test_each_kind_says_which_exit_codes_restart_it() -> None:
     batching = BatchingParameters()
     child = Child(name="x", argv=[])
     lookups = LookupStage(config, InFlight(lambda *a: None, batching, enable_batching=True, max_timeout_ms=1000), Sent(), lambda *a: None, supervisor)
-    assert lookups.restarts(child, EXIT_FAULT) and lookups.restarts(child, -signal.SIGKILL)
-    assert not lookups.restarts(child, EXIT_BOOT_ERROR) and not lookups.restarts(child, EXIT_MODEL_LOAD_ERROR)
+    iobatchers = lookups.processes
+    assert iobatchers.restarts(child, EXIT_FAULT) and iobatchers.restarts(child, -signal.SIGKILL)
+    assert not iobatchers.restarts(child, EXIT_BOOT_ERROR) and not iobatchers.restarts(child, EXIT_MODEL_LOAD_ERROR)
     zygote = Zygote(config, supervisor)
     assert zygote.restarts(child, -signal.SIGKILL) and zygote.restarts(child, EXIT_FAULT)
     assert not zygote.restarts(child, EXIT_BOOT_ERROR), "TensorFlow does not import: workers spawn from then on"
