@@ -77,6 +77,7 @@ class Fleet:
         self._links: dict[bytes, WorkerLink] = {}
         self._owners: dict[int, tuple[ServedVersion, WorkerLink]] = {}  # id(child) -> its version and link
         self._waiting: list[WorkerLink] = []  # to be forked once the zygote has made its first start
+        self._never_started: list[WorkerLink] = []  # told to go while waiting: their exits are reported
         self._output_fds: dict[int, int] = {}  # id(child) -> the read end of its fd 2 pipe
         self.devices = resolve_devices(self.config.devices)  # ConfigError: a bad --devices
         self.output = OutputRelay(cpu_only=self.devices == [CPU_ONLY])  # what the workers write to fd 2
@@ -145,8 +146,14 @@ class Fleet:
 
     def terminate_worker(self, served: ServedVersion, replica: int, reason: str, *, dump: bool = True) -> None:
         link = served.link(replica)
-        if link is not None:
-            terminate_child(link.child, reason, dump=dump)
+        if link is None:
+            return
+        if link in self._waiting:  # never started: it has gone as far as its version knows (next tick)
+            self._waiting.remove(link)
+            self._close_output(link.child)
+            self._never_started.append(link)
+            return
+        terminate_child(link.child, reason, dump=dump)
 
     # --- messages from workers ---
 
@@ -173,6 +180,12 @@ class Fleet:
 
     def manage(self, now: float) -> None:
         self.output.poll()
+        while self._never_started:
+            link = self._never_started.pop()
+            owner = self._owners.get(id(link.child))
+            if owner is not None:
+                self._forget_child(link.child)
+                self._report(owner[0], lc.WorkerExited(-signal.SIGTERM, False, replica=link.replica), now)
         if self._waiting and (self._zygote is None or not self._zygote.starting):
             waiting, self._waiting = self._waiting, []
             for link in waiting:

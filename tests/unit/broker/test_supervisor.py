@@ -254,3 +254,22 @@ def test_a_worker_exit_goes_to_its_versions_lifecycle(code: int) -> None:
     supervisor.tick(1.0)
     assert events == [lc.WorkerExited(code, True, "", replica=0, on_requests=False)]
     assert not link.child.restart_at, "the lifecycle schedules the restart, not the supervisor"
+
+
+def test_a_worker_told_to_go_while_it_waits_for_the_zygote_is_reported_gone_and_never_started() -> None:
+    supervisor = Supervisor(kill_grace_s=3.0, heartbeat_interval_s=1.0, heartbeat_expiry_s=3.0, send=Sent())
+    zygote = Zygote(ServerConfig(), supervisor)
+    zygote.state = STARTING  # its first start: workers wait for it
+    events: list[lc.Event] = []
+    fleet = Fleet(ServerConfig(), BatchingParameters(), Sent(), lambda served, event, now: events.append(event),
+                  supervisor, zygote)
+    _, served = model_with(1, state="loading")
+    fleet.spawn_worker(served, 0)
+    link = served.link(0)
+    assert link is not None and link.child.process is None, "waiting, not started"
+    fleet.terminate_worker(served, 0, "its batching file cannot be used")
+    fleet.manage(1.0)
+    assert events == [lc.WorkerExited(-signal.SIGTERM, False, replica=0)]
+    zygote.state = READY
+    fleet.manage(2.0)
+    assert link.child.process is None, "never started once the zygote is up"
