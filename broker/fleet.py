@@ -247,21 +247,24 @@ class Fleet:
     # --- implementation ---
 
     def _load_timeouts(self, now: float) -> None:
-        """A worker not READY within --worker_load_timeout_s is told to its lifecycle; a forked one
-        that hangs there has its replica start fresh from then on (a fork may inherit a lock)."""
+        """A worker not READY within --worker_load_timeout_s fails its version's load; a forked
+        one is killed and started again as a fresh interpreter first (a fork may have inherited
+        a lock another thread held), and its replica spawns from then on."""
         limit_s = self.config.worker_load_timeout_s
         for served in list(self.serving):
             for link in served.links():
                 child = link.child
-                if (child.running and not child.terminated_at and served.replica_state(link) is lc.Replica.STARTING
-                        and now - child.started_at > limit_s):
-                    if child.forked:
-                        link.spawn_only = True
-                        log.error("worker %s (pid %s), forked by the zygote, is not ready after %.0f s: it starts "
-                                  "as a fresh interpreter from now on", child.name, child.pid, limit_s)
-                    self._report(served, lc.WorkerSilent(f"not ready after {limit_s:.0f} s",
-                                                         load_error=f"loading took longer than {limit_s:.0f} s",
-                                                         replica=link.replica), now)
+                if (not child.running or child.terminated_at or served.replica_state(link) is not lc.Replica.STARTING
+                        or now - child.started_at <= limit_s):
+                    continue
+                if child.forked:
+                    link.spawn_only = True
+                    terminate_child(child, f"forked by the zygote and not ready after {limit_s:.0f} s: it starts "
+                                           "again as a fresh interpreter")  # its exit restarts it (WorkerExited)
+                    continue
+                self._report(served, lc.WorkerSilent(f"not ready after {limit_s:.0f} s",
+                                                     load_error=f"loading took longer than {limit_s:.0f} s",
+                                                     replica=link.replica), now)
 
     def _spawn_worker(self, served: ServedVersion, replica: int) -> None:
         params = served.batching or self._batching

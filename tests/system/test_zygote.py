@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from broker.supervisor import AdoptedProcess, reap_strays
+from broker.supervisor import AdoptedProcess
 from tests.conftest import ROOT, BrokerProcess, make_model_config, pid_alive, process_title, wait_for
 
 

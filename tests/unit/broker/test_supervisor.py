@@ -220,7 +220,7 @@ def test_a_worker_waits_for_the_zygotes_first_start_forks_after_and_spawns_once_
     assert start_mode(link, zygote) == SPAWN
 
 
-def test_a_fork_not_ready_within_the_load_timeout_spawns_its_replica_from_then_on() -> None:
+def test_a_fork_not_ready_within_the_load_timeout_is_killed_and_started_again_as_a_fresh_interpreter() -> None:
     config = ServerConfig(worker_load_timeout_s=5.0)
     supervisor = Supervisor(kill_grace_s=3.0, heartbeat_interval_s=1.0, heartbeat_expiry_s=3.0, send=Sent())
     events: list[lc.Event] = []
@@ -228,13 +228,24 @@ def test_a_fork_not_ready_within_the_load_timeout_spawns_its_replica_from_then_o
     _, served = model_with(1, state="loading")
     fleet.serving.append(served)
     link: WorkerLink = add_link(served)
-    link.child.process = FakeProcess(7)
+    process = FakeProcess(7)
+    link.child.process = process
     link.child.forked, link.child.started_at = True, 0.0
+    fleet._owners[id(link.child)] = (served, link)  # as _spawn_worker records it
+    supervisor.watch(link.child, fleet)
     fleet.manage(4.0)
-    assert not events and not link.spawn_only
+    assert not events and not link.spawn_only and not process.signals
     fleet.manage(6.0)
+    assert link.spawn_only and process.signals == [DUMP_SIGNAL, signal.SIGTERM]
+    assert not events, "not the version's load failing: a retry as a fresh interpreter"
+    process.exit(-signal.SIGTERM)
+    supervisor.tick(6.5)
+    assert events == [lc.WorkerExited(-signal.SIGTERM, True, "", replica=0, on_requests=False)]
+    # A spawned worker that is not ready in time fails its version's load.
+    link.child.forked, link.child.process, link.child.terminated_at = False, FakeProcess(8), 0.0
+    events.clear()
+    fleet.manage(20.0)
     assert [type(e) for e in events] == [lc.WorkerSilent] and "not ready after 5 s" in events[0].reason  # type: ignore[union-attr]
-    assert link.spawn_only
 
 
 @pytest.mark.parametrize("code", [EXIT_FAULT, -signal.SIGKILL])
