@@ -31,9 +31,11 @@ def status(broker: BrokerProcess) -> dict[str, Any]:
     return answer
 
 
-def replicas(answer: dict[str, Any], model: str) -> list[dict[str, Any]]:
+def replicas(answer: dict[str, Any], model: str, version: int | None = None) -> list[dict[str, Any]]:
+    """The replicas of the model's AVAILABLE versions (or of one version, whatever its state)."""
     found = next(m for m in answer["models"] if m["name"] == model)
-    return [r for v in found["versions"] if v["state"] == "AVAILABLE" for r in v["replicas"]]
+    return [r for v in found["versions"] if (v["state"] == "AVAILABLE" if version is None else v["version"] == version)
+            for r in v["replicas"]]
 
 
 def ppid_of(pid: int) -> int:
@@ -136,6 +138,23 @@ def test_a_killed_worker_is_forked_again_at_once(start_broker: Any, test_models:
     assert back_s < 10, f"answering again took {back_s:.1f} s (bench/zygote.py measures it)"
 
 
+def test_a_swap_serves_the_new_version_from_a_fork(start_broker: Any, test_models: Path, tmp_path: Path) -> None:
+    base = tmp_path / "swap"
+    shutil.copytree(test_models / "linear" / "1", base / "1")
+    broker = start_broker(["--model_name=swap", f"--model_base_path={base}", "--file_system_poll_wait_seconds=0.1"],
+                          frontends=1)
+    broker.wait_available(["swap"])
+    staging = tmp_path / "staging"
+    shutil.copytree(test_models / "linear" / "2", staging)
+    staging.rename(base / "2")  # as a version is published: one rename
+    appeared = time.monotonic()
+    wait_for(lambda: answers_linear(broker, "swap", b=3.0), 60, "version 2 to answer")
+    swap_s = time.monotonic() - appeared
+    (replica,) = replicas(status(broker), "swap", 2)
+    assert replica["started"] == "forked"
+    assert swap_s < 10, f"the swap took {swap_s:.1f} s (bench/zygote.py measures it)"
+
+
 def test_a_failed_load_in_a_fork_leaves_the_zygote_serving(start_broker: Any, test_models: Path,
                                                              tmp_path: Path) -> None:
     models = {"linear": test_models / "linear", "broken": test_models / "broken"}
@@ -184,8 +203,7 @@ def test_a_killed_zygote_stops_no_model(start_broker: Any, test_models: Path, tm
         wait_for(lambda: any(r["pid"] for r in replicas(status(broker), "swap"))
                  and {v["version"]: v["state"] for m in status(broker)["models"] if m["name"] == "swap"
                       for v in m["versions"]}.get(2) == "AVAILABLE", 60, "version 2 to serve")
-        (spawned,) = [r for m in status(broker)["models"] if m["name"] == "swap" for v in m["versions"]
-                      if v["version"] == 2 for r in v["replicas"]]
+        (spawned,) = replicas(status(broker), "swap", 2)
         assert spawned["started"] == "spawned", "the zygote was down: a fresh interpreter"
         wait_for(lambda: status(broker)["broker"]["zygote"]["state"] == "ready", 60, "the zygote to be back")
         back = status(broker)["broker"]["zygote"]
@@ -193,8 +211,7 @@ def test_a_killed_zygote_stops_no_model(start_broker: Any, test_models: Path, tm
         shutil.copytree(test_models / "linear" / "1", base / "3")
         wait_for(lambda: any(v["version"] == 3 and v["state"] == "AVAILABLE" for m in status(broker)["models"]
                              if m["name"] == "swap" for v in m["versions"]), 60, "version 3 to serve")
-        (forked,) = [r for m in status(broker)["models"] if m["name"] == "swap" for v in m["versions"]
-                     if v["version"] == 3 for r in v["replicas"]]
+        (forked,) = replicas(status(broker), "swap", 3)
         assert forked["started"] == "forked"
     finally:
         stop.set()
