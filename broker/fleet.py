@@ -290,7 +290,9 @@ class Fleet:
             link.load_failures = old.load_failures
             link.spawn_only = old.spawn_only
             self._links.pop(old.identity, None)
-            self._forget_child(old.child)
+            self._owners.pop(id(old.child), None)
+            if not old.child.running:  # else reaped when it exits, and told to no version
+                self._supervisor.forget(old.child)
         served.workers[replica] = link
         self._owners[id(child)] = (served, link)
         self._output_fds[id(child)] = read_fd

@@ -154,9 +154,6 @@ class Supervisor:
         child.restart_at = 0.0
         self._children.pop(id(child), None)
 
-    def children(self, kind: ChildKind | None = None) -> list[Child]:
-        return [c for c, k in self._children.values() if kind is None or k is kind]
-
     # --- the loop ---
 
     def tick(self, now: float) -> None:
