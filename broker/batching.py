@@ -36,6 +36,11 @@ class Batch:
     # Part of a batch a worker died running: it runs alone on a worker (nothing else in flight
     # there), so that if it kills that worker too, it is known to hold the request that kills.
     suspect: bool = False
+    # Why it left the queue (the metrics' batch exits): full (max_batch_size rows, or the next
+    # task did not fit), timeout (its first task waited batch_timeout_micros), idle (handed to
+    # a worker with nothing to do before either), unbatched (--enable_batching=false), retry
+    # (requeued after its worker died). Set when it closes or leaves.
+    exit_reason: str = ""
 
     def add(self, task: Task, now: float) -> None:
         if not self.tasks:
@@ -85,6 +90,7 @@ class BatchQueue:
         if open_batch is None or open_batch.size + task.size > max_size or not self.batching or task.size > max_size:
             if open_batch is not None:
                 open_batch.closed = True
+                open_batch.exit_reason = "full"
             if len(self._batches) >= self.params.max_enqueued_batches:
                 raise Unavailable("The batch scheduling queue to which this task was submitted is full")
             open_batch = Batch()
@@ -92,15 +98,19 @@ class BatchQueue:
         open_batch.add(task, now)
         if open_batch.size >= max_size or not self.batching:
             open_batch.closed = True
+            open_batch.exit_reason = "full" if self.batching else "unbatched"
 
     def next_batch(self, now: float, *, idle: bool) -> Batch | None:
         """The oldest batch ready to run, removed from the queue, or None."""
         if not self._batches:
             return None
         batch = self._batches[0]
-        if not idle and (batch.suspect or (not batch.closed and now - batch.start_time < self._timeout_s)):
+        timed_out = now - batch.start_time >= self._timeout_s
+        if not idle and (batch.suspect or (not batch.closed and not timed_out)):
             return None
-        batch.closed = True
+        if not batch.closed:
+            batch.closed = True
+            batch.exit_reason = "timeout" if timed_out else "idle"
         return self._batches.popleft()
 
     def requeue(self, tasks: list[Task]) -> list[Task]:
@@ -113,14 +123,14 @@ class BatchQueue:
             for task in again:
                 batch.add(task, 0.0)
                 task.requeued = True
-            batch.closed = True
+            batch.closed, batch.exit_reason = True, "retry"
             self._batches.appendleft(batch)
         return again
 
     def requeue_suspect(self, tasks: list[Task]) -> None:
         """Put the tasks of a batch a worker died running back at the front as one suspect
         batch (see Batch.suspect), whatever ``max_enqueued_batches`` says."""
-        batch = Batch(suspect=True, closed=True)
+        batch = Batch(suspect=True, closed=True, exit_reason="retry")
         for task in tasks:
             batch.add(task, 0.0)
         self._batches.appendleft(batch)

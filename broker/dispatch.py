@@ -102,8 +102,8 @@ class Dispatcher:
         live = by_client(live)
         rows = sum(t.size for t in live)
         batch_id = next(self._batch_ids)
-        header, frames = build_batch(batch_id, signature, (served.batching or self._batching).padded_size(rows),
-                                     live, now)
+        padded_rows = (served.batching or self._batching).padded_size(rows)
+        header, frames = build_batch(batch_id, signature, padded_rows, live, now)
         self._send(link.identity, protocol.BATCH, header, frames)
         link.in_flight[batch_id] = (signature, live)
         if batch.suspect:
@@ -114,4 +114,5 @@ class Dispatcher:
         counters["batches"] += 1
         counters["rows"] += rows
         counters["joined"] += isinstance(header, protocol.JoinedBatch)
-        served.counters.record_batch(rows, [now - task.payload.admitted for task in live])
+        served.counters.record_batch(rows, max(rows, padded_rows), batch.exit_reason or "idle", [t.size for t in live],
+                                     [now - task.payload.admitted for task in live])

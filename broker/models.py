@@ -408,6 +408,8 @@ def version_stats(served: ServedVersion) -> VersionStats:
         queued=sum(len(q) for q in served.queues.values()),
         in_flight=sum(1 for link in links for _ in link.tasks()),
         batches=counters.batches, rows=counters.rows, rejected=counters.rejected,
-        batch_sizes=dict(counters.batch_sizes), queue_latency_buckets=list(counters.queue_latency_buckets),
+        batch_sizes=dict(counters.batch_sizes), input_sizes=dict(counters.input_sizes),
+        padded_sizes={size: dict(padding) for size, padding in counters.padded_sizes.items()},
+        exits=dict(counters.exits), queue_latency_buckets=list(counters.queue_latency_buckets),
         queue_latency_sum_us=counters.queue_latency_sum_us, load_attempts=dict(counters.load_attempts),
         load_latency_s=counters.load_latency_s, restarts=sum(link.child.restarts for link in links))

@@ -1,5 +1,6 @@
 """What the broker counts for the metrics: per version batches, rows, rejections, batch sizes
-and queueing latency; model loads; the CPU and memory of its processes by role."""
+(formed, as requests came, as processed after padding), why batches left the queue, and
+queueing latency; model loads; the CPU and memory of its processes by role."""
 
 from __future__ import annotations
 
@@ -19,15 +20,23 @@ class VersionCounters:
     rows: int = 0
     rejected: int = 0  # 503: its queue was full
     batch_sizes: dict[int, int] = field(default_factory=dict)
+    input_sizes: dict[int, int] = field(default_factory=dict)  # requests by rows (TF Serving's input_batch_size)
+    padded_sizes: dict[int, dict[int, int]] = field(default_factory=dict)  # processed size -> padding -> batches
+    exits: dict[str, int] = field(default_factory=dict)  # batches by why they left the queue (Batch.exit)
     queue_latency_buckets: list[int] = field(default_factory=lambda: [0] * (len(QUEUE_LATENCY_BOUNDS_US) + 1))
     queue_latency_sum_us: float = 0.0
     load_attempts: dict[str, int] = field(default_factory=dict)
     load_latency_s: float = 0.0
 
-    def record_batch(self, rows: int, waits_s: list[float]) -> None:
+    def record_batch(self, rows: int, padded_rows: int, exit_reason: str, task_rows: list[int], waits_s: list[float]) -> None:
         self.batches += 1
         self.rows += rows
         self.batch_sizes[rows] = self.batch_sizes.get(rows, 0) + 1
+        padding = self.padded_sizes.setdefault(padded_rows, {})
+        padding[padded_rows - rows] = padding.get(padded_rows - rows, 0) + 1
+        self.exits[exit_reason] = self.exits.get(exit_reason, 0) + 1
+        for size in task_rows:
+            self.input_sizes[size] = self.input_sizes.get(size, 0) + 1
         for wait_s in waits_s:
             wait_us = wait_s * 1e6
             self.queue_latency_buckets[bisect.bisect_left(QUEUE_LATENCY_BOUNDS_US, wait_us)] += 1

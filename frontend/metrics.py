@@ -33,6 +33,8 @@ LATENCY_BOUNDS_US = (250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_
 SERVING_APIS = ("predict", "classify", "regress")  # what TF Serving's request_count counts
 FLUSH_S = 0.1  # longest a busy frontend keeps its counts before writing them to the shared series
 BATCH_SIZE_BOUNDS = tuple(2 ** i for i in range(13))  # 1 … 4096 rows
+TFS_BATCH_BOUNDS = tuple(2 ** i for i in range(14))  # 1 … 8192: TF Serving's batching_util.h buckets
+TFS_BATCHING = ":tensorflow:serving:batching_session:"  # TF Serving's /tensorflow/serving/batching_session/
 
 
 class Metrics:
@@ -180,6 +182,17 @@ def _broker_families(stats: protocol.StatsReply) -> Iterator[Metric]:
     queuing = HistogramMetricFamily(":tensorflow:serving:batching_session:queuing_latency",
                                     "Distribution of wall time (in microseconds) requests wait in the batch queue.",
                                     labels=["thread_pool_name", "model", "version"])
+    input_sizes = HistogramMetricFamily(TFS_BATCHING + "input_batch_size", "Tracks the batch size distribution on "
+                                        "the inputs (rows per request).", labels=version_labels)
+    processed = HistogramMetricFamily(TFS_BATCHING + "processed_batch_size", "Tracks the batch size distribution on "
+                                      "processing (rows per batch, padded to an allowed size).", labels=version_labels)
+    padding = HistogramMetricFamily(TFS_BATCHING + "padding_size", "Tracks the padding size distribution on batches.",
+                                    labels=["execution_batch_size", *version_labels])
+    wrapped = Metric(TFS_BATCHING + "wrapped_run_count", "Total count of run calls on the wrapped session "
+                     "(batches run).", "unknown")
+    exits = CounterMetricFamily("tfbroker_batch_exits", "Batches by why they left the queue: full, timeout "
+                                "(batch_timeout_micros), idle (a free worker took it first), unbatched, retry.",
+                                labels=[*version_labels, "reason"])
     loads = Metric(":tensorflow:cc:saved_model:load_attempt_count", "The number of times a SavedModel was "
                    "attempted to load.", "unknown")
     load_latency = Metric(":tensorflow:cc:saved_model:load_latency", "Latency in microseconds for SavedModels "
@@ -192,9 +205,21 @@ def _broker_families(stats: protocol.StatsReply) -> Iterator[Metric]:
         batches.add_metric(labels, v.batches)
         rejected.add_metric(labels, v.rejected)
         restarts.add_metric(labels, v.restarts)
-        sizes = [(bound, sum(n for size, n in v.batch_sizes.items() if low < size <= bound))
-                 for low, bound in zip((0, *BATCH_SIZE_BOUNDS), BATCH_SIZE_BOUNDS)]
-        batch_size.add_metric(labels, _buckets(sizes, v.batches), sum_value=v.rows)
+        batch_size.add_metric(labels, _buckets(_binned(v.batch_sizes, BATCH_SIZE_BOUNDS), v.batches), sum_value=v.rows)
+        requests = sum(v.input_sizes.values())
+        input_sizes.add_metric(labels, _buckets(_binned(v.input_sizes, TFS_BATCH_BOUNDS), requests),
+                               sum_value=sum(size * n for size, n in v.input_sizes.items()))
+        by_processed = {size: sum(padding.values()) for size, padding in v.padded_sizes.items()}
+        processed.add_metric(labels, _buckets(_binned(by_processed, TFS_BATCH_BOUNDS), sum(by_processed.values())),
+                             sum_value=sum(size * n for size, n in by_processed.items()))
+        for size, paddings in sorted(v.padded_sizes.items()):
+            padding.add_metric([str(size), *labels], _buckets(_binned(paddings, TFS_BATCH_BOUNDS),
+                                                              sum(paddings.values())),
+                               sum_value=sum(pad * n for pad, n in paddings.items()))
+        wrapped.add_sample(TFS_BATCHING + "wrapped_run_count", {"model": v.model, "version": str(v.version)},
+                           v.batches)
+        for reason, count in sorted(v.exits.items()):
+            exits.add_metric([*labels, reason], count)
         queue_counts = list(zip(QUEUE_LATENCY_BOUNDS_US, v.queue_latency_buckets))
         queuing.add_metric(["batching", *labels], _buckets(queue_counts, sum(v.queue_latency_buckets)),
                            sum_value=v.queue_latency_sum_us)
@@ -205,7 +230,8 @@ def _broker_families(stats: protocol.StatsReply) -> Iterator[Metric]:
         if v.load_latency_s:
             load_latency.add_sample(":tensorflow:cc:saved_model:load_latency", {"model_path": path},
                                     round(v.load_latency_s * 1e6))
-    yield from (queued, in_flight, available, batches, rejected, restarts, batch_size, queuing, loads, load_latency)
+    yield from (queued, in_flight, available, batches, rejected, restarts, batch_size, queuing, input_sizes, processed,
+                padding, wrapped, exits, loads, load_latency)
     cpu = CounterMetricFamily("tfbroker_process_cpu_seconds", "CPU seconds of the live processes of each role.",
                               labels=["role"])
     rss = GaugeMetricFamily("tfbroker_process_resident_memory_bytes", "Resident memory of each role's processes.",
@@ -216,6 +242,13 @@ def _broker_families(stats: protocol.StatsReply) -> Iterator[Metric]:
         rss.add_metric([p.role], p.rss_bytes)
         processes.add_metric([p.role], p.processes)
     yield from (cpu, rss, processes)
+
+
+def _binned(counts: dict[int, int], bounds: Sequence[int]) -> list[tuple[float, int]]:
+    """(upper bound, count) pairs of values counted by value: each value in the first bound it
+    does not exceed (a value beyond the last is only in +Inf)."""
+    return [(bound, sum(n for value, n in counts.items() if low < value <= bound))
+            for low, bound in zip((-1, *bounds), bounds)]
 
 
 def _buckets(counts: Sequence[tuple[float, int]], total: int) -> list[tuple[str, float]]:

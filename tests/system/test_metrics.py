@@ -67,6 +67,16 @@ def test_a_scrape_after_known_traffic_shows_the_exact_counts_from_any_frontend(s
         assert value(found, ":tensorflow:serving:batching_session:queuing_latency_count",
                      thread_pool_name="batching", model="linear", version="2") == value(
                          found, "tfbroker_batch_size_sum", model="linear", version="2")  # one wait per request row
+        # TF Serving's batching series: one input per request (7, one row each), one run and one
+        # processed size per batch (no allowed_batch_sizes: no padding), and every batch's exit:
+        # requests sent one at a time leave at once to the idle worker.
+        tfs = ":tensorflow:serving:batching_session:"
+        assert value(found, tfs + "input_batch_size_count", model="linear", version="2") == 7
+        assert value(found, tfs + "input_batch_size_bucket", model="linear", version="2", le="1.0") == 7
+        assert value(found, tfs + "wrapped_run_count", model="linear", version="2") == batches
+        assert value(found, tfs + "processed_batch_size_count", model="linear", version="2") == batches
+        assert value(found, tfs + "padding_size_sum", execution_batch_size="1", model="linear", version="2") == 0
+        assert value(found, "tfbroker_batch_exits_total", model="linear", version="2", reason="idle") == batches
         assert value(found, ":tensorflow:cc:saved_model:load_attempt_count", model_path="linear/2",
                      status="success") == 1
         assert value(found, ":tensorflow:cc:saved_model:load_latency", model_path="linear/2") > 0
@@ -131,4 +141,4 @@ def test_a_real_prometheus_scrapes_the_frontends_and_counts_what_was_sent(start_
     assert check.returncode in (0, 3), complaints
     assert all(re.fullmatch(r":tensorflow:[\w:]+ metric names should not contain ':'", line) for line in complaints), \
         complaints
-    assert len(complaints) == 5, complaints
+    assert len(complaints) == 9, complaints  # TF Serving's nine names

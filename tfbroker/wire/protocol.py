@@ -342,6 +342,9 @@ class VersionStats(msgspec.Struct, kw_only=True):
     rows: int
     rejected: int
     batch_sizes: dict[int, int]  # formed batches by rows
+    input_sizes: dict[int, int] = {}  # requests by rows
+    padded_sizes: dict[int, dict[int, int]] = {}  # batches by processed (padded) rows, then by padding rows
+    exits: dict[str, int] = {}  # batches by why they left the queue: full, timeout, idle, unbatched, retry
     queue_latency_buckets: list[int]  # tasks by wait, one count per bound of QUEUE_LATENCY_BOUNDS_US and over
     queue_latency_sum_us: float
     load_attempts: dict[str, int]  # by outcome: OK, or the error

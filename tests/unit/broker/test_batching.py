@@ -129,3 +129,29 @@ def test_requeued_tasks_run_next_even_on_a_full_queue_and_only_once() -> None:
     assert again is not None and again.tasks == first and again.size == 3
     assert q.requeue(again.tasks) == []  # a second worker died with them: not again
     assert len(q) == 1
+
+
+def test_each_batch_says_why_it_left_the_queue() -> None:
+    q = queue(max_batch_size=4, batch_timeout_micros=10_000)
+    q.schedule(task(4), now=0.0)  # full at once
+    q.schedule(task(3), now=0.0)
+    q.schedule(task(2), now=0.0)  # did not fit: the batch of 3 closed full
+    q.schedule(task(1), now=0.0)
+    reasons = [q.next_batch(0.001, idle=False) for _ in range(2)]
+    assert [b.exit_reason for b in reasons if b is not None] == ["full", "full"]
+    assert q.next_batch(0.001, idle=False) is None  # the open batch of 3 rows waits
+    timed_out = q.next_batch(0.010, idle=False)
+    assert timed_out is not None and timed_out.exit_reason == "timeout"
+    q.schedule(task(), now=1.0)
+    idle = q.next_batch(1.0, idle=True)
+    assert idle is not None and idle.exit_reason == "idle"
+    q.schedule(task(), now=2.0)
+    taken = q.next_batch(2.0, idle=True)
+    assert taken is not None
+    assert q.requeue(taken.tasks)
+    retried = q.next_batch(2.0, idle=False)
+    assert retried is not None and retried.exit_reason == "retry"
+    unbatched = BatchQueue(BatchingParameters(max_batch_size=4), batching=False)
+    unbatched.schedule(task(), now=0.0)
+    alone = unbatched.next_batch(0.0, idle=False)
+    assert alone is not None and alone.exit_reason == "unbatched"
