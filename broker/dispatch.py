@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from typing import Iterable
 
 from broker.batch_codec import build_batch, by_client, cut_joined_result, split_task_result
@@ -69,6 +70,10 @@ class Dispatcher:
         (its requests get 500) or for no batch the worker holds."""
         result = message.header
         entry = link.in_flight.pop(result.batch, None)
+        sent = link.sent.pop(result.batch, None)
+        if sent is not None:
+            sent_at, counters = sent
+            counters.record_stages(result.model_us, result.worker_us, time.monotonic() - sent_at)
         if link.isolating == result.batch:
             link.isolating = 0
         if entry is None:
@@ -106,6 +111,7 @@ class Dispatcher:
         header, frames = build_batch(batch_id, signature, padded_rows, live, now)
         self._send(link.identity, protocol.BATCH, header, frames)
         link.in_flight[batch_id] = (signature, live)
+        link.sent[batch_id] = (now, served.counters)
         if batch.suspect:
             link.isolating = batch_id
         link.batches += 1

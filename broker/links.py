@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from broker.batching import Task
+from broker.stats import VersionCounters
 from broker.supervisor import Child, SendToChild
 
 __all__ = ["ChildLink", "SendToChild", "WorkerLink"]
@@ -35,6 +36,8 @@ class WorkerLink(ChildLink):
     device: str = "cpu"
     error: str = ""  # why it failed to load, from its DISCONNECT
     in_flight: dict[int, tuple[str, list[Task]]] = field(default_factory=dict)
+    # When each batch in flight was sent, and the counters of its version (its stage latencies).
+    sent: dict[int, tuple[float, VersionCounters]] = field(default_factory=dict)
     disconnect_sent: float = 0.0  # when the broker told it to go (unload)
     batches: int = 0  # batches sent to this process
     load_failures: int = 0  # failed loads of this replica's version, retried (--max_num_load_retries)
@@ -50,5 +53,6 @@ class WorkerLink(ChildLink):
         """Its batches' requests, which it will not answer (it died, or their version failed)."""
         tasks = list(self.tasks())
         self.in_flight.clear()
+        self.sent.clear()
         self.isolating = 0
         return tasks

@@ -411,5 +411,7 @@ def version_stats(served: ServedVersion) -> VersionStats:
         batch_sizes=dict(counters.batch_sizes), input_sizes=dict(counters.input_sizes),
         padded_sizes={size: dict(padding) for size, padding in counters.padded_sizes.items()},
         exits=dict(counters.exits), queue_latency_buckets=list(counters.queue_latency_buckets),
+        stage_buckets={stage: list(counts) for stage, counts in counters.stage_buckets.items()},
+        stage_sums_us=dict(counters.stage_sums_us),
         queue_latency_sum_us=counters.queue_latency_sum_us, load_attempts=dict(counters.load_attempts),
         load_latency_s=counters.load_latency_s, restarts=sum(link.child.restarts for link in links))

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import psutil
 
 from tfbroker.wire import protocol
-from tfbroker.wire.protocol import QUEUE_LATENCY_BOUNDS_US
+from tfbroker.wire.protocol import QUEUE_LATENCY_BOUNDS_US, STAGE_BOUNDS_US, STAGES
 
 
 
@@ -27,6 +27,19 @@ class VersionCounters:
     queue_latency_sum_us: float = 0.0
     load_attempts: dict[str, int] = field(default_factory=dict)
     load_latency_s: float = 0.0
+    # Each batch's time by stage (STAGES): buckets by STAGE_BOUNDS_US and the sum, microseconds.
+    stage_buckets: dict[str, list[int]] = field(
+        default_factory=lambda: {stage: [0] * (len(STAGE_BOUNDS_US) + 1) for stage in STAGES})
+    stage_sums_us: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+
+    def record_stages(self, model_us: int, worker_us: int, round_trip_s: float) -> None:
+        """One batch's time: in the model's own calls, in the worker around them (inputs
+        assembled, outputs cut and encoded), and on the way (broker to worker and back)."""
+        round_trip_us = round_trip_s * 1e6
+        for stage, micros in (("model", model_us), ("worker", max(0, worker_us - model_us)),
+                              ("transport", max(0.0, round_trip_us - worker_us))):
+            self.stage_buckets[stage][bisect.bisect_left(STAGE_BOUNDS_US, micros)] += 1
+            self.stage_sums_us[stage] += micros
 
     def record_batch(self, rows: int, padded_rows: int, exit_reason: str, task_rows: list[int], waits_s: list[float]) -> None:
         self.batches += 1

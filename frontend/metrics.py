@@ -24,7 +24,7 @@ from prometheus_client.utils import floatToGoString
 from tfbroker.wire import protocol
 from tfbroker.runtime.settings import METRICS_DIR_ENV, FrontendConfig
 from tfbroker.wire.errors import GRPC_CODES
-from tfbroker.wire.protocol import QUEUE_LATENCY_BOUNDS_US
+from tfbroker.wire.protocol import QUEUE_LATENCY_BOUNDS_US, STAGE_BOUNDS_US
 
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 # Request latency buckets in microseconds, as TF Serving's request_latency.
@@ -190,6 +190,12 @@ def _broker_families(stats: protocol.StatsReply) -> Iterator[Metric]:
                                     labels=["execution_batch_size", *version_labels])
     wrapped = Metric(TFS_BATCHING + "wrapped_run_count", "Total count of run calls on the wrapped session "
                      "(batches run).", "unknown")
+    runtime = HistogramMetricFamily(":tensorflow:serving:runtime_latency", "Distribution of wall time (in "
+                                    "microseconds) for Tensorflow runtime: the model's own calls, per batch.",
+                                    labels=["model_name", "version", "API", "runtime"])
+    stages = HistogramMetricFamily("tfbroker_stage_latency_seconds", "Each batch's time after the queue: "
+                                   "model (its own calls), worker (inputs assembled, outputs cut and encoded), "
+                                   "transport (broker to worker and back).", labels=[*version_labels, "stage"])
     exits = CounterMetricFamily("tfbroker_batch_exits", "Batches by why they left the queue: full, timeout "
                                 "(batch_timeout_micros), idle (a free worker took it first), unbatched, retry.",
                                 labels=[*version_labels, "reason"])
@@ -218,6 +224,13 @@ def _broker_families(stats: protocol.StatsReply) -> Iterator[Metric]:
                                sum_value=sum(pad * n for pad, n in paddings.items()))
         wrapped.add_sample(TFS_BATCHING + "wrapped_run_count", {"model": v.model, "version": str(v.version)},
                            v.batches)
+        for stage, counts in sorted(v.stage_buckets.items()):
+            sum_us = v.stage_sums_us.get(stage, 0.0)
+            stages.add_metric([*labels, stage], _buckets([(b / 1e6, n) for b, n in zip(STAGE_BOUNDS_US, counts)],
+                                                         sum(counts)), sum_value=sum_us / 1e6)
+            if stage == "model":  # TF Serving's, in its microseconds
+                runtime.add_metric([v.model, str(v.version), "batch", "TF1"],
+                                   _buckets(list(zip(STAGE_BOUNDS_US, counts)), sum(counts)), sum_value=sum_us)
         for reason, count in sorted(v.exits.items()):
             exits.add_metric([*labels, reason], count)
         queue_counts = list(zip(QUEUE_LATENCY_BOUNDS_US, v.queue_latency_buckets))
@@ -231,7 +244,7 @@ def _broker_families(stats: protocol.StatsReply) -> Iterator[Metric]:
             load_latency.add_sample(":tensorflow:cc:saved_model:load_latency", {"model_path": path},
                                     round(v.load_latency_s * 1e6))
     yield from (queued, in_flight, available, batches, rejected, restarts, batch_size, queuing, input_sizes, processed,
-                padding, wrapped, exits, loads, load_latency)
+                padding, wrapped, exits, runtime, stages, loads, load_latency)
     cpu = CounterMetricFamily("tfbroker_process_cpu_seconds", "CPU seconds of the live processes of each role.",
                               labels=["role"])
     rss = GaugeMetricFamily("tfbroker_process_resident_memory_bytes", "Resident memory of each role's processes.",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -49,9 +50,14 @@ class Signature:
     outputs: dict[str, TensorInfo]
     run_fn: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
     owner: Any = None  # what must stay alive for run_fn to work (the session or trackable)
+    run_s: float = 0.0  # seconds in the model's own calls, summed: the worker reports each batch's share
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self.run_fn(inputs)
+        started = time.perf_counter()
+        try:
+            return self.run_fn(inputs)
+        finally:
+            self.run_s += time.perf_counter() - started
 
     def describe(self) -> dict[str, Any]:
         """The compact form sent in READY."""

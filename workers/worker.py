@@ -126,10 +126,12 @@ class ModelWorker:
             self._fail_batch(message, header.ids if joined else None,
                              NotFound(f"no signature {header.signature!r}"))
             return
+        model_s = signature.run_s
         if not joined:
             tasks = decode_batch(message.frames, header.counts, deadlines, time.monotonic())
-            self._send_outcomes(header.batch, [t.request_id for t in tasks],
-                                run_batch(signature, tasks, header.padded_rows))
+            outcomes = run_batch(signature, tasks, header.padded_rows)
+            self._send_outcomes(header.batch, [t.request_id for t in tasks], outcomes,
+                                timing=(signature.run_s - model_s, received))
             return
         try:
             inputs = tensors.decode_tensors(header.inputs, message.frames)
@@ -140,16 +142,17 @@ class ModelWorker:
         batch, expired = split_expired(header.ids, header.rows, inputs, deadlines, time.monotonic())
         if expired:  # out of time while waiting here: answered unrun; the others run without them
             live = iter(run_joined_outcomes(signature, batch, 0) if batch.ids else ())
-            self._send_outcomes(header.batch, header.ids, [DeadlineExceeded() if i in expired
-                                                           else next(live) for i in range(len(header.ids))])
+            outcomes = [DeadlineExceeded() if i in expired else next(live) for i in range(len(header.ids))]
+            self._send_outcomes(header.batch, header.ids, outcomes, timing=(signature.run_s - model_s, received))
             return
         result = run_joined(signature, batch, header.padded_rows)
         if isinstance(result, list):
-            self._send_outcomes(header.batch, header.ids, result)
+            self._send_outcomes(header.batch, header.ids, result, timing=(signature.run_s - model_s, received))
             return
         specs, frames = tensors.encode_tensors(result)
-        self._send(protocol.RESULT, protocol.JoinedResult(batch=header.batch, model=self.config.model_name,
-                                                          version=self.config.version, outputs=specs), frames)
+        self._send(protocol.RESULT, protocol.JoinedResult(
+            batch=header.batch, model=self.config.model_name, version=self.config.version, outputs=specs,
+            model_us=_micros(signature.run_s - model_s), worker_us=_micros(time.monotonic() - received)), frames)
 
     def _fail_batch(self, message: protocol.Message, ids: list[int] | None, error: TFBrokerError) -> None:
         """Every task of a batch gets ``error`` (ids read from the tasks' headers if not given)."""
@@ -161,8 +164,10 @@ class ModelWorker:
                 offset += count
         self._send_outcomes(header.batch, ids, [error] * len(ids))
 
-    def _send_outcomes(self, batch_id: int, ids: list[int], outcomes: list[Any]) -> None:
-        """A RESULT with one complete client message per task."""
+    def _send_outcomes(self, batch_id: int, ids: list[int], outcomes: list[Any],
+                       timing: tuple[float, float] = (0.0, 0.0)) -> None:
+        """A RESULT with one complete client message per task; ``timing``: the batch's seconds
+        in the model, and when it was received (monotonic), for the broker's stage latencies."""
         from workers.batch import encode_outcome
 
         reply_frames: list[Any] = []
@@ -171,7 +176,10 @@ class ModelWorker:
             frames = encode_outcome(request_id, self.config.model_name, self.config.version, outcome)
             counts.append(len(frames))
             reply_frames.extend(frames)
-        self._send(protocol.RESULT, protocol.TaskResult(batch=batch_id, counts=counts), reply_frames)
+        model_s, received = timing
+        self._send(protocol.RESULT, protocol.TaskResult(
+            batch=batch_id, counts=counts, model_us=_micros(model_s),
+            worker_us=_micros(time.monotonic() - received) if received else 0), reply_frames)
 
     def _send_ready(self) -> None:
         model = self._model
@@ -179,3 +187,7 @@ class ModelWorker:
             model=self.config.model_name, version=self.config.version, pid=os.getpid(),
             signatures={name: sig.describe() for name, sig in model.signatures.items()},
             signature_def=model.signature_def))
+
+
+def _micros(seconds: float) -> int:
+    return max(0, round(seconds * 1e6))

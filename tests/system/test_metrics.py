@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import ROOT, debian_binary, free_port, wait_for
@@ -141,4 +144,43 @@ def test_a_real_prometheus_scrapes_the_frontends_and_counts_what_was_sent(start_
     assert check.returncode in (0, 3), complaints
     assert all(re.fullmatch(r":tensorflow:[\w:]+ metric names should not contain ':'", line) for line in complaints), \
         complaints
-    assert len(complaints) == 9, complaints  # TF Serving's nine names
+    assert len(complaints) == 10, complaints  # TF Serving's ten names
+
+
+def test_stage_latencies_hold_the_model_time_and_the_queue_wait(start_broker: Any, test_models: Path,
+                                                                  tmp_path: Path) -> None:
+    """The slow model runs about 0.3 s a call: its batches' model stage holds that time, the
+    worker and the transport the rest; a request queued behind another waits about as long."""
+    config = tmp_path / "monitoring.config"
+    config.write_text("prometheus_config { enable: true }\n")
+    batching = tmp_path / "batching.config"
+    batching.write_text("max_batch_size { value: 1 }\nbatch_timeout_micros { value: 0 }\n")
+    broker = start_broker(["--model_name=slow", f"--model_base_path={test_models / 'slow'}",
+                           f"--monitoring_config_file={config}", "--enable_batching",
+                           f"--batching_parameters_file={batching}", "--batches_in_flight=1"], frontends=1)
+    broker.wait_available(["slow"])
+    client_s = 0.0
+    for _ in range(3):
+        started = time.monotonic()
+        assert broker.predict("slow", {"instances": [1.0]}).status_code == 200
+        client_s += time.monotonic() - started
+    found = samples(broker.http.get(PATH).text)
+    labels = {"model": "slow", "version": "1"}
+    stage = "tfbroker_stage_latency_seconds"
+    assert [value(found, f"{stage}_count", **labels, stage=s) for s in ("model", "worker", "transport")] == [3] * 3
+    model_us = value(found, f"{stage}_sum", **labels, stage="model") * 1e6
+    total_us = sum(value(found, f"{stage}_sum", **labels, stage=s) for s in ("model", "worker", "transport")) * 1e6
+    assert 0.5 * client_s * 1e6 < model_us <= total_us < client_s * 1e6, (model_us, total_us, client_s)
+    assert value(found, ":tensorflow:serving:runtime_latency_sum", model_name="slow", version="1", API="batch",
+                 runtime="TF1") == pytest.approx(model_us)
+    # Two at once, one batch in flight: the second waits in the queue while the first runs.
+    queue = ":tensorflow:serving:batching_session:queuing_latency_sum"
+    waited_before = value(found, queue, thread_pool_name="batching", **labels)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda _: httpx.post(f"{broker.base_url}/v1/models/slow:predict",
+                                                     json={"instances": [1.0]}, timeout=30).status_code, range(2)))
+    assert answers == [200, 200]
+    found = samples(broker.http.get(PATH).text)
+    waited_us = value(found, queue, thread_pool_name="batching", **labels) - waited_before
+    one_call_us = model_us / 3
+    assert waited_us > 0.5 * one_call_us, (waited_us, one_call_us)

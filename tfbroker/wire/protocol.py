@@ -221,6 +221,7 @@ DType = Literal["float16", "float32", "float64", "int8", "int16", "int32", "int6
 Shape = Annotated[tuple[Annotated[int, msgspec.Meta(ge=0, le=MAX_DIM)], ...], msgspec.Meta(max_length=MAX_RANK)]
 Specs = Annotated[list["TensorSpec"], msgspec.Meta(max_length=MAX_TENSORS)]
 Tasks = Annotated[list[Count], msgspec.Meta(max_length=MAX_TASKS)]
+Micros = Annotated[int, msgspec.Meta(ge=0, le=MAX_INT64)]  # a duration, microseconds
 Timeouts = Annotated[list[TimeoutMs], msgspec.Meta(max_length=MAX_TASKS)]
 Json = dict[str, Any]
 
@@ -325,6 +326,12 @@ class HealthReply(Header, tag_field="kind", tag="h"):
     reason: Annotated[str, msgspec.Meta(max_length=MAX_CONFIG_CHARS)] = ""
 
 
+# A batch's stages after the queue, timed per version (VersionStats): the model's own calls
+# (TF Serving's runtime_latency), the worker around them, and the way to the worker and back.
+STAGES = ("model", "worker", "transport")
+# Their histogram's bounds, microseconds: TF Serving's runtime_latency buckets (10 x 1.8^k, 33).
+STAGE_BOUNDS_US = tuple(round(10 * 1.8 ** k) for k in range(33))
+
 # Bounds of the queueing-latency histogram in VersionStats, microseconds (as TF Serving's).
 QUEUE_LATENCY_BOUNDS_US = (100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000,
                            500_000, 1_000_000, 2_500_000, 5_000_000, 10_000_000)
@@ -350,6 +357,8 @@ class VersionStats(msgspec.Struct, kw_only=True):
     load_attempts: dict[str, int]  # by outcome: OK, or the error
     load_latency_s: float
     restarts: int
+    stage_buckets: dict[str, list[int]] = {}  # batches by time in each of STAGES, per STAGE_BOUNDS_US and over
+    stage_sums_us: dict[str, float] = {}
 
 
 class ProcessStats(msgspec.Struct, array_like=True):
@@ -451,6 +460,10 @@ class JoinedBatch(Header, kw_only=True, tag_field="kind", tag="j"):
 class TaskResult(Header, tag_field="kind", tag="t"):
     batch: Id
     counts: Tasks
+    # Where the batch's time went in the worker: its model's own calls, and all of it (from
+    # receipt to this reply: inputs assembled, the model run, outputs cut and encoded).
+    model_us: Micros = 0
+    worker_us: Micros = 0
 
     def frame_count(self) -> int:
         return sum(self.counts)
@@ -458,6 +471,8 @@ class TaskResult(Header, tag_field="kind", tag="t"):
 
 class JoinedResult(Outputs, kw_only=True, tag_field="kind", tag="j"):
     batch: Id
+    model_us: Micros = 0  # as TaskResult's
+    worker_us: Micros = 0
 
 
 class Disconnect(Header):
