@@ -401,9 +401,13 @@ def _check_examples(served: ServedVersion, signature_name: str, signature: Signa
     return specs[0].shape[0], None  # runs alone: examples never join a numeric batch
 
 
-def version_stats(served: ServedVersion) -> VersionStats:
+def version_stats(served: ServedVersion, batching: BatchingParameters) -> VersionStats:
+    """Its counters for the metrics and the status page; ``batching``: the broker's, unless the
+    version has its own."""
     counters, links = served.counters, served.links()
+    params = served.batching or batching
     return VersionStats(
+        max_batch_size=params.max_batch_size, batch_timeout_micros=params.batch_timeout_micros,
         model=served.model, version=served.version, state=served.state.value,
         queued=sum(len(q) for q in served.queues.values()),
         in_flight=sum(1 for link in links for _ in link.tasks()),

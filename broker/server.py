@@ -65,6 +65,7 @@ class Broker:
     def __init__(self, config: ServerConfig, models: list[ModelConfig], batching: BatchingParameters,
                  metrics_path: str = "") -> None:
         self.config = config
+        self.batching = batching
         self.signals: queue.SimpleQueue[int] = queue.SimpleQueue()
         self.keys = load_key_pair(config.curve_secret_key_file) if config.curve_secret_key_file else None
         self._context = zmq.Context()
@@ -241,7 +242,7 @@ class Broker:
             self.outbox.add(client, [protocol.REPLY, protocol.encode_header(reply)])
 
     def _stats(self, header: protocol.Query) -> protocol.StatsReply:
-        versions = [version_stats(served) for model in self.versions.models.values()
+        versions = [version_stats(served, self.batching) for model in self.versions.models.values()
                     for served in model.versions.values()]
         pids = {"broker": [os.getpid()], "worker": self.fleet.pids(), "iobatcher": self.lookups.pids(),
                 "frontend": self.frontends.pids(),

@@ -3,7 +3,10 @@
 What an operator looks at during a swap or an incident instead of ``broker.ctl status``: each
 model's versions (state, labels, replicas with device, pid, restarts and batches in hand),
 queue depth, the batch sizes formed, requests per second and p50/p99 latency over the last
-minute, 4xx/5xx/504 answers, the I/O batchers' tables and the last version changes.
+minute, 4xx/5xx/504 answers, the I/O batchers' tables and the last version changes; and per
+version where its requests' time goes (queue, model, worker, transport: a stacked bar for an
+average request and a p99 one), how full its batches leave, their padding, why they leave,
+and a sentence of advice when the numbers say it (frontend/batching_view.py).
 
 The JSON is the broker's STATS answer (its ``broker.ctl status``, the last changes of version
 state, its I/O batchers, each version's batch sizes) beside every frontend's request counts
@@ -18,6 +21,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from frontend.batching_view import breakdown
 from frontend.metrics import Metrics
 from tfbroker.wire import protocol
 
@@ -32,12 +36,14 @@ def status_json(stats: protocol.StatsReply | None, metrics: Metrics) -> dict[str
         body["error"] = "the broker does not answer"
         return body
     status = stats.status
-    sizes = {(v.model, v.version): v.batch_sizes for v in stats.versions}
+    by_version = {(v.model, v.version): v for v in stats.versions}
     models = status.get("models", [])
     for model in models:
         for version in model.get("versions", []):
+            counted = by_version.get((model["name"], version["version"]))
             version["batch_sizes"] = {str(rows): count for rows, count in
-                                      sorted(sizes.get((model["name"], version["version"]), {}).items())}
+                                      sorted(counted.batch_sizes.items())} if counted else {}
+            version["breakdown"] = breakdown(counted) if counted else {}
     body.update(broker={**status.get("broker", {}), "counters": stats.counters}, models=models,
                 history=status.get("history", []), iobatchers=status.get("iobatchers", []))
     return body
@@ -55,7 +61,7 @@ th{font-weight:600;color:#555}.num{text-align:right;font-variant-numeric:tabular
 .AVAILABLE{color:#0a7d2c}.LOADING,.START{color:#b06d00}.UNLOADING,.END{color:#888}.err{color:#c0392b}
 .figures span{display:inline-block;margin-right:1.6em}.figures b{font-size:1.25em}
 #banner{display:none;background:#fdecea;color:#c0392b;padding:.6em;border-radius:4px}
-svg{vertical-align:middle}.muted{color:#888}
+svg{vertical-align:middle}.muted{color:#888}.advice{color:#b06d00}
 </style></head><body>
 <h1>tfbroker status</h1>
 <div id="summary" class="muted">loading&hellip;</div>
@@ -118,6 +124,33 @@ function bars(sizes) {
   return `<svg width="${entries.length * w}" height="40" role="img">${rects.join("")}</svg> <span class="muted">${entries[0][0]}&ndash;${entries[entries.length - 1][0]} rows</span>`;
 }
 
+const STAGE_COLORS = {queue: "#b06d00", model: "#4a78c2", worker: "#7a9a3a", transport: "#999"};
+
+function stacked(stages, key, scale) {
+  let x = 0;
+  const rects = Object.entries(stages).map(([name, s]) => {
+    const w = Math.max(0, s[key] * scale), r = `<rect x="${x.toFixed(1)}" y="0" width="${w.toFixed(1)}" height="12" fill="${STAGE_COLORS[name] || "#ccc"}"><title>${name}: ${s[key]} ms</title></rect>`;
+    x += w;
+    return r;
+  });
+  return `<svg width="${Math.max(1, x).toFixed(0)}" height="12" role="img">${rects.join("")}</svg>`;
+}
+
+function breakdownRow(name, v) {
+  const b = v.breakdown;
+  if (!b || !b.stages) return "";
+  const total = key => Object.values(b.stages).reduce((t, s) => t + s[key], 0);
+  const scale = 240 / Math.max(total("p99_ms"), 1e-6);
+  const parts = Object.entries(b.stages).map(([n, s]) => `${n} ${s.mean_ms}`).join(", ");
+  const exits = Object.entries(b.exits).map(([r, n]) => `${r} ${n}`).join(", ");
+  const fill = b.fill === null ? "" : `, batches ${Math.round(b.fill * 100)} % full`;
+  return `<tr id="breakdown-${esc(name)}-${v.version}"><td></td><td colspan="6">` +
+    `<div>average ${total("mean_ms").toFixed(2)} ms ${stacked(b.stages, "mean_ms", scale)} <span class="muted">(${parts} ms)</span></div>` +
+    `<div>p99 &le; ${total("p99_ms").toFixed(2)} ms ${stacked(b.stages, "p99_ms", scale)}</div>` +
+    `<div class="muted">${b.mean_rows} rows a batch${fill}, ${Math.round(b.padding_share * 100)} % padding; left: ${esc(exits)}</div>` +
+    (b.advice ? `<div class="advice">${esc(b.advice)}</div>` : "") + "</td></tr>";
+}
+
 function render(body) {
   const banner = document.getElementById("banner");
   banner.style.display = body.error ? "block" : "none";
@@ -147,6 +180,7 @@ function render(body) {
       const note = v.draining ? "draining" : (v.error ? `<span class="err">${esc(v.error)}</span>` : "");
       rows.push(`<tr><td class="num">${v.version}</td><td class="${esc(v.state)}">${esc(v.state)}</td>` +
         `<td class="num">${v.pid || "&ndash;"}</td><td class="num">${v.queued}</td><td class="num">${v.in_flight}</td><td>${bars(v.batch_sizes)}</td><td>${note}</td></tr>`);
+      rows.push(breakdownRow(name, v));
       for (const r of v.replicas || []) {
         rows.push(`<tr class="muted"><td></td><td>${esc(r.device)}</td><td class="num">${r.pid || "&ndash;"}</td><td></td>` +
           `<td class="num">${r.in_flight}</td><td colspan="2">${r.ready ? "ready" : "not ready"}, ${r.batches} batches, ${r.restarts} restarts</td></tr>`);

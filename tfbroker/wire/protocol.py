@@ -359,6 +359,8 @@ class VersionStats(msgspec.Struct, kw_only=True):
     restarts: int
     stage_buckets: dict[str, list[int]] = {}  # batches by time in each of STAGES, per STAGE_BOUNDS_US and over
     stage_sums_us: dict[str, float] = {}
+    max_batch_size: int = 0  # the version's batching, for how full its batches leave
+    batch_timeout_micros: int = 0
 
 
 class ProcessStats(msgspec.Struct, array_like=True):
