@@ -71,9 +71,9 @@ class Dispatcher:
         result = message.header
         entry = link.in_flight.pop(result.batch, None)
         sent = link.sent.pop(result.batch, None)
-        if sent is not None:
-            sent_at, counters = sent
-            counters.record_stages(result.model_us, result.worker_us, time.monotonic() - sent_at)
+        if sent is not None and entry is not None:
+            sent_at, processed_rows, counters = sent
+            counters.record_stages(result, time.monotonic() - sent_at, processed_rows, len(entry[1]))
         if link.isolating == result.batch:
             link.isolating = 0
         if entry is None:
@@ -111,7 +111,7 @@ class Dispatcher:
         header, frames = build_batch(batch_id, signature, padded_rows, live, now)
         self._send(link.identity, protocol.BATCH, header, frames)
         link.in_flight[batch_id] = (signature, live)
-        link.sent[batch_id] = (now, served.counters)
+        link.sent[batch_id] = (now, max(rows, padded_rows), served.counters)
         if batch.suspect:
             link.isolating = batch_id
         link.batches += 1

@@ -416,6 +416,8 @@ def version_stats(served: ServedVersion, batching: BatchingParameters) -> Versio
         padded_sizes={size: dict(padding) for size, padding in counters.padded_sizes.items()},
         exits=dict(counters.exits), queue_latency_buckets=list(counters.queue_latency_buckets),
         stage_buckets={stage: list(counts) for stage, counts in counters.stage_buckets.items()},
-        stage_sums_us=dict(counters.stage_sums_us),
+        stage_sums_us=dict(counters.stage_sums_us), request_stage_us=counters.request_stage_us,
+        size_stats={rows: list(values) for rows, values in counters.size_stats.items()},
+        last_batch_ms=counters.last_batch_ms,
         queue_latency_sum_us=counters.queue_latency_sum_us, load_attempts=dict(counters.load_attempts),
         load_latency_s=counters.load_latency_s, restarts=sum(link.child.restarts for link in links))

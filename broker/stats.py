@@ -5,13 +5,13 @@ queueing latency; model loads; the CPU and memory of its processes by role."""
 from __future__ import annotations
 
 import bisect
+import time
 from dataclasses import dataclass, field
 
 import psutil
 
 from tfbroker.wire import protocol
 from tfbroker.wire.protocol import QUEUE_LATENCY_BOUNDS_US, STAGE_BOUNDS_US, STAGES
-
 
 
 @dataclass(slots=True)
@@ -31,17 +31,31 @@ class VersionCounters:
     stage_buckets: dict[str, list[int]] = field(
         default_factory=lambda: {stage: [0] * (len(STAGE_BOUNDS_US) + 1) for stage in STAGES})
     stage_sums_us: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+    request_stage_us: float = 0.0  # each request's share: its batch's round trip, summed over requests
+    size_stats: dict[int, list[float]] = field(default_factory=dict)  # processed rows -> [batches, in, model, out µs]
+    last_batch_ms: int = 0  # when the last batch was sent, ms since the epoch (OIP's last_inference)
 
-    def record_stages(self, model_us: int, worker_us: int, round_trip_s: float) -> None:
-        """One batch's time: in the model's own calls, in the worker around them (inputs
-        assembled, outputs cut and encoded), and on the way (broker to worker and back)."""
-        round_trip_us = round_trip_s * 1e6
-        for stage, micros in (("model", model_us), ("worker", max(0, worker_us - model_us)),
-                              ("transport", max(0.0, round_trip_us - worker_us))):
+    def record_stages(self, result: protocol.TaskResult | protocol.JoinedResult, round_trip_s: float, rows: int,
+                      requests: int) -> None:
+        """One batch's time after the queue: the worker's three stages (its report), and the
+        rest of the round trip from the broker (the way there and back, and the wait behind
+        the batch before it)."""
+        worker_us = result.input_us + result.model_us + result.output_us
+        times = {"input": result.input_us, "model": result.model_us, "output": result.output_us,
+                 "transport": max(0.0, round_trip_s * 1e6 - worker_us)}
+        for stage, micros in times.items():
             self.stage_buckets[stage][bisect.bisect_left(STAGE_BOUNDS_US, micros)] += 1
             self.stage_sums_us[stage] += micros
+        self.request_stage_us += round_trip_s * 1e6 * requests
+        by_size = self.size_stats.setdefault(rows, [0, 0.0, 0.0, 0.0])
+        by_size[0] += 1
+        by_size[1] += result.input_us
+        by_size[2] += result.model_us
+        by_size[3] += result.output_us
 
-    def record_batch(self, rows: int, padded_rows: int, exit_reason: str, task_rows: list[int], waits_s: list[float]) -> None:
+    def record_batch(self, rows: int, padded_rows: int, exit_reason: str, task_rows: list[int],
+                     waits_s: list[float]) -> None:
+        self.last_batch_ms = int(time.time() * 1000)
         self.batches += 1
         self.rows += rows
         self.batch_sizes[rows] = self.batch_sizes.get(rows, 0) + 1

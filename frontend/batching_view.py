@@ -1,7 +1,8 @@
 """Where a version's requests spend their time, and one sentence of advice on its batching.
 
 From the broker's counters (broker/stats.py, sent as VersionStats): the queue wait per
-request, then per batch the model's own calls, the worker around them and the transport; how
+request, then per batch its inputs assembled, the model's own calls, its outputs cut, and the
+transport (protocol.STAGES); how
 full the batches leave, how much padding they carry and why they leave. The status page shows
 it as a stacked bar (an average request and a p99 one, each stage at its own mean or p99:
 the p99 bar is an upper bound, since the slowest of each stage need not meet in one request).

@@ -108,4 +108,6 @@ RepositoryModelLoadRequest = message_class("inference.RepositoryModelLoadRequest
 RepositoryModelLoadResponse = message_class("inference.RepositoryModelLoadResponse")
 RepositoryModelUnloadRequest = message_class("inference.RepositoryModelUnloadRequest")
 RepositoryModelUnloadResponse = message_class("inference.RepositoryModelUnloadResponse")
+ModelStatisticsRequest = message_class("inference.ModelStatisticsRequest")
+ModelStatisticsResponse = message_class("inference.ModelStatisticsResponse")
 

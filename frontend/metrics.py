@@ -193,9 +193,10 @@ def _broker_families(stats: protocol.StatsReply) -> Iterator[Metric]:
     runtime = HistogramMetricFamily(":tensorflow:serving:runtime_latency", "Distribution of wall time (in "
                                     "microseconds) for Tensorflow runtime: the model's own calls, per batch.",
                                     labels=["model_name", "version", "API", "runtime"])
-    stages = HistogramMetricFamily("tfbroker_stage_latency_seconds", "Each batch's time after the queue: "
-                                   "model (its own calls), worker (inputs assembled, outputs cut and encoded), "
-                                   "transport (broker to worker and back).", labels=[*version_labels, "stage"])
+    stages = HistogramMetricFamily("tfbroker_stage_latency_seconds", "Each batch's time after the queue: input "
+                                   "(assembled in the worker), model (its own calls), output (cut and encoded), "
+                                   "transport (broker to worker and back, and the wait behind the batch before it).",
+                                   labels=[*version_labels, "stage"])
     exits = CounterMetricFamily("tfbroker_batch_exits", "Batches by why they left the queue: full, timeout "
                                 "(batch_timeout_micros), idle (a free worker took it first), unbatched, retry.",
                                 labels=[*version_labels, "reason"])

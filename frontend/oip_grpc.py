@@ -5,7 +5,8 @@ ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer,
 ModelStreamInfer (Triton's streaming extension: every request of a stream answered in the
 order it came, each one batched with everyone else's) and the model repository extension
 (RepositoryIndex; RepositoryModelLoad and RepositoryModelUnload with the broker's
---enable_model_control). A request's tensors come in the typed
+--enable_model_control) and the statistics extension (ModelStatistics: frontend/oip_stats.py).
+A request's tensors come in the typed
 ``contents`` or in ``raw_input_contents`` (tritonclient's default), the latter forwarded to
 the broker as the bytes they are; outputs go back in ``raw_output_contents``, as Triton
 answers. ``model_version`` is a number, a version label, or empty for the latest. Errors
@@ -21,10 +22,12 @@ from typing import Any, AsyncIterator
 
 import grpc
 import numpy as np
+from google.protobuf import json_format
 
 from frontend import grpc_messages as pb
 from frontend import oip_tensors
 from frontend.grpc_handlers import stream, unary
+from frontend.oip_stats import model_statistics
 from frontend.pipeline import METADATA, PREDICT, REPOSITORY, ModelCall, Pipeline
 from tfbroker.client import Prediction
 from tfbroker.wire.errors import InvalidArgument, TFBrokerError
@@ -110,6 +113,14 @@ class InferenceService:
             return response
 
         return await self.pipeline.run("GRPC", REPOSITORY, "", parse, answer)
+
+    async def model_statistics(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """The statistics extension (frontend/oip_stats.py), as REST's ``/stats``."""
+        version, label = oip_tensors.version_or_label(request.version)
+        stats = await self.pipeline.client.stats_reply()
+        response = pb.ModelStatisticsResponse()
+        json_format.ParseDict({"model_stats": model_statistics(stats, request.name, version, label)}, response)
+        return response
 
     async def repository_model_load(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return await self._repository_change("load", request.model_name, pb.RepositoryModelLoadResponse)
@@ -212,5 +223,6 @@ def handlers(pipeline: Pipeline) -> list[Any]:
         "RepositoryIndex": unary(service.repository_index, pb.RepositoryIndexRequest),
         "RepositoryModelLoad": unary(service.repository_model_load, pb.RepositoryModelLoadRequest),
         "RepositoryModelUnload": unary(service.repository_model_unload, pb.RepositoryModelUnloadRequest),
+        "ModelStatistics": unary(service.model_statistics, pb.ModelStatisticsRequest),
     }
     return [grpc.method_handlers_generic_handler("inference.GRPCInferenceService", methods)]

@@ -32,6 +32,7 @@ from urllib.parse import unquote
 import orjson
 
 from frontend import oip_tensors
+from frontend.oip_stats import model_statistics
 from frontend.answers import JSON, Answer, error_answer
 from frontend.pipeline import METADATA, PREDICT, REPOSITORY, ModelCall, Pipeline
 from tfbroker.client import Prediction
@@ -43,7 +44,7 @@ TIMEOUT_HEADER = b"x-request-timeout-ms"
 OCTETS = (b"content-type", b"application/octet-stream")
 NUMPY = orjson.OPT_SERIALIZE_NUMPY
 
-_MODEL = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer)?")
+_MODEL = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer|/stats)?")
 _REPOSITORY = re.compile(r"/v2/repository/models/([^/]+)/(load|unload)")
 
 def is_oip_path(path: str) -> bool:
@@ -106,6 +107,9 @@ class OipRest:
             if body.strip():
                 _object(body)  # (its parameters, a config to load with, are not taken: the broker's config is)
             return await self.repository(match[2], unquote(match[1]), False)
+        if path == "/v2/models/stats":  # every model's (the statistics extension)
+            _expect(method, "GET", path)
+            return await self.statistics("", None, None)
         match = _MODEL.fullmatch(path)
         if match is None:
             raise NotFound(f"{method} {path} is not part of the Open Inference Protocol")
@@ -115,6 +119,8 @@ class OipRest:
             _expect(method, "POST", path)
             return await self.infer(model, version, label, headers, body)
         _expect(method, "GET", path)
+        if match[3] == "/stats":
+            return await self.statistics(model, version, label)
         if match[3] == "/ready":
             ready, reason = await self.pipeline.ready(model, version, label)
             return _json({"name": model, "ready": ready, **({} if ready else {"error": reason})},
@@ -140,6 +146,10 @@ class OipRest:
             return (200, orjson.dumps(reply["models"]), []) if op == "index" else (200, b"", [])
 
         return await self.pipeline.run("REST", REPOSITORY, model, parse, answer)
+
+    async def statistics(self, model: str, version: int | None, label: str | None) -> Answer:
+        stats = await self.pipeline.client.stats_reply()
+        return _json({"model_stats": model_statistics(stats, model, version, label)})
 
     async def metadata(self, model: str, version: int | None, label: str | None) -> Answer:
         async def parse() -> ModelCall:

@@ -43,7 +43,7 @@ FROM_TF = {"DT_BOOL": "BOOL", "DT_UINT8": "UINT8", "DT_UINT16": "UINT16", "DT_UI
            "DT_HALF": "FP16", "DT_BFLOAT16": "BF16", "DT_FLOAT": "FP32", "DT_DOUBLE": "FP64", "DT_STRING": "BYTES"}
 _LENGTH = struct.Struct("<I")
 PLATFORM = "tensorflow_savedmodel"
-SERVER_METADATA = {"name": "tfbroker", "version": tfbroker.__version__, "extensions": ["binary_tensor_data",
+SERVER_METADATA = {"name": "tfbroker", "version": tfbroker.__version__, "extensions": ["binary_tensor_data", "statistics",
                                                                                         "model_repository"]}
 
 

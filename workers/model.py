@@ -50,14 +50,21 @@ class Signature:
     outputs: dict[str, TensorInfo]
     run_fn: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
     owner: Any = None  # what must stay alive for run_fn to work (the session or trackable)
-    run_s: float = 0.0  # seconds in the model's own calls, summed: the worker reports each batch's share
+    # The model's own calls, timed for the worker's report of each batch (time.monotonic): their
+    # seconds summed, when the first of a batch started (0 until one has) and the last ended.
+    run_s: float = 0.0
+    first_started: float = 0.0
+    last_ended: float = 0.0
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        started = time.perf_counter()
+        started = time.monotonic()
+        if not self.first_started:
+            self.first_started = started
         try:
             return self.run_fn(inputs)
         finally:
-            self.run_s += time.perf_counter() - started
+            self.last_ended = time.monotonic()
+            self.run_s += self.last_ended - started
 
     def describe(self) -> dict[str, Any]:
         """The compact form sent in READY."""

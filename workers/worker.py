@@ -11,7 +11,7 @@ import logging
 import os
 import signal
 import time
-from typing import Any
+from typing import Any, Callable
 
 from tfbroker.runtime.backend_peer import BackendPeer
 from tfbroker.runtime.devices import visible_gpus
@@ -127,11 +127,12 @@ class ModelWorker:
                              NotFound(f"no signature {header.signature!r}"))
             return
         model_s = signature.run_s
+        signature.first_started = 0.0
         if not joined:
             tasks = decode_batch(message.frames, header.counts, deadlines, time.monotonic())
             outcomes = run_batch(signature, tasks, header.padded_rows)
             self._send_outcomes(header.batch, [t.request_id for t in tasks], outcomes,
-                                timing=(signature.run_s - model_s, received))
+                                timing=lambda: _timing(signature, model_s, received))
             return
         try:
             inputs = tensors.decode_tensors(header.inputs, message.frames)
@@ -143,16 +144,17 @@ class ModelWorker:
         if expired:  # out of time while waiting here: answered unrun; the others run without them
             live = iter(run_joined_outcomes(signature, batch, 0) if batch.ids else ())
             outcomes = [DeadlineExceeded() if i in expired else next(live) for i in range(len(header.ids))]
-            self._send_outcomes(header.batch, header.ids, outcomes, timing=(signature.run_s - model_s, received))
+            self._send_outcomes(header.batch, header.ids, outcomes, timing=lambda: _timing(signature, model_s, received))
             return
         result = run_joined(signature, batch, header.padded_rows)
         if isinstance(result, list):
-            self._send_outcomes(header.batch, header.ids, result, timing=(signature.run_s - model_s, received))
+            self._send_outcomes(header.batch, header.ids, result, timing=lambda: _timing(signature, model_s, received))
             return
         specs, frames = tensors.encode_tensors(result)
+        input_us, model_us, output_us = _timing(signature, model_s, received)
         self._send(protocol.RESULT, protocol.JoinedResult(
             batch=header.batch, model=self.config.model_name, version=self.config.version, outputs=specs,
-            model_us=_micros(signature.run_s - model_s), worker_us=_micros(time.monotonic() - received)), frames)
+            input_us=input_us, model_us=model_us, output_us=output_us), frames)
 
     def _fail_batch(self, message: protocol.Message, ids: list[int] | None, error: TFBrokerError) -> None:
         """Every task of a batch gets ``error`` (ids read from the tasks' headers if not given)."""
@@ -165,9 +167,10 @@ class ModelWorker:
         self._send_outcomes(header.batch, ids, [error] * len(ids))
 
     def _send_outcomes(self, batch_id: int, ids: list[int], outcomes: list[Any],
-                       timing: tuple[float, float] = (0.0, 0.0)) -> None:
-        """A RESULT with one complete client message per task; ``timing``: the batch's seconds
-        in the model, and when it was received (monotonic), for the broker's stage latencies."""
+                       timing: Callable[[], tuple[int, int, int]] = lambda: (0, 0, 0)) -> None:
+        """A RESULT with one complete client message per task; ``timing``: the batch's µs in
+        its input, model and output stages (_timing, once the answers are encoded), for the
+        broker's stage latencies."""
         from workers.batch import encode_outcome
 
         reply_frames: list[Any] = []
@@ -176,10 +179,9 @@ class ModelWorker:
             frames = encode_outcome(request_id, self.config.model_name, self.config.version, outcome)
             counts.append(len(frames))
             reply_frames.extend(frames)
-        model_s, received = timing
-        self._send(protocol.RESULT, protocol.TaskResult(
-            batch=batch_id, counts=counts, model_us=_micros(model_s),
-            worker_us=_micros(time.monotonic() - received) if received else 0), reply_frames)
+        input_us, model_us, output_us = timing()
+        self._send(protocol.RESULT, protocol.TaskResult(batch=batch_id, counts=counts, input_us=input_us,
+                                                        model_us=model_us, output_us=output_us), reply_frames)
 
     def _send_ready(self) -> None:
         model = self._model
@@ -187,6 +189,16 @@ class ModelWorker:
             model=self.config.model_name, version=self.config.version, pid=os.getpid(),
             signatures={name: sig.describe() for name, sig in model.signatures.items()},
             signature_def=model.signature_def))
+
+
+def _timing(signature: Any, model_before_s: float, received: float) -> tuple[int, int, int]:
+    """A batch's µs before the model's first call, in its calls, and after its last (up to now:
+    its outputs cut and encoded)."""
+    now = time.monotonic()
+    if not signature.first_started:  # the model never ran (every request out of time, or refused)
+        return _micros(now - received), 0, 0
+    return (_micros(signature.first_started - received), _micros(signature.run_s - model_before_s),
+            _micros(now - signature.last_ended))
 
 
 def _micros(seconds: float) -> int:

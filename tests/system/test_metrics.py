@@ -14,6 +14,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tfbroker.wire.protocol import STAGES
 from tests.conftest import ROOT, debian_binary, free_port, wait_for
 
 PATH = "/monitoring/prometheus/metrics"
@@ -150,7 +151,8 @@ def test_a_real_prometheus_scrapes_the_frontends_and_counts_what_was_sent(start_
 def test_stage_latencies_hold_the_model_time_and_the_queue_wait(start_broker: Any, test_models: Path,
                                                                   tmp_path: Path) -> None:
     """The slow model runs about 0.3 s a call: its batches' model stage holds that time, the
-    worker and the transport the rest; a request queued behind another waits about as long."""
+    input, output and transport stages the rest; a request queued behind another waits about
+    as long."""
     config = tmp_path / "monitoring.config"
     config.write_text("prometheus_config { enable: true }\n")
     batching = tmp_path / "batching.config"
@@ -167,9 +169,9 @@ def test_stage_latencies_hold_the_model_time_and_the_queue_wait(start_broker: An
     found = samples(broker.http.get(PATH).text)
     labels = {"model": "slow", "version": "1"}
     stage = "tfbroker_stage_latency_seconds"
-    assert [value(found, f"{stage}_count", **labels, stage=s) for s in ("model", "worker", "transport")] == [3] * 3
+    assert [value(found, f"{stage}_count", **labels, stage=s) for s in STAGES] == [3] * 4
     model_us = value(found, f"{stage}_sum", **labels, stage="model") * 1e6
-    total_us = sum(value(found, f"{stage}_sum", **labels, stage=s) for s in ("model", "worker", "transport")) * 1e6
+    total_us = sum(value(found, f"{stage}_sum", **labels, stage=s) for s in STAGES) * 1e6
     assert 0.5 * client_s * 1e6 < model_us <= total_us < client_s * 1e6, (model_us, total_us, client_s)
     assert value(found, ":tensorflow:serving:runtime_latency_sum", model_name="slow", version="1", API="batch",
                  runtime="TF1") == pytest.approx(model_us)

@@ -350,3 +350,51 @@ def test_a_deadline_or_a_cancel_over_grpc_takes_the_request_out_of_the_queue(
     assert got["cancelled"][1] is not None and "CANCELLED" in str(got["cancelled"][1].status()), got["cancelled"]
     runs = after - first.as_numpy("y")[0]
     assert runs == 1, f"{runs - 1} requests the client gave up on reached the model"
+
+
+def test_statistics_count_what_ran_for_tritonclient_both_ways(broker: BrokerProcess,
+                                                              http: triton_http.InferenceServerClient,
+                                                              rpc: triton_grpc.InferenceServerClient) -> None:
+    """tritonclient's get_inference_statistics over REST and gRPC, from the broker's counters:
+    three requests of two rows, one at a time, are three batches of two rows each."""
+    assert "statistics" in http.get_server_metadata()["extensions"]
+
+    def linear_1(stats: dict[str, Any]) -> dict[str, Any]:
+        [entry] = stats["model_stats"]
+        assert (entry["name"], entry["version"]) == ("linear", "1")
+        return entry
+
+    def count(entry: dict[str, Any], *path: str) -> int:
+        node: Any = entry
+        for key in path:
+            node = node.get(key, 0) if isinstance(node, dict) else 0
+        return int(node or 0)
+
+    before = linear_1(http.get_inference_statistics("linear", "1"))
+    body = {"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": [1.0, 2.0]}]}
+    for _ in range(3):
+        assert broker.http.post("/v2/models/linear/versions/1/infer", json=body).status_code == 200
+    after = linear_1(http.get_inference_statistics("linear", "1"))
+    assert count(after, "inference_count") - count(before, "inference_count") == 6
+    assert count(after, "execution_count") - count(before, "execution_count") == 3
+    for stage in ("success", "queue", "compute_input", "compute_infer", "compute_output"):
+        assert count(after, "inference_stats", stage, "count") - count(before, "inference_stats", stage, "count") == 3
+        assert count(after, "inference_stats", stage, "ns") > count(before, "inference_stats", stage, "ns")
+    success = count(after, "inference_stats", "success", "ns")
+    assert success >= count(after, "inference_stats", "queue", "ns") + count(after, "inference_stats", "compute_infer", "ns")
+    [size_two] = [b for b in after["batch_stats"] if int(b["batch_size"]) == 2]
+    assert count(size_two, "compute_infer", "count") >= 3
+    assert count(after, "last_inference") >= count(before, "last_inference") and count(after, "last_inference") > 0
+    # The same counts over gRPC (tritonclient's JSON spells uint64 as strings: count() reads both).
+    over_grpc = linear_1(rpc.get_inference_statistics("linear", "1", as_json=True))
+    assert count(over_grpc, "execution_count") == count(after, "execution_count")
+    assert count(over_grpc, "inference_stats", "compute_infer", "ns") == count(after, "inference_stats", "compute_infer", "ns")
+    # A label, every version of a model, every model; an unknown one is NOT_FOUND both ways.
+    assert [s["version"] for s in http.get_inference_statistics("linear", "stable")["model_stats"]] == ["2"]
+    assert [s["version"] for s in http.get_inference_statistics("linear")["model_stats"]] == ["1", "2"]
+    assert {s["name"] for s in http.get_inference_statistics()["model_stats"]} >= {"linear", "mlp", "two_io"}
+    with pytest.raises(InferenceServerException, match="unknown model"):
+        http.get_inference_statistics("nope")
+    with pytest.raises(InferenceServerException, match="unknown model") as raised:
+        rpc.get_inference_statistics("linear", "9")
+    assert raised.value.status() == "StatusCode.NOT_FOUND"

@@ -95,7 +95,7 @@ def test_the_status_page_shows_the_model_its_traffic_and_a_hot_swap(start_broker
     [model] = figures["models"]
     assert sum(sum(v["batch_sizes"].values()) for v in model["versions"]) >= 1
     stages = [v["breakdown"]["stages"] for v in model["versions"] if v["breakdown"]]
-    assert stages and all(set(s) == {"queue", "model", "worker", "transport"} for s in stages)
+    assert stages and all(set(s) == {"queue", "input", "model", "output", "transport"} for s in stages)
 
 
 def test_the_status_page_can_be_turned_off(start_broker: Any, test_models: Path) -> None:

@@ -326,9 +326,10 @@ class HealthReply(Header, tag_field="kind", tag="h"):
     reason: Annotated[str, msgspec.Meta(max_length=MAX_CONFIG_CHARS)] = ""
 
 
-# A batch's stages after the queue, timed per version (VersionStats): the model's own calls
-# (TF Serving's runtime_latency), the worker around them, and the way to the worker and back.
-STAGES = ("model", "worker", "transport")
+# A batch's stages after the queue, timed per version (VersionStats): in the worker, its inputs
+# assembled, the model's own calls (TF Serving's runtime_latency) and its outputs cut; then the
+# way to the worker and back (and the wait there behind the batch before it).
+STAGES = ("input", "model", "output", "transport")
 # Their histogram's bounds, microseconds: TF Serving's runtime_latency buckets (10 x 1.8^k, 33).
 STAGE_BOUNDS_US = tuple(round(10 * 1.8 ** k) for k in range(33))
 
@@ -359,6 +360,9 @@ class VersionStats(msgspec.Struct, kw_only=True):
     restarts: int
     stage_buckets: dict[str, list[int]] = {}  # batches by time in each of STAGES, per STAGE_BOUNDS_US and over
     stage_sums_us: dict[str, float] = {}
+    size_stats: dict[int, list[float]] = {}  # by processed batch size: [batches, input µs, model µs, output µs]
+    request_stage_us: float = 0.0  # each request's share of its batch's stages, summed (a request's whole time)
+    last_batch_ms: int = 0  # when its last batch was sent, ms since the epoch
     max_batch_size: int = 0  # the version's batching, for how full its batches leave
     batch_timeout_micros: int = 0
 
@@ -462,10 +466,12 @@ class JoinedBatch(Header, kw_only=True, tag_field="kind", tag="j"):
 class TaskResult(Header, tag_field="kind", tag="t"):
     batch: Id
     counts: Tasks
-    # Where the batch's time went in the worker: its model's own calls, and all of it (from
-    # receipt to this reply: inputs assembled, the model run, outputs cut and encoded).
+    # Where the batch's time went in the worker: its inputs assembled (decoded, joined, padded:
+    # receipt to the model's first call), the model's own calls, its outputs cut and encoded
+    # (the last call's end to this reply).
+    input_us: Micros = 0
     model_us: Micros = 0
-    worker_us: Micros = 0
+    output_us: Micros = 0
 
     def frame_count(self) -> int:
         return sum(self.counts)
@@ -473,8 +479,9 @@ class TaskResult(Header, tag_field="kind", tag="t"):
 
 class JoinedResult(Outputs, kw_only=True, tag_field="kind", tag="j"):
     batch: Id
-    model_us: Micros = 0  # as TaskResult's
-    worker_us: Micros = 0
+    input_us: Micros = 0  # as TaskResult's
+    model_us: Micros = 0
+    output_us: Micros = 0
 
 
 class Disconnect(Header):

@@ -12,13 +12,13 @@ from tfbroker.wire.protocol import QUEUE_LATENCY_BOUNDS_US, STAGE_BOUNDS_US, STA
 def stats(*, batches: int, rows: int, exits: dict[str, int], queue_us: float, model_us: float,
           padded: dict[int, dict[int, int]] | None = None, max_batch_size: int = 32) -> protocol.VersionStats:
     """``batches`` batches of ``rows`` rows in all, each request waiting ``queue_us`` in the queue
-    and each batch ``model_us`` in the model (the worker and transport 100 µs each)."""
+    and each batch ``model_us`` in the model (input and output 50 µs each, transport 100)."""
     def counts(bounds: tuple[int, ...], value: float, n: int) -> list[int]:
         out = [0] * (len(bounds) + 1)
         out[next((i for i, b in enumerate(bounds) if value <= b), len(bounds))] = n
         return out
 
-    stage_us = {"model": model_us, "worker": 100.0, "transport": 100.0}
+    stage_us = {"input": 50.0, "model": model_us, "output": 50.0, "transport": 100.0}
     return protocol.VersionStats(
         model="m", version=1, state="AVAILABLE", queued=0, in_flight=0, batches=batches, rows=rows, rejected=0,
         batch_sizes={rows // max(batches, 1): batches}, padded_sizes=padded or {rows // max(batches, 1): {0: batches}},
@@ -33,7 +33,8 @@ def stats(*, batches: int, rows: int, exits: dict[str, int], queue_us: float, mo
 def test_the_stages_add_up_to_an_average_request() -> None:
     view: dict[str, Any] = breakdown(stats(batches=100, rows=400, exits={"full": 100}, queue_us=2000, model_us=3000))
     assert view["stages"]["queue"]["mean_ms"] == 2.0 and view["stages"]["model"]["mean_ms"] == 3.0
-    assert view["stages"]["worker"]["mean_ms"] == 0.1 and view["stages"]["transport"]["mean_ms"] == 0.1
+    assert view["stages"]["input"]["mean_ms"] == 0.05 and view["stages"]["output"]["mean_ms"] == 0.05
+    assert view["stages"]["transport"]["mean_ms"] == 0.1
     assert view["stages"]["queue"]["p99_ms"] >= 2.0 and view["stages"]["model"]["p99_ms"] >= 3.0
     assert view["mean_rows"] == 4 and view["fill"] == 0.125 and view["exits"] == {"full": 100}
 
