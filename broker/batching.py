@@ -41,6 +41,10 @@ class Batch:
     # a worker with nothing to do before either), unbatched (--enable_batching=false), retry
     # (requeued after its worker died). Set when it closes or leaves.
     exit_reason: str = ""
+    closed_at: float = 0.0  # when it stopped taking tasks: its requests' wait to fill ends there
+
+    def close(self, reason: str, at: float) -> None:
+        self.closed, self.exit_reason, self.closed_at = True, reason, at
 
     def add(self, task: Task, now: float) -> None:
         if not self.tasks:
@@ -88,17 +92,18 @@ class BatchQueue:
         max_size = self.params.max_batch_size
         open_batch = self._open_batch()
         if open_batch is None or open_batch.size + task.size > max_size or not self.batching or task.size > max_size:
-            if open_batch is not None:
-                open_batch.closed = True
-                open_batch.exit_reason = "full"
+            if open_batch is not None:  # it cannot take this task: closed now, unless its time was up already
+                if now - open_batch.start_time >= self._timeout_s:
+                    open_batch.close("timeout", open_batch.start_time + self._timeout_s)
+                else:
+                    open_batch.close("full", now)
             if len(self._batches) >= self.params.max_enqueued_batches:
                 raise Unavailable("The batch scheduling queue to which this task was submitted is full")
             open_batch = Batch()
             self._batches.append(open_batch)
         open_batch.add(task, now)
         if open_batch.size >= max_size or not self.batching:
-            open_batch.closed = True
-            open_batch.exit_reason = "full" if self.batching else "unbatched"
+            open_batch.close("full" if self.batching else "unbatched", now)
 
     def next_batch(self, now: float, *, idle: bool) -> Batch | None:
         """The oldest batch ready to run, removed from the queue, or None."""
@@ -109,8 +114,10 @@ class BatchQueue:
         if not idle and (batch.suspect or (not batch.closed and not timed_out)):
             return None
         if not batch.closed:
-            batch.closed = True
-            batch.exit_reason = "timeout" if timed_out else "idle"
+            if timed_out:
+                batch.close("timeout", min(now, batch.start_time + self._timeout_s))
+            else:
+                batch.close("idle", now)
         return self._batches.popleft()
 
     def requeue(self, tasks: list[Task]) -> list[Task]:
@@ -123,7 +130,7 @@ class BatchQueue:
             for task in again:
                 batch.add(task, 0.0)
                 task.requeued = True
-            batch.closed, batch.exit_reason = True, "retry"
+            batch.close("retry", 0.0)
             self._batches.appendleft(batch)
         return again
 

@@ -120,5 +120,7 @@ class Dispatcher:
         counters["batches"] += 1
         counters["rows"] += rows
         counters["joined"] += isinstance(header, protocol.JoinedBatch)
+        closed = batch.closed_at
         served.counters.record_batch(rows, max(rows, padded_rows), batch.exit_reason or "idle", [t.size for t in live],
-                                     [now - task.payload.admitted for task in live])
+                                     [now - task.payload.admitted for task in live],
+                                     [max(0.0, closed - task.payload.admitted) if closed else 0.0 for task in live])

@@ -418,6 +418,6 @@ def version_stats(served: ServedVersion, batching: BatchingParameters) -> Versio
         stage_buckets={stage: list(counts) for stage, counts in counters.stage_buckets.items()},
         stage_sums_us=dict(counters.stage_sums_us), request_stage_us=counters.request_stage_us,
         size_stats={rows: list(values) for rows, values in counters.size_stats.items()},
-        last_batch_ms=counters.last_batch_ms,
+        last_batch_ms=counters.last_batch_ms, fill_buckets=list(counters.fill_buckets), fill_sum_us=counters.fill_sum_us,
         queue_latency_sum_us=counters.queue_latency_sum_us, load_attempts=dict(counters.load_attempts),
         load_latency_s=counters.load_latency_s, restarts=sum(link.child.restarts for link in links))

@@ -25,6 +25,10 @@ class VersionCounters:
     exits: dict[str, int] = field(default_factory=dict)  # batches by why they left the queue (Batch.exit)
     queue_latency_buckets: list[int] = field(default_factory=lambda: [0] * (len(QUEUE_LATENCY_BOUNDS_US) + 1))
     queue_latency_sum_us: float = 0.0
+    # Each request's part of that wait until its batch stopped taking requests (full, timed out, or
+    # taken by an idle worker); the rest of the queue wait is for a worker to take it.
+    fill_buckets: list[int] = field(default_factory=lambda: [0] * (len(QUEUE_LATENCY_BOUNDS_US) + 1))
+    fill_sum_us: float = 0.0
     load_attempts: dict[str, int] = field(default_factory=dict)
     load_latency_s: float = 0.0
     # Each batch's time by stage (STAGES): buckets by STAGE_BOUNDS_US and the sum, microseconds.
@@ -54,7 +58,7 @@ class VersionCounters:
         by_size[3] += result.output_us
 
     def record_batch(self, rows: int, padded_rows: int, exit_reason: str, task_rows: list[int],
-                     waits_s: list[float]) -> None:
+                     waits_s: list[float], fills_s: list[float]) -> None:
         self.last_batch_ms = int(time.time() * 1000)
         self.batches += 1
         self.rows += rows
@@ -68,6 +72,10 @@ class VersionCounters:
             wait_us = wait_s * 1e6
             self.queue_latency_buckets[bisect.bisect_left(QUEUE_LATENCY_BOUNDS_US, wait_us)] += 1
             self.queue_latency_sum_us += wait_us
+        for fill_s in fills_s:
+            fill_us = fill_s * 1e6
+            self.fill_buckets[bisect.bisect_left(QUEUE_LATENCY_BOUNDS_US, fill_us)] += 1
+            self.fill_sum_us += fill_us
 
     def record_load(self, outcome: str, seconds: float = 0.0) -> None:
         self.load_attempts[outcome] = self.load_attempts.get(outcome, 0) + 1

@@ -1,7 +1,8 @@
 """Where a version's requests spend their time, and one sentence of advice on its batching.
 
-From the broker's counters (broker/stats.py, sent as VersionStats): the queue wait per
-request, then per batch its inputs assembled, the model's own calls, its outputs cut, and the
+From the broker's counters (broker/stats.py, sent as VersionStats): per request, its queue
+wait split into the wait for its batch to close (fill) and then for a worker (wait); then per
+batch its inputs assembled, the model's own calls, its outputs cut, and the
 transport (protocol.STAGES); how
 full the batches leave, how much padding they carry and why they leave. The status page shows
 it as a stacked bar (an average request and a p99 one, each stage at its own mean or p99:
@@ -24,7 +25,11 @@ def breakdown(v: protocol.VersionStats) -> dict[str, Any]:
     if not v.batches:
         return {}
     requests = sum(v.queue_latency_buckets)
-    stages = {"queue": _stage(QUEUE_LATENCY_BOUNDS_US, v.queue_latency_buckets, v.queue_latency_sum_us, requests)}
+    fill = _stage(QUEUE_LATENCY_BOUNDS_US, v.fill_buckets, v.fill_sum_us, requests)
+    queue = _stage(QUEUE_LATENCY_BOUNDS_US, v.queue_latency_buckets, v.queue_latency_sum_us, requests)
+    # The queue wait split: until the batch closed (fill), then for a worker to take it (wait).
+    stages = {"fill": fill, "wait": {"mean_ms": round(max(0.0, queue["mean_ms"] - fill["mean_ms"]), 3),
+                                     "p99_ms": round(max(0.0, queue["p99_ms"] - fill["p99_ms"]), 3)}}
     for stage in STAGES:
         counts = v.stage_buckets.get(stage, [])
         stages[stage] = _stage(STAGE_BOUNDS_US, counts, v.stage_sums_us.get(stage, 0.0), sum(counts))
@@ -47,7 +52,7 @@ def advice(view: dict[str, Any], batch_timeout_micros: int) -> str:
     if exits.get("timeout", 0) > batches / 2 and fill < 0.5:
         return (f"Most batches leave on the timeout less than half full: lower batch_timeout_micros (now "
                 f"{batch_timeout_micros}); each waits that long for requests that do not come.")
-    if exits.get("full", 0) > batches / 2 and stages["queue"]["mean_ms"] > stages["model"]["mean_ms"]:
+    if exits.get("full", 0) > batches / 2 and stages["wait"]["mean_ms"] > stages["model"]["mean_ms"]:
         return ("Batches leave full and requests wait in the queue longer than the model runs: raise "
                 "max_batch_size, or add a replica (--devices).")
     if view["padding_share"] > 0.25:
@@ -63,7 +68,7 @@ def _stage(bounds: Sequence[int], counts: Sequence[int], sum_us: float, total: i
 
 def _quantile(bounds: Sequence[int], counts: Sequence[int], total: int, q: float) -> float:
     """The bucket bound where the quantile falls (µs); past the last bound, the last bound."""
-    if not total:
+    if not total or not counts:
         return 0.0
     running = 0
     for bound, count in zip(bounds, counts):

@@ -197,6 +197,9 @@ def _broker_families(stats: protocol.StatsReply) -> Iterator[Metric]:
                                    "(assembled in the worker), model (its own calls), output (cut and encoded), "
                                    "transport (broker to worker and back, and the wait behind the batch before it).",
                                    labels=[*version_labels, "stage"])
+    fill = HistogramMetricFamily("tfbroker_batch_fill_seconds", "Each request's wait in the batch queue until its "
+                                 "batch stopped taking requests (full, timed out, or taken by an idle worker); the rest "
+                                 "of queuing_latency is the wait for a worker.", labels=version_labels)
     exits = CounterMetricFamily("tfbroker_batch_exits", "Batches by why they left the queue: full, timeout "
                                 "(batch_timeout_micros), idle (a free worker took it first), unbatched, retry.",
                                 labels=[*version_labels, "reason"])
@@ -232,6 +235,9 @@ def _broker_families(stats: protocol.StatsReply) -> Iterator[Metric]:
             if stage == "model":  # TF Serving's, in its microseconds
                 runtime.add_metric([v.model, str(v.version), "batch", "TF1"],
                                    _buckets(list(zip(STAGE_BOUNDS_US, counts)), sum(counts)), sum_value=sum_us)
+        if v.fill_buckets:
+            fill.add_metric(labels, _buckets([(b / 1e6, n) for b, n in zip(QUEUE_LATENCY_BOUNDS_US, v.fill_buckets)],
+                                             sum(v.fill_buckets)), sum_value=v.fill_sum_us / 1e6)
         for reason, count in sorted(v.exits.items()):
             exits.add_metric([*labels, reason], count)
         queue_counts = list(zip(QUEUE_LATENCY_BOUNDS_US, v.queue_latency_buckets))
@@ -245,7 +251,7 @@ def _broker_families(stats: protocol.StatsReply) -> Iterator[Metric]:
             load_latency.add_sample(":tensorflow:cc:saved_model:load_latency", {"model_path": path},
                                     round(v.load_latency_s * 1e6))
     yield from (queued, in_flight, available, batches, rejected, restarts, batch_size, queuing, input_sizes, processed,
-                padding, wrapped, exits, runtime, stages, loads, load_latency)
+                padding, wrapped, exits, runtime, stages, fill, loads, load_latency)
     cpu = CounterMetricFamily("tfbroker_process_cpu_seconds", "CPU seconds of the live processes of each role.",
                               labels=["role"])
     rss = GaugeMetricFamily("tfbroker_process_resident_memory_bytes", "Resident memory of each role's processes.",

@@ -4,7 +4,7 @@ What an operator looks at during a swap or an incident instead of ``broker.ctl s
 model's versions (state, labels, replicas with device, pid, restarts and batches in hand),
 queue depth, the batch sizes formed, requests per second and p50/p99 latency over the last
 minute, 4xx/5xx/504 answers, the I/O batchers' tables and the last version changes; and per
-version where its requests' time goes (queue, input, model, output, transport: a stacked bar for an
+version where its requests' time goes (fill, wait, input, model, output, transport: a stacked bar for an
 average request and a p99 one), how full its batches leave, their padding, why they leave,
 and a sentence of advice when the numbers say it (frontend/batching_view.py).
 
@@ -124,7 +124,7 @@ function bars(sizes) {
   return `<svg width="${entries.length * w}" height="40" role="img">${rects.join("")}</svg> <span class="muted">${entries[0][0]}&ndash;${entries[entries.length - 1][0]} rows</span>`;
 }
 
-const STAGE_COLORS = {queue: "#b06d00", input: "#7a9a3a", model: "#4a78c2", output: "#9a6fb0", transport: "#999"};
+const STAGE_COLORS = {fill: "#e0a030", wait: "#b06d00", input: "#7a9a3a", model: "#4a78c2", output: "#9a6fb0", transport: "#999"};
 
 function stacked(stages, key, scale) {
   let x = 0;

@@ -186,3 +186,37 @@ def test_stage_latencies_hold_the_model_time_and_the_queue_wait(start_broker: An
     waited_us = value(found, queue, thread_pool_name="batching", **labels) - waited_before
     one_call_us = model_us / 3
     assert waited_us > 0.5 * one_call_us, (waited_us, one_call_us)
+    # Batches of one row close as their request arrives: the wait was for the worker, not to fill.
+    assert value(found, "tfbroker_batch_fill_seconds_sum", **labels) * 1e6 < 0.1 * waited_us
+
+
+def test_batch_exits_count_what_was_forced(start_broker: Any, test_models: Path, tmp_path: Path) -> None:
+    """The slow model (about 0.3 s a call), one batch in flight, batches of up to 2 rows
+    closing after 1 ms: a request alone leaves at once (idle); one that comes while the worker
+    is busy waits out the timeout (timeout); two that come together fill a batch (full)."""
+    config = tmp_path / "monitoring.config"
+    config.write_text("prometheus_config { enable: true }\n")
+    batching = tmp_path / "batching.config"
+    batching.write_text("max_batch_size { value: 2 }\nbatch_timeout_micros { value: 1000 }\n")
+    broker = start_broker(["--model_name=slow", f"--model_base_path={test_models / 'slow'}",
+                           f"--monitoring_config_file={config}", f"--batching_parameters_file={batching}",
+                           "--batches_in_flight=1"], frontends=1)
+    broker.wait_available(["slow"])
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        def post(rows: int) -> int:
+            return httpx.post(f"{broker.base_url}/v1/models/slow:predict", json={"instances": [1.0] * rows},
+                              timeout=30).status_code
+
+        first = pool.submit(post, 1)  # alone: idle
+        wait_for(lambda: value(samples(broker.http.get(PATH).text), "tfbroker_in_flight_requests", model="slow",
+                               version="1") == 1, 10, "the first request to run")
+        second = pool.submit(post, 1)  # behind it, alone for more than 1 ms: timeout
+        wait_for(lambda: value(samples(broker.http.get(PATH).text), "tfbroker_queued_requests", model="slow",
+                               version="1") == 1, 10, "the second request to queue")
+        time.sleep(0.01)  # past its 1 ms timeout, the first still running (0.3 s)
+        third = pool.submit(post, 2)  # two rows at once, behind both: a full batch
+        assert [f.result() for f in (first, second, third)] == [200, 200, 200]
+    found = samples(broker.http.get(PATH).text)
+    exits = {reason: value(found, "tfbroker_batch_exits_total", model="slow", version="1", reason=reason)
+             for reason in ("idle", "timeout", "full")}
+    assert exits == {"idle": 1, "timeout": 1, "full": 1}, exits

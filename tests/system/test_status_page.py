@@ -74,7 +74,7 @@ def test_the_status_page_shows_the_model_its_traffic_and_a_hot_swap(start_broker
         # Where the time goes: an average request and a p99 one by stage, the batches' fill and exits.
         wait_for(lambda: "average" in text_of(browser, "breakdown-m-1") and "p99" in text_of(browser, "breakdown-m-1")
                  and "rows a batch" in text_of(browser, "breakdown-m-1"), 30, "the time by stage on the page")
-        assert "queue" in text_of(browser, "breakdown-m-1") and "model" in text_of(browser, "breakdown-m-1")
+        assert "fill" in text_of(browser, "breakdown-m-1") and "model" in text_of(browser, "breakdown-m-1")
         shutil.copytree(test_models / "linear" / "2", base / "2")  # a new version: the broker swaps it in
         wait_for(lambda: "m version 2" in text_of(browser, "history") and "AVAILABLE" in text_of(browser, "history"),
                  60, "the swap in the page's list of version changes")
@@ -95,7 +95,7 @@ def test_the_status_page_shows_the_model_its_traffic_and_a_hot_swap(start_broker
     [model] = figures["models"]
     assert sum(sum(v["batch_sizes"].values()) for v in model["versions"]) >= 1
     stages = [v["breakdown"]["stages"] for v in model["versions"] if v["breakdown"]]
-    assert stages and all(set(s) == {"queue", "input", "model", "output", "transport"} for s in stages)
+    assert stages and all(set(s) == {"fill", "wait", "input", "model", "output", "transport"} for s in stages)
 
 
 def test_the_status_page_can_be_turned_off(start_broker: Any, test_models: Path) -> None:

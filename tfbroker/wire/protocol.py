@@ -360,6 +360,8 @@ class VersionStats(msgspec.Struct, kw_only=True):
     restarts: int
     stage_buckets: dict[str, list[int]] = {}  # batches by time in each of STAGES, per STAGE_BOUNDS_US and over
     stage_sums_us: dict[str, float] = {}
+    fill_buckets: list[int] = []  # requests by their wait for their batch to close, per QUEUE_LATENCY_BOUNDS_US
+    fill_sum_us: float = 0.0
     size_stats: dict[int, list[float]] = {}  # by processed batch size: [batches, input µs, model µs, output µs]
     request_stage_us: float = 0.0  # each request's share of its batch's stages, summed (a request's whole time)
     last_batch_ms: int = 0  # when its last batch was sent, ms since the epoch

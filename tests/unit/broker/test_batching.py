@@ -155,3 +155,17 @@ def test_each_batch_says_why_it_left_the_queue() -> None:
     unbatched.schedule(task(), now=0.0)
     alone = unbatched.next_batch(0.0, idle=False)
     assert alone is not None and alone.exit_reason == "unbatched"
+
+
+def test_a_batch_closes_when_full_when_it_times_out_or_when_an_idle_worker_takes_it() -> None:
+    q = queue(max_batch_size=2, batch_timeout_micros=10_000)
+    q.schedule(task(), now=0.0)
+    q.schedule(task(), now=0.003)  # full: it closes now
+    q.schedule(task(), now=0.004)
+    full = q.next_batch(0.5, idle=False)
+    assert full is not None and full.closed_at == 0.003
+    timed_out = q.next_batch(0.5, idle=False)  # handed out late: its fill ended at the timeout
+    assert timed_out is not None and timed_out.closed_at == pytest.approx(0.014)
+    q.schedule(task(), now=1.0)
+    idle = q.next_batch(1.002, idle=True)
+    assert idle is not None and idle.closed_at == 1.002

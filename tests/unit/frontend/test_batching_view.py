@@ -9,10 +9,11 @@ from tfbroker.wire import protocol
 from tfbroker.wire.protocol import QUEUE_LATENCY_BOUNDS_US, STAGE_BOUNDS_US, STAGES
 
 
-def stats(*, batches: int, rows: int, exits: dict[str, int], queue_us: float, model_us: float,
+def stats(*, batches: int, rows: int, exits: dict[str, int], queue_us: float, model_us: float, fill_us: float = 0.0,
           padded: dict[int, dict[int, int]] | None = None, max_batch_size: int = 32) -> protocol.VersionStats:
-    """``batches`` batches of ``rows`` rows in all, each request waiting ``queue_us`` in the queue
-    and each batch ``model_us`` in the model (input and output 50 µs each, transport 100)."""
+    """``batches`` batches of ``rows`` rows in all (a request a row), each request waiting
+    ``queue_us`` in the queue (``fill_us`` of it for its batch to close) and each batch
+    ``model_us`` in the model (input and output 50 µs each, transport 100)."""
     def counts(bounds: tuple[int, ...], value: float, n: int) -> list[int]:
         out = [0] * (len(bounds) + 1)
         out[next((i for i, b in enumerate(bounds) if value <= b), len(bounds))] = n
@@ -24,23 +25,27 @@ def stats(*, batches: int, rows: int, exits: dict[str, int], queue_us: float, mo
         batch_sizes={rows // max(batches, 1): batches}, padded_sizes=padded or {rows // max(batches, 1): {0: batches}},
         exits=exits,
         queue_latency_buckets=counts(QUEUE_LATENCY_BOUNDS_US, queue_us, rows), queue_latency_sum_us=queue_us * rows,
-        load_attempts={}, load_latency_s=0.0, restarts=0,
+        load_attempts={}, load_latency_s=0.0, restarts=0, fill_buckets=counts(QUEUE_LATENCY_BOUNDS_US, fill_us, rows),
+        fill_sum_us=fill_us * rows,
         stage_buckets={s: counts(STAGE_BOUNDS_US, stage_us[s], batches) for s in STAGES},
         stage_sums_us={s: stage_us[s] * batches for s in STAGES}, max_batch_size=max_batch_size,
         batch_timeout_micros=5000)
 
 
 def test_the_stages_add_up_to_an_average_request() -> None:
-    view: dict[str, Any] = breakdown(stats(batches=100, rows=400, exits={"full": 100}, queue_us=2000, model_us=3000))
-    assert view["stages"]["queue"]["mean_ms"] == 2.0 and view["stages"]["model"]["mean_ms"] == 3.0
+    view: dict[str, Any] = breakdown(stats(batches=100, rows=400, exits={"full": 100}, queue_us=2000, fill_us=500,
+                                           model_us=3000))
+    assert view["stages"]["fill"]["mean_ms"] == 0.5 and view["stages"]["wait"]["mean_ms"] == 1.5
+    assert view["stages"]["model"]["mean_ms"] == 3.0
     assert view["stages"]["input"]["mean_ms"] == 0.05 and view["stages"]["output"]["mean_ms"] == 0.05
     assert view["stages"]["transport"]["mean_ms"] == 0.1
-    assert view["stages"]["queue"]["p99_ms"] >= 2.0 and view["stages"]["model"]["p99_ms"] >= 3.0
+    assert view["stages"]["fill"]["p99_ms"] >= 0.5 and view["stages"]["model"]["p99_ms"] >= 3.0
     assert view["mean_rows"] == 4 and view["fill"] == 0.125 and view["exits"] == {"full": 100}
 
 
 def test_half_empty_batches_on_the_timeout_say_lower_the_timeout() -> None:
-    view = breakdown(stats(batches=100, rows=300, exits={"timeout": 90, "idle": 10}, queue_us=5000, model_us=500))
+    view = breakdown(stats(batches=100, rows=300, exits={"timeout": 90, "idle": 10}, queue_us=5000, fill_us=5000,
+                           model_us=500))
     assert "lower batch_timeout_micros (now 5000)" in view["advice"]
 
 
