@@ -12,6 +12,7 @@ TF Serving's series keep TF Serving's names (``:tensorflow:serving:request_count
 
 from __future__ import annotations
 
+import bisect
 import os
 import time
 from typing import Any, Iterator, Sequence
@@ -31,6 +32,11 @@ CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BOUNDS_US = (250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
                      2_500_000, 5_000_000, 10_000_000, 30_000_000)
 SERVING_APIS = ("predict", "classify", "regress")  # what TF Serving's request_count counts
+# The frontend's own stages of a call (pipeline.py): the request read and parsed, the answer
+# formatted; their histogram's bounds in seconds (20 µs … about 1.3 s).
+FRONTEND_STAGES = ("parse", "format")
+FRONTEND_STAGE_BOUNDS_S = tuple(20e-6 * 2 ** i for i in range(17))
+_STAGE_COUNTS = "tfbroker_frontend_stage_observations"  # shared counters the histogram is made from
 FLUSH_S = 0.1  # longest a busy frontend keeps its counts before writing them to the shared series
 BATCH_SIZE_BOUNDS = tuple(2 ** i for i in range(13))  # 1 … 4096 rows
 TFS_BATCH_BOUNDS = tuple(2 ** i for i in range(14))  # 1 … 8192: TF Serving's batching_util.h buckets
@@ -57,6 +63,13 @@ class Metrics:
         self._counts: dict[tuple[str, str, str], int] = {}
         self._histograms: dict[tuple[str, str, str], Any] = {}
         self._next_flush = 0.0
+        # The parse and format stages likewise: counted here by bucket, written to shared counters
+        # at each flush (prometheus-client's histograms take one observation at a time, 2 µs
+        # each), and shown as one histogram (_Derived).
+        self.stage_counts = Counter(_STAGE_COUNTS, "The frontend's stages by bucket (the page shows "
+                                    "tfbroker_frontend_stage_seconds).", ["model", "stage", "le"], **kwargs)
+        self.stage_sums = Counter(_STAGE_COUNTS + "_seconds", "Their summed seconds.", ["model", "stage"], **kwargs)
+        self._stages: dict[tuple[str, str], list[float]] = {}  # per bucket, then the sum
 
     def observe(self, model: str, api: str, status: int, started: float, entrypoint: str = "REST", *,
                 busy: bool = False) -> None:
@@ -72,18 +85,33 @@ class Metrics:
         if not busy or now >= self._next_flush:
             self.flush(now)
 
+    def stages(self, model: str, parse_s: float, format_s: float) -> None:
+        """One answered call's parse and format times (written at the next flush)."""
+        for stage, seconds in (("parse", parse_s), ("format", format_s)):
+            counts = self._stages.get((model, stage))
+            if counts is None:
+                counts = self._stages[(model, stage)] = [0.0] * (len(FRONTEND_STAGE_BOUNDS_S) + 2)
+            counts[bisect.bisect_left(FRONTEND_STAGE_BOUNDS_S, seconds)] += 1
+            counts[-1] += seconds
+
     def flush(self, now: float | None = None) -> None:
         """Write what this frontend counted since the last flush to the shared series."""
         counts, self._counts = self._counts, {}
         for labels, count in counts.items():
             self.requests.labels(*labels).inc(count)
+        stages, self._stages = self._stages, {}
+        for (model, stage), by_bucket in stages.items():
+            for bound, n in zip((*FRONTEND_STAGE_BOUNDS_S, float("inf")), by_bucket):
+                if n:
+                    self.stage_counts.labels(model, stage, _le(bound)).inc(n)
+            self.stage_sums.labels(model, stage).inc(by_bucket[-1])
         self._next_flush = (time.monotonic() if now is None else now) + FLUSH_S
 
     def render(self, stats: protocol.StatsReply | None) -> bytes:
         self.flush()
         registry = CollectorRegistry()
         own = self._own()
-        registry.register(own)
+        registry.register(_Without(own, (_STAGE_COUNTS,)))
         registry.register(_Derived(own, stats))
         return generate_latest(registry)
 
@@ -112,7 +140,7 @@ class Metrics:
         """The collector of the frontends' own series: every frontend's, or this one's alone."""
         if self.directory:
             return MultiProcessCollector(None, path=self.directory)
-        return _Reuse(self.requests, self.latency)
+        return _Reuse(self.requests, self.latency, self.stage_counts, self.stage_sums)
 
 
 def _le(bound: float) -> str:
@@ -136,8 +164,21 @@ class _Reuse:
             yield from metric.collect()
 
 
+class _Without:
+    """A collector's families but those whose names start with one of ``prefixes``."""
+
+    def __init__(self, collector: Any, prefixes: tuple[str, ...]) -> None:
+        self.collector, self.prefixes = collector, prefixes
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self.collector.collect():
+            if not metric.name.startswith(self.prefixes):
+                yield metric
+
+
 class _Derived:
-    """TF Serving's request_count from our request counter, and the broker's series."""
+    """TF Serving's request_count from our request counter, the frontends' stage histogram
+    from their counters, and the broker's series."""
 
     def __init__(self, own: Any, stats: protocol.StatsReply | None) -> None:
         self.own = own  # the collector of the frontends' own series
@@ -145,9 +186,18 @@ class _Derived:
 
     def collect(self) -> Iterator[Metric]:
         counts: dict[tuple[str, str], float] = {}
+        stage_buckets: dict[tuple[str, str], dict[str, float]] = {}
+        stage_sums: dict[tuple[str, str], float] = {}
         for metric in self.own.collect():
             for sample in metric.samples:
-                if sample.name == "tfbroker_requests_total" and sample.labels["api"] in SERVING_APIS:
+                if sample.name == _STAGE_COUNTS + "_total":
+                    key = (sample.labels["model"], sample.labels["stage"])
+                    by_le = stage_buckets.setdefault(key, {})
+                    by_le[sample.labels["le"]] = by_le.get(sample.labels["le"], 0.0) + sample.value
+                elif sample.name == _STAGE_COUNTS + "_seconds_total":
+                    key = (sample.labels["model"], sample.labels["stage"])
+                    stage_sums[key] = stage_sums.get(key, 0.0) + sample.value
+                elif sample.name == "tfbroker_requests_total" and sample.labels["api"] in SERVING_APIS:
                     key = (sample.labels["model"], GRPC_CODES.get(int(sample.labels["status"]), "UNKNOWN"))
                     counts[key] = counts.get(key, 0.0) + sample.value
         # TF Serving's name exactly (prometheus-client would append _total to a counter).
@@ -156,6 +206,14 @@ class _Derived:
             request_count.add_sample(":tensorflow:serving:request_count", {"model_name": model, "status": status},
                                      value)
         yield request_count
+        stages = HistogramMetricFamily("tfbroker_frontend_stage_seconds", "The frontends' own part of each answered "
+                                       "call: parse (the request read and parsed), format (the answer written).",
+                                       labels=["model", "stage"])
+        for (model, stage), by_le in sorted(stage_buckets.items()):
+            counts_by_bound = [(bound, int(by_le.get(_le(bound), 0))) for bound in FRONTEND_STAGE_BOUNDS_S]
+            stages.add_metric([model, stage], _buckets(counts_by_bound, int(sum(by_le.values()))),
+                              sum_value=stage_sums.get((model, stage), 0.0))
+        yield stages
         if self.stats is not None:
             yield from _broker_families(self.stats)
 

@@ -40,6 +40,7 @@ T = TypeVar("T")
 # What a ModelCall may ask of the broker.
 PREDICT, CLASSIFY, REGRESS, METADATA, STATUS, RELOAD = "predict", "classify", "regress", "metadata", "status", "reload"
 REPOSITORY = "repository"  # the model repository extension: inputs (op, ready_only)
+MODEL_RUNS = frozenset({PREDICT, CLASSIFY, REGRESS})  # the calls that run a model (their stages are timed)
 
 
 @dataclass(slots=True)
@@ -81,6 +82,7 @@ class Pipeline:
                 call = parse()
                 if not isinstance(call, ModelCall):
                     call = await call
+                parsed = time.monotonic()
                 if call.verb == PREDICT:  # (the hot path: no coroutine of its own)
                     result = await self.client.predict(
                         call.model, call.inputs, version=call.version, label=call.label,
@@ -88,7 +90,10 @@ class Pipeline:
                         exact_dtypes=call.exact_dtypes)
                 else:
                     result = await self.call(call)
+                replied = time.monotonic()
                 out = answer(call, result)
+                if self.metrics is not None and call.verb in MODEL_RUNS:
+                    self.metrics.stages(model, parsed - started, time.monotonic() - replied)
             finally:
                 self.waiting -= 1
             status = 200

@@ -71,6 +71,10 @@ def test_a_scrape_after_known_traffic_shows_the_exact_counts_from_any_frontend(s
         assert value(found, ":tensorflow:serving:batching_session:queuing_latency_count",
                      thread_pool_name="batching", model="linear", version="2") == value(
                          found, "tfbroker_batch_size_sum", model="linear", version="2")  # one wait per request row
+        # The frontends' own stages of the 7 answered predictions (the 3 refused ones never ran).
+        for stage in ("parse", "format"):
+            assert delta(found, "tfbroker_frontend_stage_seconds_count", model="linear", stage=stage) == 7
+            assert delta(found, "tfbroker_frontend_stage_seconds_sum", model="linear", stage=stage) > 0
         # TF Serving's batching series: one input per request (7, one row each), one run and one
         # processed size per batch (no allowed_batch_sizes: no padding), and every batch's exit:
         # requests sent one at a time leave at once to the idle worker.
