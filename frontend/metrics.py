@@ -69,7 +69,8 @@ class Metrics:
         self.stage_counts = Counter(_STAGE_COUNTS, "The frontend's stages by bucket (the page shows "
                                     "tfbroker_frontend_stage_seconds).", ["model", "stage", "le"], **kwargs)
         self.stage_sums = Counter(_STAGE_COUNTS + "_seconds", "Their summed seconds.", ["model", "stage"], **kwargs)
-        self._stages: dict[tuple[str, str], list[float]] = {}  # per bucket, then the sum
+        # by model: parse and format counts per bucket, and their summed seconds
+        self._stages: dict[str, tuple[list[int], list[int], list[float]]] = {}
 
     def observe(self, model: str, api: str, status: int, started: float, entrypoint: str = "REST", *,
                 busy: bool = False) -> None:
@@ -87,12 +88,15 @@ class Metrics:
 
     def stages(self, model: str, parse_s: float, format_s: float) -> None:
         """One answered call's parse and format times (written at the next flush)."""
-        for stage, seconds in (("parse", parse_s), ("format", format_s)):
-            counts = self._stages.get((model, stage))
-            if counts is None:
-                counts = self._stages[(model, stage)] = [0.0] * (len(FRONTEND_STAGE_BOUNDS_S) + 2)
-            counts[bisect.bisect_left(FRONTEND_STAGE_BOUNDS_S, seconds)] += 1
-            counts[-1] += seconds
+        counts = self._stages.get(model)
+        if counts is None:
+            size = len(FRONTEND_STAGE_BOUNDS_S) + 1
+            counts = self._stages[model] = ([0] * size, [0] * size, [0.0, 0.0])
+        parse, answer, sums = counts
+        parse[bisect.bisect_left(FRONTEND_STAGE_BOUNDS_S, parse_s)] += 1
+        answer[bisect.bisect_left(FRONTEND_STAGE_BOUNDS_S, format_s)] += 1
+        sums[0] += parse_s
+        sums[1] += format_s
 
     def flush(self, now: float | None = None) -> None:
         """Write what this frontend counted since the last flush to the shared series."""
@@ -100,11 +104,12 @@ class Metrics:
         for labels, count in counts.items():
             self.requests.labels(*labels).inc(count)
         stages, self._stages = self._stages, {}
-        for (model, stage), by_bucket in stages.items():
-            for bound, n in zip((*FRONTEND_STAGE_BOUNDS_S, float("inf")), by_bucket):
-                if n:
-                    self.stage_counts.labels(model, stage, _le(bound)).inc(n)
-            self.stage_sums.labels(model, stage).inc(by_bucket[-1])
+        for model, (parse, answer, sums) in stages.items():
+            for stage, by_bucket, total in (("parse", parse, sums[0]), ("format", answer, sums[1])):
+                for bound, n in zip((*FRONTEND_STAGE_BOUNDS_S, float("inf")), by_bucket):
+                    if n:
+                        self.stage_counts.labels(model, stage, _le(bound)).inc(n)
+                self.stage_sums.labels(model, stage).inc(total)
         self._next_flush = (time.monotonic() if now is None else now) + FLUSH_S
 
     def render(self, stats: protocol.StatsReply | None) -> bytes:
