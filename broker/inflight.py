@@ -19,7 +19,7 @@ from broker.batching import BatchQueue, Task
 from broker.config import BatchingParameters
 from broker.models import ServedModel, ServedVersion, WorkerLink, check_inputs, check_method_name
 from broker.poison import KILLED_MESSAGE, content_key
-from tfbroker.wire import protocol
+from tfbroker.wire import fields, protocol
 from tfbroker.wire.tensors import nbytes
 from tfbroker.wire.errors import Cancelled, DeadlineExceeded, Internal, InvalidArgument, TFBrokerError, Unavailable
 
@@ -261,7 +261,7 @@ class InFlight:
         self._send(tasks[0].payload.client, frames)
 
     def reply_error(self, client: bytes, request_id: int | None, error: TFBrokerError) -> None:
-        body = protocol.Error(id=request_id, code=error.http_status, message=error.message[:protocol.MAX_MESSAGE_CHARS])
+        body = protocol.Error(id=request_id, code=error.http_status, message=error.message[:fields.MAX_MESSAGE_CHARS])
         self._send(client, [protocol.ERROR, protocol.encode_header(body)])
 
     def fail(self, tasks: Iterable[Task], error: TFBrokerError) -> None:

@@ -13,7 +13,8 @@ from tfbroker.wire.errors import PLAIN_INSTANCES, Internal, InvalidArgument, Not
 from broker.lifecycle import Lifecycle, Replica
 from broker.links import WorkerLink
 from broker.poison import PoisonRecord
-from tfbroker.wire.protocol import LookupSpec, SignatureSpec, TensorSpec, VersionStats
+from tfbroker.wire.figures import VersionStats
+from tfbroker.wire.protocol import LookupSpec, SignatureSpec, TensorSpec
 from tfbroker.wire.tensors import TF_NAMES, can_cast, nbytes
 from broker.stats import VersionCounters
 from broker.versions import VersionSnapshot, VersionState, aspired_versions

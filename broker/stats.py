@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import psutil
 
 from tfbroker.wire import protocol
-from tfbroker.wire.protocol import QUEUE_LATENCY_BOUNDS_US, STAGE_BOUNDS_US, STAGES
+from tfbroker.wire.figures import QUEUE_LATENCY_BOUNDS_US, STAGE_BOUNDS_US, STAGES, ProcessStats
 
 
 @dataclass(slots=True)
@@ -83,7 +83,7 @@ class VersionCounters:
             self.load_latency_s = seconds
 
 
-def process_stats(pids_by_role: dict[str, list[int]]) -> list[protocol.ProcessStats]:
+def process_stats(pids_by_role: dict[str, list[int]]) -> list[ProcessStats]:
     """CPU seconds and resident memory of each role's live processes."""
     stats = []
     for role, pids in pids_by_role.items():
@@ -98,7 +98,7 @@ def process_stats(pids_by_role: dict[str, list[int]]) -> list[protocol.ProcessSt
             cpu_s += times.user + times.system
             rss += resident
             alive += 1
-        stats.append(protocol.ProcessStats(role, alive, round(cpu_s, 3), rss))
+        stats.append(ProcessStats(role, alive, round(cpu_s, 3), rss))
     return stats
 
 

@@ -3,7 +3,7 @@
 From the broker's counters (broker/stats.py, sent as VersionStats): per request, its queue
 wait split into the wait for its batch to close (fill) and then for a worker (wait); then per
 batch its inputs assembled, the model's own calls, its outputs cut, and the
-transport (protocol.STAGES); how
+transport (figures.STAGES); how
 full the batches leave, how much padding they carry and why they leave. The status page shows
 it as a stacked bar (an average request and a p99 one, each stage at its own mean or p99:
 the p99 bar is an upper bound, since the slowest of each stage need not meet in one request).
@@ -13,14 +13,13 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from tfbroker.wire import protocol
-from tfbroker.wire.protocol import QUEUE_LATENCY_BOUNDS_US, STAGE_BOUNDS_US, STAGES
+from tfbroker.wire.figures import QUEUE_LATENCY_BOUNDS_US, STAGE_BOUNDS_US, STAGES, VersionStats
 
 # Advice needs this many batches behind it: a handful says nothing about a setting.
 MIN_BATCHES_FOR_ADVICE = 50
 
 
-def breakdown(v: protocol.VersionStats) -> dict[str, Any]:
+def breakdown(v: VersionStats) -> dict[str, Any]:
     """The page's figures for one version (times in ms); empty before its first batch."""
     if not v.batches:
         return {}

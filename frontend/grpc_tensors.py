@@ -18,7 +18,7 @@ import numpy as np
 
 from frontend.grpc_messages import DATA_TYPES, TensorProto
 from tfbroker.wire.errors import InvalidArgument
-from tfbroker.wire.protocol import MAX_DIM, MAX_RANK
+from tfbroker.wire.fields import MAX_DIM, MAX_RANK
 from tfbroker.wire.tensors import RawTensor
 
 # DataType name -> (numpy dtype, the typed field holding its values).

@@ -25,7 +25,7 @@ from prometheus_client.utils import floatToGoString
 from tfbroker.wire import protocol
 from tfbroker.runtime.settings import METRICS_DIR_ENV, FrontendConfig
 from tfbroker.wire.errors import GRPC_CODES
-from tfbroker.wire.protocol import QUEUE_LATENCY_BOUNDS_US, STAGE_BOUNDS_US
+from tfbroker.wire.figures import QUEUE_LATENCY_BOUNDS_US, STAGE_BOUNDS_US
 
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 # Request latency buckets in microseconds, as TF Serving's request_latency.

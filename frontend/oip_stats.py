@@ -20,6 +20,7 @@ from typing import Any
 
 from tfbroker.wire import protocol
 from tfbroker.wire.errors import NotFound
+from tfbroker.wire.figures import VersionStats
 
 
 def model_statistics(stats: protocol.StatsReply, model: str = "", version: int | None = None,
@@ -42,7 +43,7 @@ def model_statistics(stats: protocol.StatsReply, model: str = "", version: int |
     return [_one(v) for v in sorted(versions, key=lambda v: (v.model, v.version))]
 
 
-def _one(v: protocol.VersionStats) -> dict[str, Any]:
+def _one(v: VersionStats) -> dict[str, Any]:
     requests = sum(v.queue_latency_buckets)
     sums = v.stage_sums_us
     return {

@@ -29,7 +29,7 @@ import numpy as np
 
 import tfbroker
 from tfbroker.wire.errors import Internal, InvalidArgument, NotFound
-from tfbroker.wire.protocol import MAX_DIM, MAX_INT64, MAX_RANK
+from tfbroker.wire.fields import MAX_DIM, MAX_INT64, MAX_RANK
 from tfbroker.wire.tensors import RawTensor
 
 # The protocol's datatype -> the dtype the broker knows (tfbroker/wire/tensors.py).

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from urllib.parse import unquote
 
 from tfbroker.wire.errors import InvalidArgument
-from tfbroker.wire.protocol import MAX_INT64
+from tfbroker.wire.fields import MAX_INT64
 
 API_PREFIX = "/v1/"
 _NAME = r"([^/:]+)"

@@ -28,7 +28,7 @@ from iobatcher.tables import Table, TableError, load_tables
 from tfbroker.runtime.backend_peer import BackendPeer
 from tfbroker.runtime.process import EXIT_OK, die_with_parent, enable_fault_dumps, set_title, setup_logging
 from tfbroker.runtime.settings import IoBatcherConfig
-from tfbroker.wire import protocol, tensors
+from tfbroker.wire import fields, protocol, tensors
 from tfbroker.wire.errors import DeadlineExceeded, InvalidArgument, ProtocolError, TFBrokerError, Unavailable
 
 log = logging.getLogger("tfbroker.iobatcher")
@@ -123,7 +123,7 @@ class IoBatcher:
                     log.exception("loading the tables of model %s version %d failed", key[0], key[1])
                 log.error("model %s version %d: %s", key[0], key[1], exc)
                 self._send(protocol.LOADED, protocol.TablesLoaded(model=key[0], version=key[1], lookups=[],
-                                                                  error=str(exc)[:protocol.MAX_MESSAGE_CHARS]))
+                                                                  error=str(exc)[:fields.MAX_MESSAGE_CHARS]))
                 continue
             self.tables[key] = tables
             log.info("loaded %d lookup tables of model %s version %d in %.2f s", len(tables), key[0], key[1],

@@ -24,7 +24,7 @@ import msgspec
 import numpy as np
 import zmq
 
-from tfbroker.wire import protocol, tensors
+from tfbroker.wire import fields, protocol, tensors
 from tfbroker.runtime.settings import ADDRESS_ENV, DEFAULT_TIMEOUT_MS, default_frontend_address, ipc_address
 from tfbroker.wire.errors import DeadlineExceeded, Internal, InvalidArgument, ProtocolError, Unavailable, from_code
 from tfbroker.wire.security import client_keys_from_env, make_client
@@ -159,8 +159,8 @@ def as_dict(message: protocol.Message | Prediction) -> dict[str, Any]:
 
 
 def _timeout_ms(timeout_s: float) -> int:
-    if not 0 < timeout_s <= protocol.MAX_TIMEOUT_MS / 1000:
-        raise InvalidArgument(f"timeout_s must be > 0 and at most {protocol.MAX_TIMEOUT_MS // 1000} s, got {timeout_s}")
+    if not 0 < timeout_s <= fields.MAX_TIMEOUT_MS / 1000:
+        raise InvalidArgument(f"timeout_s must be > 0 and at most {fields.MAX_TIMEOUT_MS // 1000} s, got {timeout_s}")
     return max(1, int(timeout_s * 1000))
 
 

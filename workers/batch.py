@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from tfbroker.wire import protocol, tensors
+from tfbroker.wire import fields, protocol, tensors
 from tfbroker.wire.errors import DeadlineExceeded, Internal, InvalidArgument, ProtocolError, TFBrokerError
 from tfbroker.wire.tensors import TF_NAMES
 from workers.model import Signature
@@ -100,7 +100,7 @@ def encode_outcome(request_id: int, model: str, version: int, outcome: Outcome) 
     """The client message for one task: REPLY with its tensors, or ERROR."""
     if isinstance(outcome, TFBrokerError):
         error = protocol.Error(id=request_id, code=outcome.http_status,
-                               message=outcome.message[:protocol.MAX_MESSAGE_CHARS])
+                               message=outcome.message[:fields.MAX_MESSAGE_CHARS])
         return [protocol.ERROR, protocol.encode_header(error)]
     try:
         specs, frames = tensors.encode_tensors(outcome)

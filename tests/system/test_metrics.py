@@ -14,7 +14,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tfbroker.wire.protocol import STAGES
+from tfbroker.wire.figures import STAGES
 from tests.conftest import ROOT, debian_binary, free_port, wait_for
 
 PATH = "/monitoring/prometheus/metrics"

@@ -11,7 +11,8 @@ multipart ZeroMQ message:
 
 A ROUTER sees the sender's identity frame before Frame 0; no empty delimiter (all DEALERs).
 
-The header of each message kind is a ``msgspec.Struct`` below; ``encode`` and ``decode`` are
+The header of each message kind is a ``msgspec.Struct`` below (its fields' bounds and types in
+tfbroker/wire/fields.py; what a StatsReply carries in tfbroker/wire/figures.py); ``encode`` and ``decode`` are
 the only way in and out. ``decode`` checks the tag, that the command is one the receiving
 socket takes, every header field (types, ranges, lengths, the consistency of its lists)
 and the number of payload frames, and raises ProtocolError otherwise, so no other module
@@ -93,7 +94,9 @@ Worker to broker, on the broker's backend ROUTER (the worker's identity is its o
                ``[REPLY|ERROR, header, frames…]``; or, for a joined BATCH whose outputs are
                all numeric and cut by rows, JoinedResult {kind: "j", batch, model, version,
                outputs: [spec…]} + one frame per output, the tasks' rows in batch order
-               (the broker cuts them into one REPLY per task)
+               (the broker cuts them into one REPLY per task). Both carry the batch's time
+               in the worker, {input_us, model_us, output_us}: inputs assembled, the
+               model's own calls, outputs cut and encoded (the broker's stage latencies)
     HEARTBEAT  Heartbeat {}
     DISCONNECT Disconnect {error}         a worker going away (``error``: why it failed to load)
 
@@ -173,6 +176,9 @@ from typing import Annotated, Any, Iterable, Literal, Sequence, Union
 import msgspec
 
 from tfbroker.wire.errors import ProtocolError
+from tfbroker.wire.fields import (MAX_CONFIG_CHARS, MAX_MESSAGE_CHARS, MAX_TASKS, MAX_TENSORS, MAX_TIMEOUT_MS, Count,
+                                  DType, Id, Json, Micros, Name, Shape, Tasks, TensorName, Timeouts, Version)
+from tfbroker.wire.figures import ProcessStats, VersionStats
 
 TAG = b"TFB05"
 
@@ -199,31 +205,7 @@ REPOSITORY = b"\x14"
 
 STRING = "string"
 
-# Bounds on what a header may hold (a peer's message beyond them is malformed).
-MAX_NAME_CHARS = 256
-MAX_RANK = 32
-MAX_TENSORS = 256
-MAX_TASKS = 1 << 16
-MAX_DIM = 1 << 40
-MAX_TIMEOUT_MS = 24 * 3600 * 1000
-MAX_MESSAGE_CHARS = 1 << 16
-MAX_CONFIG_CHARS = 1 << 22  # a model config sent with RELOAD
-MAX_INT64 = (1 << 63) - 1
-
-Id = Annotated[int, msgspec.Meta(ge=0, le=MAX_INT64)]
-Version = Annotated[int, msgspec.Meta(ge=0, le=MAX_INT64)]
-Name = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME_CHARS)]
-TensorName = Annotated[str, msgspec.Meta(max_length=MAX_NAME_CHARS)]  # "" is the only input
-Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_DIM)]
-TimeoutMs = Annotated[int, msgspec.Meta(ge=0, le=MAX_TIMEOUT_MS)]
-DType = Literal["float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "uint16",
-                "uint32", "uint64", "bool", "complex64", "complex128", "string"]
-Shape = Annotated[tuple[Annotated[int, msgspec.Meta(ge=0, le=MAX_DIM)], ...], msgspec.Meta(max_length=MAX_RANK)]
 Specs = Annotated[list["TensorSpec"], msgspec.Meta(max_length=MAX_TENSORS)]
-Tasks = Annotated[list[Count], msgspec.Meta(max_length=MAX_TASKS)]
-Micros = Annotated[int, msgspec.Meta(ge=0, le=MAX_INT64)]  # a duration, microseconds
-Timeouts = Annotated[list[TimeoutMs], msgspec.Meta(max_length=MAX_TASKS)]
-Json = dict[str, Any]
 
 
 class TensorSpec(msgspec.Struct, array_like=True, frozen=True, gc=False):
@@ -324,56 +306,6 @@ class HealthReply(Header, tag_field="kind", tag="h"):
     id: Id
     ready: bool
     reason: Annotated[str, msgspec.Meta(max_length=MAX_CONFIG_CHARS)] = ""
-
-
-# A batch's stages after the queue, timed per version (VersionStats): in the worker, its inputs
-# assembled, the model's own calls (TF Serving's runtime_latency) and its outputs cut; then the
-# way to the worker and back (and the wait there behind the batch before it).
-STAGES = ("input", "model", "output", "transport")
-# Their histogram's bounds, microseconds: TF Serving's runtime_latency buckets (10 x 1.8^k, 33).
-STAGE_BOUNDS_US = tuple(round(10 * 1.8 ** k) for k in range(33))
-
-# Bounds of the queueing-latency histogram in VersionStats, microseconds (as TF Serving's).
-QUEUE_LATENCY_BOUNDS_US = (100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000,
-                           500_000, 1_000_000, 2_500_000, 5_000_000, 10_000_000)
-
-
-class VersionStats(msgspec.Struct, kw_only=True):
-    """One model version's counters and gauges, for the metrics (counted by broker/stats.py, served by frontend/metrics.py)."""
-
-    model: Name
-    version: Version
-    state: str
-    queued: int
-    in_flight: int
-    batches: int
-    rows: int
-    rejected: int
-    batch_sizes: dict[int, int]  # formed batches by rows
-    input_sizes: dict[int, int] = {}  # requests by rows
-    padded_sizes: dict[int, dict[int, int]] = {}  # batches by processed (padded) rows, then by padding rows
-    exits: dict[str, int] = {}  # batches by why they left the queue: full, timeout, idle, unbatched, retry
-    queue_latency_buckets: list[int]  # tasks by wait, one count per bound of QUEUE_LATENCY_BOUNDS_US and over
-    queue_latency_sum_us: float
-    load_attempts: dict[str, int]  # by outcome: OK, or the error
-    load_latency_s: float
-    restarts: int
-    stage_buckets: dict[str, list[int]] = {}  # batches by time in each of STAGES, per STAGE_BOUNDS_US and over
-    stage_sums_us: dict[str, float] = {}
-    fill_buckets: list[int] = []  # requests by their wait for their batch to close, per QUEUE_LATENCY_BOUNDS_US
-    fill_sum_us: float = 0.0
-    size_stats: dict[int, list[float]] = {}  # by processed batch size: [batches, input µs, model µs, output µs]
-    request_stage_us: float = 0.0  # each request's share of its batch's stages, summed (a request's whole time)
-    last_batch_ms: int = 0  # when its last batch was sent, ms since the epoch
-    max_batch_size: int = 0  # the version's batching, for how full its batches leave
-    batch_timeout_micros: int = 0
-
-
-class ProcessStats(msgspec.Struct, array_like=True):
-    role: str
-    processes: int
-    cpu_seconds: float
-    rss_bytes: int
 
 
 class StatsReply(Header, tag_field="kind", tag="c"):

@@ -14,7 +14,8 @@ import msgspec
 import numpy as np
 
 from tfbroker.wire.errors import ProtocolError
-from tfbroker.wire.protocol import STRING, DType, TensorSpec
+from tfbroker.wire.fields import DType
+from tfbroker.wire.protocol import STRING, TensorSpec
 
 Frame = bytes | memoryview
 

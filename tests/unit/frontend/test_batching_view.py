@@ -5,12 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from frontend.batching_view import MIN_BATCHES_FOR_ADVICE, breakdown
-from tfbroker.wire import protocol
-from tfbroker.wire.protocol import QUEUE_LATENCY_BOUNDS_US, STAGE_BOUNDS_US, STAGES
+from tfbroker.wire.figures import QUEUE_LATENCY_BOUNDS_US, STAGE_BOUNDS_US, STAGES, VersionStats
 
 
 def stats(*, batches: int, rows: int, exits: dict[str, int], queue_us: float, model_us: float, fill_us: float = 0.0,
-          padded: dict[int, dict[int, int]] | None = None, max_batch_size: int = 32) -> protocol.VersionStats:
+          padded: dict[int, dict[int, int]] | None = None, max_batch_size: int = 32) -> VersionStats:
     """``batches`` batches of ``rows`` rows in all (a request a row), each request waiting
     ``queue_us`` in the queue (``fill_us`` of it for its batch to close) and each batch
     ``model_us`` in the model (input and output 50 µs each, transport 100)."""
@@ -20,7 +19,7 @@ def stats(*, batches: int, rows: int, exits: dict[str, int], queue_us: float, mo
         return out
 
     stage_us = {"input": 50.0, "model": model_us, "output": 50.0, "transport": 100.0}
-    return protocol.VersionStats(
+    return VersionStats(
         model="m", version=1, state="AVAILABLE", queued=0, in_flight=0, batches=batches, rows=rows, rejected=0,
         batch_sizes={rows // max(batches, 1): batches}, padded_sizes=padded or {rows // max(batches, 1): {0: batches}},
         exits=exits,
