@@ -195,32 +195,35 @@ def test_stage_latencies_hold_the_model_time_and_the_queue_wait(start_broker: An
 
 
 def test_batch_exits_count_what_was_forced(start_broker: Any, test_models: Path, tmp_path: Path) -> None:
-    """The slow model (about 0.3 s a call), one batch in flight, batches of up to 2 rows
-    closing after 1 ms: a request alone leaves at once (idle); one that comes while the worker
-    is busy waits out the timeout (timeout); two that come together fill a batch (full)."""
+    """The slow model (about 0.3 s a call), one batch in flight, batches of up to 2 rows that
+    may wait no time (batch_timeout_micros 0): a request alone leaves on its timeout, one
+    queued behind it too once a two-row request cannot join it, and that request fills a
+    batch of its own (full). (idle: the first test, one request at a time.)"""
     config = tmp_path / "monitoring.config"
     config.write_text("prometheus_config { enable: true }\n")
     batching = tmp_path / "batching.config"
-    batching.write_text("max_batch_size { value: 2 }\nbatch_timeout_micros { value: 1000 }\n")
+    batching.write_text("max_batch_size { value: 2 }\nbatch_timeout_micros { value: 0 }\n")
     broker = start_broker(["--model_name=slow", f"--model_base_path={test_models / 'slow'}",
                            f"--monitoring_config_file={config}", f"--batching_parameters_file={batching}",
                            "--batches_in_flight=1"], frontends=1)
     broker.wait_available(["slow"])
+
+    def gauge(name: str) -> float:
+        return value(samples(broker.http.get(PATH).text), name, model="slow", version="1")
+
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
         def post(rows: int) -> int:
             return httpx.post(f"{broker.base_url}/v1/models/slow:predict", json={"instances": [1.0] * rows},
                               timeout=30).status_code
 
-        first = pool.submit(post, 1)  # alone: idle
-        wait_for(lambda: value(samples(broker.http.get(PATH).text), "tfbroker_in_flight_requests", model="slow",
-                               version="1") == 1, 10, "the first request to run")
-        second = pool.submit(post, 1)  # behind it, alone for more than 1 ms: timeout
-        wait_for(lambda: value(samples(broker.http.get(PATH).text), "tfbroker_queued_requests", model="slow",
-                               version="1") == 1, 10, "the second request to queue")
-        time.sleep(0.01)  # past its 1 ms timeout, the first still running (0.3 s)
-        third = pool.submit(post, 2)  # two rows at once, behind both: a full batch
+        first = pool.submit(post, 1)
+        wait_for(lambda: gauge("tfbroker_in_flight_requests") == 1, 10, "the first request to run")
+        second = pool.submit(post, 1)  # queued behind it, alone in an open batch
+        wait_for(lambda: gauge("tfbroker_queued_requests") == 1, 10, "the second request to queue")
+        third = pool.submit(post, 2)  # does not fit beside it: closes it, and is full itself
+        wait_for(lambda: gauge("tfbroker_queued_requests") == 2, 10, "the third request to queue")
         assert [f.result() for f in (first, second, third)] == [200, 200, 200]
     found = samples(broker.http.get(PATH).text)
     exits = {reason: value(found, "tfbroker_batch_exits_total", model="slow", version="1", reason=reason)
              for reason in ("idle", "timeout", "full")}
-    assert exits == {"idle": 1, "timeout": 1, "full": 1}, exits
+    assert exits == {"idle": 0, "timeout": 2, "full": 1}, exits
