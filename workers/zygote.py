@@ -23,6 +23,7 @@ import argparse
 import gc
 import logging
 import os
+import select
 import socket
 import sys
 import threading
@@ -142,17 +143,31 @@ def fork_worker(message: dict[str, Any], fds: list[int], sock: socket.socket, br
     return int(text)
 
 
+def wait_for_broker(broker_pid: int) -> None:
+    """Until the go-between has exited and this process is the broker's child (its pidfd turns
+    readable once it has exited, its children already handed on); EXIT_BOOT_ERROR if not."""
+    go_between = os.getppid()
+    if go_between != broker_pid:
+        try:
+            pidfd = os.pidfd_open(go_between)
+        except ProcessLookupError:  # gone already
+            pidfd = -1
+        if pidfd >= 0:
+            try:
+                select.select([pidfd], [], [], REPARENT_TIMEOUT_S)
+            finally:
+                os.close(pidfd)
+    if os.getppid() != broker_pid:
+        raise SystemExit(EXIT_BOOT_ERROR)
+
+
 def become_worker(argv: list[str], env: dict[str, str], sock: socket.socket, broker_pid: int) -> None:
     """The forked worker: run ``python -m workers`` with ``argv``; never returns."""
     code: Any = 1
     try:
         sock.close()
         os.environ.update(env)
-        deadline = time.monotonic() + REPARENT_TIMEOUT_S
-        while os.getppid() != broker_pid:  # the go-between is exiting
-            if time.monotonic() > deadline:
-                raise SystemExit(EXIT_BOOT_ERROR)
-            time.sleep(0.001)
+        wait_for_broker(broker_pid)
         from workers.__main__ import main as worker_main
 
         worker_main(argv)
