@@ -12,6 +12,7 @@ TF Serving's series keep TF Serving's names (``:tensorflow:serving:request_count
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import os
 import time
@@ -63,14 +64,16 @@ class Metrics:
         self._counts: dict[tuple[str, str, str], int] = {}
         self._histograms: dict[tuple[str, str, str], Any] = {}
         self._next_flush = 0.0
-        # The parse and format stages likewise: counted here by bucket, written to shared counters
-        # at each flush (prometheus-client's histograms take one observation at a time, 2 µs
-        # each), and shown as one histogram (_Derived).
+        # The parse and format stages: counted here by bucket and written to shared counters
+        # FLUSH_S after the first one counted, busy or idle (a write per request would cost an
+        # idle frontend 10-25 µs: bench.ab at c=1), and shown as one histogram (_Derived).
+        # prometheus-client's own histograms take one observation at a time, 2 µs each.
         self.stage_counts = Counter(_STAGE_COUNTS, "The frontend's stages by bucket (the page shows "
                                     "tfbroker_frontend_stage_seconds).", ["model", "stage", "le"], **kwargs)
         self.stage_sums = Counter(_STAGE_COUNTS + "_seconds", "Their summed seconds.", ["model", "stage"], **kwargs)
         # by model: parse and format counts per bucket, and their summed seconds
         self._stages: dict[str, tuple[list[int], list[int], list[float]]] = {}
+        self._stages_due = False  # a write of them is scheduled
 
     def observe(self, model: str, api: str, status: int, started: float, entrypoint: str = "REST", *,
                 busy: bool = False) -> None:
@@ -84,7 +87,7 @@ class Metrics:
             histogram = self._histograms[(model, api, entrypoint)] = self.latency.labels(model, api, entrypoint)
         histogram.observe((now - started) * 1e6)
         if not busy or now >= self._next_flush:
-            self.flush(now)
+            self._flush_counts(now)
 
     def stages(self, model: str, parse_s: float, format_s: float) -> None:
         """One answered call's parse and format times (written at the next flush)."""
@@ -97,12 +100,26 @@ class Metrics:
         answer[bisect.bisect_left(FRONTEND_STAGE_BOUNDS_S, format_s)] += 1
         sums[0] += parse_s
         sums[1] += format_s
+        if not self._stages_due:  # written FLUSH_S from now, busy or not: never one write per request
+            self._stages_due = True
+            try:
+                asyncio.get_running_loop().call_later(FLUSH_S, self._flush_stages)
+            except RuntimeError:  # no event loop: at once
+                self._flush_stages()
 
     def flush(self, now: float | None = None) -> None:
         """Write what this frontend counted since the last flush to the shared series."""
+        self._flush_counts(now)
+        self._flush_stages()
+
+    def _flush_counts(self, now: float | None = None) -> None:
         counts, self._counts = self._counts, {}
         for labels, count in counts.items():
             self.requests.labels(*labels).inc(count)
+        self._next_flush = (time.monotonic() if now is None else now) + FLUSH_S
+
+    def _flush_stages(self) -> None:
+        self._stages_due = False
         stages, self._stages = self._stages, {}
         for model, (parse, answer, sums) in stages.items():
             for stage, by_bucket, total in (("parse", parse, sums[0]), ("format", answer, sums[1])):
@@ -110,7 +127,6 @@ class Metrics:
                     if n:
                         self.stage_counts.labels(model, stage, _le(bound)).inc(n)
                 self.stage_sums.labels(model, stage).inc(total)
-        self._next_flush = (time.monotonic() if now is None else now) + FLUSH_S
 
     def render(self, stats: protocol.StatsReply | None) -> bytes:
         self.flush()

@@ -46,6 +46,9 @@ def test_a_scrape_after_known_traffic_shows_the_exact_counts_from_any_frontend(s
         assert broker.predict("linear", {"instances": ["a"]}).status_code == 400
     for _ in range(2):
         assert broker.http.get("/v1/models/linear").status_code == 200
+    # The frontends write their stage counts within FLUSH_S (0.1 s) of counting them.
+    wait_for(lambda: value(samples(broker.http.get(PATH).text), "tfbroker_frontend_stage_seconds_count", model="linear",
+                           stage="format") == 7, 10, "the frontends' stage counts")
     scrapes = []
     for _ in range(6):  # new connections: the kernel spreads them over both frontends
         response = httpx.get(f"{broker.base_url}{PATH}", timeout=10, headers={"connection": "close"})
