@@ -18,6 +18,7 @@ from broker.config import BatchingParameters, ModelConfig, ServerConfig
 from broker.config_files import load_batching_parameters, load_metrics_path, load_model_config
 from tfbroker.runtime.devices import visible_gpus
 from tfbroker.runtime.logs import LOG_FORMAT_ENV, VERBOSE_ENV, pass_on_tensorflow_output, verbose
+from tfbroker.runtime import tracing
 from tfbroker.runtime.process import EXIT_CONFIG_ERROR, EXIT_FAULT, EXIT_OK, set_title, setup_logging
 from broker.server import Broker
 from tfbroker.wire.errors import ConfigError
@@ -34,6 +35,8 @@ def run(config: ServerConfig) -> int:
     # Every child inherits these: one log format, and TensorFlow's start-up notes only with --verbose.
     os.environ[LOG_FORMAT_ENV] = config.log_format
     os.environ[VERBOSE_ENV] = "1" if config.verbose else "0"
+    tracing.configure(os.environ, config.otel_traces_endpoint,
+                      config.otel_traces_sampling_rate if config.otel_traces_sampling_rate >= 0 else None)
     set_title("broker")
     setup_logging(config.log_level, "broker")
     try:

@@ -160,6 +160,14 @@ class ServerConfig:
     monitoring_config_file: str = field(default="", metadata=_help(
         "TF Serving text-protobuf MonitoringConfig; prometheus_config { enable: true } serves Prometheus "
         "metrics on the REST port (path default /monitoring/prometheus/metrics)."))
+    otel_traces_endpoint: str = field(default="", metadata=_help(
+        "OpenTelemetry traces: the OTLP/HTTP endpoint (http://collector:4318/v1/traces) that every tfbroker "
+        "process exports its spans to. Sets OTEL_EXPORTER_OTLP_TRACES_ENDPOINT for the broker and its "
+        "children; the standard OTEL_* variables work as well. Off when neither is set."))
+    otel_traces_sampling_rate: float = field(default=-1.0, metadata=_help(
+        "The share of requests traced (0 to 1), sampled in the frontend unless the caller's traceparent "
+        "says: sets OTEL_TRACES_SAMPLER=parentbased_traceidratio. Default (-1): the SDK's (OTEL_TRACES_SAMPLER, "
+        "else every request)."))
     enable_status_page: bool = field(default=True, metadata=_help(
         "Serve the status page (GET /status, and its figures at /status.json) on the REST port: each "
         "model's versions, replicas, queues, batch sizes, request rates and latency, errors, I/O batchers "
@@ -310,6 +318,8 @@ class ServerConfig:
                                      "(and --curve_client_keys_dir), or use ipc:// or a loopback address")
         if self.curve_client_keys_dir and not self.curve_secret_key_file:
             raise ConfigError("--curve_client_keys_dir needs --curve_secret_key_file")
+        if self.otel_traces_sampling_rate != -1.0 and not 0.0 <= self.otel_traces_sampling_rate <= 1.0:
+            raise ConfigError(f"otel_traces_sampling_rate must be between 0 and 1, got {self.otel_traces_sampling_rate}")
         if self.worker_start not in ("zygote", "spawn"):
             raise ConfigError(f"worker_start must be zygote or spawn, got {self.worker_start!r}")
         if self.kill_grace_s <= 0:

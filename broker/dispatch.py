@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from typing import Iterable
+from typing import Any, Iterable, Sequence
 
 from broker.batch_codec import build_batch, by_client, cut_joined_result, split_task_result
 from broker.batching import Batch
@@ -19,6 +19,7 @@ from broker.config import BatchingParameters
 from broker.inflight import InFlight
 from broker.links import SendToChild, WorkerLink
 from broker.models import ServedVersion
+from broker.traces import NO_SPANS, BatchSpans
 from tfbroker.wire import protocol
 from tfbroker.wire.errors import Internal
 
@@ -27,8 +28,9 @@ log = logging.getLogger("tfbroker.broker")
 
 class Dispatcher:
     def __init__(self, inflight: InFlight, send: SendToChild, batching: BatchingParameters, *,
-                 batches_in_flight: int) -> None:
+                 batches_in_flight: int, spans: BatchSpans | None = None) -> None:
         self._inflight = inflight
+        self._spans = spans  # when tracing
         self._send = send
         self._batching = batching
         self._slots = batches_in_flight
@@ -72,8 +74,13 @@ class Dispatcher:
         entry = link.in_flight.pop(result.batch, None)
         sent = link.sent.pop(result.batch, None)
         if sent is not None and entry is not None:
-            sent_at, processed_rows, counters = sent
-            counters.record_stages(result, time.monotonic() - sent_at, processed_rows, len(entry[1]))
+            sent_at, processed_rows, counters, spans = sent
+            now = time.monotonic()
+            counters.record_stages(result, now - sent_at, processed_rows, len(entry[1]))
+            if spans and self._spans is not None:
+                self._spans.close(spans, now, attributes={"tfbroker.worker_us.input": result.input_us,
+                                                          "tfbroker.worker_us.model": result.model_us,
+                                                          "tfbroker.worker_us.output": result.output_us})
         if link.isolating == result.batch:
             link.isolating = 0
         if entry is None:
@@ -109,9 +116,15 @@ class Dispatcher:
         batch_id = next(self._batch_ids)
         padded_rows = (served.batching or self._batching).padded_size(rows)
         header, frames = build_batch(batch_id, signature, padded_rows, live, now)
+        spans: Sequence[Any] = NO_SPANS
+        if self._spans is not None:
+            header.traces, spans = self._spans.open(live, now, {  # type: ignore[attr-defined]
+                "model.name": served.model, "model.version": served.version, "tfbroker.batch": batch_id,
+                "tfbroker.batch_rows": rows, "tfbroker.padded_rows": max(rows, padded_rows),
+                "tfbroker.batch_tasks": len(live), "tfbroker.batch_exit": batch.exit_reason or "idle"})
         self._send(link.identity, protocol.BATCH, header, frames)
         link.in_flight[batch_id] = (signature, live)
-        link.sent[batch_id] = (now, max(rows, padded_rows), served.counters)
+        link.sent[batch_id] = (now, max(rows, padded_rows), served.counters, spans)
         if batch.suspect:
             link.isolating = batch_id
         link.batches += 1

@@ -41,10 +41,11 @@ class Pending:
     join key (see broker.models.check_inputs), its header (admission keeps it for the lookup
     stage and for splitting) and, for a part of a request larger than a batch, its Split."""
 
-    __slots__ = ("client", "request_id", "frames", "join_key", "admitted", "request", "split", "part")
+    __slots__ = ("client", "request_id", "frames", "join_key", "admitted", "request", "split", "part", "trace")
 
     def __init__(self, client: bytes, request_id: int, frames: list[Any], join_key: Any, admitted: float,
-                 request: protocol.Request | None = None, split: Split | None = None, part: int = 0) -> None:
+                 request: protocol.Request | None = None, split: Split | None = None, part: int = 0,
+                 trace: str | None = None) -> None:
         self.client = client
         self.request_id = request_id
         self.frames = frames
@@ -53,6 +54,7 @@ class Pending:
         self.request = request
         self.split = split
         self.part = part
+        self.trace = trace  # the caller's traceparent (broker/traces.py), when its trace is sampled
 
 
 class Split:
@@ -99,7 +101,8 @@ class InFlight:
                     self.counters["refused_poison"] += 1
                     raise InvalidArgument(f"{KILLED_MESSAGE} earlier: it is refused for {refused_s:.0f} s more")
             timeout_s = min(header.timeout_ms, self._max_timeout_ms) / 1000.0
-            task = Task(rows, now + timeout_s, Pending(client, header.id, frames, join_key, now, header))
+            task = Task(rows, now + timeout_s, Pending(client, header.id, frames, join_key, now, header,
+                                                                 trace=header.trace))
             self.enqueue(served, header.signature, task, now, lookup_queue_for(served, header.signature))
             self.counters["requests"] += 1
         except TFBrokerError as exc:
@@ -297,7 +300,8 @@ class InFlight:
         parts = split.parts
         for index, (rows, frames) in enumerate(pieces):
             parts.append(Task(rows, task.deadline, Pending(pending.client, pending.request_id, frames,
-                                                           pending.join_key, pending.admitted, request, split, index)))
+                                                           pending.join_key, pending.admitted, request, split, index,
+                                                           pending.trace)))
         scheduled = []
         try:
             for part in parts:

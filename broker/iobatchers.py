@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from broker.config import ServerConfig
 from broker.links import ChildLink, SendToChild
@@ -32,7 +32,8 @@ class IoLink(ChildLink):
     index: int = 0
     ready: bool = False  # it said IoReady (and has not been lost since)
     loaded: set[tuple[str, int]] = field(default_factory=set)  # versions whose tables it holds
-    in_flight: dict[int, tuple[ServedVersion, list[Task]]] = field(default_factory=dict)
+    # Lookup batches in flight: their version, tasks and traced requests' spans (broker/traces.py).
+    in_flight: dict[int, tuple[ServedVersion, list[Task], Sequence[Any]]] = field(default_factory=dict)
 
 
 class IoBatchers:

@@ -9,7 +9,7 @@ lifecycle (broker/lifecycle.py), an I/O batcher's is its IoReady (broker/lookups
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Iterator, Sequence
 
 from broker.batching import Task
 from broker.stats import VersionCounters
@@ -36,9 +36,9 @@ class WorkerLink(ChildLink):
     device: str = "cpu"
     error: str = ""  # why it failed to load, from its DISCONNECT
     in_flight: dict[int, tuple[str, list[Task]]] = field(default_factory=dict)
-    # Each batch in flight: when it was sent, its processed rows, and its version's counters (for
-    # its stage latencies).
-    sent: dict[int, tuple[float, int, VersionCounters]] = field(default_factory=dict)
+    # Each batch in flight: when it was sent, its processed rows, its version's counters (for
+    # its stage latencies) and its traced requests' batch spans (broker/traces.py).
+    sent: dict[int, tuple[float, int, VersionCounters, Sequence[Any]]] = field(default_factory=dict)
     disconnect_sent: float = 0.0  # when the broker told it to go (unload)
     batches: int = 0  # batches sent to this process
     load_failures: int = 0  # failed loads of this replica's version, retried (--max_num_load_retries)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from broker import lifecycle as lc
 from tfbroker.wire import protocol
@@ -34,6 +34,7 @@ from broker.signatures import describe_for_clients
 from broker.iobatchers import IoBatchers, IoLink
 from broker.links import SendToChild
 from broker.supervisor import Supervisor
+from broker.traces import NO_SPANS, BatchSpans
 from broker.versions import VersionState
 
 log = logging.getLogger("tfbroker.lookups")
@@ -44,8 +45,9 @@ Report = Callable[[ServedVersion, lc.Event, float], None]
 
 class LookupStage:
     def __init__(self, config: ServerConfig, inflight: InFlight, send: SendToChild, report: Report,
-                 supervisor: Supervisor) -> None:
+                 supervisor: Supervisor, spans: BatchSpans | None = None) -> None:
         self.config = config
+        self._spans = spans  # when tracing
         self._inflight = inflight
         self._send_to = send
         self._report = report
@@ -187,8 +189,13 @@ class LookupStage:
             return
         batch_id = next(self._batch_ids)
         header, frames = build_lookup_batch(batch_id, served, live, now)
+        spans: Sequence[Any] = NO_SPANS
+        if self._spans is not None:
+            header.traces, spans = self._spans.open(live, now, {  # type: ignore[attr-defined]
+                "model.name": served.model, "model.version": served.version, "tfbroker.lookup_batch": batch_id,
+                "tfbroker.batch_tasks": len(live)})
         self._send(link, protocol.BATCH, header, frames)
-        link.in_flight[batch_id] = (served, live)
+        link.in_flight[batch_id] = (served, live, spans)
         served.lookups_in_flight += len(live)
         counters = self._inflight.counters
         counters["lookup_batches"] += 1
@@ -198,8 +205,10 @@ class LookupStage:
         entry = link.in_flight.pop(result.batch, None)
         if entry is None:
             return
-        served, tasks = entry
+        served, tasks, spans = entry
         served.lookups_in_flight -= len(tasks)
+        if spans and self._spans is not None:
+            self._spans.close(spans, time.monotonic(), attributes={"tfbroker.lookup_keys": result.keys})
         counters = self._inflight.counters
         if len(result.counts) != len(tasks):
             counters["malformed_worker"] += 1
@@ -229,15 +238,17 @@ class LookupStage:
         try:
             rows, join_key = check_inputs(served, request.signature, request.inputs, frames[1:], model_side=True)
             follow = Task(rows, task.deadline, Pending(pending.client, pending.request_id, frames, join_key,
-                                                       pending.admitted))
+                                                       pending.admitted, trace=pending.trace))
             self._inflight.enqueue(served, request.signature, follow, now)
         except TFBrokerError as exc:
             self._inflight.reply_error(pending.client, pending.request_id, exc)
 
     def _lost(self, link: IoLink, why: str) -> None:
         """The I/O batcher is gone: its lookups in flight get 503 at once."""
-        for served, tasks in link.in_flight.values():
+        for served, tasks, spans in link.in_flight.values():
             served.lookups_in_flight -= len(tasks)
+            if spans and self._spans is not None:
+                self._spans.close(spans, time.monotonic(), error=why)
             self._inflight.fail(tasks, Unavailable(f"{why}; lookups of model {served.model} are retried "
                                                       "by the next request"))
         link.in_flight.clear()

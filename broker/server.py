@@ -29,7 +29,7 @@ import zmq
 
 from broker import lifecycle as lc
 from broker import queries
-from broker.config import BatchingParameters, ModelConfig, ServerConfig
+from broker.config import BatchingParameters, ConfigError, ModelConfig, ServerConfig
 from broker.control import ControlChannel
 from broker.dispatch import Dispatcher
 from broker.fleet import Fleet
@@ -43,6 +43,8 @@ from broker.outbox import Outbox
 from broker.models import ServedVersion, version_stats
 from broker.source import VersionSource
 from broker.stats import process_stats
+from broker.traces import BatchSpans
+from tfbroker.runtime import tracing
 from tfbroker.runtime.process import quiet_gc
 from tfbroker.wire import protocol
 from tfbroker.wire.errors import Internal, InvalidArgument, ProtocolError, TFBrokerError, Unavailable
@@ -74,17 +76,23 @@ class Broker:
         self.frontend_socket = self._context.socket(zmq.ROUTER)
         self.backend_socket = self._context.socket(zmq.ROUTER)
         self.outbox = Outbox(self._send_frontend)
+        try:
+            self.tracer = tracing.start("broker")
+        except RuntimeError as exc:  # configured, but not installed
+            raise ConfigError(str(exc)) from exc
         self.inflight = InFlight(self.outbox.add, batching, enable_batching=config.enable_batching,
                                  max_timeout_ms=config.rest_api_timeout_in_ms,
                                  check_method_names=config.enable_signature_method_name_check)
         self.dispatcher = Dispatcher(self.inflight, self._send_backend, batching,
-                                     batches_in_flight=config.batches_in_flight)
+                                     batches_in_flight=config.batches_in_flight,
+                                     spans=BatchSpans(self.tracer, "batch") if self.tracer else None)
         self.supervisor = Supervisor(kill_grace_s=config.kill_grace_s, heartbeat_interval_s=config.heartbeat_interval_s,
                                      heartbeat_expiry_s=config.heartbeat_expiry_s, send=self._send_backend)
         self.zygote = Zygote(config, self.supervisor) if config.worker_start == "zygote" else None
         self.frontends = Frontends(config, self.supervisor, metrics_path=metrics_path)
         self.fleet = Fleet(config, batching, self._send_backend, self._report, self.supervisor, self.zygote)
-        self.lookups = LookupStage(config, self.inflight, self._send_backend, self._report, self.supervisor)
+        self.lookups = LookupStage(config, self.inflight, self._send_backend, self._report, self.supervisor,
+                                   spans=BatchSpans(self.tracer, "lookup batch") if self.tracer else None)
         self.versions = VersionManager(config, self.fleet, self.lookups, self.inflight,
                                        VersionSource(config.file_system_poll_wait_seconds),
                                        on_available=lambda: self.frontends.open_when_ready(self.versions.models,
@@ -158,6 +166,8 @@ class Broker:
         self._shutdown()
 
     def close(self) -> None:
+        if self.tracer is not None:
+            self.tracer.shutdown()
         if self._authenticator is not None:
             self._authenticator.stop()
         self._context.destroy(linger=0)

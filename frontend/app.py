@@ -36,6 +36,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tfbroker.async_client import AsyncClient
 from tfbroker.client import Prediction
+from tfbroker.runtime import tracing
 from tfbroker.runtime.process import set_title
 from tfbroker.runtime.settings import FRONTEND_INDEX_ENV, FrontendConfig
 from tfbroker.wire.errors import (PLAIN_INPUTS, PLAIN_INSTANCES, Internal, InvalidArgument, NotFound, PayloadTooLarge,
@@ -159,7 +160,7 @@ class RestApi:
             return model_call
 
         try:
-            return await self.pipeline.run("REST", verb, call.model, parse, _rest_answer)
+            return await self.pipeline.run("REST", verb, call.model, parse, _rest_answer, scope["headers"])
         except TFBrokerError as exc:
             return error_answer(exc)
 
@@ -234,7 +235,7 @@ class RestApi:
             return parsed if isinstance(parsed, ModelCall) else await parsed
 
         try:
-            return await self.pipeline.run("REST", PREDICT, call.model, parse, _predict_answer)
+            return await self.pipeline.run("REST", PREDICT, call.model, parse, _predict_answer, headers)
         except TFBrokerError as exc:
             if columnar and exc.message == PLAIN_INSTANCES:
                 exc = InvalidArgument(PLAIN_INPUTS)  # TF Serving's words for the columnar form
@@ -365,19 +366,24 @@ def create_app(client: AsyncClient | None = None, *, config: FrontendConfig | No
     """The frontend's ASGI app: ``config`` (FrontendConfig.from_env() when not given) and a
     broker client (one to ``config.frontend_address`` when not given)."""
     config = config or FrontendConfig.from_env()
-    client = client or AsyncClient(config.frontend_address or None, timeout_s=config.timeout_s)
+    # Its calls carry the frontend's own spans, when tracing, never a context of its own.
+    client = client or AsyncClient(config.frontend_address or None, timeout_s=config.timeout_s, continue_traces=False)
     pipeline = Pipeline(client, config, metrics_for_config(config))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         # Set here, after gunicorn has set its own title in the forked worker.
-        set_title(f"frontend:{os.environ.get(FRONTEND_INDEX_ENV) or os.getpid()}")
+        role = f"frontend:{os.environ.get(FRONTEND_INDEX_ENV) or os.getpid()}"
+        set_title(role)
+        pipeline.tracer = tracing.start(role)  # in the worker, after gunicorn's fork (the exporter's thread)
         grpc_server = await start_grpc(pipeline)
         yield
         pipeline.stopping = True
         if grpc_server is not None:
             await grpc_server.stop(grace=1.0)
         client.close()
+        if pipeline.tracer is not None:
+            pipeline.tracer.shutdown()
 
     rest = Starlette(routes=[], exception_handlers={HTTPException: not_found, Exception: server_error},
                      lifespan=lifespan)

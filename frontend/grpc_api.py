@@ -46,7 +46,7 @@ class Services:
             return ModelCall(PREDICT, spec.name, **_choice(spec), inputs=inputs, exact_dtypes=True,
                              timeout_s=context.time_remaining(), answer_as=request)
 
-        return await self.pipeline.run("GRPC", PREDICT, spec.name, parse, self._predict_response)
+        return await self.pipeline.run("GRPC", PREDICT, spec.name, parse, self._predict_response, context)
 
     def _predict_response(self, call: ModelCall, result: Prediction) -> Any:
         request = call.answer_as
@@ -136,7 +136,7 @@ class Services:
             return ModelCall(verb, spec.name, **_choice(spec), inputs=serialized_examples(given),
                              timeout_s=context.time_remaining(), answer_as=spec)
 
-        return await self.pipeline.run("GRPC", verb, spec.name, parse, respond)
+        return await self.pipeline.run("GRPC", verb, spec.name, parse, respond, context)
 
 
 def _classify_response(call: ModelCall, result: Prediction) -> Any:

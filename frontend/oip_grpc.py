@@ -71,7 +71,7 @@ class InferenceService:
         async def parse() -> ModelCall:
             return parse_infer(request, context.time_remaining())
 
-        return await self.pipeline.run("GRPC", PREDICT, request.model_name, parse, format_infer)
+        return await self.pipeline.run("GRPC", PREDICT, request.model_name, parse, format_infer, context)
 
     async def model_stream_infer(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
                                  ) -> AsyncIterator[Any]:

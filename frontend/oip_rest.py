@@ -134,7 +134,7 @@ class OipRest:
             return parse_infer(model, version, label, headers, body)
 
         try:
-            return await self.pipeline.run("REST", PREDICT, model, parse, format_infer)
+            return await self.pipeline.run("REST", PREDICT, model, parse, format_infer, headers)
         except TFBrokerError as exc:
             return error_answer(exc)
 

@@ -15,7 +15,10 @@ result into its own answer. ``Pipeline.run`` does the rest, the same for all of 
    status and gRPC code (tfbroker/wire/errors.py), so each adapter maps errors one way;
    anything else is a bug, logged here and answered as Internal;
 5. the metrics: one observation per call, with its API (REST, GRPC) and status (499 when
-   the caller went away).
+   the caller went away);
+6. when tracing is configured (tfbroker/runtime/tracing.py), a server span per call, the
+   child of the caller's ``traceparent`` (a header, or gRPC metadata); its context goes to
+   the broker with the request.
 
 Health lives here too, since it is the pipeline's to say whether calls can succeed:
 ``ready`` is false while the frontend stops and until the broker has its initial models.
@@ -31,6 +34,7 @@ from typing import Any, Awaitable, Callable, TypeVar
 from frontend.metrics import Metrics
 from tfbroker.async_client import AsyncClient
 from tfbroker.runtime.settings import FrontendConfig
+from tfbroker.runtime.tracing import Tracer, trace_headers
 from tfbroker.wire.errors import DeadlineExceeded, Internal, NotFound, TFBrokerError, Unavailable
 
 log = logging.getLogger("tfbroker.frontend")
@@ -56,11 +60,14 @@ class ModelCall:
     exact_dtypes: bool = False  # gRPC: each tensor must have its input's dtype
     timeout_s: float | None = None  # the deadline the caller asks for; None: the server's
     answer_as: Any = None  # what the adapter's ``answer`` needs of its request (a form, outputs asked for)
+    trace: str | None = None  # the traceparent of this call's span, when traced
 
 
 class Pipeline:
-    def __init__(self, client: AsyncClient, config: FrontendConfig, metrics: Metrics | None = None) -> None:
+    def __init__(self, client: AsyncClient, config: FrontendConfig, metrics: Metrics | None = None,
+                 tracer: Tracer | None = None) -> None:
         self.client = client
+        self.tracer = tracer
         self.config = config
         self.timeout_s = config.timeout_s
         self.limits = config.limits
@@ -69,12 +76,14 @@ class Pipeline:
         self.stopping = False  # set when the frontend begins to stop: not ready from then on
 
     async def run(self, api: str, verb: str, model: str, parse: Callable[[], ModelCall | Awaitable[ModelCall]],
-                  answer: Callable[[ModelCall, Any], T]) -> T:
+                  answer: Callable[[ModelCall, Any], T], headers: Any = ()) -> T:
         """``parse``, the broker call, ``answer``; TFBrokerError for every failure. ``verb``
         and ``model`` are what the request's path or RPC says, for the metrics. ``parse`` may
-        answer at once or be awaited (a body still to read, a broker call on an error path)."""
+        answer at once or be awaited (a body still to read, a broker call on an error path).
+        ``headers``: the request's (ASGI pairs, or a gRPC context), read only when tracing."""
         started = time.monotonic()
         status = 499  # unless answered: cancelled, the caller is gone
+        span = None
         try:
             self.admit()
             self.waiting += 1
@@ -83,11 +92,13 @@ class Pipeline:
                 if not isinstance(call, ModelCall):
                     call = await call
                 parsed = time.monotonic()
+                if self.tracer is not None:
+                    span = self._open_span(api, call, started, headers)
                 if call.verb == PREDICT:  # (the hot path: no coroutine of its own)
                     result = await self.client.predict(
                         call.model, call.inputs, version=call.version, label=call.label,
                         signature_name=call.signature_name, timeout_s=self.deadline(call.timeout_s),
-                        exact_dtypes=call.exact_dtypes)
+                        exact_dtypes=call.exact_dtypes, traceparent=call.trace)
                 else:
                     result = await self.call(call)
                 replied = time.monotonic()
@@ -108,6 +119,8 @@ class Pipeline:
         finally:
             if self.metrics is not None:
                 self.metrics.observe(model, verb, status, started, api, busy=self.waiting > 0)
+            if span is not None:
+                self._close_span(span, status)
 
     def admit(self) -> None:
         if self.waiting >= self.limits.max_concurrent_predictions:
@@ -127,7 +140,8 @@ class Pipeline:
         if verb in (CLASSIFY, REGRESS):
             run = client.classify if verb == CLASSIFY else client.regress
             return await run(call.model, call.inputs, version=call.version, label=call.label,
-                             signature_name=call.signature_name, timeout_s=self.deadline(call.timeout_s))
+                             signature_name=call.signature_name, timeout_s=self.deadline(call.timeout_s),
+                             traceparent=call.trace)
         if verb == METADATA:
             return await client.metadata(call.model, version=call.version, label=call.label)
         if verb == STATUS:
@@ -138,6 +152,23 @@ class Pipeline:
             op, ready_only = call.inputs
             return await client.repository(op, call.model or None, ready_only=ready_only)
         raise AssertionError(f"no such call: {verb}")
+
+    # --- tracing ---
+
+    def _open_span(self, api: str, call: ModelCall, started: float, headers: Any) -> Any:
+        """The call's server span, from its start, in the caller's trace if it sent one."""
+        assert self.tracer is not None
+        pairs = headers.invocation_metadata() if hasattr(headers, "invocation_metadata") else headers
+        span = self.tracer.span(f"tfbroker {call.verb}", self.tracer.extract(trace_headers(pairs or ())), started,
+                                server=True, attributes={"tfbroker.api": api, "model.name": call.model,
+                                                         "model.signature": call.signature_name})
+        call.trace = self.tracer.traceparent(span)
+        return span
+
+    def _close_span(self, span: Any, status: int) -> None:
+        assert self.tracer is not None
+        self.tracer.end(span, time.monotonic(), attributes={"http.response.status_code": status},
+                        error=None if status < 400 else f"HTTP {status}")
 
     # --- health ---
 

@@ -26,6 +26,7 @@ import numpy as np
 
 from iobatcher.tables import Table, TableError, load_tables
 from tfbroker.runtime.backend_peer import BackendPeer
+from tfbroker.runtime import tracing
 from tfbroker.runtime.process import EXIT_OK, die_with_parent, enable_fault_dumps, set_title, setup_logging
 from tfbroker.runtime.settings import IoBatcherConfig
 from tfbroker.wire import fields, protocol, tensors
@@ -55,6 +56,7 @@ class IoBatcher:
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="tables")
         self._peer = BackendPeer(config, f"iobatcher:{config.index}:{os.getpid()}".encode())
         self._send = self._peer.send
+        self._tracer = tracing.start(f"iobatcher:{config.index}")
 
     def handle_signal(self, signum: int, frame: Any) -> None:
         self._peer.stopping = signal.Signals(signum).name
@@ -73,6 +75,8 @@ class IoBatcher:
                 self._drop(key)
             self._peer.close(linger_ms=1000)
             self._peer.term()
+            if self._tracer is not None:
+                self._tracer.shutdown()
         return EXIT_OK
 
     # --- implementation ---
@@ -94,6 +98,11 @@ class IoBatcher:
                             for i in range(len(header.counts))]
                 self._send(protocol.RESULT, protocol.LookupResult(batch=header.batch, counts=[0] * len(header.counts),
                                                                   outputs=[], failures=failures))
+            if self._tracer is not None:
+                for parent in header.traces:  # the lookups' span in each traced request's trace
+                    self._tracer.span("tfbroker lookups", parent, received, time.monotonic(), attributes={
+                        "model.name": header.model, "model.version": header.version,
+                        "tfbroker.lookup_batch": header.batch, "tfbroker.batch_tasks": len(header.counts)})
         elif isinstance(header, protocol.Tables) and message.command == protocol.LOAD:
             self._load(header)
         elif isinstance(header, protocol.Tables):

@@ -41,9 +41,9 @@ class AsyncClient(ClientBase):
 
     def __init__(self, address: str | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S,
                  connect_timeout_s: float = 1.0, rest_api_port: int | None = None,
-                 runtime_dir: str | None = None) -> None:
+                 runtime_dir: str | None = None, continue_traces: bool = True) -> None:
         super().__init__(address, timeout_s=timeout_s, connect_timeout_s=connect_timeout_s,
-                         rest_api_port=rest_api_port, runtime_dir=runtime_dir)
+                         rest_api_port=rest_api_port, runtime_dir=runtime_dir, continue_traces=continue_traces)
         self._pid = 0
         self._context: zmq.Context[Any] | None = None
         self._socket: zmq.Socket[Any] | None = None
@@ -60,25 +60,42 @@ class AsyncClient(ClientBase):
 
     async def predict(self, model: str, inputs: Mapping[str, Any], *, version: int | None = None,
                       label: str | None = None, signature_name: str = "serving_default",
-                      timeout_s: float | None = None, exact_dtypes: bool = False) -> Prediction:
+                      timeout_s: float | None = None, exact_dtypes: bool = False,
+                      traceparent: str | None = None) -> Prediction:
         """``exact_dtypes``: refuse a tensor whose dtype is not its input's (TF Serving's gRPC
-        rule), instead of casting as TF Serving's JSON API does."""
+        rule), instead of casting as TF Serving's JSON API does. ``traceparent``: the W3C
+        trace context to continue, instead of the caller's current span (a frontend's own)."""
+        if traceparent is None and self.continue_traces:
+            with self._caller_span("predict", model) as traceparent:
+                return await self.predict(model, inputs, version=version, label=label, signature_name=signature_name,
+                                          timeout_s=timeout_s, exact_dtypes=exact_dtypes, traceparent=traceparent or "")
         return prediction(await self.request(*self._predict_call(model, inputs, version, label, signature_name,
-                                                                 timeout_s, exact_dtypes=exact_dtypes)))
+                                                                 timeout_s, exact_dtypes=exact_dtypes,
+                                                                 trace=traceparent or None)))
 
     async def classify(self, model: str, examples: Sequence[bytes], *, version: int | None = None,
                        label: str | None = None, signature_name: str = "serving_default",
-                       timeout_s: float | None = None) -> Prediction:
+                       timeout_s: float | None = None, traceparent: str | None = None) -> Prediction:
         """Run a classify signature on serialized tf.Examples; the outputs (classes, scores)."""
-        return prediction(await self.request(*self._examples_call("classify", model, examples, version, label,
-                                                                  signature_name, timeout_s)))
+        return await self._examples("classify", model, examples, version, label, signature_name, timeout_s,
+                                    traceparent)
 
     async def regress(self, model: str, examples: Sequence[bytes], *, version: int | None = None,
                       label: str | None = None, signature_name: str = "serving_default",
-                      timeout_s: float | None = None) -> Prediction:
+                      timeout_s: float | None = None, traceparent: str | None = None) -> Prediction:
         """Run a regress signature on serialized tf.Examples; the outputs (outputs)."""
-        return prediction(await self.request(*self._examples_call("regress", model, examples, version, label,
-                                                                  signature_name, timeout_s)))
+        return await self._examples("regress", model, examples, version, label, signature_name, timeout_s,
+                                    traceparent)
+
+    async def _examples(self, method: str, model: str, examples: Sequence[bytes], version: int | None,
+                        label: str | None, signature_name: str, timeout_s: float | None,
+                        traceparent: str | None) -> Prediction:
+        if traceparent is None and self.continue_traces:
+            with self._caller_span(method, model) as traceparent:
+                return await self._examples(method, model, examples, version, label, signature_name, timeout_s,
+                                            traceparent or "")
+        return prediction(await self.request(*self._examples_call(method, model, examples, version, label,
+                                                                  signature_name, timeout_s, traceparent or None)))
 
     async def metadata(self, model: str, *, version: int | None = None, label: str | None = None) -> dict[str, Any]:
         return as_dict(await self.request(*self._query_call(protocol.METADATA, model, version, label)))

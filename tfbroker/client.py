@@ -17,13 +17,15 @@ import itertools
 import os
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, ContextManager, Mapping, Sequence
 
 import msgspec
 import numpy as np
 import zmq
 
+from tfbroker import caller_trace
 from tfbroker.wire import fields, protocol, tensors
 from tfbroker.runtime.settings import ADDRESS_ENV, DEFAULT_TIMEOUT_MS, default_frontend_address, ipc_address
 from tfbroker.wire.errors import DeadlineExceeded, Internal, InvalidArgument, ProtocolError, Unavailable, from_code
@@ -50,14 +52,15 @@ def default_address() -> str:
 
 def encode_predict(request_id: int, model: str, inputs: Mapping[str, Any], *, version: int | None,
                    label: str | None, signature_name: str, timeout_s: float, method: str = "predict",
-                   exact_dtypes: bool = False) -> list[Any]:
+                   exact_dtypes: bool = False, trace: str | None = None) -> list[Any]:
     try:
         arrays = {name: value if isinstance(value, (np.ndarray, tensors.RawTensor)) else np.asarray(value)
                   for name, value in inputs.items()}
         specs, frames = tensors.encode_tensors(arrays)
         header = protocol.Request(id=request_id, model=model, method=method,  # type: ignore[arg-type]
                                   version=version, label=label, signature=signature_name,
-                                  timeout_ms=_timeout_ms(timeout_s), inputs=specs, exact_dtypes=exact_dtypes)
+                                  timeout_ms=_timeout_ms(timeout_s), inputs=specs, exact_dtypes=exact_dtypes,
+                                  trace=trace)
         return protocol.encode(protocol.REQUEST, header, frames)
     except (ValueError, TypeError, OverflowError) as exc:  # ProtocolError is a ValueError
         raise InvalidArgument(f"cannot send these inputs: {exc}") from exc
@@ -182,10 +185,11 @@ class ClientBase:
 
     def __init__(self, address: str | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S,
                  connect_timeout_s: float = 1.0, rest_api_port: int | None = None,
-                 runtime_dir: str | None = None) -> None:
+                 runtime_dir: str | None = None, continue_traces: bool = True) -> None:
         """``address``: the broker's frontend socket; else, on this host, the broker started
         with ``--rest_api_port`` (its default runtime directory) or ``--runtime_dir``; else
-        TFBROKER_ADDRESS, else the broker on port 8501."""
+        TFBROKER_ADDRESS, else the broker on port 8501. ``continue_traces``: each model call
+        is a span in the caller's OpenTelemetry trace, when it has one (tfbroker/caller_trace.py)."""
         if address is None and runtime_dir is not None:
             address = ipc_address(runtime_dir, "frontend.sock")
         elif address is None and rest_api_port is not None:
@@ -193,24 +197,31 @@ class ClientBase:
         self.address = address or default_address()
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
+        self.continue_traces = continue_traces and caller_trace.available()
         self._ids = itertools.count(1)
 
     def _predict_call(self, model: str, inputs: Mapping[str, Any], version: int | None, label: str | None,
                       signature_name: str, timeout_s: float | None,
-                      method: str = "predict", exact_dtypes: bool = False) -> tuple[int, list[Any], float]:
+                      method: str = "predict", exact_dtypes: bool = False, trace: str | None = None
+                      ) -> tuple[int, list[Any], float]:
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         request_id = next(self._ids)
         frames = encode_predict(request_id, model, inputs, version=version, label=label,
                                 signature_name=signature_name, timeout_s=timeout_s, method=method,
-                                exact_dtypes=exact_dtypes)
+                                exact_dtypes=exact_dtypes, trace=trace)
         return request_id, frames, timeout_s
 
     def _examples_call(self, method: str, model: str, examples: Sequence[bytes], version: int | None,
-                       label: str | None, signature_name: str, timeout_s: float | None) -> tuple[int, list[Any], float]:
+                       label: str | None, signature_name: str, timeout_s: float | None, trace: str | None = None
+                       ) -> tuple[int, list[Any], float]:
         """A classify or regress call: serialized tf.Examples as the signature's one input."""
         array = np.empty(len(examples), dtype=object)
         array[:] = list(examples)
-        return self._predict_call(model, {"": array}, version, label, signature_name, timeout_s, method)
+        return self._predict_call(model, {"": array}, version, label, signature_name, timeout_s, method, trace=trace)
+
+    def _caller_span(self, method: str, model: str) -> ContextManager[str | None]:
+        """The caller's trace continued around one model call (its traceparent), or nothing."""
+        return caller_trace.caller_span(method, model) if self.continue_traces else nullcontext()
 
     def _query_call(self, command: bytes, model: str | None = None, version: int | None = None,
                     label: str | None = None) -> tuple[int, list[Any], float]:
@@ -223,9 +234,9 @@ class Client(ClientBase):
 
     def __init__(self, address: str | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S,
                  connect_timeout_s: float = 1.0, rest_api_port: int | None = None,
-                 runtime_dir: str | None = None) -> None:
+                 runtime_dir: str | None = None, continue_traces: bool = True) -> None:
         super().__init__(address, timeout_s=timeout_s, connect_timeout_s=connect_timeout_s,
-                         rest_api_port=rest_api_port, runtime_dir=runtime_dir)
+                         rest_api_port=rest_api_port, runtime_dir=runtime_dir, continue_traces=continue_traces)
         self._local = threading.local()
         self._pid = 0
         self._context: zmq.Context[Any] | None = None
@@ -235,22 +246,25 @@ class Client(ClientBase):
     def predict(self, model: str, inputs: Mapping[str, Any], *, version: int | None = None,
                 label: str | None = None, signature_name: str = "serving_default",
                 timeout_s: float | None = None) -> Prediction:
-        return prediction(self.request(*self._predict_call(model, inputs, version, label, signature_name,
-                                                           timeout_s)))
+        with self._caller_span("predict", model) as trace:
+            return prediction(self.request(*self._predict_call(model, inputs, version, label, signature_name,
+                                                               timeout_s, trace=trace)))
 
     def classify(self, model: str, examples: Sequence[bytes], *, version: int | None = None,
                  label: str | None = None, signature_name: str = "serving_default",
                  timeout_s: float | None = None) -> Prediction:
         """Run a classify signature on serialized tf.Examples; the outputs (classes, scores)."""
-        return prediction(self.request(*self._examples_call("classify", model, examples, version, label,
-                                                            signature_name, timeout_s)))
+        with self._caller_span("classify", model) as trace:
+            return prediction(self.request(*self._examples_call("classify", model, examples, version, label,
+                                                                signature_name, timeout_s, trace)))
 
     def regress(self, model: str, examples: Sequence[bytes], *, version: int | None = None,
                 label: str | None = None, signature_name: str = "serving_default",
                 timeout_s: float | None = None) -> Prediction:
         """Run a regress signature on serialized tf.Examples; the outputs (outputs)."""
-        return prediction(self.request(*self._examples_call("regress", model, examples, version, label,
-                                                            signature_name, timeout_s)))
+        with self._caller_span("regress", model) as trace:
+            return prediction(self.request(*self._examples_call("regress", model, examples, version, label,
+                                                                signature_name, timeout_s, trace)))
 
     def metadata(self, model: str, *, version: int | None = None, label: str | None = None) -> dict[str, Any]:
         return as_dict(self.request(*self._query_call(protocol.METADATA, model, version, label)))

@@ -13,6 +13,7 @@ import signal
 import time
 from typing import Any, Callable
 
+from tfbroker.runtime import tracing
 from tfbroker.runtime.backend_peer import BackendPeer
 from tfbroker.runtime.devices import visible_gpus
 from tfbroker.runtime.logs import relay_output_to_broker, tensorflow_output
@@ -47,6 +48,7 @@ class ModelWorker:
         self._peer = BackendPeer(config, f"{config.model_name}:{config.version}:{os.getpid()}".encode())
         self._send = self._peer.send
         self._model: Any = None
+        self._tracer = _start_tracing(f"worker:{config.model_name}:{config.version}")
 
     def handle_signal(self, signum: int, frame: Any) -> None:
         self._peer.stopping = signal.Signals(signum).name
@@ -89,6 +91,8 @@ class ModelWorker:
         finally:
             self._peer.close(linger_ms=1000)
             self._peer.term()
+            if self._tracer is not None:
+                self._tracer.shutdown()
         return EXIT_OK
 
     # --- implementation ---
@@ -110,6 +114,8 @@ class ModelWorker:
                 log.exception("batch %d failed unexpectedly", message.header.batch)
                 ids = message.header.ids if isinstance(message.header, protocol.JoinedBatch) else None
                 self._fail_batch(message, ids, Internal(f"model worker error: {type(exc).__name__}: {exc}"))
+            if self._tracer is not None and message.header.traces:
+                self._trace_batch(message.header, received)
         elif message.command == protocol.DISCONNECT:
             return False  # the broker asked this process to stop (BackendPeer logs it)
         return True
@@ -156,6 +162,18 @@ class ModelWorker:
             batch=header.batch, model=self.config.model_name, version=self.config.version, outputs=specs,
             input_us=input_us, model_us=model_us, output_us=output_us), frames)
 
+    def _trace_batch(self, header: Any, received: float) -> None:
+        """The model's span in each traced request's trace: its calls on this batch."""
+        assert self._tracer is not None
+        signature = self._model.signatures.get(header.signature)
+        ran = signature is not None and bool(signature.first_started)
+        start, end = (signature.first_started, signature.last_ended) if ran else (received, time.monotonic())
+        attributes = {"model.name": self.config.model_name, "model.version": self.config.version,
+                      "model.signature": header.signature, "tfbroker.batch": header.batch,
+                      "tfbroker.padded_rows": header.padded_rows, "tfbroker.model_ran": ran}
+        for parent in header.traces:
+            self._tracer.span("tfbroker model", parent, start, end, attributes=attributes)
+
     def _fail_batch(self, message: protocol.Message, ids: list[int] | None, error: TFBrokerError) -> None:
         """Every task of a batch gets ``error`` (ids read from the tasks' headers if not given)."""
         header = message.header
@@ -189,6 +207,14 @@ class ModelWorker:
             model=self.config.model_name, version=self.config.version, pid=os.getpid(),
             signatures={name: sig.describe() for name, sig in model.signatures.items()},
             signature_def=model.signature_def))
+
+
+def _start_tracing(role: str) -> Any:
+    try:
+        return tracing.start(role)
+    except RuntimeError as exc:  # the broker refuses to start so configured: only a stray worker gets here
+        log.error("tracing is off: %s", exc)
+        return None
 
 
 def _timing(signature: Any, model_before_s: float, received: float) -> tuple[int, int, int]:

@@ -31,3 +31,6 @@ Tasks = Annotated[list[Count], msgspec.Meta(max_length=MAX_TASKS)]
 Micros = Annotated[int, msgspec.Meta(ge=0, le=MAX_INT64)]  # a duration, microseconds
 Timeouts = Annotated[list[TimeoutMs], msgspec.Meta(max_length=MAX_TASKS)]
 Json = dict[str, Any]
+# A W3C trace context (tfbroker/runtime/tracing.py): version-traceid-spanid-flags, lowercase hex.
+Traceparent = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")]
+Traceparents = Annotated[list[Traceparent], msgspec.Meta(max_length=MAX_TASKS)]

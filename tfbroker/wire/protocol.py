@@ -29,12 +29,14 @@ Commands and their headers
 Client (frontend or ``tfbroker.client``) to broker, on the broker's frontend ROUTER:
 
     REQUEST   Request {id, model, method?, version?, label?, signature, timeout_ms, inputs:
-              [spec…], exact_dtypes?} + one frame per input. ``exact_dtypes`` (gRPC): each
+              [spec…], exact_dtypes?, trace?} + one frame per input. ``exact_dtypes`` (gRPC): each
               dtype must be its input's. ``version`` and ``label`` are optional: the
               latest available version serves when both are absent. ``timeout_ms`` is the
               request's deadline, counted from when the broker receives it. ``method``
               "classify" or "regress" (default "predict") sends one string input of
               serialized tf.Examples to a signature of that method (TF Serving's APIs).
+              ``trace``: the W3C traceparent of the caller's span, only when its trace
+              is sampled (tfbroker/runtime/tracing.py).
     METADATA  Query {id, model, version?, label?}
     STATUS    Query {id, model, version?, label?}
     STATS     Query {id}                 the broker's counters, each version's, and the CPU and
@@ -110,6 +112,8 @@ Broker to worker:
                timeouts_ms: [ms…], inputs: [spec…]} + one frame per input, the tasks' rows
                end to end. ``timeouts_ms`` is each task's time left when the broker sent the
                batch: the worker answers a task whose time ran out with 504, unrun.
+               Both may carry ``traces``: the traceparents of the broker's batch spans for
+               the traced tasks among them; the worker adds its model span to each.
     HEARTBEAT  Heartbeat {}
     DISCONNECT Disconnect {}              stop after the batches in hand
 
@@ -128,7 +132,8 @@ Broker to I/O batcher:
     LOAD       Tables {model, version, path}     load ``path/assets.extra/lookups.json``
     UNLOAD     Tables {model, version}           drop that version's tables
     BATCH      LookupBatch {kind: "l", batch, model, version, counts: [n…], timeouts_ms,
-               inputs: [spec…]} + one frame per input: each task's lookup inputs in order
+               inputs: [spec…], traces?} + one frame per input: each task's lookup inputs in
+               order (``traces``: as a model BATCH's)
     HEARTBEAT, DISCONNECT as to a worker
 
 Control client (``python -m broker.ctl``) to broker, on the broker's control ROUTER:
@@ -177,7 +182,8 @@ import msgspec
 
 from tfbroker.wire.errors import ProtocolError
 from tfbroker.wire.fields import (MAX_CONFIG_CHARS, MAX_MESSAGE_CHARS, MAX_TASKS, MAX_TENSORS, MAX_TIMEOUT_MS, Count,
-                                  DType, Id, Json, Micros, Name, Shape, Tasks, TensorName, Timeouts, Version)
+                                  DType, Id, Json, Micros, Name, Shape, Tasks, TensorName, Timeouts, Traceparent,
+                                  Traceparents, Version)
 from tfbroker.wire.figures import ProcessStats, VersionStats
 
 TAG = b"TFB05"
@@ -239,6 +245,7 @@ class Request(Header, kw_only=True):
     # Each tensor's dtype must be its input's (gRPC, as TF Serving); else JSON's rules apply
     # (an int feeds a float input).
     exact_dtypes: bool = False
+    trace: Traceparent | None = None  # the caller's span, when its trace is sampled
 
     def frame_count(self) -> int:
         return len(self.inputs)
@@ -368,6 +375,7 @@ class TaskBatch(Header, kw_only=True, tag_field="kind", tag="t"):
     padded_rows: Count = 0
     counts: Tasks
     timeouts_ms: Timeouts
+    traces: Traceparents = msgspec.field(default_factory=list)  # the traced tasks' batch spans
 
     def __post_init__(self) -> None:
         if len(self.counts) != len(self.timeouts_ms) or 0 in self.counts:
@@ -385,6 +393,7 @@ class JoinedBatch(Header, kw_only=True, tag_field="kind", tag="j"):
     rows: Tasks
     timeouts_ms: Timeouts
     inputs: Specs
+    traces: Traceparents = msgspec.field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not len(self.ids) == len(self.rows) == len(self.timeouts_ms):
@@ -458,6 +467,7 @@ class LookupBatch(Header, kw_only=True, tag_field="kind", tag="l"):
     counts: Tasks
     timeouts_ms: Timeouts
     inputs: Specs
+    traces: Traceparents = msgspec.field(default_factory=list)
 
     def __post_init__(self) -> None:
         if len(self.counts) != len(self.timeouts_ms) or sum(self.counts) != len(self.inputs):
