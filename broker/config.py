@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tfbroker.runtime.settings import (DEFAULT_HEARTBEAT_INTERVAL_S, DEFAULT_HEARTBEAT_LIVENESS, DEFAULT_TIMEOUT_MS,
+from tfbroker.runtime.settings import (DEFAULT_HEARTBEAT_INTERVAL_S, DEFAULT_HEARTBEAT_LIVENESS, DEFAULT_REQUEST_LOG_FILE_BYTES,
+                                       DEFAULT_TIMEOUT_MS,
                                        GrpcOptions, RequestLimits, TensorFlowOptions, default_runtime_dir, ipc_address,
                                        local_address)
 from tfbroker.runtime.settings import field_help as _help
@@ -81,6 +82,26 @@ class ModelVersionPolicy:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class RequestLogging:
+    """TF Serving's ``logging_config`` of a model: a sampled copy of its successful predict
+    requests and answers, as PredictionLog records in TFRecord files whose names start with
+    ``filename_prefix``, written by the frontends (frontend/request_log.py)."""
+
+    sampling_rate: float
+    filename_prefix: str
+    collector: str = "tfrecord"  # log_collector_config.type: "" is taken to mean the same
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.sampling_rate <= 1.0:
+            raise ConfigError(f"logging_config sampling_rate must be between 0 and 1, got {self.sampling_rate}")
+        if self.collector not in ("", "tfrecord"):
+            raise ConfigError(f"log_collector_config type {self.collector!r}: tfbroker writes TFRecord files "
+                              "of PredictionLog records (type \"tfrecord\", or \"\")")
+        if self.sampling_rate > 0 and not self.filename_prefix:
+            raise ConfigError("logging_config needs log_collector_config { filename_prefix } to write to")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class ModelConfig:
     """One entry of TF Serving's model_config_list."""
 
@@ -90,6 +111,7 @@ class ModelConfig:
     model_version_policy: ModelVersionPolicy = ModelVersionPolicy()
     # label -> version; a label only ever points at an AVAILABLE version (TF Serving's rule).
     version_labels: tuple[tuple[str, int], ...] = ()
+    logging: RequestLogging | None = None  # its logging_config, if any
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name or ":" in self.name:
@@ -160,6 +182,9 @@ class ServerConfig:
     monitoring_config_file: str = field(default="", metadata=_help(
         "TF Serving text-protobuf MonitoringConfig; prometheus_config { enable: true } serves Prometheus "
         "metrics on the REST port (path default /monitoring/prometheus/metrics)."))
+    request_log_max_file_bytes: int = field(default=DEFAULT_REQUEST_LOG_FILE_BYTES, metadata=_help(
+        "Request logs (a model's logging_config in --model_config_file): each frontend starts its next "
+        "TFRecord file once its current one has this many bytes."))
     otel_traces_endpoint: str = field(default="", metadata=_help(
         "OpenTelemetry traces: the OTLP/HTTP endpoint (http://collector:4318/v1/traces) that every tfbroker "
         "process exports its spans to. Sets OTEL_EXPORTER_OTLP_TRACES_ENDPOINT for the broker and its "

@@ -15,7 +15,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, text_format
 from google.protobuf import wrappers_pb2  # noqa: F401  (registers google/protobuf/wrappers.proto)
 from google.protobuf.message_factory import GetMessageClass
 
-from broker.config import BatchingParameters, ModelConfig, ModelVersionPolicy
+from broker.config import BatchingParameters, ModelConfig, ModelVersionPolicy, RequestLogging
 from tfbroker.wire.errors import ConfigError
 
 
@@ -132,6 +132,7 @@ def parse_model_config(text: str, *, source: str = "model config") -> list[Model
             model_platform=entry.model_platform or "tensorflow",
             model_version_policy=_version_policy(entry.model_version_policy),
             version_labels=tuple(sorted(entry.version_labels.items())),
+            logging=_request_logging(entry.logging_config) if entry.HasField("logging_config") else None,
         ))
     names = [m.name for m in models]
     if len(set(names)) != len(names):
@@ -139,6 +140,18 @@ def parse_model_config(text: str, *, source: str = "model config") -> list[Model
     if not models:
         raise ConfigError(f"{source}: model_config_list names no model")
     return models
+
+
+def _request_logging(proto: Any) -> RequestLogging:
+    """TF Serving's LoggingConfig. A per-task rule matches here only without ``dc`` and
+    ``task_index`` (one server, no cells), as TF Serving's first matching rule."""
+    rate = proto.sampling_config.sampling_rate
+    for rule in proto.sampling_config.per_task_sampling_configs:
+        if not rule.dc and not rule.HasField("task_index"):
+            rate = rule.sampling_rate
+            break
+    return RequestLogging(sampling_rate=rate, filename_prefix=proto.log_collector_config.filename_prefix,
+                          collector=proto.log_collector_config.type)
 
 
 def _version_policy(proto: Any) -> ModelVersionPolicy:

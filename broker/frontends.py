@@ -213,7 +213,8 @@ class Frontends:
         return FrontendConfig(frontend_address=config.resolved_frontend_address,
                               rest_api_timeout_in_ms=config.rest_api_timeout_in_ms, limits=config.limits,
                               grpc=config.grpc, metrics_path=self._metrics_path,
-                              enable_status_page=config.enable_status_page)
+                              enable_status_page=config.enable_status_page,
+                              request_log_max_file_bytes=config.request_log_max_file_bytes)
 
     def _metrics_env(self) -> dict[str, str]:
         """A fresh directory where the frontends share their counters (the metrics and status

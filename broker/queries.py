@@ -40,6 +40,25 @@ def status(models: Mapping[str, ServedModel], header: protocol.Query) -> protoco
                                 model_version_status=[v.status_json() for v in versions])
 
 
+def request_logging(models: Mapping[str, ServedModel], header: protocol.Query,
+                    saved_model_tags: str) -> protocol.ControlReply:
+    """What the frontends need to write each model's request log (frontend/request_log.py): its
+    logging_config, and the name of each signature's only input per version (a request may
+    name it "", as TF Serving's ``"instances": [...]``; the log names it as TF Serving does)."""
+    logged = {}
+    for name, model in models.items():
+        logging = model.config.logging
+        if logging is None or model.removed or logging.sampling_rate <= 0:
+            continue
+        only_inputs = {str(served.version): {signature: next(iter(spec.inputs))
+                                             for signature, spec in served.signatures.items() if len(spec.inputs) == 1}
+                       for served in model.versions.values()}
+        logged[name] = {"sampling_rate": logging.sampling_rate, "filename_prefix": logging.filename_prefix,
+                        "only_inputs": only_inputs}
+    return protocol.ControlReply(id=header.id, body={"models": logged,
+                                                     "saved_model_tags": saved_model_tags.split(",")})
+
+
 def health(models: Mapping[str, ServedModel], header: protocol.Query, stopping: bool) -> protocol.HealthReply:
     """Ready: not stopping, and every model (or the one asked for, at its version or label)
     has a version that takes requests. An unknown model is NotFound, not unready."""

@@ -244,6 +244,8 @@ class Broker:
                 reply = {protocol.METADATA: lambda h: queries.metadata(self.versions.models, h),
                          protocol.STATUS: lambda h: queries.status(self.versions.models, h),
                          protocol.STATS: self._stats,
+                         protocol.LOGGING: lambda h: queries.request_logging(
+                             self.versions.models, h, self.config.tensorflow.saved_model_tags),
                          protocol.HEALTH: lambda h: queries.health(self.versions.models, h,
                                                                    self._stop_requested_at is not None)}[command](header)
             except TFBrokerError as exc:

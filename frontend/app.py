@@ -49,6 +49,7 @@ from frontend.json_tensor import format_predictions, parse_predict_body
 from frontend.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from frontend.metrics import for_config as metrics_for_config
 from frontend.oip_rest import OipRest, answer_type
+from frontend.request_log import RequestLog
 from frontend.pipeline import CLASSIFY, METADATA, PREDICT, REGRESS, ModelCall, Pipeline
 from frontend.tf_example import format_results, parse_examples
 
@@ -376,11 +377,15 @@ def create_app(client: AsyncClient | None = None, *, config: FrontendConfig | No
         role = f"frontend:{os.environ.get(FRONTEND_INDEX_ENV) or os.getpid()}"
         set_title(role)
         pipeline.tracer = tracing.start(role)  # in the worker, after gunicorn's fork (the exporter's thread)
+        pipeline.request_log = RequestLog(client, max_file_bytes=config.request_log_max_file_bytes,
+                                          counter=pipeline.metrics.request_log_records if pipeline.metrics else None)
+        pipeline.request_log.start()
         grpc_server = await start_grpc(pipeline)
         yield
         pipeline.stopping = True
         if grpc_server is not None:
             await grpc_server.stop(grace=1.0)
+        await pipeline.request_log.stop()
         client.close()
         if pipeline.tracer is not None:
             pipeline.tracer.shutdown()

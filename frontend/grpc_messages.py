@@ -86,6 +86,7 @@ GetModelStatusRequest = message_class("tensorflow.serving.GetModelStatusRequest"
 GetModelStatusResponse = message_class("tensorflow.serving.GetModelStatusResponse")
 ReloadConfigRequest = message_class("tensorflow.serving.ReloadConfigRequest")
 ReloadConfigResponse = message_class("tensorflow.serving.ReloadConfigResponse")
+PredictionLog = message_class("tensorflow.serving.PredictionLog")  # request logs (frontend/request_log.py)
 DATA_TYPES = enum_values("tensorflow.DataType")  # DT_FLOAT -> 1, …
 
 # The Open Inference Protocol (frontend/oip_grpc.py).

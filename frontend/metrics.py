@@ -38,6 +38,7 @@ SERVING_APIS = ("predict", "classify", "regress")  # what TF Serving's request_c
 FRONTEND_STAGES = ("parse", "format")
 FRONTEND_STAGE_BOUNDS_S = tuple(20e-6 * 2 ** i for i in range(17))
 _STAGE_COUNTS = "tfbroker_frontend_stage_observations"  # shared counters the histogram is made from
+_LOG_RECORDS = "tfbroker_request_log_records"  # shown as TF Serving's :tensorflow:serving:request_log_count
 FLUSH_S = 0.1  # longest a busy frontend keeps its counts before writing them to the shared series
 BATCH_SIZE_BOUNDS = tuple(2 ** i for i in range(13))  # 1 … 4096 rows
 TFS_BATCH_BOUNDS = tuple(2 ** i for i in range(14))  # 1 … 8192: TF Serving's batching_util.h buckets
@@ -71,6 +72,9 @@ class Metrics:
         self.stage_counts = Counter(_STAGE_COUNTS, "The frontend's stages by bucket (the page shows "
                                     "tfbroker_frontend_stage_seconds).", ["model", "stage", "le"], **kwargs)
         self.stage_sums = Counter(_STAGE_COUNTS + "_seconds", "Their summed seconds.", ["model", "stage"], **kwargs)
+        # The request logs' records by model and status (frontend/request_log.py, from its writer thread).
+        self.request_log_records = Counter(_LOG_RECORDS, "Request log records (the page shows "
+                                           ":tensorflow:serving:request_log_count).", ["model", "status"], **kwargs)
         # by model: parse and format counts per bucket, and their summed seconds
         self._stages: dict[str, tuple[list[int], list[int], list[float]]] = {}
         self._stages_due = False  # a write of them is scheduled
@@ -132,7 +136,7 @@ class Metrics:
         self.flush()
         registry = CollectorRegistry()
         own = self._own()
-        registry.register(_Without(own, (_STAGE_COUNTS,)))
+        registry.register(_Without(own, (_STAGE_COUNTS, _LOG_RECORDS)))
         registry.register(_Derived(own, stats))
         return generate_latest(registry)
 
@@ -161,7 +165,7 @@ class Metrics:
         """The collector of the frontends' own series: every frontend's, or this one's alone."""
         if self.directory:
             return MultiProcessCollector(None, path=self.directory)
-        return _Reuse(self.requests, self.latency, self.stage_counts, self.stage_sums)
+        return _Reuse(self.requests, self.latency, self.stage_counts, self.stage_sums, self.request_log_records)
 
 
 def _le(bound: float) -> str:
@@ -209,6 +213,7 @@ class _Derived:
         counts: dict[tuple[str, str], float] = {}
         stage_buckets: dict[tuple[str, str], dict[str, float]] = {}
         stage_sums: dict[tuple[str, str], float] = {}
+        log_records: dict[tuple[str, str], float] = {}
         for metric in self.own.collect():
             for sample in metric.samples:
                 if sample.name == _STAGE_COUNTS + "_total":
@@ -218,6 +223,9 @@ class _Derived:
                 elif sample.name == _STAGE_COUNTS + "_seconds_total":
                     key = (sample.labels["model"], sample.labels["stage"])
                     stage_sums[key] = stage_sums.get(key, 0.0) + sample.value
+                elif sample.name == _LOG_RECORDS + "_total":
+                    key = (sample.labels["model"], sample.labels["status"])
+                    log_records[key] = log_records.get(key, 0.0) + sample.value
                 elif sample.name == "tfbroker_requests_total" and sample.labels["api"] in SERVING_APIS:
                     key = (sample.labels["model"], GRPC_CODES.get(int(sample.labels["status"]), "UNKNOWN"))
                     counts[key] = counts.get(key, 0.0) + sample.value
@@ -227,6 +235,12 @@ class _Derived:
             request_count.add_sample(":tensorflow:serving:request_count", {"model_name": model, "status": status},
                                      value)
         yield request_count
+        logged = Metric(":tensorflow:serving:request_log_count", "The total number of requests logged from the "
+                        "model server sliced down by model_name and status code.", "unknown")
+        for (model, status), value in sorted(log_records.items()):
+            logged.add_sample(":tensorflow:serving:request_log_count", {"model_name": model, "status_code": status},
+                              value)
+        yield logged
         stages = HistogramMetricFamily("tfbroker_frontend_stage_seconds", "The frontends' own part of each answered "
                                        "call: parse (the request read and parsed), format (the answer written).",
                                        labels=["model", "stage"])

@@ -14,9 +14,10 @@ result into its own answer. ``Pipeline.run`` does the rest, the same for all of 
 4. answer; errors: every failure leaves as a TFBrokerError, whose class carries its HTTP
    status and gRPC code (tfbroker/wire/errors.py), so each adapter maps errors one way;
    anything else is a bug, logged here and answered as Internal;
-5. the metrics: one observation per call, with its API (REST, GRPC) and status (499 when
+5. a successful predict of a model with a logging_config: offered to the request log;
+6. the metrics: one observation per call, with its API (REST, GRPC) and status (499 when
    the caller went away);
-6. when tracing is configured (tfbroker/runtime/tracing.py), a server span per call, the
+7. when tracing is configured (tfbroker/runtime/tracing.py), a server span per call, the
    child of the caller's ``traceparent`` (a header, or gRPC metadata); its context goes to
    the broker with the request.
 
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, TypeVar
 
 from frontend.metrics import Metrics
+from frontend.request_log import RequestLog
 from tfbroker.async_client import AsyncClient
 from tfbroker.runtime.settings import FrontendConfig
 from tfbroker.runtime.tracing import Tracer, trace_headers
@@ -68,6 +70,7 @@ class Pipeline:
                  tracer: Tracer | None = None) -> None:
         self.client = client
         self.tracer = tracer
+        self.request_log: RequestLog | None = None  # set once the frontend runs (frontend/request_log.py)
         self.config = config
         self.timeout_s = config.timeout_s
         self.limits = config.limits
@@ -103,6 +106,8 @@ class Pipeline:
                     result = await self.call(call)
                 replied = time.monotonic()
                 out = answer(call, result)
+                if self.request_log is not None and call.verb == PREDICT:
+                    self.request_log.offer(call, result)
                 if self.metrics is not None and call.verb in MODEL_RUNS:
                     self.metrics.stages(model, parsed - started, time.monotonic() - replied)
             finally:

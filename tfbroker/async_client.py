@@ -115,6 +115,10 @@ class AsyncClient(ClientBase):
         """Whether the broker serves (see Client.health)."""
         return health_reply(await self.request(*self._query_call(protocol.HEALTH, model, version, label)))
 
+    async def request_logging(self) -> dict[str, Any]:
+        """The request logs to write: each model's logging_config (frontend/request_log.py)."""
+        return dict(as_dict(await self.request(*self._query_call(protocol.LOGGING)))["body"])
+
     async def repository(self, op: str, model: str | None = None, *, ready_only: bool = False) -> dict[str, Any]:
         """The model repository extension: ``index`` (``{"models": [...]}``), ``load`` or
         ``unload`` a model (``{"changes": ...}``)."""

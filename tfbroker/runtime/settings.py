@@ -134,6 +134,9 @@ class GrpcOptions:
         return bool(self.port or self.grpc_socket_path)
 
 
+DEFAULT_REQUEST_LOG_FILE_BYTES = 128 << 20
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class FrontendConfig:
     """Everything a frontend process takes, passed as flags in one environment variable,
@@ -151,8 +154,13 @@ class FrontendConfig:
         "The path of the Prometheus page on the REST port; empty: none."))
     enable_status_page: bool = field(default=False, metadata=field_help(
         "Serve the status page at /status and /status.json."))
+    request_log_max_file_bytes: int = field(default=DEFAULT_REQUEST_LOG_FILE_BYTES, metadata=field_help(
+        "Request logs (a model's logging_config): each frontend starts its next TFRecord file once "
+        "its current one has this many bytes."))
 
     def __post_init__(self) -> None:
+        if self.request_log_max_file_bytes < 1:
+            raise ConfigError(f"request_log_max_file_bytes must be >= 1, got {self.request_log_max_file_bytes}")
         if self.rest_api_timeout_in_ms < 1:
             raise ConfigError(f"rest_api_timeout_in_ms must be >= 1, got {self.rest_api_timeout_in_ms}")
 

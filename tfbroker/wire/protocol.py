@@ -48,6 +48,11 @@ Client (frontend or ``tfbroker.client``) to broker, on the broker's frontend ROU
                                          (index, load, unload); answered by ControlReply
                                          {body: {models: [...]}} or {body: {changes}};
                                          load and unload only with --enable_model_control
+    LOGGING   Query {id}                 the request logs the frontends write: ControlReply
+                                         {body: {models: {name: {sampling_rate,
+                                         filename_prefix, only_inputs: {version: {signature:
+                                         input}}}}, saved_model_tags}} for each model with a
+                                         logging_config (frontend/request_log.py)
     CANCEL    Cancel {id}                the client gave up: drop the request if it has not
                                          been dispatched (it is answered with ERROR 499)
     RELOAD    Reload {id, config}        TF Serving's ModelService.HandleReloadConfigRequest:
@@ -208,6 +213,7 @@ RELOAD = b"\x11"
 BUNDLE = b"\x12"
 HEALTH = b"\x13"
 REPOSITORY = b"\x14"
+LOGGING = b"\x15"
 
 STRING = "string"
 
@@ -252,7 +258,7 @@ class Request(Header, kw_only=True):
 
 
 class Query(Header):
-    """METADATA, STATUS, STATS and HEALTH."""
+    """METADATA, STATUS, STATS, HEALTH and LOGGING."""
 
     id: Id
     model: Name | None = None
@@ -535,12 +541,13 @@ HEADER_TYPES: dict[bytes, Any] = {
     READY: Union[Ready, IoReady], BATCH: Union[TaskBatch, JoinedBatch, LookupBatch],
     RESULT: Union[TaskResult, JoinedResult, LookupResult], DISCONNECT: Disconnect, STATS: Query, CONTROL: Control,
     CANCEL: Cancel, LOAD: Tables, UNLOAD: Tables, LOADED: TablesLoaded, RELOAD: Reload, BUNDLE: Bundle, HEALTH: Query,
+    LOGGING: Query,
     REPOSITORY: Repository,
 }
 
 # What each socket takes: anything else is answered (clients) or dropped and counted (workers).
 CLIENT_TO_BROKER = frozenset({REQUEST, METADATA, STATUS, STATS, CANCEL, HEARTBEAT, RELOAD, BUNDLE, HEALTH,
-                              REPOSITORY})
+                              REPOSITORY, LOGGING})
 BROKER_TO_CLIENT = frozenset({REPLY, ERROR, HEARTBEAT, BUNDLE})
 WORKER_TO_BROKER = frozenset({READY, RESULT, HEARTBEAT, DISCONNECT, LOADED})  # workers and I/O batchers
 BROKER_TO_WORKER = frozenset({BATCH, HEARTBEAT, DISCONNECT})

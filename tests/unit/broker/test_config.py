@@ -132,3 +132,20 @@ def test_the_older_flag_name_sets_the_same_setting() -> None:
     assert flags.parse_flags(ServerConfig, ["--use_tflite_model"]).tensorflow.prefer_tflite_model
     assert flags.parse_flags(ServerConfig, ["--use_tflite_model=true"]).tensorflow.prefer_tflite_model
     assert not flags.parse_flags(ServerConfig, []).tensorflow.prefer_tflite_model
+
+
+def test_a_models_logging_config_is_read_as_tf_serving_writes_it() -> None:
+    entry = 'config {{ name: "m" base_path: "/m" logging_config {{ {} }} }}'
+    text = ('sampling_config { sampling_rate: 0.25 per_task_sampling_configs { dc: "aa" sampling_rate: 1.0 } } '
+            'log_collector_config { type: "tfrecord" filename_prefix: "/var/log/m" }')
+    (model,) = parse_model_config(f"model_config_list {{ {entry.format(text)} }}")
+    assert model.logging is not None
+    assert (model.logging.sampling_rate, model.logging.filename_prefix) == (0.25, "/var/log/m")  # "aa" is no cell here
+    no_logging = parse_model_config('model_config_list { config { name: "m" base_path: "/m" } }')
+    assert no_logging[0].logging is None
+    for bad, message in (('log_collector_config { type: "kafka" filename_prefix: "/x" }', "kafka"),
+                         ('sampling_config { sampling_rate: 0.5 }', "filename_prefix"),
+                         ('sampling_config { sampling_rate: 1.5 } log_collector_config { filename_prefix: "/x" }',
+                          "between 0 and 1")):
+        with pytest.raises(ConfigError, match=message):
+            parse_model_config(f"model_config_list {{ {entry.format(bad)} }}")

@@ -1,0 +1,137 @@
+"""TF Serving's request logs: a model's logging_config writes sampled requests and answers as
+PredictionLog records in TFRecord files, read back here as TensorFlow reads them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import ROOT, BrokerProcess, stop_and_check, wait_for
+from tests.system.test_metrics import PATH, samples, value
+
+READ_LOGS = """
+import glob, json, sys
+import numpy as np
+import tensorflow as tf
+from tensorflow_serving.apis import prediction_log_pb2
+
+records = []
+for path in sorted(glob.glob(sys.argv[1] + "*.tfrecord")):
+    for raw in tf.data.TFRecordDataset(path):
+        entry = prediction_log_pb2.PredictionLog.FromString(raw.numpy())
+        log = entry.predict_log
+        records.append({
+            "model": entry.log_metadata.model_spec.name, "version": entry.log_metadata.model_spec.version.value,
+            "signature": entry.log_metadata.model_spec.signature_name,
+            "rate": entry.log_metadata.sampling_config.sampling_rate,
+            "tags": list(entry.log_metadata.saved_model_tags), "time": entry.log_metadata.timestamp_secs,
+            "inputs": {k: tf.make_ndarray(v).tolist() for k, v in log.request.inputs.items()},
+            "outputs": {k: tf.make_ndarray(v).tolist() for k, v in log.response.outputs.items()}})
+print(json.dumps(records))
+"""
+
+
+def read_logs(prefix: Path) -> list[dict[str, Any]]:
+    """Every record under ``prefix``, read with tf.data.TFRecordDataset (in a child: TensorFlow stays out of pytest)."""
+    result = subprocess.run([sys.executable, "-c", READ_LOGS, str(prefix)], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return list(json.loads(result.stdout.strip().splitlines()[-1]))
+
+
+def start_logging(tmp: Path, base_path: Path, prefix: Path, rate: float, args: tuple[str, ...] = ()) -> BrokerProcess:
+    (tmp / "monitoring.config").write_text("prometheus_config { enable: true }\n")
+    (tmp / "models.config").write_text(f"""model_config_list {{ config {{
+        name: "linear" base_path: "{base_path}" model_platform: "tensorflow"
+        logging_config {{ sampling_config {{ sampling_rate: {rate} }}
+                          log_collector_config {{ type: "tfrecord" filename_prefix: "{prefix}" }} }} }} }}""")
+    broker = BrokerProcess(tmp / "run", [f"--model_config_file={tmp / 'models.config'}",
+                                         f"--monitoring_config_file={tmp / 'monitoring.config'}", *args], frontends=2)
+    broker.wait_available(["linear"])
+    return broker
+
+
+def logged(broker: BrokerProcess, status: str = "OK") -> float:
+    return value(samples(broker.http.get(PATH).text), ":tensorflow:serving:request_log_count",
+                 model_name="linear", status_code=status)
+
+
+def post(broker: BrokerProcess, body: dict[str, Any]) -> httpx.Response:
+    # A new connection each: the kernel spreads them over both frontends.
+    return httpx.post(f"{broker.base_url}/v1/models/linear:predict", json=body, timeout=30,
+                      headers={"connection": "close"})
+
+
+def test_every_request_is_logged_as_tf_serving_writes_it(test_models: Path, tmp_path: Path) -> None:
+    prefix = tmp_path / "logs" / "linear"
+    broker = start_logging(tmp_path, test_models / "linear", prefix, 1.0)
+    try:
+        sent = [[float(i), i + 0.125] for i in range(20)]
+        answers = []
+        for pair in sent:
+            # The row form names no input ("instances": [...]): the log names it, as TF Serving.
+            response = post(broker, {"instances": pair})
+            assert response.status_code == 200, response.text
+            answers.append(response.json()["predictions"])
+        assert post(broker, {"instances": ["not a number"]}).status_code == 400  # a failed request is not logged
+        wait_for(lambda: logged(broker) == len(sent), 30, "every request's record")
+        records = read_logs(prefix)
+        assert len(records) == len(sent)
+        assert len({path.name.rsplit("-", 2)[1] for path in prefix.parent.glob("*.tfrecord")}) == 2, \
+            "each frontend writes a file of its own"
+        got = sorted((r["inputs"]["x"], r["outputs"]["y"]) for r in records)
+        assert got == sorted(zip(sent, answers))
+        first = records[0]
+        assert (first["model"], first["version"], first["signature"], first["rate"], first["tags"]) == \
+            ("linear", 2, "serving_default", 1.0, ["serve"])
+        assert logged(broker, "RESOURCE_EXHAUSTED") == 0
+    finally:
+        stop_and_check(broker)
+
+
+def test_a_sampling_rate_of_a_tenth_logs_about_a_tenth(test_models: Path, tmp_path: Path) -> None:
+    prefix = tmp_path / "logs" / "linear"
+    broker = start_logging(tmp_path, test_models / "linear", prefix, 0.1)
+    try:
+        with httpx.Client(base_url=broker.base_url, timeout=30) as http:
+            for i in range(600):
+                assert http.post("/v1/models/linear:predict", json={"instances": [float(i)]}).status_code == 200
+        # Binomial(600, 0.1): mean 60, standard deviation 7.3; this is 5 deviations each way.
+        wait_for(lambda: 23 <= logged(broker) <= 97 and len(read_logs(prefix)) == logged(broker), 60,
+                 "about a tenth of the requests logged, every one counted")
+    finally:
+        stop_and_check(broker)
+
+
+def test_a_full_disk_drops_records_and_counts_them_and_serving_goes_on(test_models: Path, tmp_path: Path) -> None:
+    disk = tmp_path / "small"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.decode().strip()}")
+    try:
+        prefix = disk / "linear"
+        broker = start_logging(tmp_path, test_models / "linear", prefix, 1.0)
+        try:
+            rows = [float(i) for i in range(1000)]  # about 8 KiB of record: the disk holds a few
+            with httpx.Client(base_url=broker.base_url, timeout=30) as http:
+                for _ in range(40):
+                    assert http.post("/v1/models/linear:predict", json={"instances": rows}).status_code == 200
+            wait_for(lambda: logged(broker) + logged(broker, "RESOURCE_EXHAUSTED") == 40, 30, "every record counted")
+            written, dropped = logged(broker), logged(broker, "RESOURCE_EXHAUSTED")
+            assert written >= 1 and dropped >= 1, (written, dropped)
+            # What was written is whole: TensorFlow reads every record the counter says it kept.
+            assert len(read_logs(prefix)) == written
+            assert post(broker, {"instances": [1.0]}).json() == {"predictions": [3.5]}
+        finally:
+            stop_and_check(broker)
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
+        shutil.rmtree(disk, ignore_errors=True)

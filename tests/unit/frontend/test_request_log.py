@@ -1,0 +1,39 @@
+"""The request logs' TFRecord files (frontend/request_log.py), without processes."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import google_crc32c
+
+from frontend.request_log import TFRecordFile, _masked_crc
+
+
+def read_records(path: Path) -> list[bytes]:
+    """TensorFlow's TFRecord framing, checked: length, its masked CRC, data, its masked CRC."""
+    data, records, offset = path.read_bytes(), [], 0
+    while offset < len(data):
+        (length,) = struct.unpack_from("<Q", data, offset)
+        assert struct.unpack_from("<I", data, offset + 8)[0] == _masked_crc(data[offset:offset + 8])
+        record = data[offset + 12:offset + 12 + length]
+        assert struct.unpack_from("<I", data, offset + 12 + length)[0] == _masked_crc(record)
+        records.append(record)
+        offset += 16 + length
+    return records
+
+
+def test_the_checksum_is_crc32c_masked_as_tensorflow_masks_it() -> None:
+    assert google_crc32c.value(b"123456789") == 0xE3069283  # CRC-32C's check value
+    crc = 0xE3069283
+    assert _masked_crc(b"123456789") == ((crc >> 15 | crc << 17) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def test_files_rotate_once_past_their_size_and_hold_whole_records(tmp_path: Path) -> None:
+    writer = TFRecordFile(str(tmp_path / "logs" / "model"), max_bytes=100)
+    for i in range(5):
+        writer.append(bytes([i]) * 40)  # 56 bytes framed: two records pass 100 bytes
+    writer.close()
+    files = sorted((tmp_path / "logs").glob("model-*.tfrecord"))
+    assert [len(read_records(f)) for f in files] == [2, 2, 1]
+    assert [r for f in files for r in read_records(f)] == [bytes([i]) * 40 for i in range(5)]
