@@ -42,6 +42,7 @@ _LOG_RECORDS = "tfbroker_request_log_records"  # shown as TF Serving's :tensorfl
 FLUSH_S = 0.1  # longest a busy frontend keeps its counts before writing them to the shared series
 BATCH_SIZE_BOUNDS = tuple(2 ** i for i in range(13))  # 1 … 4096 rows
 TFS_BATCH_BOUNDS = tuple(2 ** i for i in range(14))  # 1 … 8192: TF Serving's batching_util.h buckets
+EXAMPLE_BOUNDS = tuple(2.0 ** i for i in range(15))  # 1 … 16384: TF Serving's request_example_counts buckets
 TFS_BATCHING = ":tensorflow:serving:batching_session:"  # TF Serving's /tensorflow/serving/batching_session/
 
 
@@ -58,6 +59,12 @@ class Metrics:
         self.latency = Histogram(":tensorflow:serving:request_latency",
                                  "Distribution of wall time (in microseconds) for REST requests.",
                                  ["model_name", "API", "entrypoint"], buckets=LATENCY_BOUNDS_US, **kwargs)
+        # TF Serving's tf.Examples per classify and regress request (its util.cc).
+        self.example_counts = Histogram(":tensorflow:serving:request_example_counts",
+                                        "The number of tensorflow.Examples per request.", ["model"],
+                                        buckets=EXAMPLE_BOUNDS, **kwargs)
+        self.example_total = Counter(":tensorflow:serving:request_example_count",  # written with _total
+                                     "The total number of tensorflow.Examples.", ["model"], **kwargs)
         # Requests counted here first and written to prometheus-client's (shared, mmap'd)
         # series at most every FLUSH_S while the frontend is busy: a write there costs about
         # 8 µs a request, a tenth of the frontend's own work per request. (A latency is
@@ -92,6 +99,11 @@ class Metrics:
         histogram.observe((now - started) * 1e6)
         if not busy or now >= self._next_flush:
             self._flush_counts(now)
+
+    def examples(self, model: str, count: int) -> None:
+        """One classify or regress request's tf.Examples (2 µs: these APIs carry whole Examples)."""
+        self.example_counts.labels(model).observe(count)
+        self.example_total.labels(model).inc(count)
 
     def stages(self, model: str, parse_s: float, format_s: float) -> None:
         """One answered call's parse and format times (written at the next flush)."""
@@ -165,7 +177,8 @@ class Metrics:
         """The collector of the frontends' own series: every frontend's, or this one's alone."""
         if self.directory:
             return MultiProcessCollector(None, path=self.directory)
-        return _Reuse(self.requests, self.latency, self.stage_counts, self.stage_sums, self.request_log_records)
+        return _Reuse(self.requests, self.latency, self.stage_counts, self.stage_sums, self.request_log_records,
+                      self.example_counts, self.example_total)
 
 
 def _le(bound: float) -> str:

@@ -110,6 +110,8 @@ class Pipeline:
                     self.request_log.offer(call, result)
                 if self.metrics is not None and call.verb in MODEL_RUNS:
                     self.metrics.stages(model, parsed - started, time.monotonic() - replied)
+                    if call.verb != PREDICT:  # classify, regress: TF Serving's request_example_counts
+                        self.metrics.examples(model, len(call.inputs))
             finally:
                 self.waiting -= 1
             status = 200

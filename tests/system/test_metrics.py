@@ -152,7 +152,7 @@ def test_a_real_prometheus_scrapes_the_frontends_and_counts_what_was_sent(start_
     assert check.returncode in (0, 3), complaints
     assert all(re.fullmatch(r":tensorflow:[\w:]+ metric names should not contain ':'", line) for line in complaints), \
         complaints
-    assert len(complaints) == 11, complaints  # TF Serving's eleven names
+    assert len(complaints) == 10, complaints  # the ten of TF Serving's names that this traffic shows
 
 
 def test_stage_latencies_hold_the_model_time_and_the_queue_wait(start_broker: Any, test_models: Path,
@@ -230,3 +230,23 @@ def test_batch_exits_count_what_was_forced(start_broker: Any, test_models: Path,
     exits = {reason: value(found, "tfbroker_batch_exits_total", model="slow", version="1", reason=reason)
              for reason in ("idle", "timeout", "full")}
     assert exits == {"idle": 0, "timeout": 2, "full": 1}, exits
+
+
+def test_tf_examples_per_classify_and_regress_request_are_counted_as_tf_serving_counts_them(
+        start_broker: Any, test_models: Path, tmp_path: Path) -> None:
+    config = tmp_path / "monitoring.config"
+    config.write_text("prometheus_config { enable: true }\n")
+    broker = start_broker(["--model_name=half_plus_two", f"--model_base_path={test_models / 'half_plus_two'}",
+                           f"--monitoring_config_file={config}"], frontends=1)
+    broker.wait_available(["half_plus_two"])
+    classify = {"signature_name": "classify_x_to_y", "examples": [{"x": 1.0}, {"x": 2.0}, {"x": 3.0}]}
+    regress = {"signature_name": "regress_x_to_y", "examples": [{"x": 1.0}, {"x": 2.0}]}
+    assert broker.http.post("/v1/models/half_plus_two:classify", json=classify).status_code == 200
+    assert broker.http.post("/v1/models/half_plus_two:regress", json=regress).status_code == 200
+    assert broker.predict("half_plus_two", {"instances": [1.0]}).status_code == 200  # no Examples: not counted
+    found = samples(broker.http.get(PATH).text)
+    name = ":tensorflow:serving:request_example_counts"
+    assert value(found, name + "_count", model="half_plus_two") == 2
+    assert value(found, name + "_sum", model="half_plus_two") == 5
+    assert value(found, name + "_bucket", model="half_plus_two", le="2.0") == 1
+    assert value(found, ":tensorflow:serving:request_example_count_total", model="half_plus_two") == 5
