@@ -256,7 +256,7 @@ class TensorFlowOptions:
         "TensorFlow's choice (all cores)."))
     tensorflow_inter_op_parallelism: int = field(default=0, metadata=field_help(
         "TensorFlow ops a model worker runs at once; 0: --tensorflow_session_parallelism, else TensorFlow's "
-        "choice."))
+        "choice; -1: each op in the calling thread (no pool: less per call on a host with few cores)."))
     tensorflow_session_parallelism: int = field(default=0, metadata=field_help(
         "Threads for both of TensorFlow's pools in each worker where --tensorflow_intra_op_parallelism or "
         "--tensorflow_inter_op_parallelism is 0; 0: TensorFlow's choice."))
@@ -280,10 +280,12 @@ class TensorFlowOptions:
         "mode); empty: none."))
 
     def __post_init__(self) -> None:
-        for name in ("tensorflow_intra_op_parallelism", "tensorflow_inter_op_parallelism",
-                     "tensorflow_session_parallelism"):
+        for name in ("tensorflow_intra_op_parallelism", "tensorflow_session_parallelism"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.tensorflow_inter_op_parallelism < -1:  # -1: TensorFlow runs each op in the caller's thread
+            raise ConfigError(f"tensorflow_inter_op_parallelism must be -1 or more, got "
+                              f"{self.tensorflow_inter_op_parallelism}")
         if self.num_request_iterations_for_warmup < 1:
             raise ConfigError(f"num_request_iterations_for_warmup must be >= 1, got "
                               f"{self.num_request_iterations_for_warmup}")

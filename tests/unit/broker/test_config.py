@@ -149,3 +149,11 @@ def test_a_models_logging_config_is_read_as_tf_serving_writes_it() -> None:
                           "between 0 and 1")):
         with pytest.raises(ConfigError, match=message):
             parse_model_config(f"model_config_list {{ {entry.format(bad)} }}")
+
+
+def test_inter_op_parallelism_takes_minus_one_for_the_callers_thread() -> None:
+    assert TensorFlowOptions(tensorflow_inter_op_parallelism=-1).inter_op_threads == -1
+    with pytest.raises(ConfigError, match="-1 or more"):
+        TensorFlowOptions(tensorflow_inter_op_parallelism=-2)
+    with pytest.raises(ConfigError, match=">= 0"):
+        TensorFlowOptions(tensorflow_intra_op_parallelism=-1)
