@@ -163,10 +163,14 @@ class Pipeline:
     # --- tracing ---
 
     def _open_span(self, api: str, call: ModelCall, started: float, headers: Any) -> Any:
-        """The call's server span, from its start, in the caller's trace if it sent one."""
+        """The call's server span, from its start, in the caller's trace if it sent one; None
+        for a call without a caller's context that the sampler leaves out."""
         assert self.tracer is not None
         pairs = headers.invocation_metadata() if hasattr(headers, "invocation_metadata") else headers
-        span = self.tracer.span(f"tfbroker {call.verb}", self.tracer.extract(trace_headers(pairs or ())), started,
+        carrier = trace_headers(pairs or ())
+        if not carrier and not self.tracer.sample_root():
+            return None
+        span = self.tracer.span(f"tfbroker {call.verb}", self.tracer.extract(carrier), started,
                                 server=True, attributes={"tfbroker.api": api, "model.name": call.model,
                                                          "model.signature": call.signature_name})
         call.trace = self.tracer.traceparent(span)

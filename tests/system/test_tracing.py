@@ -220,3 +220,17 @@ def test_the_python_client_continues_the_callers_trace(traced: tuple[Any, Receiv
     assert named["tfbroker batch"].parent_id == client.span_id, "the broker's spans are the client span's children"
     assert named["tfbroker model"].parent_id == named["tfbroker batch"].span_id
     assert app.start_ns <= named["tfbroker model"].start_ns <= named["tfbroker model"].end_ns <= app.end_ns
+
+
+def test_a_request_without_a_traceparent_starts_a_trace_of_its_own(traced: tuple[Any, Receiver]) -> None:
+    broker, receiver = traced
+
+    def roots() -> set[str]:
+        with receiver.lock:
+            return {s.trace_id for s in receiver.spans if s.name == "tfbroker predict" and not s.parent_id}
+
+    before = roots()
+    assert broker.http.post("/v1/models/text:predict", json={"instances": [TEXT_INSTANCE]}).status_code == 200
+    new = wait_for(lambda: roots() - before, 30, "a new root span")
+    (trace_id,) = new
+    wait_for(lambda: {s.name for s in receiver.trace(trace_id)} >= EXPECTED, 30, "the new trace's spans")

@@ -4,9 +4,12 @@ On when the standard variables ask for it (``enabled``): an OTLP endpoint
 (``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` or ``OTEL_EXPORTER_OTLP_ENDPOINT``), or
 ``OTEL_TRACES_EXPORTER`` set to ``otlp`` or ``console``; never with ``OTEL_SDK_DISABLED=true``.
 The broker's ``--otel_traces_endpoint`` and ``--otel_traces_sampling_rate`` set those variables
-for itself and every process it starts. The sampler is the SDK's (``OTEL_TRACES_SAMPLER``,
+for itself and every process it starts. The sampler is the standard one (``OTEL_TRACES_SAMPLER``,
 default: follow the caller, else sample all); only the frontend's root span samples, and a
 request not sampled there carries no context onward, so it costs the other processes nothing.
+For the parent-based samplers, a request without a caller's context is sampled here, before
+any span object is made (``sample_root``): an unsampled request costs a frontend one random
+number.
 
 Each process starts its own SDK (``start(role)``): its spans leave through a
 BatchSpanProcessor's thread, never on the request path, and are dropped when its queue is full
@@ -22,6 +25,7 @@ only cost is its check for None.
 from __future__ import annotations
 
 import os
+import random
 import time
 from typing import Any, Iterable, Mapping
 
@@ -65,11 +69,23 @@ class Tracer:
                                f"installed: {INSTALL_HINT}") from exc
         attributes: dict[str, Any] = {"service.name": environ.get("OTEL_SERVICE_NAME") or f"tfbroker-{role.partition(':')[0]}",
                       "tfbroker.role": role, "process.pid": os.getpid()}
-        self.provider = TracerProvider(resource=Resource.create(attributes))
+        # The parent-based samplers' root decision is taken in sample_root; the SDK then follows
+        # the parent. Any other sampler stays the SDK's own, read from the environment.
+        self.root_rate = _root_rate(environ)
+        sampler = None
+        if self.root_rate is not None:
+            from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
+            sampler = ParentBased(ALWAYS_ON)
+        self.provider = TracerProvider(resource=Resource.create(attributes), sampler=sampler)
         self.provider.add_span_processor(BatchSpanProcessor(_exporter(environ)))
         self.tracer = self.provider.get_tracer("tfbroker")
         self._trace = trace
         self._propagator = TraceContextTextMapPropagator()
+
+    def sample_root(self) -> bool:
+        """Whether a request that brought no trace context starts a sampled trace."""
+        rate = self.root_rate
+        return rate is None or rate >= 1.0 or (rate > 0.0 and random.random() < rate)
 
     def span(self, name: str, parent: Any, start_s: float, end_s: float | None = None, *,
              attributes: Mapping[str, Any] | None = None, server: bool = False) -> Any:
@@ -119,13 +135,30 @@ def wall_ns(monotonic_s: float) -> int:
 
 
 def trace_headers(pairs: Iterable[tuple[Any, Any]]) -> dict[str, str]:
-    """The W3C trace headers among ASGI headers (bytes) or gRPC metadata (str)."""
+    """The W3C trace headers among ASGI headers (bytes) or gRPC metadata (str); both spell
+    their names in lower case."""
     found = {}
     for key, value in pairs:
-        name = key.decode("latin-1").lower() if isinstance(key, bytes) else str(key).lower()
-        if name in (TRACEPARENT, "tracestate"):
+        if key in _TRACE_HEADER_NAMES:
+            name = key.decode() if isinstance(key, bytes) else key
             found[name] = value.decode("latin-1") if isinstance(value, bytes) else str(value)
     return found
+
+
+_TRACE_HEADER_NAMES = frozenset({b"traceparent", b"tracestate", "traceparent", "tracestate"})
+_ROOT_RATES = {"parentbased_always_on": 1.0, "parentbased_always_off": 0.0}
+
+
+def _root_rate(environ: Mapping[str, str]) -> float | None:
+    """The share of requests without a caller's context that a parent-based sampler traces;
+    None for another sampler."""
+    name = environ.get("OTEL_TRACES_SAMPLER", "parentbased_always_on").strip().lower()
+    if name == "parentbased_traceidratio":
+        try:
+            return min(1.0, max(0.0, float(environ.get("OTEL_TRACES_SAMPLER_ARG", "1.0"))))
+        except ValueError:
+            return 1.0  # the SDK's rule for an argument that does not parse
+    return _ROOT_RATES.get(name)
 
 
 def _exporter(environ: Mapping[str, str]) -> Any:

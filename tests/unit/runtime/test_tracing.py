@@ -40,7 +40,8 @@ def test_the_brokers_flags_become_the_variables_its_children_read() -> None:
 
 
 def test_trace_headers_are_found_in_asgi_headers_and_grpc_metadata() -> None:
-    assert tracing.trace_headers([(b"content-type", b"application/json"), (b"TraceParent", TRACEPARENT.encode())]) \
+    # (Both spell header names in lower case: ASGI by its specification, gRPC by HTTP/2.)
+    assert tracing.trace_headers([(b"content-type", b"application/json"), (b"traceparent", TRACEPARENT.encode())]) \
         == {"traceparent": TRACEPARENT}
     assert tracing.trace_headers([("traceparent", TRACEPARENT), ("tracestate", "k=v"), ("user-agent", "grpc")]) \
         == {"traceparent": TRACEPARENT, "tracestate": "k=v"}
@@ -59,3 +60,27 @@ def test_a_request_carries_a_w3c_traceparent_and_nothing_else() -> None:
     bad = protocol.Request(id=1, model="m", timeout_ms=10, inputs=[], trace="00-" + "x" * 32 + "-b7ad6b7169203331-01")
     with pytest.raises(ProtocolError):
         protocol.decode(protocol.encode(protocol.REQUEST, bad, []), protocol.CLIENT_TO_BROKER)
+
+
+@pytest.mark.parametrize(("sampler", "argument", "rate"), [
+    (None, None, 1.0), ("parentbased_traceidratio", "0.01", 0.01), ("parentbased_traceidratio", "2", 1.0),
+    ("parentbased_always_off", None, 0.0), ("traceidratio", "0.5", None), ("always_on", None, None)])
+def test_a_parent_based_samplers_root_share_is_decided_before_any_span_is_made(
+        sampler: str | None, argument: str | None, rate: float | None) -> None:
+    environ = {"OTEL_TRACES_EXPORTER": "console"}
+    if sampler:
+        environ["OTEL_TRACES_SAMPLER"] = sampler
+    if argument:
+        environ["OTEL_TRACES_SAMPLER_ARG"] = argument
+    tracer = tracing.start("frontend:1", environ)
+    assert tracer is not None
+    try:
+        assert tracer.root_rate == rate
+        if rate is not None:
+            share = sum(tracer.sample_root() for _ in range(20_000)) / 20_000
+            assert abs(share - rate) < 0.01 + rate * 0.1
+            # The SDK follows the parent: a span under a sampled traceparent is sampled, whatever the rate.
+            span = tracer.span("child", TRACEPARENT, time.monotonic(), time.monotonic())
+            assert span.get_span_context().trace_flags.sampled
+    finally:
+        tracer.shutdown()
