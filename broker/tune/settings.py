@@ -36,7 +36,8 @@ class Setting:
         threads = f", TF threads {self.intra_op_threads}/{self.inter_op_threads}" \
             if (self.intra_op_threads, self.inter_op_threads) != (0, 0) else ""
         return (f"max_batch_size {self.max_batch_size}, timeout {self.batch_timeout_micros} µs, "
-                f"{self.batches_in_flight} in flight, {self.frontends} frontends{threads}")
+                f"{self.batches_in_flight} in flight, {self.frontends} frontend{'s' if self.frontends != 1 else ''}"
+                f"{threads}")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
