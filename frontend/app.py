@@ -376,7 +376,7 @@ def create_app(client: AsyncClient | None = None, *, config: FrontendConfig | No
         # Set here, after gunicorn has set its own title in the forked worker.
         role = f"frontend:{os.environ.get(FRONTEND_INDEX_ENV) or os.getpid()}"
         set_title(role)
-        pipeline.tracer = tracing.start(role)  # in the worker, after gunicorn's fork (the exporter's thread)
+        pipeline.tracer = tracing.start_in_child(role)  # in the worker, after gunicorn's fork (the exporter's thread)
         pipeline.request_log = RequestLog(client, max_file_bytes=config.request_log_max_file_bytes,
                                           counter=pipeline.metrics.request_log_records if pipeline.metrics else None)
         pipeline.request_log.start()

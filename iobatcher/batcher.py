@@ -56,7 +56,7 @@ class IoBatcher:
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="tables")
         self._peer = BackendPeer(config, f"iobatcher:{config.index}:{os.getpid()}".encode())
         self._send = self._peer.send
-        self._tracer = tracing.start(f"iobatcher:{config.index}")
+        self._tracer = tracing.start_in_child(f"iobatcher:{config.index}")
 
     def handle_signal(self, signum: int, frame: Any) -> None:
         self._peer.stopping = signal.Signals(signum).name

@@ -48,7 +48,7 @@ class ModelWorker:
         self._peer = BackendPeer(config, f"{config.model_name}:{config.version}:{os.getpid()}".encode())
         self._send = self._peer.send
         self._model: Any = None
-        self._tracer = _start_tracing(f"worker:{config.model_name}:{config.version}")
+        self._tracer = tracing.start_in_child(f"worker:{config.model_name}:{config.version}")
 
     def handle_signal(self, signum: int, frame: Any) -> None:
         self._peer.stopping = signal.Signals(signum).name
@@ -207,14 +207,6 @@ class ModelWorker:
             model=self.config.model_name, version=self.config.version, pid=os.getpid(),
             signatures={name: sig.describe() for name, sig in model.signatures.items()},
             signature_def=model.signature_def))
-
-
-def _start_tracing(role: str) -> Any:
-    try:
-        return tracing.start(role)
-    except RuntimeError as exc:  # the broker refuses to start so configured: only a stray worker gets here
-        log.error("tracing is off: %s", exc)
-        return None
 
 
 def _timing(signature: Any, model_before_s: float, received: float) -> tuple[int, int, int]:

@@ -24,6 +24,7 @@ only cost is its check for None.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import time
@@ -125,8 +126,19 @@ class Tracer:
 
 
 def start(role: str, environ: Mapping[str, str] = os.environ) -> Tracer | None:
-    """This process's tracer, or None when tracing is not configured."""
+    """This process's tracer, or None when tracing is not configured. RuntimeError when it is
+    but cannot be (the SDK not installed, an exporter not known): the broker refuses to start."""
     return Tracer(role, environ) if enabled(environ) else None
+
+
+def start_in_child(role: str) -> Tracer | None:
+    """A child's tracer (frontend, worker, I/O batcher): one that cannot start is logged, and
+    the process serves without it rather than failing in a restart loop."""
+    try:
+        return start(role)
+    except RuntimeError as exc:
+        logging.getLogger("tfbroker").error("tracing is off in this process: %s", exc)
+        return None
 
 
 def wall_ns(monotonic_s: float) -> int:
