@@ -4,11 +4,11 @@ PredictionLog records in TFRecord files, read back here as TensorFlow reads them
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import httpx
 import pytest
@@ -46,92 +46,99 @@ def read_logs(prefix: Path) -> list[dict[str, Any]]:
     return list(json.loads(result.stdout.strip().splitlines()[-1]))
 
 
-def start_logging(tmp: Path, base_path: Path, prefix: Path, rate: float, args: tuple[str, ...] = ()) -> BrokerProcess:
-    (tmp / "monitoring.config").write_text("prometheus_config { enable: true }\n")
-    (tmp / "models.config").write_text(f"""model_config_list {{ config {{
-        name: "linear" base_path: "{base_path}" model_platform: "tensorflow"
+@dataclass(frozen=True)
+class Logging:
+    broker: BrokerProcess
+    logs: Path  # linear's prefix is logs/linear, sampled's logs/sampled
+    cramped: Path | None  # cramped's prefix, on a 64 KiB tmpfs; None where none can be mounted
+
+
+@pytest.fixture(scope="module")
+def logging_broker(test_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Logging]:
+    """One broker, three models with a logging_config each: ``linear`` logs every request,
+    ``sampled`` a tenth, ``cramped`` every request to a disk that fills (when one can be mounted)."""
+    tmp = tmp_path_factory.mktemp("request_logs")
+    disk = tmp / "small"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True)
+    models = {"linear": (1.0, tmp / "logs" / "linear"), "sampled": (0.1, tmp / "logs" / "sampled")}
+    if mounted.returncode == 0:
+        models["cramped"] = (1.0, disk / "cramped")
+    entries = "".join(f"""config {{ name: "{name}" base_path: "{test_models / 'linear'}" model_platform: "tensorflow"
         logging_config {{ sampling_config {{ sampling_rate: {rate} }}
-                          log_collector_config {{ type: "tfrecord" filename_prefix: "{prefix}" }} }} }} }}""")
+                          log_collector_config {{ type: "tfrecord" filename_prefix: "{prefix}" }} }} }}
+    """ for name, (rate, prefix) in models.items())
+    (tmp / "models.config").write_text(f"model_config_list {{ {entries} }}")
+    (tmp / "monitoring.config").write_text("prometheus_config { enable: true }\n")
     broker = BrokerProcess(tmp / "run", [f"--model_config_file={tmp / 'models.config'}",
-                                         f"--monitoring_config_file={tmp / 'monitoring.config'}", *args], frontends=2)
-    broker.wait_available(["linear"])
-    return broker
+                                         f"--monitoring_config_file={tmp / 'monitoring.config'}"], frontends=2)
+    try:
+        broker.wait_available(list(models))
+        yield Logging(broker, tmp / "logs", disk / "cramped" if "cramped" in models else None)
+    finally:
+        stop_and_check(broker)
+        if mounted.returncode == 0:
+            subprocess.run(["umount", str(disk)], capture_output=True)
+        else:
+            print(f"no small tmpfs here (needs root): {mounted.stderr.decode().strip()}")
 
 
-def logged(broker: BrokerProcess, status: str = "OK") -> float:
+def logged(broker: BrokerProcess, model: str, status: str = "OK") -> float:
     return value(samples(broker.http.get(PATH).text), ":tensorflow:serving:request_log_count",
-                 model_name="linear", status_code=status)
+                 model_name=model, status_code=status)
 
 
-def post(broker: BrokerProcess, body: dict[str, Any]) -> httpx.Response:
+def post(broker: BrokerProcess, model: str, body: dict[str, Any]) -> httpx.Response:
     # A new connection each: the kernel spreads them over both frontends.
-    return httpx.post(f"{broker.base_url}/v1/models/linear:predict", json=body, timeout=30,
+    return httpx.post(f"{broker.base_url}/v1/models/{model}:predict", json=body, timeout=30,
                       headers={"connection": "close"})
 
 
-def test_every_request_is_logged_as_tf_serving_writes_it(test_models: Path, tmp_path: Path) -> None:
-    prefix = tmp_path / "logs" / "linear"
-    broker = start_logging(tmp_path, test_models / "linear", prefix, 1.0)
-    try:
-        sent = [[float(i), i + 0.125] for i in range(20)]
-        answers = []
-        for pair in sent:
-            # The row form names no input ("instances": [...]): the log names it, as TF Serving.
-            response = post(broker, {"instances": pair})
-            assert response.status_code == 200, response.text
-            answers.append(response.json()["predictions"])
-        assert post(broker, {"instances": ["not a number"]}).status_code == 400  # a failed request is not logged
-        wait_for(lambda: logged(broker) == len(sent), 30, "every request's record")
-        records = read_logs(prefix)
-        assert len(records) == len(sent)
-        assert len({path.name.rsplit("-", 2)[1] for path in prefix.parent.glob("*.tfrecord")}) == 2, \
-            "each frontend writes a file of its own"
-        got = sorted((r["inputs"]["x"], r["outputs"]["y"]) for r in records)
-        assert got == sorted(zip(sent, answers))
-        first = records[0]
-        assert (first["model"], first["version"], first["signature"], first["rate"], first["tags"]) == \
-            ("linear", 2, "serving_default", 1.0, ["serve"])
-        assert logged(broker, "RESOURCE_EXHAUSTED") == 0
-    finally:
-        stop_and_check(broker)
+def test_every_request_is_logged_as_tf_serving_writes_it(logging_broker: Logging) -> None:
+    broker, prefix = logging_broker.broker, logging_broker.logs / "linear"
+    sent = [[float(i), i + 0.125] for i in range(20)]
+    answers = []
+    for pair in sent:
+        # The row form names no input ("instances": [...]): the log names it, as TF Serving.
+        response = post(broker, "linear", {"instances": pair})
+        assert response.status_code == 200, response.text
+        answers.append(response.json()["predictions"])
+    assert post(broker, "linear", {"instances": ["not a number"]}).status_code == 400  # a failed request is not logged
+    wait_for(lambda: logged(broker, "linear") == len(sent), 30, "every request's record")
+    records = read_logs(prefix)
+    assert len(records) == len(sent)
+    assert len({path.name.rsplit("-", 2)[1] for path in prefix.parent.glob("linear-*.tfrecord")}) == 2, \
+        "each frontend writes a file of its own"
+    got = sorted((r["inputs"]["x"], r["outputs"]["y"]) for r in records)
+    assert got == sorted(zip(sent, answers))
+    first = records[0]
+    assert (first["model"], first["version"], first["signature"], first["rate"], first["tags"]) == \
+        ("linear", 2, "serving_default", 1.0, ["serve"])
+    assert logged(broker, "linear", "RESOURCE_EXHAUSTED") == 0
 
 
-def test_a_sampling_rate_of_a_tenth_logs_about_a_tenth(test_models: Path, tmp_path: Path) -> None:
-    prefix = tmp_path / "logs" / "linear"
-    broker = start_logging(tmp_path, test_models / "linear", prefix, 0.1)
-    try:
-        with httpx.Client(base_url=broker.base_url, timeout=30) as http:
-            for i in range(600):
-                assert http.post("/v1/models/linear:predict", json={"instances": [float(i)]}).status_code == 200
-        # Binomial(600, 0.1): mean 60, standard deviation 7.3; this is 5 deviations each way.
-        wait_for(lambda: 23 <= logged(broker) <= 97 and len(read_logs(prefix)) == logged(broker), 60,
-                 "about a tenth of the requests logged, every one counted")
-    finally:
-        stop_and_check(broker)
+def test_a_sampling_rate_of_a_tenth_logs_about_a_tenth(logging_broker: Logging) -> None:
+    broker, prefix = logging_broker.broker, logging_broker.logs / "sampled"
+    with httpx.Client(base_url=broker.base_url, timeout=30) as http:
+        for i in range(600):
+            assert http.post("/v1/models/sampled:predict", json={"instances": [float(i)]}).status_code == 200
+    # Binomial(600, 0.1): mean 60, standard deviation 7.3; this is 5 deviations each way.
+    wait_for(lambda: 23 <= logged(broker, "sampled") <= 97 and len(read_logs(prefix)) == logged(broker, "sampled"),
+             60, "about a tenth of the requests logged, every one counted")
 
 
-def test_a_full_disk_drops_records_and_counts_them_and_serving_goes_on(test_models: Path, tmp_path: Path) -> None:
-    disk = tmp_path / "small"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.decode().strip()}")
-    try:
-        prefix = disk / "linear"
-        broker = start_logging(tmp_path, test_models / "linear", prefix, 1.0)
-        try:
-            rows = [float(i) for i in range(1000)]  # about 8 KiB of record: the disk holds a few
-            with httpx.Client(base_url=broker.base_url, timeout=30) as http:
-                for _ in range(40):
-                    assert http.post("/v1/models/linear:predict", json={"instances": rows}).status_code == 200
-            wait_for(lambda: logged(broker) + logged(broker, "RESOURCE_EXHAUSTED") == 40, 30, "every record counted")
-            written, dropped = logged(broker), logged(broker, "RESOURCE_EXHAUSTED")
-            assert written >= 1 and dropped >= 1, (written, dropped)
-            # What was written is whole: TensorFlow reads every record the counter says it kept.
-            assert len(read_logs(prefix)) == written
-            assert post(broker, {"instances": [1.0]}).json() == {"predictions": [3.5]}
-        finally:
-            stop_and_check(broker)
-    finally:
-        subprocess.run(["umount", str(disk)], capture_output=True)
-        shutil.rmtree(disk, ignore_errors=True)
+def test_a_full_disk_drops_records_and_counts_them_and_serving_goes_on(logging_broker: Logging) -> None:
+    if logging_broker.cramped is None:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    broker = logging_broker.broker
+    rows = [float(i) for i in range(1000)]  # about 8 KiB of record: the disk holds a few
+    with httpx.Client(base_url=broker.base_url, timeout=30) as http:
+        for _ in range(40):
+            assert http.post("/v1/models/cramped:predict", json={"instances": rows}).status_code == 200
+    wait_for(lambda: logged(broker, "cramped") + logged(broker, "cramped", "RESOURCE_EXHAUSTED") == 40, 30,
+             "every record counted")
+    written, dropped = logged(broker, "cramped"), logged(broker, "cramped", "RESOURCE_EXHAUSTED")
+    assert written >= 1 and dropped >= 1, (written, dropped)
+    # What was written is whole: TensorFlow reads every record the counter says it kept.
+    assert len(read_logs(logging_broker.cramped)) == written
+    assert post(broker, "cramped", {"instances": [1.0]}).json() == {"predictions": [3.5]}
