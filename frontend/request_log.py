@@ -68,9 +68,7 @@ class RequestLog:
         self.counts: collections.Counter[tuple[str, str]] = collections.Counter()  # (model, status) -> records
         self.targets: dict[str, Target] = {}  # replaced whole by each refresh: read without a lock
         self.saved_model_tags: list[str] = []
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._queued = 0  # records in the queue (SimpleQueue has no bound of its own)
-        self._lock = threading.Lock()
+        self._queue: queue.Queue[Any] = queue.Queue(QUEUE_RECORDS)
         self._writers: dict[str, TFRecordFile] = {}  # filename prefix -> its current file
         self._thread = threading.Thread(target=self._write_all, name="request-log", daemon=True)
         self._refresher: asyncio.Task[None] | None = None
@@ -83,20 +81,26 @@ class RequestLog:
         """Write what is queued, then close the files."""
         if self._refresher is not None:
             self._refresher.cancel()
-        self._queue.put(None)
-        await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 10.0)
+        await asyncio.get_running_loop().run_in_executor(None, self._finish)
+
+    def _finish(self, timeout_s: float = 10.0) -> None:
+        """(In an executor: the put waits while the queue is full.)"""
+        try:
+            self._queue.put(None, timeout=timeout_s)
+        except queue.Full:
+            log.error("request log: the writer did not drain its queue in %.0f s; its records are lost", timeout_s)
+            return
+        self._thread.join(timeout_s)
 
     def offer(self, call: Any, prediction: Prediction) -> None:
         """A successful predict: queued for the log if its model logs and it is sampled."""
         target = self.targets.get(call.model)
         if target is None or random.random() >= target.sampling_rate:
             return
-        if self._queued >= QUEUE_RECORDS:
+        try:
+            self._queue.put_nowait((target, call.inputs, call.signature_name, prediction, time.time()))
+        except queue.Full:  # the writer is behind: never wait for it
             self._count(call.model, DROPPED)
-            return
-        with self._lock:
-            self._queued += 1
-        self._queue.put((target, call.inputs, call.signature_name, prediction, time.time()))
 
     # --- the broker's word on what to log ---
 
@@ -120,8 +124,6 @@ class RequestLog:
             item = self._queue.get()
             if item is None:
                 break
-            with self._lock:
-                self._queued -= 1
             target, inputs, signature, prediction, when = item
             try:
                 record = self._record(target, inputs, signature, prediction, when)

@@ -65,13 +65,13 @@ class AsyncClient(ClientBase):
         """``exact_dtypes``: refuse a tensor whose dtype is not its input's (TF Serving's gRPC
         rule), instead of casting as TF Serving's JSON API does. ``traceparent``: the W3C
         trace context to continue, instead of the caller's current span (a frontend's own)."""
-        if traceparent is None and self.continue_traces:
-            with self._caller_span("predict", model) as traceparent:
-                return await self.predict(model, inputs, version=version, label=label, signature_name=signature_name,
-                                          timeout_s=timeout_s, exact_dtypes=exact_dtypes, traceparent=traceparent or "")
+        if traceparent is None and self.continue_traces:  # (a frontend's calls skip this: no context manager)
+            with self._caller_span("predict", model) as caller:
+                return prediction(await self.request(*self._predict_call(
+                    model, inputs, version, label, signature_name, timeout_s, exact_dtypes=exact_dtypes, trace=caller)))
         return prediction(await self.request(*self._predict_call(model, inputs, version, label, signature_name,
                                                                  timeout_s, exact_dtypes=exact_dtypes,
-                                                                 trace=traceparent or None)))
+                                                                 trace=traceparent)))
 
     async def classify(self, model: str, examples: Sequence[bytes], *, version: int | None = None,
                        label: str | None = None, signature_name: str = "serving_default",
@@ -91,11 +91,11 @@ class AsyncClient(ClientBase):
                         label: str | None, signature_name: str, timeout_s: float | None,
                         traceparent: str | None) -> Prediction:
         if traceparent is None and self.continue_traces:
-            with self._caller_span(method, model) as traceparent:
-                return await self._examples(method, model, examples, version, label, signature_name, timeout_s,
-                                            traceparent or "")
+            with self._caller_span(method, model) as caller:
+                return prediction(await self.request(*self._examples_call(
+                    method, model, examples, version, label, signature_name, timeout_s, caller)))
         return prediction(await self.request(*self._examples_call(method, model, examples, version, label,
-                                                                  signature_name, timeout_s, traceparent or None)))
+                                                                  signature_name, timeout_s, traceparent)))
 
     async def metadata(self, model: str, *, version: int | None = None, label: str | None = None) -> dict[str, Any]:
         return as_dict(await self.request(*self._query_call(protocol.METADATA, model, version, label)))

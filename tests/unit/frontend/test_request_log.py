@@ -37,3 +37,23 @@ def test_files_rotate_once_past_their_size_and_hold_whole_records(tmp_path: Path
     files = sorted((tmp_path / "logs").glob("model-*.tfrecord"))
     assert [len(read_records(f)) for f in files] == [2, 2, 1]
     assert [r for f in files for r in read_records(f)] == [bytes([i]) * 40 for i in range(5)]
+
+
+def test_a_writer_that_falls_behind_drops_records_and_counts_them_without_waiting() -> None:
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from frontend.request_log import DROPPED, QUEUE_RECORDS, RequestLog, Target
+    from tfbroker.client import Prediction
+
+    log = RequestLog(None, max_file_bytes=1 << 20)  # type: ignore[arg-type]  # its writer never started: it never drains
+    log.targets = {"m": Target(1.0, "/nowhere/m")}
+    call = SimpleNamespace(model="m", inputs={"x": np.zeros(1, np.float32)}, signature_name="serving_default")
+    answer = Prediction({"y": np.zeros(1, np.float32)}, "m", 1)
+    for _ in range(QUEUE_RECORDS + 3):
+        log.offer(call, answer)
+    assert log.counts[("m", DROPPED)] == 3
+    log.targets = {}
+    log.offer(call, answer)  # a model that does not log: nothing queued, nothing counted
+    assert log.counts[("m", DROPPED)] == 3
