@@ -100,7 +100,7 @@ class IoBatcher:
                                                                   outputs=[], failures=failures))
             if self._tracer is not None:
                 for parent in header.traces:  # the lookups' span in each traced request's trace
-                    self._tracer.span("tfbroker lookups", parent, received, time.monotonic(), attributes={
+                    self._tracer.span("tfbroker lookups", parent, received, self._peer.last_send_s, attributes={
                         "model.name": header.model, "model.version": header.version,
                         "tfbroker.lookup_batch": header.batch, "tfbroker.batch_tasks": len(header.counts)})
         elif isinstance(header, protocol.Tables) and message.command == protocol.LOAD:

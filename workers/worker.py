@@ -167,7 +167,7 @@ class ModelWorker:
         assert self._tracer is not None
         signature = self._model.signatures.get(header.signature)
         ran = signature is not None and bool(signature.first_started)
-        start, end = (signature.first_started, signature.last_ended) if ran else (received, time.monotonic())
+        start, end = (signature.first_started, signature.last_ended) if ran else (received, self._peer.last_send_s)
         attributes = {"model.name": self.config.model_name, "model.version": self.config.version,
                       "model.signature": header.signature, "tfbroker.batch": header.batch,
                       "tfbroker.padded_rows": header.padded_rows, "tfbroker.model_ran": ran}

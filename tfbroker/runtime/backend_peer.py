@@ -41,7 +41,9 @@ class BackendPeer:
         self._context: zmq.Context | None = None  # made by connect(), in the process that serves
         self._curve = client_keys_from_env()
         self._socket: zmq.Socket | None = None
-        self._last_sent = self._last_heard = 0.0
+        # When the last message began to leave: the heartbeat's clock, and where a traced
+        # stage ends, so that its span ends before the parent's, ended when the broker receives.
+        self.last_send_s = self._last_heard = 0.0
 
     def connect(self) -> None:
         if self._context is None:
@@ -58,8 +60,8 @@ class BackendPeer:
     def send(self, command: bytes, header: protocol.Header, frames: Any = ()) -> None:
         if self._socket is None:
             raise RuntimeError("not connected to the broker")
+        self.last_send_s = time.monotonic()
         send_message(self._socket, protocol.encode(command, header, frames), copy=False)
-        self._last_sent = time.monotonic()
 
     def serve(self, handle: Handler, *, hello: Callable[[], None] | None = None,
               tick: Callable[[], None] | None = None, wait_s: Callable[[], float] | None = None) -> None:
@@ -90,7 +92,7 @@ class BackendPeer:
             if tick is not None:
                 tick()
             now = time.monotonic()
-            if now - self._last_sent >= self.interval_s:
+            if now - self.last_send_s >= self.interval_s:
                 self.send(protocol.HEARTBEAT, protocol.Heartbeat())
             if now - self._last_heard > self.expiry_s:
                 if hello is None:

@@ -51,6 +51,15 @@ def test_a_monotonic_moment_becomes_epoch_nanoseconds() -> None:
     assert abs(tracing.wall_ns(time.monotonic()) - time.time_ns()) < 50_000_000
 
 
+def test_a_clock_read_that_was_preempted_is_taken_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The first read loses 5 ms between its monotonic reads (a busy host); the second does not.
+    monotonic = iter([1_000_000_000, 1_005_000_000, 2_000_000_000, 2_000_001_000])
+    wall = iter([7_000_000_000, 8_000_000_000])
+    monkeypatch.setattr(time, "monotonic_ns", lambda: next(monotonic))
+    monkeypatch.setattr(time, "time_ns", lambda: next(wall))
+    assert tracing.wall_ns(3.0) == 8_000_000_000 - 2_000_000_500 + 3_000_000_000
+
+
 def test_a_request_carries_a_w3c_traceparent_and_nothing_else() -> None:
     header = protocol.Request(id=1, model="m", timeout_ms=10, inputs=[], trace=TRACEPARENT)
     decoded = protocol.decode(protocol.encode(protocol.REQUEST, header, []), protocol.CLIENT_TO_BROKER)
