@@ -19,7 +19,7 @@ from frontend import grpc_messages as pb
 from frontend.grpc_handlers import unary
 from frontend.grpc_tensors import from_proto, to_proto
 from frontend.pipeline import CLASSIFY, METADATA, PREDICT, REGRESS, RELOAD, STATUS, ModelCall, Pipeline
-from frontend.tf_example import classifications, regressions
+from frontend.tf_example import fill_classifications, fill_regressions
 from tfbroker.client import Prediction
 from tfbroker.wire.errors import InvalidArgument
 
@@ -142,18 +142,14 @@ class Services:
 def _classify_response(call: ModelCall, result: Prediction) -> Any:
     response = pb.ClassificationResponse()
     _answer_spec(response.model_spec, call.answer_as, result)
-    for row in classifications(result.outputs, len(call.inputs)):
-        classes = response.result.classifications.add()
-        for label, score in row:
-            classes.classes.add(label=label, score=float(score))
+    fill_classifications(response.result, result.outputs, len(call.inputs))
     return response
 
 
 def _regress_response(call: ModelCall, result: Prediction) -> Any:
     response = pb.RegressionResponse()
     _answer_spec(response.model_spec, call.answer_as, result)
-    for value in regressions(result.outputs, len(call.inputs)):
-        response.result.regressions.add(value=float(value))
+    fill_regressions(response.result, result.outputs, len(call.inputs))
     return response
 
 

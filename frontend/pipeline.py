@@ -30,14 +30,16 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypeVar
 
 from frontend.metrics import Metrics
-from frontend.request_log import RequestLog
 from tfbroker.async_client import AsyncClient
 from tfbroker.runtime.settings import FrontendConfig
 from tfbroker.runtime.tracing import Tracer, trace_headers
 from tfbroker.wire.errors import DeadlineExceeded, Internal, NotFound, TFBrokerError, Unavailable
+
+if TYPE_CHECKING:  # (request_log reads this module's verbs)
+    from frontend.request_log import RequestLog
 
 log = logging.getLogger("tfbroker.frontend")
 
@@ -106,7 +108,7 @@ class Pipeline:
                     result = await self.call(call)
                 replied = time.monotonic()
                 out = answer(call, result)
-                if self.request_log is not None and call.verb == PREDICT:
+                if self.request_log is not None and call.verb in MODEL_RUNS:
                     self.request_log.offer(call, result)
                 if self.metrics is not None and call.verb in MODEL_RUNS:
                     self.metrics.stages(model, parsed - started, time.monotonic() - replied)

@@ -1,11 +1,13 @@
 """TF Serving's request logs (a model's ``logging_config``), written by each frontend.
 
 Each frontend asks the broker every REFRESH_S which models log (LOGGING: their sampling rate
-and filename prefix), samples each successful predict of those models at its rate, and hands
-the request and its answer to one writer thread through a bounded queue: the request path
-copies two references and never waits. The writer builds TF Serving's ``PredictionLog`` (a
-``PredictLog`` of the PredictRequest and PredictResponse, and ``LogMetadata``: the model spec,
-the sampling config, the saved-model tags, the time) and appends it to a TFRecord file
+and filename prefix), samples each successful predict, classify and regress of those models at
+its rate, whichever API it came by, and hands the request and its answer to one writer thread
+through a bounded queue: the request path copies a few references and never waits. The writer
+builds TF Serving's ``PredictionLog``: a ``PredictLog`` (PredictRequest, PredictResponse), a
+``ClassifyLog`` or a ``RegressLog`` (the request's tf.Examples, context merged in, and the
+result), with ``LogMetadata`` (the model spec, the sampling config, the saved-model tags, the
+time), and appends it to a TFRecord file
 ``{filename_prefix}-{start time}-{pid}-{n:05d}.tfrecord``, one per frontend at a time, the
 next once it passes ``--request_log_max_file_bytes``. ``tf.data.TFRecordDataset`` reads them.
 
@@ -37,6 +39,8 @@ import numpy as np
 
 from frontend import grpc_messages as pb
 from frontend.grpc_tensors import to_proto
+from frontend.pipeline import CLASSIFY, REGRESS
+from frontend.tf_example import fill_classifications, fill_regressions
 from tfbroker.async_client import AsyncClient
 from tfbroker.client import Prediction
 from tfbroker.wire.errors import TFBrokerError
@@ -93,12 +97,13 @@ class RequestLog:
         self._thread.join(timeout_s)
 
     def offer(self, call: Any, prediction: Prediction) -> None:
-        """A successful predict: queued for the log if its model logs and it is sampled."""
+        """A successful predict, classify or regress: queued for the log if its model logs and
+        it is sampled."""
         target = self.targets.get(call.model)
         if target is None or random.random() >= target.sampling_rate:
             return
         try:
-            self._queue.put_nowait((target, call.inputs, call.signature_name, prediction, time.time()))
+            self._queue.put_nowait((target, call.verb, call.inputs, call.signature_name, prediction, time.time()))
         except queue.Full:  # the writer is behind: never wait for it
             self._count(call.model, DROPPED)
 
@@ -124,9 +129,9 @@ class RequestLog:
             item = self._queue.get()
             if item is None:
                 break
-            target, inputs, signature, prediction, when = item
+            target, verb, inputs, signature, prediction, when = item
             try:
-                record = self._record(target, inputs, signature, prediction, when)
+                record = self._record(target, verb, inputs, signature, prediction, when)
                 writer = self._writers.get(target.filename_prefix)
                 if writer is None:
                     writer = self._writers[target.filename_prefix] = TFRecordFile(target.filename_prefix,
@@ -146,9 +151,10 @@ class RequestLog:
         for writer in self._writers.values():
             writer.close()
 
-    def _record(self, target: Target, inputs: dict[str, Any], signature: str, prediction: Prediction,
+    def _record(self, target: Target, verb: str, inputs: Any, signature: str, prediction: Prediction,
                 when: float) -> bytes:
-        """TF Serving's PredictionLog of one request and its answer, serialized."""
+        """TF Serving's PredictionLog of one request and its answer, serialized. ``inputs``: a
+        predict's tensors by name, or a classify's or regress's serialized tf.Examples."""
         entry = pb.PredictionLog()
         metadata = entry.log_metadata
         spec = metadata.model_spec
@@ -158,6 +164,15 @@ class RequestLog:
         metadata.sampling_config.sampling_rate = target.sampling_rate
         metadata.saved_model_tags.extend(self.saved_model_tags)
         metadata.timestamp_secs = int(when)
+        if verb in (CLASSIFY, REGRESS):
+            log_entry = entry.classify_log if verb == CLASSIFY else entry.regress_log
+            log_entry.request.model_spec.CopyFrom(spec)
+            log_entry.response.model_spec.CopyFrom(spec)
+            for example in inputs:
+                log_entry.request.input.example_list.examples.add().ParseFromString(example)
+            fill = fill_classifications if verb == CLASSIFY else fill_regressions
+            fill(log_entry.response.result, prediction.outputs, len(inputs))
+            return entry.SerializeToString()
         request, response = entry.predict_log.request, entry.predict_log.response
         request.model_spec.CopyFrom(spec)
         response.model_spec.CopyFrom(spec)

@@ -74,6 +74,20 @@ def regressions(outputs: dict[str, np.ndarray], count: int) -> np.ndarray:
     return values.reshape(-1)
 
 
+def fill_classifications(result: Any, outputs: dict[str, np.ndarray], count: int) -> None:
+    """A ClassificationResult (gRPC's answer, a request log's record) from a classify signature's outputs."""
+    for row in classifications(outputs, count):
+        classes = result.classifications.add()
+        for label, score in row:
+            classes.classes.add(label=label, score=float(score))
+
+
+def fill_regressions(result: Any, outputs: dict[str, np.ndarray], count: int) -> None:
+    """A RegressionResult (gRPC's answer, a request log's record) from a regress signature's outputs."""
+    for value in regressions(outputs, count):
+        result.regressions.add(value=float(value))
+
+
 def classifications(outputs: dict[str, np.ndarray], count: int) -> list[list[tuple[str, Any]]]:
     """(label, score) pairs per example from a classify signature's ``classes`` and ``scores``
     ([count, k] each; a missing one gives "" labels or 0 scores, as TF Serving's)."""

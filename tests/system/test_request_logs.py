@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from tests.conftest import ROOT, BrokerProcess, stop_and_check, wait_for
+from tests.system.test_grpc import examples, tfs
 from tests.system.test_metrics import PATH, samples, value
 
 READ_LOGS = """
@@ -26,14 +27,25 @@ records = []
 for path in sorted(glob.glob(sys.argv[1] + "*.tfrecord")):
     for raw in tf.data.TFRecordDataset(path):
         entry = prediction_log_pb2.PredictionLog.FromString(raw.numpy())
-        log = entry.predict_log
-        records.append({
-            "model": entry.log_metadata.model_spec.name, "version": entry.log_metadata.model_spec.version.value,
+        kind = entry.WhichOneof("log_type")
+        log = getattr(entry, kind)
+        record = {
+            "kind": kind, "model": entry.log_metadata.model_spec.name,
+            "version": entry.log_metadata.model_spec.version.value,
             "signature": entry.log_metadata.model_spec.signature_name,
             "rate": entry.log_metadata.sampling_config.sampling_rate,
             "tags": list(entry.log_metadata.saved_model_tags), "time": entry.log_metadata.timestamp_secs,
-            "inputs": {k: tf.make_ndarray(v).tolist() for k, v in log.request.inputs.items()},
-            "outputs": {k: tf.make_ndarray(v).tolist() for k, v in log.response.outputs.items()}})
+            "specs": [log.request.model_spec.signature_name, log.response.model_spec.version.value]}
+        if kind == "predict_log":
+            record["inputs"] = {k: tf.make_ndarray(v).tolist() for k, v in log.request.inputs.items()}
+            record["outputs"] = {k: tf.make_ndarray(v).tolist() for k, v in log.response.outputs.items()}
+        else:
+            record["examples"] = [list(e.features.feature["x"].float_list.value)
+                                  for e in log.request.input.example_list.examples]
+            result = log.response.result
+            record["results"] = ([[[c.label, c.score] for c in row.classes] for row in result.classifications]
+                                 if kind == "classify_log" else [r.value for r in result.regressions])
+        records.append(record)
 print(json.dumps(records))
 """
 
@@ -55,19 +67,22 @@ class Logging:
 
 @pytest.fixture(scope="module")
 def logging_broker(test_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Logging]:
-    """One broker, three models with a logging_config each: ``linear`` logs every request,
-    ``sampled`` a tenth, ``cramped`` every request to a disk that fills (when one can be mounted)."""
+    """One broker, four models with a logging_config each: ``linear`` logs every request,
+    ``sampled`` a tenth, ``examples`` (half_plus_two) every classify and regress, ``cramped``
+    every request to a disk that fills (when one can be mounted)."""
     tmp = tmp_path_factory.mktemp("request_logs")
     disk = tmp / "small"
     disk.mkdir()
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True)
-    models = {"linear": (1.0, tmp / "logs" / "linear"), "sampled": (0.1, tmp / "logs" / "sampled")}
+    linear, logs = test_models / "linear", tmp / "logs"
+    models = {"linear": (linear, 1.0, logs / "linear"), "sampled": (linear, 0.1, logs / "sampled"),
+              "examples": (test_models / "half_plus_two", 1.0, logs / "examples")}
     if mounted.returncode == 0:
-        models["cramped"] = (1.0, disk / "cramped")
-    entries = "".join(f"""config {{ name: "{name}" base_path: "{test_models / 'linear'}" model_platform: "tensorflow"
+        models["cramped"] = (linear, 1.0, disk / "cramped")
+    entries = "".join(f"""config {{ name: "{name}" base_path: "{path}" model_platform: "tensorflow"
         logging_config {{ sampling_config {{ sampling_rate: {rate} }}
                           log_collector_config {{ type: "tfrecord" filename_prefix: "{prefix}" }} }} }}
-    """ for name, (rate, prefix) in models.items())
+    """ for name, (path, rate, prefix) in models.items())
     (tmp / "models.config").write_text(f"model_config_list {{ {entries} }}")
     (tmp / "monitoring.config").write_text("prometheus_config { enable: true }\n")
     broker = BrokerProcess(tmp / "run", [f"--model_config_file={tmp / 'models.config'}",
@@ -109,12 +124,40 @@ def test_every_request_is_logged_as_tf_serving_writes_it(logging_broker: Logging
     assert len(records) == len(sent)
     assert len({path.name.rsplit("-", 2)[1] for path in prefix.parent.glob("linear-*.tfrecord")}) == 2, \
         "each frontend writes a file of its own"
+    assert {r["kind"] for r in records} == {"predict_log"}
     got = sorted((r["inputs"]["x"], r["outputs"]["y"]) for r in records)
     assert got == sorted(zip(sent, answers))
     first = records[0]
     assert (first["model"], first["version"], first["signature"], first["rate"], first["tags"]) == \
         ("linear", 2, "serving_default", 1.0, ["serve"])
     assert logged(broker, "linear", "RESOURCE_EXHAUSTED") == 0
+
+
+def test_classify_and_regress_are_logged_with_their_examples_and_results(logging_broker: Logging) -> None:
+    broker = logging_broker.broker
+    classify = broker.http.post("/v1/models/examples:classify", json={
+        "signature_name": "classify_x_to_y", "examples": [{"x": 1.0}, {"x": 2.0}, {"x": 3.0}]})
+    assert classify.status_code == 200, classify.text
+    # By gRPC, with a context merged into each example; and both tasks of a MultiInference.
+    spec = {"name": "examples", "signature_name": "regress_x_to_y"}
+    with_context = {"example_list_with_context": {
+        "context": {"features": {"feature": {"x": {"float_list": {"value": [4.0]}}}}},
+        "examples": [{}, {"features": {"feature": {"x": {"float_list": {"value": [2.0]}}}}}]}}
+    regress, multi = tfs(broker, {"rpc": "Regress", "request": {"model_spec": spec, "input": with_context}},
+                         {"rpc": "MultiInference", "request": {"input": examples(6.0), "tasks": [
+                             {"model_spec": {**spec, "signature_name": "classify_x_to_y"},
+                              "method_name": "tensorflow/serving/classify"},
+                             {"model_spec": spec, "method_name": "tensorflow/serving/regress"}]}})
+    assert regress["code"] == multi["code"] == "OK", (regress, multi)
+    wait_for(lambda: logged(broker, "examples") == 4, 30, "the four records")
+    records = sorted(read_logs(logging_broker.logs / "examples"), key=lambda r: (r["kind"], len(r["examples"])))
+    assert [(r["kind"], r["signature"], r["specs"], r["examples"], r["results"]) for r in records] == [
+        ("classify_log", "classify_x_to_y", ["classify_x_to_y", 123], [[6.0]], [[["", 5.0]]]),
+        ("classify_log", "classify_x_to_y", ["classify_x_to_y", 123], [[1.0], [2.0], [3.0]],
+         [[["", 2.5]], [["", 3.0]], [["", 3.5]]]),
+        ("regress_log", "regress_x_to_y", ["regress_x_to_y", 123], [[6.0]], [5.0]),
+        ("regress_log", "regress_x_to_y", ["regress_x_to_y", 123], [[4.0], [2.0]], [4.0, 3.0])]
+    assert {(r["model"], r["version"], r["rate"]) for r in records} == {("examples", 123, 1.0)}
 
 
 def test_a_sampling_rate_of_a_tenth_logs_about_a_tenth(logging_broker: Logging) -> None:

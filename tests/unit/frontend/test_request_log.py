@@ -49,7 +49,8 @@ def test_a_writer_that_falls_behind_drops_records_and_counts_them_without_waitin
 
     log = RequestLog(None, max_file_bytes=1 << 20)  # type: ignore[arg-type]  # its writer never started: it never drains
     log.targets = {"m": Target(1.0, "/nowhere/m")}
-    call = SimpleNamespace(model="m", inputs={"x": np.zeros(1, np.float32)}, signature_name="serving_default")
+    call = SimpleNamespace(model="m", verb="predict", inputs={"x": np.zeros(1, np.float32)},
+                           signature_name="serving_default")
     answer = Prediction({"y": np.zeros(1, np.float32)}, "m", 1)
     for _ in range(QUEUE_RECORDS + 3):
         log.offer(call, answer)
@@ -57,3 +58,33 @@ def test_a_writer_that_falls_behind_drops_records_and_counts_them_without_waitin
     log.targets = {}
     log.offer(call, answer)  # a model that does not log: nothing queued, nothing counted
     assert log.counts[("m", DROPPED)] == 3
+
+
+def test_a_classify_is_logged_as_a_classify_log_of_its_examples_and_classes() -> None:
+    import numpy as np
+
+    from frontend import grpc_messages as pb
+    from frontend.request_log import RequestLog, Target
+    from tfbroker.client import Prediction
+
+    examples = []
+    for value in (1.0, 2.0):
+        example = pb.Example()
+        example.features.feature["x"].float_list.value.append(value)
+        examples.append(example.SerializeToString())
+    log = RequestLog(None, max_file_bytes=1 << 20)  # type: ignore[arg-type]
+    log.saved_model_tags = ["serve"]
+    answer = Prediction({"classes": np.array([[b"a", b"b"], [b"a", b"b"]], dtype=object),
+                         "scores": np.array([[0.25, 0.75], [0.5, 0.5]], np.float32)}, "m", 7)
+    entry = pb.PredictionLog.FromString(log._record(Target(0.5, "/nowhere/m"), "classify", examples, "cls", answer,
+                                                    1_700_000_000.5))
+    assert entry.WhichOneof("log_type") == "classify_log"
+    assert (entry.log_metadata.model_spec.name, entry.log_metadata.model_spec.version.value,
+            entry.log_metadata.model_spec.signature_name, entry.log_metadata.sampling_config.sampling_rate,
+            list(entry.log_metadata.saved_model_tags), entry.log_metadata.timestamp_secs) == \
+        ("m", 7, "cls", 0.5, ["serve"], 1_700_000_000)
+    request, response = entry.classify_log.request, entry.classify_log.response
+    assert [e.SerializeToString() for e in request.input.example_list.examples] == examples
+    assert request.model_spec == response.model_spec == entry.log_metadata.model_spec
+    assert [[(c.label, c.score) for c in row.classes] for row in response.result.classifications] == \
+        [[("a", 0.25), ("b", 0.75)], [("a", 0.5), ("b", 0.5)]]
