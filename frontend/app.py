@@ -50,7 +50,8 @@ from frontend.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from frontend.metrics import for_config as metrics_for_config
 from frontend.oip_rest import OipRest, answer_type
 from frontend.request_log import RequestLog
-from frontend.pipeline import CLASSIFY, METADATA, PREDICT, REGRESS, ModelCall, Pipeline
+from frontend.model_call import CLASSIFY, METADATA, PREDICT, REGRESS, ModelCall
+from frontend.pipeline import Pipeline
 from frontend.tf_example import format_results, parse_examples
 
 log = logging.getLogger("tfbroker.frontend")

@@ -18,7 +18,8 @@ from google.protobuf import json_format, text_format
 from frontend import grpc_messages as pb
 from frontend.grpc_handlers import unary
 from frontend.grpc_tensors import from_proto, to_proto
-from frontend.pipeline import CLASSIFY, METADATA, PREDICT, REGRESS, RELOAD, STATUS, ModelCall, Pipeline
+from frontend.model_call import CLASSIFY, METADATA, PREDICT, REGRESS, RELOAD, STATUS, ModelCall
+from frontend.pipeline import Pipeline
 from frontend.tf_example import fill_classifications, fill_regressions
 from tfbroker.client import Prediction
 from tfbroker.wire.errors import InvalidArgument

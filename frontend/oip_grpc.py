@@ -28,7 +28,8 @@ from frontend import grpc_messages as pb
 from frontend import oip_tensors
 from frontend.grpc_handlers import stream, unary
 from frontend.oip_stats import model_statistics
-from frontend.pipeline import METADATA, PREDICT, REPOSITORY, ModelCall, Pipeline
+from frontend.model_call import METADATA, PREDICT, REPOSITORY, ModelCall
+from frontend.pipeline import Pipeline
 from tfbroker.client import Prediction
 from tfbroker.wire.errors import InvalidArgument, TFBrokerError
 

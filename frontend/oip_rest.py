@@ -34,7 +34,8 @@ import orjson
 from frontend import oip_tensors
 from frontend.oip_stats import model_statistics
 from frontend.answers import JSON, Answer, error_answer
-from frontend.pipeline import METADATA, PREDICT, REPOSITORY, ModelCall, Pipeline
+from frontend.model_call import METADATA, PREDICT, REPOSITORY, ModelCall
+from frontend.pipeline import Pipeline
 from tfbroker.client import Prediction
 from tfbroker.wire.errors import InvalidArgument, NotFound, TFBrokerError
 

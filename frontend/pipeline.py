@@ -14,7 +14,8 @@ result into its own answer. ``Pipeline.run`` does the rest, the same for all of 
 4. answer; errors: every failure leaves as a TFBrokerError, whose class carries its HTTP
    status and gRPC code (tfbroker/wire/errors.py), so each adapter maps errors one way;
    anything else is a bug, logged here and answered as Internal;
-5. a successful predict of a model with a logging_config: offered to the request log;
+5. a successful predict, classify or regress of a model with a logging_config: offered to
+   the request log;
 6. the metrics: one observation per call, with its API (REST, GRPC) and status (499 when
    the caller went away);
 7. when tracing is configured (tfbroker/runtime/tracing.py), a server span per call, the
@@ -29,43 +30,19 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypeVar
+from typing import Any, Awaitable, Callable, TypeVar
 
 from frontend.metrics import Metrics
+from frontend.model_call import CLASSIFY, METADATA, MODEL_RUNS, PREDICT, REGRESS, RELOAD, REPOSITORY, STATUS, ModelCall
+from frontend.request_log import RequestLog
 from tfbroker.async_client import AsyncClient
 from tfbroker.runtime.settings import FrontendConfig
 from tfbroker.runtime.tracing import Tracer, trace_headers
 from tfbroker.wire.errors import DeadlineExceeded, Internal, NotFound, TFBrokerError, Unavailable
 
-if TYPE_CHECKING:  # (request_log reads this module's verbs)
-    from frontend.request_log import RequestLog
-
 log = logging.getLogger("tfbroker.frontend")
 
 T = TypeVar("T")
-
-# What a ModelCall may ask of the broker.
-PREDICT, CLASSIFY, REGRESS, METADATA, STATUS, RELOAD = "predict", "classify", "regress", "metadata", "status", "reload"
-REPOSITORY = "repository"  # the model repository extension: inputs (op, ready_only)
-MODEL_RUNS = frozenset({PREDICT, CLASSIFY, REGRESS})  # the calls that run a model (their stages are timed)
-
-
-@dataclass(slots=True)
-class ModelCall:
-    """One broker call, as every API asks it."""
-
-    verb: str  # PREDICT, CLASSIFY, REGRESS (inputs), METADATA, STATUS, RELOAD (inputs: the config text), REPOSITORY
-    model: str = ""
-    version: int | None = None
-    label: str | None = None
-    signature_name: str = "serving_default"
-    inputs: Any = None  # {name: array or RawTensor}; serialized tf.Examples; a config
-    exact_dtypes: bool = False  # gRPC: each tensor must have its input's dtype
-    timeout_s: float | None = None  # the deadline the caller asks for; None: the server's
-    answer_as: Any = None  # what the adapter's ``answer`` needs of its request (a form, outputs asked for)
-    trace: str | None = None  # the traceparent of this call's span, when traced
-
 
 class Pipeline:
     def __init__(self, client: AsyncClient, config: FrontendConfig, metrics: Metrics | None = None,

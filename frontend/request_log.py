@@ -39,7 +39,7 @@ import numpy as np
 
 from frontend import grpc_messages as pb
 from frontend.grpc_tensors import to_proto
-from frontend.pipeline import CLASSIFY, REGRESS
+from frontend.model_call import CLASSIFY, REGRESS, ModelCall
 from frontend.tf_example import fill_classifications, fill_regressions
 from tfbroker.async_client import AsyncClient
 from tfbroker.client import Prediction
@@ -96,7 +96,7 @@ class RequestLog:
             return
         self._thread.join(timeout_s)
 
-    def offer(self, call: Any, prediction: Prediction) -> None:
+    def offer(self, call: ModelCall, prediction: Prediction) -> None:
         """A successful predict, classify or regress: queued for the log if its model logs and
         it is sampled."""
         target = self.targets.get(call.model)
