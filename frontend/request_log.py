@@ -76,10 +76,18 @@ class RequestLog:
         self._writers: dict[str, TFRecordFile] = {}  # filename prefix -> its current file
         self._thread = threading.Thread(target=self._write_all, name="request-log", daemon=True)
         self._refresher: asyncio.Task[None] | None = None
+        # A record of a version whose signatures the last word did not name waits for a fresh
+        # one (the writer asks the loop for it at once): its one unnamed input is named as the
+        # broker names it.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ask_now = asyncio.Event()
+        self._refreshed = threading.Condition()
+        self._started = self._done = 0  # the refreshes begun, and the number of the last one done
 
     def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self._thread.start()
-        self._refresher = asyncio.get_running_loop().create_task(self._refresh())
+        self._refresher = self._loop.create_task(self._refresh())
 
     async def stop(self) -> None:
         """Write what is queued, then close the files."""
@@ -111,6 +119,9 @@ class RequestLog:
 
     async def _refresh(self) -> None:
         while True:
+            with self._refreshed:
+                self._started += 1
+                number = self._started
             try:
                 answer = await self.client.request_logging()
             except TFBrokerError as exc:
@@ -120,7 +131,14 @@ class RequestLog:
                 self.targets = {name: Target(float(spec["sampling_rate"]), str(spec["filename_prefix"]),
                                              dict(spec.get("only_inputs", {})))
                                 for name, spec in answer.get("models", {}).items()}
-            await asyncio.sleep(REFRESH_S)
+            with self._refreshed:
+                self._done = number
+                self._refreshed.notify_all()
+            try:
+                await asyncio.wait_for(self._ask_now.wait(), REFRESH_S)
+            except asyncio.TimeoutError:
+                pass
+            self._ask_now.clear()
 
     # --- the writer thread ---
 
@@ -176,12 +194,24 @@ class RequestLog:
         request, response = entry.predict_log.request, entry.predict_log.response
         request.model_spec.CopyFrom(spec)
         response.model_spec.CopyFrom(spec)
-        only = target.only_inputs.get(str(prediction.version), {}).get(signature, "")
+        only = self._only_input(target, prediction.model, str(prediction.version), signature) if "" in inputs else ""
         for name, value in inputs.items():
             request.inputs[name or only].CopyFrom(_tensor(value))
         for name, value in prediction.outputs.items():
             response.outputs[name].CopyFrom(_tensor(value))
         return entry.SerializeToString()
+
+    def _only_input(self, target: Target, model: str, version: str, signature: str, wait_s: float = 5.0) -> str:
+        """The name of a signature's one input (the writer's: it may wait for the broker's
+        word on a version loaded, or still loading, at its last word), or "" if the broker
+        does not name one."""
+        if signature not in target.only_inputs.get(version, {}) and self._loop is not None:
+            with self._refreshed:
+                fresh = self._started + 1  # the first refresh to begin after this record's answer
+                self._loop.call_soon_threadsafe(self._ask_now.set)
+                self._refreshed.wait_for(lambda: self._done >= fresh, wait_s)
+            target = self.targets.get(model, target)
+        return target.only_inputs.get(version, {}).get(signature, "")
 
     def _count(self, model: str, status: str) -> None:
         self.counts[(model, status)] += 1

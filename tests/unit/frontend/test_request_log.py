@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 from pathlib import Path
+from typing import Any
 
 import google_crc32c
 
@@ -88,3 +89,40 @@ def test_a_classify_is_logged_as_a_classify_log_of_its_examples_and_classes() ->
     assert request.model_spec == response.model_spec == entry.log_metadata.model_spec
     assert [[(c.label, c.score) for c in row.classes] for row in response.result.classifications] == \
         [[("a", 0.25), ("b", 0.75)], [("a", 0.5), ("b", 0.5)]]
+
+
+def test_a_version_loaded_since_the_brokers_last_word_waits_for_a_fresh_word_on_its_input() -> None:
+    import asyncio
+
+    from frontend.request_log import REFRESH_S, RequestLog
+
+    class Broker:
+        """Says version 2's signatures once it has been asked twice (it was loading before)."""
+
+        asked = 0
+
+        async def request_logging(self) -> dict[str, Any]:
+            self.asked += 1
+            signatures = {"serving_default": "x"} if self.asked > 1 else {}
+            return {"models": {"m": {"sampling_rate": 1.0, "filename_prefix": "/nowhere/m",
+                                     "only_inputs": {"2": signatures}}}}
+
+    async def main() -> tuple[str, float, int]:
+        broker = Broker()
+        log = RequestLog(broker, max_file_bytes=1 << 20)  # type: ignore[arg-type]
+        log.start()
+
+        async def first_word() -> None:
+            while not log.targets:
+                await asyncio.sleep(0)
+
+        await asyncio.wait_for(first_word(), 5)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        name = await loop.run_in_executor(None, log._only_input, log.targets["m"], "m", "2", "serving_default")
+        await log.stop()
+        return name, loop.time() - started, broker.asked
+
+    name, waited_s, asked = asyncio.run(main())
+    assert (name, asked) == ("x", 2)
+    assert waited_s < REFRESH_S / 2, "the writer asks for the fresh word at once, not at the next refresh"
