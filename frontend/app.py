@@ -374,26 +374,41 @@ def create_app(client: AsyncClient | None = None, *, config: FrontendConfig | No
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        # Set here, after gunicorn has set its own title in the forked worker.
-        role = f"frontend:{os.environ.get(FRONTEND_INDEX_ENV) or os.getpid()}"
-        set_title(role)
-        pipeline.tracer = tracing.start_in_child(role)  # in the worker, after gunicorn's fork (the exporter's thread)
-        pipeline.request_log = RequestLog(client, max_file_bytes=config.request_log_max_file_bytes,
-                                          counter=pipeline.metrics.request_log_records if pipeline.metrics else None)
-        pipeline.request_log.start()
-        grpc_server = await start_grpc(pipeline)
+        grpc_server = await start_services(pipeline)
         yield
-        pipeline.stopping = True
-        if grpc_server is not None:
-            await grpc_server.stop(grace=1.0)
-        await pipeline.request_log.stop()
-        client.close()
-        if pipeline.tracer is not None:
-            pipeline.tracer.shutdown()
+        await stop_services(pipeline, grpc_server)
 
     rest = Starlette(routes=[], exception_handlers={HTTPException: not_found, Exception: server_error},
                      lifespan=lifespan)
     return RestApi(rest, pipeline, status_page=config.enable_status_page)
+
+
+async def start_services(pipeline: Pipeline) -> Any:
+    """What a frontend process runs beside its HTTP server, once it is forked (uvicorn's
+    lifespan, granian's RSGI init): its title, the tracer (the exporter's thread), the request
+    log and the gRPC services. The gRPC server, for stop_services."""
+    # Set here, after gunicorn (or granian) has set its own title in the forked worker.
+    role = f"frontend:{os.environ.get(FRONTEND_INDEX_ENV) or os.getpid()}"
+    set_title(role)
+    pipeline.tracer = tracing.start_in_child(role)
+    metrics = pipeline.metrics
+    pipeline.request_log = RequestLog(pipeline.client, max_file_bytes=pipeline.config.request_log_max_file_bytes,
+                                      counter=metrics.request_log_records if metrics else None)
+    pipeline.request_log.start()
+    return await start_grpc(pipeline)
+
+
+async def stop_services(pipeline: Pipeline, grpc_server: Any) -> None:
+    """Not ready from now; gRPC's calls finish (1 s at most), the request log writes what it
+    holds, and the broker client and the tracer close."""
+    pipeline.stopping = True
+    if grpc_server is not None:
+        await grpc_server.stop(grace=1.0)
+    if pipeline.request_log is not None:
+        await pipeline.request_log.stop()
+    pipeline.client.close()
+    if pipeline.tracer is not None:
+        pipeline.tracer.shutdown()
 
 
 async def start_grpc(pipeline: Pipeline) -> Any:

@@ -2,7 +2,8 @@
 
 granian parses HTTP in Rust; through RSGI the predict path also skips ASGI's message dicts
 and goes straight to ``RestApi.run_predict`` (the frontend's one pipeline: limits, deadline,
-metrics). With a gRPC port in TFBROKER_FRONTEND, each worker serves gRPC too, as under uvicorn.
+metrics, traces). Each worker starts what a uvicorn frontend starts: the tracer when
+configured, the request log, and gRPC when TFBROKER_FRONTEND names a port.
 Every other path (status, metadata, classify, regress, the metrics page, 404s) runs the
 ASGI app through a small adapter, so the answers are the same byte for byte. One
 difference: a client that goes away does not cancel its queued prediction (the ASGI
@@ -15,16 +16,15 @@ address and port.
 from __future__ import annotations
 
 import asyncio
-import os
 from typing import Any, MutableMapping
 
 from tfbroker.wire.errors import TFBrokerError
-from tfbroker.runtime.process import set_title
 from frontend import routes
-from frontend.app import TIMEOUT_HEADER, RestApi, check_body_size, check_content_length, start_grpc
+from frontend.app import TIMEOUT_HEADER, RestApi, check_body_size, check_content_length, start_services, stop_services
 from frontend.app import app as rest_app
 
 JSON = ("content-type", "application/json")
+FORWARDED = (TIMEOUT_HEADER.decode(), "traceparent", "tracestate")
 
 
 class RsgiApp:
@@ -33,15 +33,12 @@ class RsgiApp:
         self.grpc: Any = None
 
     def __rsgi_init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        set_title(f"frontend:{os.getpid()}")
-        # gRPC as under uvicorn, on this worker's loop (each worker binds the port: SO_REUSEPORT).
-        self.grpc = loop.run_until_complete(start_grpc(self.rest.pipeline))
+        # As under uvicorn, on this worker's loop: the tracer, the request log, and gRPC (each
+        # worker binds the port: SO_REUSEPORT).
+        self.grpc = loop.run_until_complete(start_services(self.rest.pipeline))
 
     def __rsgi_del__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.rest.pipeline.stopping = True
-        if self.grpc is not None:
-            loop.run_until_complete(self.grpc.stop(grace=1.0))
-        self.rest.client.close()
+        loop.run_until_complete(stop_services(self.rest.pipeline, self.grpc))
 
     async def __rsgi__(self, scope: Any, protocol: Any) -> None:
         if scope.proto != "http":
@@ -68,9 +65,9 @@ class RsgiApp:
             check_body_size(len(body), limit)
             return body
 
-        asked = headers.get("x-request-timeout-ms")
-        status, content, extra = await rest.run_predict(
-            call, [(TIMEOUT_HEADER, asked.encode())] if asked is not None else [], read_body)
+        # The ones the pipeline reads, as ASGI spells them: the caller's deadline and trace.
+        pairs = [(name.encode(), value.encode("latin-1")) for name in FORWARDED if (value := headers.get(name)) is not None]
+        status, content, extra = await rest.run_predict(call, pairs, read_body)
         protocol.response_bytes(status, [JSON, *[(k.decode(), v.decode()) for k, v in extra]], content)
 
     async def asgi(self, scope: Any, protocol: Any) -> None:
